@@ -1,0 +1,2 @@
+//! The `pgquorum` binary (placeholder until the subcommands land).
+fn main() {}

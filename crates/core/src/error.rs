@@ -1,0 +1,45 @@
+use thiserror::Error;
+
+/// Broad class of an error, so the API layer can map it to a status code without
+/// matching on every variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+}
+
+/// Why a command was refused. A refused command changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CoreError {
+    #[error("formation {0:?} does not exist")]
+    UnknownFormation(String),
+    #[error("formation {0:?} already exists")]
+    FormationExists(String),
+    #[error("invalid formation name {0:?}: use 1-63 characters among a-z, 0-9, '-' and '_'")]
+    InvalidFormationName(String),
+    #[error("formation {0:?} still has nodes; drop them first")]
+    FormationNotEmpty(String),
+    #[error("node {0:?} does not exist")]
+    UnknownNode(String),
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+    #[error("not allowed now: {0}")]
+    NotAllowed(String),
+}
+
+impl CoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CoreError::UnknownFormation(_) | CoreError::UnknownNode(_) => ErrorKind::NotFound,
+            CoreError::FormationExists(_) => ErrorKind::AlreadyExists,
+            CoreError::InvalidFormationName(_) | CoreError::InvalidSetting(_) => {
+                ErrorKind::InvalidArgument
+            }
+            CoreError::FormationNotEmpty(_) | CoreError::NotAllowed(_) => {
+                ErrorKind::FailedPrecondition
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! pgquorum-monitor (placeholder)

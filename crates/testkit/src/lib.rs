@@ -1,0 +1,1 @@
+//! pgquorum-testkit (placeholder)
