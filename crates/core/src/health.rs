@@ -40,10 +40,40 @@ pub struct HealthTable {
 
 impl HealthTable {
     pub fn new(leader_since: Millis) -> Self {
-        HealthTable { leader_since, last_seen: BTreeMap::new() }
+        HealthTable {
+            leader_since,
+            last_seen: BTreeMap::new(),
+        }
     }
 
     pub fn observe(&mut self, report: NodeReport, now: Millis) {
         self.last_seen.insert(report.node_id, (now, report));
+    }
+}
+
+/// Health as the current leader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Healthy,
+    Unhealthy,
+    /// Not heard from since this leader took office.
+    Unknown,
+}
+
+impl HealthTable {
+    /// Milliseconds since the last heartbeat of `node`, if this leader has seen one.
+    pub fn last_seen_ago(&self, node: NodeId, now: Millis) -> Option<Millis> {
+        self.last_seen
+            .get(&node)
+            .map(|(at, _)| now.saturating_sub(*at))
+    }
+
+    pub fn health(&self, node: NodeId, now: Millis, unhealthy_after_ms: Millis) -> Health {
+        match self.last_seen_ago(node, now) {
+            None => Health::Unknown,
+            Some(ago) if ago > unhealthy_after_ms => Health::Unhealthy,
+            Some(_) => Health::Healthy,
+        }
     }
 }

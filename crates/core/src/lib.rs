@@ -17,8 +17,8 @@ mod health;
 mod model;
 mod orchestrate;
 
-pub use command::{Command, Outcome};
+pub use command::{Command, FormationSetting, NodeSetting, Outcome};
 pub use error::{CoreError, ErrorKind};
-pub use health::{HealthTable, NodeReport, ReplicationPeer};
+pub use health::{Health, HealthTable, NodeReport, ReplicationPeer};
 pub use model::*;
 pub use orchestrate::{assignment, on_heartbeat, orchestrate, Assignment, PeerNode};

@@ -100,16 +100,74 @@ impl std::fmt::Display for NodeState {
     }
 }
 
+/// What a primary does when it has lost its last quorum standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuorumLossPolicy {
+    /// Keep synchronous_standby_names: commits wait (keeps invariant 2). The default.
+    Block,
+    /// Clear synchronous_standby_names: commits go on unsynchronised (explicit choice).
+    Continue,
+}
+
 /// Per-formation settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FormationSettings {
     pub number_sync_standbys: u32,
+    pub heartbeat_interval_ms: u64,
+    /// A primary's lease: the keeper stops taking writes when it has not renewed it
+    /// for this long.
+    pub lease_ms: u64,
+    /// Extra wait on the monitor side before a lease counts as surely expired
+    /// (covers clock-rate drift and message delay).
+    pub lease_margin_ms: u64,
+    pub on_quorum_loss: QuorumLossPolicy,
 }
 
 impl Default for FormationSettings {
     fn default() -> Self {
-        FormationSettings { number_sync_standbys: 1 }
+        FormationSettings {
+            number_sync_standbys: 1,
+            heartbeat_interval_ms: 200,
+            lease_ms: 1500,
+            lease_margin_ms: 300,
+            on_quorum_loss: QuorumLossPolicy::Block,
+        }
     }
+}
+
+/// One PostgreSQL node and its keeper.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub id: NodeId,
+    pub formation: String,
+    pub group_id: GroupId,
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    /// 0 = never promote; 1-100.
+    pub candidate_priority: u8,
+    /// Counts toward synchronous commit.
+    pub replication_quorum: bool,
+    pub reported_state: NodeState,
+    pub goal_state: NodeState,
+    pub reported_lsn: Lsn,
+    pub timeline: u32,
+    pub pg_running: bool,
+    pub system_identifier: u64,
+    pub pg_major_version: u32,
+}
+
+/// An entry of the bounded event history: what changed and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: u64,
+    pub at: Millis,
+    pub formation: String,
+    pub group_id: GroupId,
+    pub node_id: Option<NodeId>,
+    pub node_name: String,
+    pub description: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,4 +181,9 @@ pub struct Formation {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterState {
     pub formations: BTreeMap<String, Formation>,
+    pub nodes: BTreeMap<NodeId, Node>,
+    pub next_node_id: NodeId,
+    /// Bounded: the oldest entries are dropped.
+    pub events: std::collections::VecDeque<Event>,
+    pub next_event_id: u64,
 }
