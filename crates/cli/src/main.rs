@@ -3,6 +3,7 @@
 //! into the library crates; logic that anything else needs lives there, not here.
 
 mod keeper_cmd;
+mod local_cmd;
 mod monitor_cmd;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,8 @@ enum Command {
     Monitor(monitor_cmd::MonitorArgs),
     /// Run the keeper beside one PostgreSQL server.
     Keeper(keeper_cmd::KeeperArgs),
+    /// A whole HA cluster on loopback: `local up`, `local down`.
+    Local(local_cmd::LocalArgs),
 }
 
 fn init_logging() {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Monitor(args) => monitor_cmd::run(args),
         Command::Keeper(args) => keeper_cmd::run(args),
+        Command::Local(args) => local_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,510 @@
+//! `pgquorum local up|down`: a whole HA cluster on loopback in one directory — the
+//! monitor group and N keepers, each with its PostgreSQL — for trying pgquorum out and
+//! for development. Processes are ordinary `pgquorum` children of this command; their
+//! PIDs are written to `DIR/local.json` so `local down` can stop a cluster left behind.
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Pid, User};
+use pgquorum_api::pb::monitor::{monitor_client::MonitorClient, GetStateRequest, NodeStatus};
+use serde::{Deserialize, Serialize};
+
+#[derive(clap::Args)]
+pub struct LocalArgs {
+    #[command(subcommand)]
+    command: LocalCommand,
+}
+
+#[derive(clap::Subcommand)]
+enum LocalCommand {
+    /// Start a monitor group and PostgreSQL nodes on loopback; Ctrl-C stops everything.
+    Up(UpArgs),
+    /// Stop a local cluster left running (for example after its terminal was closed).
+    Down(DownArgs),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Directory holding every data directory, log and the PID file.
+    #[arg(long, default_value = "pgquorum-local")]
+    dir: PathBuf,
+    /// Number of monitor members (3 or 5 for a fault-tolerant group).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=7))]
+    monitors: u16,
+    /// Number of PostgreSQL nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    nodes: u16,
+    /// Ports used: monitors BASE+1.., PostgreSQL BASE+11.., keeper HTTP BASE+21...
+    #[arg(long, default_value_t = 6400)]
+    base_port: u16,
+    /// Where the PostgreSQL binaries are (default: `pg_config --bindir`, then PATH).
+    #[arg(long)]
+    pg_bindir: Option<PathBuf>,
+    /// Give up waiting for a primary with streaming standbys after this many seconds.
+    #[arg(long, default_value_t = 180)]
+    timeout: u64,
+}
+
+#[derive(clap::Args)]
+struct DownArgs {
+    #[arg(long, default_value = "pgquorum-local")]
+    dir: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PidFile {
+    processes: Vec<PidEntry>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct PidEntry {
+    role: String,
+    name: String,
+    pid: i32,
+}
+
+pub fn run(args: LocalArgs) -> Result<()> {
+    match args.command {
+        LocalCommand::Up(up) => local_up(up),
+        LocalCommand::Down(down) => local_down(&down.dir),
+    }
+}
+
+struct Layout {
+    monitors: Vec<(u16, u16)>,      // (id, port)
+    nodes: Vec<(String, u16, u16)>, // (name, pg port, http port)
+}
+
+fn layout(args: &UpArgs) -> Result<Layout> {
+    let base = args.base_port;
+    if base.checked_add(30).is_none() || base < 1024 {
+        bail!("--base-port {base} leaves no room: choose a port between 1024 and 65500");
+    }
+    let monitors = (1..=args.monitors).map(|i| (i, base + i)).collect();
+    let nodes = (1..=args.nodes)
+        .map(|j| (format!("node{j}"), base + 10 + j, base + 20 + j))
+        .collect();
+    Ok(Layout { monitors, nodes })
+}
+
+fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Children that are stopped (keepers first, so each stops its PostgreSQL while the
+/// monitor group still runs) when this guard goes away, whatever the reason.
+struct Cluster {
+    keepers: Vec<(String, Child)>,
+    monitors: Vec<(String, Child)>,
+}
+
+impl Cluster {
+    fn stop(&mut self) {
+        stop_children(&mut self.keepers, Duration::from_secs(30));
+        stop_children(&mut self.monitors, Duration::from_secs(10));
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn stop_children(children: &mut Vec<(String, Child)>, grace: Duration) {
+    for (_, child) in children.iter() {
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    for (name, child) in children.iter_mut() {
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() >= deadline => {
+                    eprintln!("{name} did not stop within {grace:?}; killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+    children.clear();
+}
+
+fn local_up(args: UpArgs) -> Result<()> {
+    let layout = layout(&args)?;
+    for port in layout
+        .monitors
+        .iter()
+        .map(|m| m.1)
+        .chain(layout.nodes.iter().flat_map(|n| [n.1, n.2]))
+    {
+        if !port_free(port) {
+            bail!(
+                "port {port} on 127.0.0.1 is in use; pick other ports with --base-port, \
+                 or stop what uses it (a cluster left behind: pgquorum local down --dir DIR)"
+            );
+        }
+    }
+    let pg_bindir = match &args.pg_bindir {
+        Some(d) => d.clone(),
+        None => find_pg_bindir()?,
+    };
+    if !pg_bindir.join("postgres").is_file() {
+        bail!(
+            "no postgres binary in {}; give --pg-bindir",
+            pg_bindir.display()
+        );
+    }
+
+    fs::create_dir_all(args.dir.join("logs"))
+        .with_context(|| format!("cannot create {}", args.dir.display()))?;
+    let dir = fs::canonicalize(&args.dir)?;
+    if dir.join("local.json").exists() {
+        let stale = read_pid_file(&dir)?;
+        if stale.processes.iter().any(|p| pid_is_ours(p.pid)) {
+            bail!(
+                "a local cluster is already running in {}; stop it with: pgquorum local down --dir {}",
+                dir.display(),
+                dir.display()
+            );
+        }
+    }
+
+    // PostgreSQL refuses to run as root: as root, keepers run as `postgres`, from a copy of
+    // this binary that user can read (ours may sit under /root).
+    let run_as = if nix::unistd::geteuid().is_root() {
+        let user = User::from_name("postgres")?.context(
+            "running as root, but there is no 'postgres' user to run PostgreSQL as; \
+             create it or run pgquorum local up as an ordinary user",
+        )?;
+        Some(user)
+    } else {
+        None
+    };
+    let exe = std::env::current_exe().context("cannot find the pgquorum binary")?;
+    let bin = if run_as.is_some() {
+        let bin_dir = dir.join("bin");
+        fs::create_dir_all(&bin_dir)?;
+        let copy = bin_dir.join("pgquorum");
+        fs::copy(&exe, &copy).with_context(|| format!("cannot copy {}", exe.display()))?;
+        fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))?;
+        copy
+    } else {
+        exe
+    };
+
+    let monitor_list: Vec<String> = layout
+        .monitors
+        .iter()
+        .map(|(_, p)| format!("127.0.0.1:{p}"))
+        .collect();
+    let peers: Vec<String> = layout
+        .monitors
+        .iter()
+        .map(|(id, p)| format!("{id}=127.0.0.1:{p}"))
+        .collect();
+
+    let mut cluster = Cluster {
+        keepers: Vec::new(),
+        monitors: Vec::new(),
+    };
+    let mut pids = Vec::new();
+    println!(
+        "Starting {} monitor members and {} nodes in {}",
+        args.monitors,
+        args.nodes,
+        dir.display()
+    );
+    for (id, port) in &layout.monitors {
+        let name = format!("monitor{id}");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("monitor")
+            .arg("run")
+            .arg("--node-id")
+            .arg(id.to_string())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(dir.join(&name));
+        for p in &peers {
+            cmd.arg("--peer").arg(p);
+        }
+        let child = spawn_logged(cmd, &dir, &name)?;
+        pids.push(PidEntry {
+            role: "monitor".into(),
+            name: name.clone(),
+            pid: child.id() as i32,
+        });
+        cluster.monitors.push((name, child));
+    }
+    for (name, pg_port, http_port) in &layout.nodes {
+        let node_dir = dir.join(name);
+        fs::create_dir_all(&node_dir)?;
+        if let Some(user) = &run_as {
+            nix::unistd::chown(&node_dir, Some(user.uid), Some(user.gid))?;
+            nix::unistd::chown(&dir.join("logs"), Some(user.uid), Some(user.gid))?;
+        }
+        let mut cmd = Command::new(&bin);
+        cmd.arg("keeper")
+            .arg("run")
+            .arg("--name")
+            .arg(name)
+            .arg("--pgdata")
+            .arg(node_dir.join("pgdata"))
+            .arg("--pg-host")
+            .arg("127.0.0.1")
+            .arg("--pg-port")
+            .arg(pg_port.to_string())
+            .arg("--monitor")
+            .arg(monitor_list.join(","))
+            .arg("--http")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--pg-bindir")
+            .arg(&pg_bindir);
+        if let Some(user) = &run_as {
+            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+            cmd.env("HOME", &node_dir).env("USER", "postgres");
+        }
+        let child = spawn_logged(cmd, &dir, name)?;
+        pids.push(PidEntry {
+            role: "keeper".into(),
+            name: name.clone(),
+            pid: child.id() as i32,
+        });
+        cluster.keepers.push((name.clone(), child));
+        // Let the first node bootstrap as primary before the others ask to join.
+        if cluster.keepers.len() == 1 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    write_pid_file(&dir, &PidFile { processes: pids })?;
+    println!("Logs: {}/logs/*.log", dir.display());
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let outcome = rt.block_on(watch(&layout, &monitor_list, &mut cluster, args.timeout));
+    println!("Stopping the cluster...");
+    cluster.stop();
+    let _ = fs::remove_file(dir.join("local.json"));
+    println!("Stopped. Data and logs stay in {}", dir.display());
+    outcome
+}
+
+fn spawn_logged(mut cmd: Command, dir: &Path, name: &str) -> Result<Child> {
+    let log_path = dir.join("logs").join(format!("{name}.log"));
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
+    let log2 = log.try_clone()?;
+    // Own process group: Ctrl-C reaches only this command, which then stops the
+    // children in order (keepers before monitors).
+    cmd.stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .process_group(0);
+    cmd.spawn().with_context(|| format!("cannot start {name}"))
+}
+
+async fn fetch_state(endpoints: &[String]) -> Option<Vec<NodeStatus>> {
+    for ep in endpoints {
+        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{ep}")) else {
+            continue;
+        };
+        let endpoint = endpoint
+            .connect_timeout(Duration::from_millis(300))
+            .timeout(Duration::from_secs(2));
+        let Ok(channel) = endpoint.connect().await else {
+            continue;
+        };
+        let mut client = MonitorClient::new(channel);
+        if let Ok(reply) = client
+            .get_state(GetStateRequest {
+                formation: String::new(),
+                linearizable: false,
+            })
+            .await
+        {
+            return Some(reply.into_inner().nodes);
+        }
+    }
+    None
+}
+
+fn describe(nodes: &[NodeStatus]) -> Vec<String> {
+    nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "{:<8} {:>15}:{:<5} reported {:<18} goal {:<18} {}",
+                n.name, n.host, n.port, n.reported_state, n.goal_state, n.health
+            )
+        })
+        .collect()
+}
+
+fn ready(nodes: &[NodeStatus], expected: usize) -> bool {
+    nodes.len() == expected
+        && nodes
+            .iter()
+            .filter(|n| n.reported_state == "primary" && n.goal_state == "primary")
+            .count()
+            == 1
+        && nodes
+            .iter()
+            .filter(|n| n.reported_state == "secondary" && n.goal_state == "secondary")
+            .count()
+            == expected - 1
+}
+
+async fn watch(
+    layout: &Layout,
+    monitors: &[String],
+    cluster: &mut Cluster,
+    timeout_s: u64,
+) -> Result<()> {
+    let start = Instant::now();
+    let mut last: Vec<String> = Vec::new();
+    let mut announced = false;
+    let mut interval = tokio::time::interval(Duration::from_millis(500));
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            _ = &mut ctrl_c => return Ok(()),
+            _ = interval.tick() => {}
+        }
+        for (name, child) in cluster
+            .monitors
+            .iter_mut()
+            .chain(cluster.keepers.iter_mut())
+        {
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!("{name} exited ({status}); see its log in the logs directory");
+            }
+        }
+        let Some(nodes) = fetch_state(monitors).await else {
+            if !announced && start.elapsed() > Duration::from_secs(timeout_s) {
+                bail!("the monitor group did not answer within {timeout_s} s");
+            }
+            continue;
+        };
+        let lines = describe(&nodes);
+        if lines != last {
+            println!("[{:>6.1}s]", start.elapsed().as_secs_f64());
+            for l in &lines {
+                println!("  {l}");
+            }
+            last = lines;
+        }
+        if !announced && ready(&nodes, layout.nodes.len()) {
+            announced = true;
+            let hosts: Vec<String> = layout
+                .nodes
+                .iter()
+                .map(|(_, p, _)| format!("127.0.0.1:{p}"))
+                .collect();
+            println!();
+            println!(
+                "The cluster is up after {:.1} s.",
+                start.elapsed().as_secs_f64()
+            );
+            println!(
+                "  read-write: postgresql://postgres@{}/postgres?target_session_attrs=read-write&connect_timeout=2",
+                hosts.join(",")
+            );
+            println!(
+                "  read-only:  postgresql://postgres@{}/postgres?target_session_attrs=prefer-standby&connect_timeout=2",
+                hosts.join(",")
+            );
+            println!("  monitor:    --monitor {}", monitors.join(","));
+            println!("Showing state changes; press Ctrl-C to stop everything.");
+        } else if !announced && start.elapsed() > Duration::from_secs(timeout_s) {
+            bail!(
+                "no primary with {} streaming standbys after {timeout_s} s; see the logs",
+                layout.nodes.len() - 1
+            );
+        }
+    }
+}
+
+fn find_pg_bindir() -> Result<PathBuf> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if dir.join("postgres").is_file() {
+                return Ok(dir);
+            }
+        }
+    }
+    for dir in ["/usr/lib/postgresql/15/bin"] {
+        if Path::new(dir).join("postgres").is_file() {
+            return Ok(PathBuf::from(dir));
+        }
+    }
+    bail!("cannot find the PostgreSQL server binaries; install postgresql-15 or give --pg-bindir")
+}
+
+fn read_pid_file(dir: &Path) -> Result<PidFile> {
+    let path = dir.join("local.json");
+    let text =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a pgquorum PID file", path.display()))
+}
+
+fn write_pid_file(dir: &Path, pids: &PidFile) -> Result<()> {
+    let path = dir.join("local.json");
+    fs::write(&path, serde_json::to_vec_pretty(pids)?)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// True when `pid` is alive and is a pgquorum process (a PID reused by something
+/// else must never be signalled).
+fn pid_is_ours(pid: i32) -> bool {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains("pgquorum"))
+        .unwrap_or(false)
+}
+
+fn local_down(dir: &Path) -> Result<()> {
+    let pids = read_pid_file(dir)?;
+    let order = ["keeper", "monitor"];
+    for role in order {
+        let group: Vec<&PidEntry> = pids.processes.iter().filter(|p| p.role == role).collect();
+        for p in &group {
+            if pid_is_ours(p.pid) {
+                println!("stopping {} (pid {})", p.name, p.pid);
+                let _ = kill(Pid::from_raw(p.pid), Signal::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while group.iter().any(|p| pid_is_ours(p.pid)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for p in &group {
+            if pid_is_ours(p.pid) {
+                eprintln!("{} did not stop; killing it", p.name);
+                let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+            }
+        }
+    }
+    let _ = fs::remove_file(dir.join("local.json"));
+    println!("stopped");
+    Ok(())
+}
