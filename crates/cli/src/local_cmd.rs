@@ -452,9 +452,39 @@ fn find_pg_bindir() -> Result<PathBuf> {
             }
         }
     }
-    for dir in ["/usr/lib/postgresql/15/bin"] {
-        if Path::new(dir).join("postgres").is_file() {
-            return Ok(PathBuf::from(dir));
+    let debian = Path::new("/usr/lib/postgresql/15/bin");
+    if debian.join("postgres").is_file() {
+        return Ok(debian.to_path_buf());
+    }
+    // A fresh Debian machine: a local cluster is a development tool run as root, so
+    // install the server rather than leave the user to find the package name.
+    if nix::unistd::geteuid().is_root() && Path::new("/usr/bin/apt-get").exists() {
+        println!("PostgreSQL 15 server binaries not found: installing Debian's postgresql-15");
+        println!("(give --pg-bindir to use another installation)");
+        for args in [
+            &["update", "-qq"][..],
+            &[
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "postgresql-15",
+            ][..],
+        ] {
+            let status = Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .context("cannot run apt-get")?;
+            if !status.success() {
+                bail!(
+                    "apt-get {} failed ({status}); install postgresql-15 by hand",
+                    args.join(" ")
+                );
+            }
+        }
+        if debian.join("postgres").is_file() {
+            return Ok(debian.to_path_buf());
         }
     }
     bail!("cannot find the PostgreSQL server binaries; install postgresql-15 or give --pg-bindir")
