@@ -5,6 +5,7 @@
 mod keeper_cmd;
 mod local_cmd;
 mod monitor_cmd;
+mod ops_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,55 @@ enum Command {
     Keeper(keeper_cmd::KeeperArgs),
     /// A whole HA cluster on loopback: `local up`, `local down`.
     Local(local_cmd::LocalArgs),
+    /// Show the cluster: `show state|events|uri|settings`.
+    Show {
+        #[command(flatten)]
+        target: ops_cmd::Target,
+        #[command(subcommand)]
+        what: ops_cmd::ShowWhat,
+    },
+    /// `perform switchover [--candidate NAME]`, `perform failover`.
+    Perform {
+        #[command(flatten)]
+        target: ops_cmd::Target,
+        #[command(subcommand)]
+        what: ops_cmd::PerformWhat,
+    },
+    /// `enable maintenance --node NAME`.
+    Enable {
+        #[command(flatten)]
+        target: ops_cmd::Target,
+        #[command(subcommand)]
+        what: ops_cmd::ToggleWhat,
+    },
+    /// `disable maintenance --node NAME`.
+    Disable {
+        #[command(flatten)]
+        target: ops_cmd::Target,
+        #[command(subcommand)]
+        what: ops_cmd::ToggleWhat,
+    },
+    /// `set node NAME SETTING VALUE`, `set formation SETTING VALUE`.
+    Set {
+        #[command(flatten)]
+        target: ops_cmd::Target,
+        #[command(subcommand)]
+        what: ops_cmd::SetWhat,
+    },
+    /// `drop node NAME`.
+    Drop {
+        #[command(flatten)]
+        target: ops_cmd::Target,
+        #[command(subcommand)]
+        what: ops_cmd::DropWhat,
+    },
+}
+
+fn block_on<F: std::future::Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
 }
 
 fn init_logging() {
@@ -45,6 +95,12 @@ fn main() -> std::process::ExitCode {
         Command::Monitor(args) => monitor_cmd::run(args),
         Command::Keeper(args) => keeper_cmd::run(args),
         Command::Local(args) => local_cmd::run(args),
+        Command::Show { target, what } => block_on(ops_cmd::show(target, what)),
+        Command::Perform { target, what } => block_on(ops_cmd::perform(target, what)),
+        Command::Enable { target, what } => block_on(ops_cmd::maintenance(target, what, true)),
+        Command::Disable { target, what } => block_on(ops_cmd::maintenance(target, what, false)),
+        Command::Set { target, what } => block_on(ops_cmd::set(target, what)),
+        Command::Drop { target, what } => block_on(ops_cmd::drop_node(target, what)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,519 @@
+//! The operator's commands over the Monitor API: `show`, `perform`, `enable`/`disable`,
+//! `set`, `drop`. Each takes `--monitor HOST:PORT,...` (or `PGQUORUM_MONITOR`) and
+//! `--json`; commands that change the cluster and then wait show progress and end
+//! with the resulting state, or a timeout error naming what is still pending.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use pgquorum_api::pb::monitor as pb;
+use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+#[derive(clap::Args, Clone)]
+pub struct Target {
+    /// Monitor members to talk to (any member answers; writes are forwarded to the leader).
+    #[arg(long, env = "PGQUORUM_MONITOR", value_delimiter = ',', global = true)]
+    pub monitor: Vec<String>,
+    /// Print JSON for scripts instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[arg(long, default_value = "default", global = true)]
+    pub formation: String,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ShowWhat {
+    /// Every node: reported and goal state, LSN, timeline, health, role.
+    State,
+    /// The event history: what changed and why.
+    Events {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// libpq multi-host connection URIs (read-write and read-only).
+    Uri {
+        #[arg(long, default_value = "postgres")]
+        dbname: String,
+        #[arg(long, default_value = "postgres")]
+        user: String,
+    },
+    /// Formation and node settings.
+    Settings,
+}
+
+#[derive(clap::Subcommand)]
+pub enum PerformWhat {
+    /// Planned switchover: the primary hands over to a standby, losing nothing.
+    Switchover {
+        /// The node to promote (default: the monitor's choice).
+        #[arg(long)]
+        candidate: Option<String>,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Fail over now, as if the primary had died (it is demoted first when reachable).
+    Failover {
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(clap::Args, Clone, Copy)]
+pub struct WaitArgs {
+    #[arg(long, default_value_t = 0)]
+    pub group: u32,
+    /// Seconds to wait for the cluster to settle.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+    /// Return as soon as the monitor accepted the operation.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ToggleWhat {
+    /// Maintenance: the node is taken out of replication and failover decisions.
+    Maintenance {
+        #[arg(long)]
+        node: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum SetWhat {
+    /// `set node NAME candidate-priority N` or `set node NAME replication-quorum true|false`.
+    Node {
+        name: String,
+        setting: String,
+        value: String,
+    },
+    /// `set formation number-sync-standbys N` (also lease-ms, lease-margin-ms,
+    /// heartbeat-interval-ms, on-quorum-loss block|continue).
+    Formation { setting: String, value: String },
+}
+
+#[derive(clap::Subcommand)]
+pub enum DropWhat {
+    /// Remove a node from the cluster; its keeper stops its PostgreSQL.
+    Node { name: String },
+}
+
+pub async fn connect(endpoints: &[String]) -> Result<MonitorClient<Channel>> {
+    if endpoints.is_empty() {
+        bail!("no monitor given: use --monitor HOST:PORT,HOST:PORT,... or set PGQUORUM_MONITOR");
+    }
+    let mut errors = Vec::new();
+    for ep in endpoints {
+        let uri = if ep.contains("://") {
+            ep.clone()
+        } else {
+            format!("http://{ep}")
+        };
+        let endpoint = match tonic::transport::Endpoint::from_shared(uri) {
+            Ok(e) => e,
+            Err(e) => bail!("invalid monitor address {ep:?}: {e}"),
+        };
+        match endpoint
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await
+        {
+            Ok(channel) => return Ok(MonitorClient::new(channel)),
+            Err(e) => errors.push(format!("{ep}: {e}")),
+        }
+    }
+    bail!("no monitor member reachable ({})", errors.join("; "))
+}
+
+fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
+    let leader = s
+        .metadata()
+        .get("x-pgquorum-leader")
+        .and_then(|v| v.to_str().ok())
+        .map(|l| format!(" (leader: {l})"))
+        .unwrap_or_default();
+    anyhow::anyhow!("{what}: {}{leader}", s.message())
+}
+
+pub async fn get_state(
+    client: &mut MonitorClient<Channel>,
+    formation: &str,
+) -> Result<pb::GetStateReply> {
+    client
+        .get_state(pb::GetStateRequest {
+            formation: formation.to_string(),
+            linearizable: false,
+        })
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| status_error("cannot read the cluster state", s))
+}
+
+fn role(n: &pb::NodeStatus) -> &'static str {
+    match n.reported_state.as_str() {
+        "single" | "wait_primary" | "primary" | "join_primary" | "apply_settings" => "read-write",
+        "secondary" | "catchingup" | "wait_standby" | "report_lsn" | "fast_forward"
+        | "join_secondary" | "prepare_promotion" => "read-only",
+        _ => "none",
+    }
+}
+
+fn lsn(l: u64) -> String {
+    format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)
+}
+
+fn node_json(n: &pb::NodeStatus) -> serde_json::Value {
+    json!({
+        "node_id": n.node_id, "formation": n.formation, "group": n.group_id, "name": n.name,
+        "host": n.host, "port": n.port, "reported_state": n.reported_state,
+        "goal_state": n.goal_state, "lsn": lsn(n.reported_lsn), "timeline": n.timeline,
+        "health": n.health, "role": role(n), "candidate_priority": n.candidate_priority,
+        "replication_quorum": n.replication_quorum, "pg_running": n.pg_running,
+        "last_heartbeat_ms_ago": n.last_heartbeat_ms_ago,
+    })
+}
+
+pub fn print_state(nodes: &[pb::NodeStatus]) {
+    println!(
+        "{:<12} {:>3} {:<22} {:<18} {:<18} {:<14} {:>3} {:<10} {:<10}",
+        "Name", "Id", "Host:Port", "Reported", "Goal", "LSN", "TLI", "Health", "Role"
+    );
+    for n in nodes {
+        println!(
+            "{:<12} {:>3} {:<22} {:<18} {:<18} {:<14} {:>3} {:<10} {:<10}",
+            n.name,
+            n.node_id,
+            format!("{}:{}", n.host, n.port),
+            n.reported_state,
+            n.goal_state,
+            lsn(n.reported_lsn),
+            n.timeline,
+            n.health,
+            role(n)
+        );
+    }
+}
+
+pub async fn show(target: Target, what: ShowWhat) -> Result<()> {
+    let mut client = connect(&target.monitor).await?;
+    match what {
+        ShowWhat::State => {
+            let state = get_state(&mut client, &target.formation).await?;
+            if target.json {
+                let nodes: Vec<_> = state.nodes.iter().map(node_json).collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({ "nodes": nodes }))?
+                );
+            } else {
+                print_state(&state.nodes);
+            }
+        }
+        ShowWhat::Events { limit } => {
+            let events = client
+                .get_events(pb::GetEventsRequest {
+                    formation: target.formation.clone(),
+                    limit,
+                })
+                .await
+                .map_err(|s| status_error("cannot read events", s))?
+                .into_inner()
+                .events;
+            if target.json {
+                let v: Vec<_> = events
+                    .iter()
+                    .map(|e| {
+                        json!({"id": e.id, "at_unix_ms": e.at_unix_ms, "formation": e.formation,
+                               "group": e.group_id, "node_id": e.node_id, "node": e.node_name,
+                               "description": e.description})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for e in events {
+                    println!(
+                        "{:>6} {} {:<10} {}",
+                        e.id,
+                        fmt_time(e.at_unix_ms),
+                        e.node_name,
+                        e.description
+                    );
+                }
+            }
+        }
+        ShowWhat::Uri { dbname, user } => {
+            let state = get_state(&mut client, &target.formation).await?;
+            let hosts: Vec<String> = state
+                .nodes
+                .iter()
+                .filter(|n| n.reported_state != "dropped")
+                .map(|n| format!("{}:{}", n.host, n.port))
+                .collect();
+            if hosts.is_empty() {
+                bail!("formation {:?} has no nodes yet", target.formation);
+            }
+            let base = format!("postgresql://{user}@{}/{dbname}", hosts.join(","));
+            let rw = format!("{base}?target_session_attrs=read-write&connect_timeout=2");
+            let ro = format!("{base}?target_session_attrs=prefer-standby&connect_timeout=2");
+            if target.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({"read_write": rw, "read_only": ro}))?
+                );
+            } else {
+                println!("read-write: {rw}");
+                println!("read-only:  {ro}");
+            }
+        }
+        ShowWhat::Settings => {
+            let settings = client
+                .get_settings(pb::GetSettingsRequest {
+                    formation: target.formation.clone(),
+                })
+                .await
+                .map_err(|s| status_error("cannot read settings", s))?
+                .into_inner()
+                .settings;
+            if target.json {
+                let v: Vec<_> = settings
+                    .iter()
+                    .map(|s| json!({"scope": s.scope, "target": s.target, "name": s.name, "value": s.value}))
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:<10} {:<14} {:<24} Value", "Scope", "Target", "Setting");
+                for s in settings {
+                    println!(
+                        "{:<10} {:<14} {:<24} {}",
+                        s.scope, s.target, s.name, s.value
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fmt_time(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}Z", unix_ms % 1000)
+}
+
+fn primary_of(nodes: &[pb::NodeStatus]) -> Option<&pb::NodeStatus> {
+    let mut p = nodes
+        .iter()
+        .filter(|n| n.reported_state == "primary" && n.goal_state == "primary");
+    match (p.next(), p.next()) {
+        (Some(n), None) => Some(n),
+        _ => None,
+    }
+}
+
+fn settled(nodes: &[pb::NodeStatus]) -> bool {
+    nodes.iter().all(|n| n.reported_state == n.goal_state)
+}
+
+/// Wait until `done` holds for the state, printing each change; on timeout, say what
+/// is still pending.
+async fn wait_for(
+    client: &mut MonitorClient<Channel>,
+    target: &Target,
+    timeout: u64,
+    what: &str,
+    done: impl Fn(&[pb::NodeStatus]) -> bool,
+) -> Result<Vec<pb::NodeStatus>> {
+    let start = Instant::now();
+    let mut last = String::new();
+    loop {
+        let nodes = match get_state(client, &target.formation).await {
+            Ok(s) => s.nodes,
+            Err(e) if start.elapsed() < Duration::from_secs(timeout) => {
+                eprintln!("  ({e}; retrying)");
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        if !nodes.is_empty() {
+            let line: Vec<String> = nodes
+                .iter()
+                .map(|n| format!("{} {}→{}", n.name, n.reported_state, n.goal_state))
+                .collect();
+            let line = line.join(", ");
+            if line != last && !target.json {
+                eprintln!("[{:>5.1}s] {line}", start.elapsed().as_secs_f64());
+                last = line;
+            }
+            if done(&nodes) {
+                return Ok(nodes);
+            }
+        }
+        if start.elapsed() > Duration::from_secs(timeout) {
+            let pending: Vec<String> = nodes
+                .iter()
+                .filter(|n| n.reported_state != n.goal_state)
+                .map(|n| format!("{} is {} (goal {})", n.name, n.reported_state, n.goal_state))
+                .collect();
+            bail!(
+                "timed out after {timeout} s waiting for {what}; still pending: {}",
+                if pending.is_empty() {
+                    "no single primary yet".to_string()
+                } else {
+                    pending.join(", ")
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn print_result(
+    target: &Target,
+    reply: &pb::OperationReply,
+    nodes: Option<&[pb::NodeStatus]>,
+) -> Result<()> {
+    if target.json {
+        let v = json!({
+            "log_index": reply.log_index,
+            "description": reply.description,
+            "nodes": nodes.map(|ns| ns.iter().map(node_json).collect::<Vec<_>>()),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", reply.description);
+        if let Some(ns) = nodes {
+            print_state(ns);
+        }
+    }
+    Ok(())
+}
+
+pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
+    let mut client = connect(&target.monitor).await?;
+    let before = get_state(&mut client, &target.formation).await?;
+    let old_primary = primary_of(&before.nodes).map(|n| n.name.clone());
+    let (reply, wait, candidate) = match what {
+        PerformWhat::Switchover { candidate, wait } => {
+            let r = client
+                .perform_switchover(pb::PerformSwitchoverRequest {
+                    formation: target.formation.clone(),
+                    group_id: wait.group,
+                    candidate: candidate.clone().unwrap_or_default(),
+                })
+                .await
+                .map_err(|s| status_error("switchover refused", s))?;
+            (r.into_inner(), wait, candidate)
+        }
+        PerformWhat::Failover { wait } => {
+            let r = client
+                .perform_failover(pb::PerformFailoverRequest {
+                    formation: target.formation.clone(),
+                    group_id: wait.group,
+                })
+                .await
+                .map_err(|s| status_error("failover refused", s))?;
+            (r.into_inner(), wait, None)
+        }
+    };
+    if wait.no_wait {
+        return print_result(&target, &reply, None);
+    }
+    if !target.json {
+        eprintln!("{}; waiting for a new primary...", reply.description);
+    }
+    let nodes = wait_for(
+        &mut client,
+        &target,
+        wait.timeout,
+        "a new primary",
+        |nodes| {
+            let Some(p) = primary_of(nodes) else {
+                return false;
+            };
+            let moved = Some(&p.name) != old_primary.as_ref();
+            let right = candidate.as_ref().is_none_or(|c| &p.name == c);
+            moved && right && settled(nodes)
+        },
+    )
+    .await?;
+    print_result(&target, &reply, Some(&nodes))
+}
+
+pub async fn maintenance(target: Target, what: ToggleWhat, enable: bool) -> Result<()> {
+    let ToggleWhat::Maintenance { node, wait } = what;
+    let mut client = connect(&target.monitor).await?;
+    let reply = client
+        .set_maintenance(pb::SetMaintenanceRequest {
+            formation: target.formation.clone(),
+            node: node.clone(),
+            enable,
+        })
+        .await
+        .map_err(|s| status_error("maintenance change refused", s))?
+        .into_inner();
+    if wait.no_wait {
+        return print_result(&target, &reply, None);
+    }
+    let goal = if enable { "maintenance" } else { "secondary" };
+    let nodes = wait_for(
+        &mut client,
+        &target,
+        wait.timeout,
+        &format!("{node} to reach {goal}"),
+        |nodes| {
+            nodes
+                .iter()
+                .any(|n| n.name == node && n.reported_state == goal && n.goal_state == goal)
+                && primary_of(nodes).is_some()
+        },
+    )
+    .await?;
+    print_result(&target, &reply, Some(&nodes))
+}
+
+pub async fn set(target: Target, what: SetWhat) -> Result<()> {
+    let mut client = connect(&target.monitor).await?;
+    let reply = match what {
+        SetWhat::Node {
+            name,
+            setting,
+            value,
+        } => client
+            .set_node_setting(pb::SetNodeSettingRequest {
+                formation: target.formation.clone(),
+                node: name,
+                name: setting,
+                value,
+            })
+            .await
+            .map_err(|s| status_error("setting refused", s))?,
+        SetWhat::Formation { setting, value } => client
+            .set_formation_setting(pb::SetFormationSettingRequest {
+                formation: target.formation.clone(),
+                name: setting,
+                value,
+            })
+            .await
+            .map_err(|s| status_error("setting refused", s))?,
+    };
+    print_result(&target, &reply.into_inner(), None)
+}
+
+pub async fn drop_node(target: Target, what: DropWhat) -> Result<()> {
+    let DropWhat::Node { name } = what;
+    let mut client = connect(&target.monitor).await?;
+    let reply = client
+        .drop_node(pb::DropNodeRequest {
+            formation: target.formation.clone(),
+            node: name,
+        })
+        .await
+        .map_err(|s| status_error("drop refused", s))?
+        .into_inner();
+    print_result(&target, &reply, None).context("cannot print the result")
+}
