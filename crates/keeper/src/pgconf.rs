@@ -74,6 +74,8 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
     // primary restart, and commits on a synchronous primary wait with it.
     set("wal_retrieve_retry_interval", "'200ms'".into());
     set("hot_standby_feedback", "on".into());
+    // pg_rewind reads the old primary's WAL back to the last common checkpoint; keep it.
+    set("wal_keep_size", "'512MB'".into());
     set("recovery_target_timeline", "'latest'".into());
     set("synchronous_standby_names", conf_quote(sync_names));
     match upstream {

@@ -15,6 +15,8 @@ pub struct Status {
     pub node_id: Option<NodeId>,
     pub current_state: Option<NodeState>,
     pub goal_state: Option<NodeState>,
+    /// A transition is under way (current_state is the one before it).
+    pub in_transition: bool,
     /// Last answer of the local postgres; None when it did not answer.
     pub observation: Option<Observation>,
 }

@@ -145,10 +145,14 @@ impl Instance {
         let from = self.state.current_state;
         let started = Instant::now();
         tracing::info!(node = %self.settings.name, %from, goal = %a.goal_state, ?action, "transition");
-        self.shared.update_status(|s| s.goal_state = Some(a.goal_state));
+        self.shared.update_status(|s| {
+            s.goal_state = Some(a.goal_state);
+            s.in_transition = true;
+        });
         let result = self.act(action, a, &t).await;
         self.shared
             .record_transition(a.goal_state, result.is_ok(), started.elapsed());
+        self.shared.update_status(|s| s.in_transition = false);
         match &result {
             Ok(()) => {
                 self.state.current_state = a.goal_state;
