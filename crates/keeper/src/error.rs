@@ -1,6 +1,7 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong while driving PostgreSQL. Messages say what to do.
+/// Causes are part of the message (not `#[source]`) so that a log line carries them.
 #[derive(Debug, thiserror::Error)]
 pub enum KeeperError {
     #[error(
@@ -19,11 +20,10 @@ pub enum KeeperError {
         stderr: String,
     },
 
-    #[error("could not run {tool}: {source}")]
+    #[error("could not run {tool}: {cause}")]
     Spawn {
         tool: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error(
@@ -66,18 +66,16 @@ pub enum KeeperError {
     #[error("timed out: {0}")]
     Timeout(String),
 
-    #[error("SQL on {what}: {source}")]
+    #[error("SQL on {what}: {cause}")]
     Sql {
         what: String,
-        #[source]
-        source: tokio_postgres::Error,
+        cause: tokio_postgres::Error,
     },
 
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         context: String,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("invalid setting: {0}")]
@@ -92,17 +90,17 @@ pub enum KeeperError {
 }
 
 impl KeeperError {
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+    pub(crate) fn io(context: impl Into<String>, cause: std::io::Error) -> Self {
         KeeperError::Io {
             context: context.into(),
-            source,
+            cause: source,
         }
     }
 
-    pub(crate) fn sql(what: impl Into<String>, source: tokio_postgres::Error) -> Self {
+    pub(crate) fn sql(what: impl Into<String>, cause: tokio_postgres::Error) -> Self {
         KeeperError::Sql {
             what: what.into(),
-            source,
+            cause: source,
         }
     }
 }

@@ -82,17 +82,17 @@ pub async fn spawn(mut cmd: Command, death_signal: Signal, what: &str) -> Result
         })
         .map_err(|e| KeeperError::Spawn {
             tool: what.to_string(),
-            source: e,
+            cause: e,
         })?;
     let (pid, pipes) = pid_rx
         .await
         .map_err(|_| KeeperError::Spawn {
             tool: what.to_string(),
-            source: std::io::Error::other("spawning thread vanished"),
+            cause: std::io::Error::other("spawning thread vanished"),
         })?
         .map_err(|e| KeeperError::Spawn {
             tool: what.to_string(),
-            source: e,
+            cause: e,
         })?;
     Ok((
         Child {

@@ -59,7 +59,7 @@ impl PgBin {
             .output()
             .map_err(|e| KeeperError::Spawn {
                 tool: "postgres --version".into(),
-                source: e,
+                cause: e,
             })?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let major = parse_version(&text).ok_or_else(|| {
