@@ -93,14 +93,14 @@ impl KeeperError {
     pub(crate) fn io(context: impl Into<String>, cause: std::io::Error) -> Self {
         KeeperError::Io {
             context: context.into(),
-            cause: source,
+            cause,
         }
     }
 
     pub(crate) fn sql(what: impl Into<String>, cause: tokio_postgres::Error) -> Self {
         KeeperError::Sql {
             what: what.into(),
-            cause: source,
+            cause,
         }
     }
 }
