@@ -178,6 +178,22 @@ impl Instance {
         self.shared
             .hands_off
             .store(matches!(t, Target::HandsOff), std::sync::atomic::Ordering::SeqCst);
+        // A busy port is found before anything is created or copied.
+        if !self.is_running()
+            && matches!(
+                action,
+                Action::InitPrimary
+                    | Action::StartPrimary
+                    | Action::Promote
+                    | Action::CloneStandby
+                    | Action::StartStandby
+            )
+        {
+            crate::pg::postmaster::check_port_free(
+                &self.settings.listen_addresses,
+                self.settings.pg_port,
+            )?;
+        }
         match action {
             Action::Nothing => Ok(()),
             Action::InitPrimary => {
