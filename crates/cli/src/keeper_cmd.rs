@@ -11,8 +11,9 @@ use pgquorum_keeper::{Settings, Source};
 
 #[derive(clap::Args)]
 pub struct KeeperArgs {
+    // Boxed: the options are large next to the other subcommands' arguments.
     #[command(subcommand)]
-    command: KeeperCommand,
+    command: Box<KeeperCommand>,
 }
 
 #[derive(clap::Subcommand)]
@@ -110,7 +111,7 @@ pub fn run(args: KeeperArgs) -> anyhow::Result<()> {
     if nix::unistd::geteuid().is_root() {
         return Err(pgquorum_keeper::KeeperError::RunAsRoot.into());
     }
-    let (node, source) = match args.command {
+    let (node, source) = match *args.command {
         KeeperCommand::Run(n) => {
             let s = settings(&n)?;
             if s.monitors.is_empty() {
@@ -127,7 +128,11 @@ pub fn run(args: KeeperArgs) -> anyhow::Result<()> {
                 goal_state: goal,
                 primary: a.primary.as_deref().map(peer).transpose()?,
                 synchronous_standby_names: a.synchronous_standby_names.clone(),
-                peers: a.peer.iter().map(|p| peer(p)).collect::<anyhow::Result<_>>()?,
+                peers: a
+                    .peer
+                    .iter()
+                    .map(|p| peer(p))
+                    .collect::<anyhow::Result<_>>()?,
                 lease_ms: 1500,
                 heartbeat_interval_ms: 200,
                 on_quorum_loss: "block".into(),
@@ -187,9 +192,9 @@ fn read_config(path: &PathBuf) -> anyhow::Result<HashMap<String, Vec<String>>> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (k, v) = line.split_once('=').ok_or_else(|| {
-            anyhow!("{}:{}: expected `name = value`", path.display(), i + 1)
-        })?;
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| anyhow!("{}:{}: expected `name = value`", path.display(), i + 1))?;
         let v = v.trim();
         let v = v
             .strip_prefix('"')
@@ -291,7 +296,11 @@ fn settings(n: &NodeArgs) -> anyhow::Result<Settings> {
     if let Some(v) = pick(n.replication_user.clone(), &file, "replication-user")? {
         s.replication_user = v;
     }
-    s.replication_password = pick(n.replication_password.clone(), &file, "replication-password")?;
+    s.replication_password = pick(
+        n.replication_password.clone(),
+        &file,
+        "replication-password",
+    )?;
     let params: Vec<String> = if n.pg_param.is_empty() {
         file.get("pg-param").cloned().unwrap_or_default()
     } else {
@@ -301,7 +310,8 @@ fn settings(n: &NodeArgs) -> anyhow::Result<Settings> {
         let (k, v) = p
             .split_once('=')
             .ok_or_else(|| anyhow!("--pg-param {p:?}: expected NAME=VALUE"))?;
-        s.pg_params.push((k.trim().to_string(), v.trim().to_string()));
+        s.pg_params
+            .push((k.trim().to_string(), v.trim().to_string()));
     }
     if let Some(v) = pick(n.state_file.clone(), &file, "state-file")? {
         s.state_file = v;

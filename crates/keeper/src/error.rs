@@ -21,10 +21,7 @@ pub enum KeeperError {
     },
 
     #[error("could not run {tool}: {cause}")]
-    Spawn {
-        tool: String,
-        cause: std::io::Error,
-    },
+    Spawn { tool: String, cause: std::io::Error },
 
     #[error(
         "data directory {pgdata} belongs to another cluster: its system identifier is \

@@ -26,12 +26,16 @@ struct App {
 pub fn router(shared: Arc<Shared>, name: String) -> Router {
     let app = App { shared, name };
     let probe = |f: fn(&Facts, &HashMap<String, String>) -> bool| {
-        get(move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
-            answer(&app, |facts| f(facts, &q))
-        })
-        .options(move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
-            answer(&app, |facts| f(facts, &q))
-        })
+        get(
+            move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
+                answer(&app, |facts| f(facts, &q))
+            },
+        )
+        .options(
+            move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
+                answer(&app, |facts| f(facts, &q))
+            },
+        )
     };
     Router::new()
         .route("/primary", probe(|f, _| f.primary))
@@ -73,16 +77,17 @@ fn lsn_text(l: u64) -> String {
 
 fn facts(app: &App) -> Facts {
     let st = app.shared.status();
-    let hands_off = app.shared.hands_off.load(std::sync::atomic::Ordering::SeqCst);
+    let hands_off = app
+        .shared
+        .hands_off
+        .load(std::sync::atomic::Ordering::SeqCst);
     // A dead postmaster is seen at once, not at the next observation.
     let pm_alive = app.shared.postmaster_pid().is_some() || hands_off;
     let obs = st.observation.as_ref().filter(|_| pm_alive);
     let lease = app.shared.lease_left(Instant::now());
     let lease_ms_left = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
     let pg_up = obs.is_some();
-    let primary = obs.is_some_and(|o| !o.in_recovery)
-        && app.shared.writable()
-        && !lease.is_zero();
+    let primary = obs.is_some_and(|o| !o.in_recovery) && app.shared.writable() && !lease.is_zero();
     let role = match obs {
         None => "unknown",
         Some(o) if o.in_recovery => "replica",
@@ -150,18 +155,30 @@ async fn metrics(State(app): State<App>) -> Response {
     let sh = &app.shared;
     let mut m = String::new();
     let b = |v: bool| if v { 1 } else { 0 };
-    let _ = writeln!(m, "# HELP pgquorum_keeper_pg_up Whether the local postgres answers.");
+    let _ = writeln!(
+        m,
+        "# HELP pgquorum_keeper_pg_up Whether the local postgres answers."
+    );
     let _ = writeln!(m, "# TYPE pgquorum_keeper_pg_up gauge");
     let _ = writeln!(m, "pgquorum_keeper_pg_up {}", b(f.pg_up));
-    let _ = writeln!(m, "# HELP pgquorum_keeper_role Current role of the local postgres.");
+    let _ = writeln!(
+        m,
+        "# HELP pgquorum_keeper_role Current role of the local postgres."
+    );
     let _ = writeln!(m, "# TYPE pgquorum_keeper_role gauge");
     for r in ["primary", "replica", "fenced", "unknown"] {
         let _ = writeln!(m, "pgquorum_keeper_role{{role=\"{r}\"}} {}", b(f.role == r));
     }
-    let _ = writeln!(m, "# HELP pgquorum_keeper_state The keeper's current and goal states.");
+    let _ = writeln!(
+        m,
+        "# HELP pgquorum_keeper_state The keeper's current and goal states."
+    );
     let _ = writeln!(m, "# TYPE pgquorum_keeper_state gauge");
     if let Some(s) = &f.state {
-        let _ = writeln!(m, "pgquorum_keeper_state{{kind=\"current\",state=\"{s}\"}} 1");
+        let _ = writeln!(
+            m,
+            "pgquorum_keeper_state{{kind=\"current\",state=\"{s}\"}} 1"
+        );
     }
     if let Some(s) = &f.goal_state {
         let _ = writeln!(m, "pgquorum_keeper_state{{kind=\"goal\",state=\"{s}\"}} 1");
@@ -171,27 +188,65 @@ async fn metrics(State(app): State<App>) -> Response {
     let _ = writeln!(m, "# TYPE pgquorum_keeper_timeline gauge");
     let _ = writeln!(m, "pgquorum_keeper_timeline {}", f.timeline.unwrap_or(0));
     let _ = writeln!(m, "# TYPE pgquorum_keeper_replication_lag_bytes gauge");
-    let _ = writeln!(m, "pgquorum_keeper_replication_lag_bytes {}", f.lag_bytes.unwrap_or(0));
-    let _ = writeln!(m, "# HELP pgquorum_keeper_lease_remaining_seconds Time left on the primary lease.");
+    let _ = writeln!(
+        m,
+        "pgquorum_keeper_replication_lag_bytes {}",
+        f.lag_bytes.unwrap_or(0)
+    );
+    let _ = writeln!(
+        m,
+        "# HELP pgquorum_keeper_lease_remaining_seconds Time left on the primary lease."
+    );
     let _ = writeln!(m, "# TYPE pgquorum_keeper_lease_remaining_seconds gauge");
-    let left = if f.lease_ms_left == u64::MAX { f64::INFINITY } else { f.lease_ms_left as f64 / 1000.0 };
+    let left = if f.lease_ms_left == u64::MAX {
+        f64::INFINITY
+    } else {
+        f.lease_ms_left as f64 / 1000.0
+    };
     let _ = writeln!(m, "pgquorum_keeper_lease_remaining_seconds {left}");
     let _ = writeln!(m, "# TYPE pgquorum_keeper_transitions_total counter");
     let _ = writeln!(m, "# TYPE pgquorum_keeper_transition_seconds_total counter");
     for (to, t) in sh.transitions() {
-        let _ = writeln!(m, "pgquorum_keeper_transitions_total{{to=\"{to}\",result=\"ok\"}} {}", t.ok);
-        let _ = writeln!(m, "pgquorum_keeper_transitions_total{{to=\"{to}\",result=\"failed\"}} {}", t.failed);
-        let _ = writeln!(m, "pgquorum_keeper_transition_seconds_total{{to=\"{to}\"}} {}", t.seconds_sum);
+        let _ = writeln!(
+            m,
+            "pgquorum_keeper_transitions_total{{to=\"{to}\",result=\"ok\"}} {}",
+            t.ok
+        );
+        let _ = writeln!(
+            m,
+            "pgquorum_keeper_transitions_total{{to=\"{to}\",result=\"failed\"}} {}",
+            t.failed
+        );
+        let _ = writeln!(
+            m,
+            "pgquorum_keeper_transition_seconds_total{{to=\"{to}\"}} {}",
+            t.seconds_sum
+        );
     }
     use std::sync::atomic::Ordering::Relaxed;
     let _ = writeln!(m, "# TYPE pgquorum_keeper_postgres_restarts_total counter");
-    let _ = writeln!(m, "pgquorum_keeper_postgres_restarts_total {}", sh.postgres_restarts.load(Relaxed));
+    let _ = writeln!(
+        m,
+        "pgquorum_keeper_postgres_restarts_total {}",
+        sh.postgres_restarts.load(Relaxed)
+    );
     let _ = writeln!(m, "# TYPE pgquorum_keeper_fences_total counter");
-    let _ = writeln!(m, "pgquorum_keeper_fences_total {}", sh.fences.load(Relaxed));
+    let _ = writeln!(
+        m,
+        "pgquorum_keeper_fences_total {}",
+        sh.fences.load(Relaxed)
+    );
     let _ = writeln!(m, "# TYPE pgquorum_keeper_heartbeat_failures_total counter");
-    let _ = writeln!(m, "pgquorum_keeper_heartbeat_failures_total {}", sh.heartbeat_failures.load(Relaxed));
+    let _ = writeln!(
+        m,
+        "pgquorum_keeper_heartbeat_failures_total {}",
+        sh.heartbeat_failures.load(Relaxed)
+    );
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         m,
     )
         .into_response()

@@ -84,7 +84,9 @@ impl Instance {
     }
 
     /// Changes when the postmaster exits (for the main loop's select).
-    pub fn exit_watch(&self) -> Option<tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>> {
+    pub fn exit_watch(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>> {
         self.postmaster.as_ref().map(|p| p.exit_watch())
     }
 
@@ -195,7 +197,11 @@ impl Instance {
                 ),
             });
         }
-        let dir = if empty_existing { target.clone() } else { sibling(&target, "pgquorum-new") };
+        let dir = if empty_existing {
+            target.clone()
+        } else {
+            sibling(&target, "pgquorum-new")
+        };
         remove_dir(&dir)?;
         if empty_existing {
             std::fs::create_dir_all(&dir).map_err(|e| KeeperError::io("recreating pgdata", e))?;
@@ -215,8 +221,9 @@ impl Instance {
         ];
         self.bin.run("initdb", &args, &[]).await?;
         if !empty_existing {
-            std::fs::rename(&dir, &target)
-                .map_err(|e| KeeperError::io(format!("renaming {} into place", dir.display()), e))?;
+            std::fs::rename(&dir, &target).map_err(|e| {
+                KeeperError::io(format!("renaming {} into place", dir.display()), e)
+            })?;
         }
         Ok(())
     }
@@ -247,13 +254,24 @@ impl Instance {
             "--progress".into(),
             "--verbose".into(),
         ];
-        let pw = self.settings.replication_password.clone().unwrap_or_default();
-        let env: Vec<(&str, &str)> = if pw.is_empty() { vec![] } else { vec![("PGPASSWORD", pw.as_str())] };
+        let pw = self
+            .settings
+            .replication_password
+            .clone()
+            .unwrap_or_default();
+        let env: Vec<(&str, &str)> = if pw.is_empty() {
+            vec![]
+        } else {
+            vec![("PGPASSWORD", pw.as_str())]
+        };
         if let Err(e) = self.bin.run("pg_basebackup", &args, &env).await {
             let _ = remove_dir(&new);
             return Err(e);
         }
-        tracing::info!(step = "swap", "basebackup complete; replacing the data directory");
+        tracing::info!(
+            step = "swap",
+            "basebackup complete; replacing the data directory"
+        );
         remove_dir(&old)?;
         if target.exists() {
             std::fs::rename(&target, &old)
@@ -280,8 +298,16 @@ impl Instance {
             source.into(),
             "--progress".into(),
         ];
-        let pw = self.settings.replication_password.clone().unwrap_or_default();
-        let env: Vec<(&str, &str)> = if pw.is_empty() { vec![] } else { vec![("PGPASSWORD", pw.as_str())] };
+        let pw = self
+            .settings
+            .replication_password
+            .clone()
+            .unwrap_or_default();
+        let env: Vec<(&str, &str)> = if pw.is_empty() {
+            vec![]
+        } else {
+            vec![("PGPASSWORD", pw.as_str())]
+        };
         let out = self.bin.run("pg_rewind", &args, &env).await?;
         tracing::info!(step = "rewind", "pg_rewind done: {}", out.trim());
         Ok(())

@@ -169,7 +169,9 @@ async fn fence(shared: Arc<Shared>, name: String) {
                         nix::sys::signal::Signal::SIGINT,
                     );
                 }
-                shared.fences.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                shared
+                    .fences
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -293,7 +295,7 @@ impl Heartbeat {
                             self.shared
                                 .heartbeat_failures
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            if failures == 1 || failures % 50 == 0 {
+                            if failures == 1 || failures.is_multiple_of(50) {
                                 tracing::warn!(node = %self.settings.name, failures, error = %e, "heartbeat failed");
                             }
                         }
@@ -306,7 +308,10 @@ impl Heartbeat {
 
     /// Asks the local postgres about itself; None when it does not answer.
     async fn observe(&self, client: &mut Option<Client>) -> Option<sql::Observation> {
-        let hands_off = self.shared.hands_off.load(std::sync::atomic::Ordering::SeqCst);
+        let hands_off = self
+            .shared
+            .hands_off
+            .load(std::sync::atomic::Ordering::SeqCst);
         if self.shared.postmaster_pid().is_none() && !hands_off {
             *client = None;
             self.shared.update_status(|s| s.observation = None);

@@ -50,9 +50,11 @@ impl Monitors {
                 .connect_lazy();
             self.channels.insert(ep.clone(), ch);
         }
-        let ch = self.channels.get(&ep).cloned().ok_or_else(|| {
-            KeeperError::Monitor("internal: channel vanished".into())
-        })?;
+        let ch = self
+            .channels
+            .get(&ep)
+            .cloned()
+            .ok_or_else(|| KeeperError::Monitor("internal: channel vanished".into()))?;
         Ok((ep, MonitorClient::new(ch)))
     }
 
@@ -78,7 +80,10 @@ impl Monitors {
         }
     }
 
-    pub async fn register(&mut self, req: pb::RegisterNodeRequest) -> Result<pb::RegisterNodeReply> {
+    pub async fn register(
+        &mut self,
+        req: pb::RegisterNodeRequest,
+    ) -> Result<pb::RegisterNodeReply> {
         let mut last = String::new();
         for _ in 0..self.endpoints.len() * 2 {
             let (ep, mut c) = self.client()?;
@@ -99,7 +104,9 @@ impl Monitors {
                 }
             }
         }
-        Err(KeeperError::Monitor(format!("no member answered RegisterNode; last: {last}")))
+        Err(KeeperError::Monitor(format!(
+            "no member answered RegisterNode; last: {last}"
+        )))
     }
 
     pub async fn node_active(&mut self, req: pb::NodeActiveRequest) -> Result<pb::NodeActiveReply> {
@@ -114,7 +121,9 @@ impl Monitors {
                 }
             }
         }
-        Err(KeeperError::Monitor(format!("no member answered NodeActive; last: {last}")))
+        Err(KeeperError::Monitor(format!(
+            "no member answered NodeActive; last: {last}"
+        )))
     }
 }
 
@@ -130,9 +139,8 @@ fn peer(p: &pb::PeerNode) -> Result<PeerNode> {
 
 /// The wire assignment as the core type; an unknown goal state is an error, not a guess.
 pub fn assignment_from_pb(a: &pb::Assignment) -> Result<Assignment> {
-    let goal_state = NodeState::parse(&a.goal_state).ok_or_else(|| {
-        KeeperError::Monitor(format!("unknown goal state {:?}", a.goal_state))
-    })?;
+    let goal_state = NodeState::parse(&a.goal_state)
+        .ok_or_else(|| KeeperError::Monitor(format!("unknown goal state {:?}", a.goal_state)))?;
     Ok(Assignment {
         goal_state,
         primary: a.primary.as_ref().map(peer).transpose()?,

@@ -84,7 +84,10 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
             set("primary_slot_name", "''".into());
         }
         Upstream::Stream(p) => {
-            set("primary_conninfo", conf_quote(&primary_conninfo(s, p, true)));
+            set(
+                "primary_conninfo",
+                conf_quote(&primary_conninfo(s, p, true)),
+            );
             set("primary_slot_name", conf_quote(&s.slot_name()));
         }
     }
@@ -96,7 +99,12 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
 
 /// Writes pgquorum.conf and makes postgresql.conf include it (last, so it wins over
 /// postgresql.conf; ALTER SYSTEM still wins over both). Returns whether anything changed.
-pub fn write_conf(pgdata: &Path, s: &Settings, sync_names: &str, upstream: &Upstream) -> Result<bool> {
+pub fn write_conf(
+    pgdata: &Path,
+    s: &Settings,
+    sync_names: &str,
+    upstream: &Upstream,
+) -> Result<bool> {
     let path = pgdata.join(INCLUDE_FILE);
     let text = render(s, sync_names, upstream);
     let mut changed = false;
@@ -178,12 +186,14 @@ pub fn set_standby_signal(pgdata: &Path, on: bool) -> Result<()> {
             write_atomic(&p, b"", 0o600)?;
         }
     } else if p.exists() {
-        std::fs::remove_file(&p).map_err(|e| KeeperError::io(format!("removing {}", p.display()), e))?;
+        std::fs::remove_file(&p)
+            .map_err(|e| KeeperError::io(format!("removing {}", p.display()), e))?;
     }
     // A leftover recovery.signal would start targeted archive recovery instead.
     let r = pgdata.join("recovery.signal");
     if r.exists() {
-        std::fs::remove_file(&r).map_err(|e| KeeperError::io(format!("removing {}", r.display()), e))?;
+        std::fs::remove_file(&r)
+            .map_err(|e| KeeperError::io(format!("removing {}", r.display()), e))?;
     }
     Ok(())
 }

@@ -98,7 +98,11 @@ impl Settings {
             ));
         }
         for (k, _) in &self.pg_params {
-            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            if k.is_empty()
+                || !k
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            {
                 return Err(KeeperError::Config(format!(
                     "PostgreSQL parameter name {k:?} is not valid"
                 )));

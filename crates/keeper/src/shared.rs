@@ -82,7 +82,8 @@ impl Shared {
     }
 
     pub fn set_postmaster(&self, pid: Option<u32>) {
-        self.postmaster_pid.store(pid.unwrap_or(0), Ordering::SeqCst);
+        self.postmaster_pid
+            .store(pid.unwrap_or(0), Ordering::SeqCst);
     }
 
     pub fn postmaster_pid(&self) -> Option<u32> {

@@ -151,7 +151,10 @@ pub async fn ensure_replication_role(c: &Client, s: &Settings) -> Result<()> {
     let e = |err| KeeperError::sql("setting up the replication role", err);
     let role = ident(&s.replication_user);
     let exists = c
-        .query_opt("SELECT 1 FROM pg_roles WHERE rolname = $1", &[&s.replication_user])
+        .query_opt(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1",
+            &[&s.replication_user],
+        )
         .await
         .map_err(e)?
         .is_some();
@@ -270,4 +273,3 @@ pub async fn remote_system_identifier(
         .get(0);
     Ok(sysid as u64)
 }
-

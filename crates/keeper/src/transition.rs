@@ -70,9 +70,13 @@ pub fn target(a: &Assignment) -> Target {
 pub enum Local {
     NoData,
     /// Data directory of a primary (no standby.signal), postgres running or not.
-    PrimaryData { running: bool },
+    PrimaryData {
+        running: bool,
+    },
     /// Data directory of a standby, postgres running or not.
-    StandbyData { running: bool },
+    StandbyData {
+        running: bool,
+    },
 }
 
 /// The action for (what is there, what is wanted).
@@ -101,7 +105,12 @@ pub fn plan(local: Local, t: &Target, following_changed: bool) -> Action {
         (Target::Primary, PrimaryData { running: false }) => StartPrimary,
         (Target::Primary, PrimaryData { running: true }) => ConfigurePrimary,
         (Target::Primary, StandbyData { .. }) => Promote,
-        (Target::Standby { upstream: Some(_), .. }, NoData) => CloneStandby,
+        (
+            Target::Standby {
+                upstream: Some(_), ..
+            },
+            NoData,
+        ) => CloneStandby,
         (Target::Standby { upstream: None, .. }, NoData) => Nothing,
         (Target::Standby { .. }, PrimaryData { .. }) => RewindToStandby,
         (Target::Standby { wait: true, .. }, StandbyData { .. }) if following_changed => {
@@ -136,9 +145,7 @@ impl Instance {
         let following_changed = match &t {
             Target::Standby {
                 upstream: Some(p), ..
-            } => {
-                self.state.following.as_deref() != Some(p.name.as_str())
-            }
+            } => self.state.following.as_deref() != Some(p.name.as_str()),
             _ => false,
         };
         let action = plan(self.local(), &t, following_changed);
@@ -175,9 +182,10 @@ impl Instance {
     }
 
     async fn act(&mut self, action: Action, a: &Assignment, t: &Target) -> Result<()> {
-        self.shared
-            .hands_off
-            .store(matches!(t, Target::HandsOff), std::sync::atomic::Ordering::SeqCst);
+        self.shared.hands_off.store(
+            matches!(t, Target::HandsOff),
+            std::sync::atomic::Ordering::SeqCst,
+        );
         // A busy port is found before anything is created or copied.
         if !self.is_running()
             && matches!(
@@ -309,8 +317,9 @@ impl Instance {
             self.stop(StopMode::Fast).await;
             return Ok(());
         };
-        let remote = sql::remote_system_identifier(&self.settings, &p.host, p.port, Duration::from_secs(5))
-            .await?;
+        let remote =
+            sql::remote_system_identifier(&self.settings, &p.host, p.port, Duration::from_secs(5))
+                .await?;
         let local = self.controldata().await?.system_identifier;
         if remote != local {
             return Err(KeeperError::SystemIdentifierMismatch {
@@ -392,7 +401,11 @@ impl Instance {
     /// Supervision between transitions: restarts a postgres that died. A primary is
     /// restarted only while the lease is held.
     pub async fn supervise(&mut self, a: &Assignment) -> Result<bool> {
-        if self.shared.hands_off.load(std::sync::atomic::Ordering::SeqCst) {
+        if self
+            .shared
+            .hands_off
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
             return Ok(false);
         }
         let crashed = self.reap();
@@ -400,10 +413,8 @@ impl Instance {
             return Ok(false);
         }
         let t = target(a);
-        let wanted = match (&t, self.state.current_state == a.goal_state) {
-            (Target::Primary | Target::Standby { .. }, true) => true,
-            _ => false,
-        };
+        let wanted = matches!(t, Target::Primary | Target::Standby { .. })
+            && self.state.current_state == a.goal_state;
         if !wanted {
             return Ok(false);
         }
@@ -462,7 +473,10 @@ mod tests {
         for g in NodeState::ALL {
             let _ = target(&a(g, true));
         }
-        assert_eq!(target(&a(NodeState::StopReplication, false)), Target::Primary);
+        assert_eq!(
+            target(&a(NodeState::StopReplication, false)),
+            Target::Primary
+        );
         assert_eq!(target(&a(NodeState::Draining, true)), Target::Stopped);
         assert_eq!(
             target(&a(NodeState::ReportLsn, true)),
@@ -478,12 +492,30 @@ mod tests {
         use Local::*;
         let sec = target(&a(NodeState::Secondary, true));
         assert_eq!(plan(NoData, &Target::Primary, false), Action::InitPrimary);
-        assert_eq!(plan(StandbyData { running: true }, &Target::Primary, false), Action::Promote);
+        assert_eq!(
+            plan(StandbyData { running: true }, &Target::Primary, false),
+            Action::Promote
+        );
         assert_eq!(plan(NoData, &sec, true), Action::CloneStandby);
-        assert_eq!(plan(PrimaryData { running: true }, &sec, false), Action::RewindToStandby);
-        assert_eq!(plan(StandbyData { running: true }, &sec, false), Action::ConfigureStandby);
-        assert_eq!(plan(StandbyData { running: true }, &sec, true), Action::RewindToStandby);
-        assert_eq!(plan(PrimaryData { running: true }, &Target::Stopped, false), Action::Stop);
-        assert_eq!(plan(PrimaryData { running: true }, &Target::HandsOff, false), Action::Nothing);
+        assert_eq!(
+            plan(PrimaryData { running: true }, &sec, false),
+            Action::RewindToStandby
+        );
+        assert_eq!(
+            plan(StandbyData { running: true }, &sec, false),
+            Action::ConfigureStandby
+        );
+        assert_eq!(
+            plan(StandbyData { running: true }, &sec, true),
+            Action::RewindToStandby
+        );
+        assert_eq!(
+            plan(PrimaryData { running: true }, &Target::Stopped, false),
+            Action::Stop
+        );
+        assert_eq!(
+            plan(PrimaryData { running: true }, &Target::HandsOff, false),
+            Action::Nothing
+        );
     }
 }

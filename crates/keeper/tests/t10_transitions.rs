@@ -36,12 +36,20 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     assert_eq!(rows(&a).await, vec!["a1"]);
 
     // init -> secondary: pg_basebackup, standby.signal, primary_conninfo, slot.
-    let standby_of_a = ["--primary".to_string(), a.peer_arg(), "--peer".into(), a.peer_arg()];
+    let standby_of_a = [
+        "--primary".to_string(),
+        a.peer_arg(),
+        "--peer".into(),
+        a.peer_arg(),
+    ];
     let mut kb = apply(&b, "secondary", &standby_of_a);
     wait_state(&b, &mut kb, "secondary").await;
     wait_rows(&b, &["a1"]).await;
     assert!(in_recovery(&b).await);
-    assert!(write(&b, "no").await.is_err(), "a standby must not take writes");
+    assert!(
+        write(&b, "no").await.is_err(),
+        "a standby must not take writes"
+    );
     expect_probes(&b, AS_REPLICA);
     let (code, _) = b.http_get("/replica?lag=1GB").unwrap();
     assert_eq!(code, 200);
@@ -68,7 +76,10 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     }
     // The primary reports its standby.
     let m = a.http_get("/metrics").unwrap().1;
-    assert!(m.contains("pgquorum_keeper_role{role=\"primary\"} 1"), "{m}");
+    assert!(
+        m.contains("pgquorum_keeper_role{role=\"primary\"} 1"),
+        "{m}"
+    );
 
     // secondary again after SIGKILL: no new clone.
     kb.kill();
@@ -102,12 +113,21 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     ka.terminate();
 
     // primary -> secondary of b: demote, pg_rewind, stream.
-    let standby_of_b = ["--primary".to_string(), b.peer_arg(), "--peer".into(), b.peer_arg()];
+    let standby_of_b = [
+        "--primary".to_string(),
+        b.peer_arg(),
+        "--peer".into(),
+        b.peer_arg(),
+    ];
     let mut ka = apply(&a, "secondary", &standby_of_b);
     wait_state(&a, &mut ka, "secondary").await;
     wait_rows(&a, &["a1", "a2", "b1"]).await;
     assert_eq!(timeline(&a).await, 2);
-    assert!(ka.log_text().contains("pg_rewind done"), "{}", ka.log_text());
+    assert!(
+        ka.log_text().contains("pg_rewind done"),
+        "{}",
+        ka.log_text()
+    );
     expect_probes(&a, AS_REPLICA);
     ka.kill();
     let mut ka = apply(&a, "secondary", &standby_of_b);
@@ -153,10 +173,14 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     // dropped: postgres stopped and the keeper exits by itself.
     kb.kill();
     let mut kb = apply(&b, "dropped", &[]);
-    let st = wait_for("keeper b to exit", std::time::Duration::from_secs(30), || {
-        let s = kb.try_wait();
-        async move { s }
-    })
+    let st = wait_for(
+        "keeper b to exit",
+        std::time::Duration::from_secs(30),
+        || {
+            let s = kb.try_wait();
+            async move { s }
+        },
+    )
     .await;
     assert!(st.success(), "{}", kb.log_text());
     wait_postgres_gone(&b).await;

@@ -28,7 +28,8 @@ impl FakeMonitor {
     fn check(&self) -> Result<(), Status> {
         if let Some(h) = &self.leader_hint {
             let mut s = Status::unavailable("not the leader");
-            s.metadata_mut().insert("x-pgquorum-leader", h.parse().unwrap());
+            s.metadata_mut()
+                .insert("x-pgquorum-leader", h.parse().unwrap());
             return Err(s);
         }
         if self.down.load(Ordering::SeqCst) {
@@ -57,30 +58,112 @@ struct Handle(Arc<FakeMonitor>);
 
 #[tonic::async_trait]
 impl Monitor for Handle {
-    async fn member_status(&self, _: Request<pb::MemberStatusRequest>) -> Result<Response<pb::MemberStatusReply>, Status> { unimpl() }
-    async fn add_member(&self, _: Request<pb::AddMemberRequest>) -> Result<Response<pb::MembershipReply>, Status> { unimpl() }
-    async fn remove_member(&self, _: Request<pb::RemoveMemberRequest>) -> Result<Response<pb::MembershipReply>, Status> { unimpl() }
-    async fn create_formation(&self, _: Request<pb::CreateFormationRequest>) -> Result<Response<pb::FormationReply>, Status> { unimpl() }
-    async fn drop_formation(&self, _: Request<pb::DropFormationRequest>) -> Result<Response<pb::FormationReply>, Status> { unimpl() }
-    async fn register_node(&self, r: Request<pb::RegisterNodeRequest>) -> Result<Response<pb::RegisterNodeReply>, Status> {
+    async fn member_status(
+        &self,
+        _: Request<pb::MemberStatusRequest>,
+    ) -> Result<Response<pb::MemberStatusReply>, Status> {
+        unimpl()
+    }
+    async fn add_member(
+        &self,
+        _: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        unimpl()
+    }
+    async fn remove_member(
+        &self,
+        _: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        unimpl()
+    }
+    async fn create_formation(
+        &self,
+        _: Request<pb::CreateFormationRequest>,
+    ) -> Result<Response<pb::FormationReply>, Status> {
+        unimpl()
+    }
+    async fn drop_formation(
+        &self,
+        _: Request<pb::DropFormationRequest>,
+    ) -> Result<Response<pb::FormationReply>, Status> {
+        unimpl()
+    }
+    async fn register_node(
+        &self,
+        r: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeReply>, Status> {
         self.0.check()?;
         assert_eq!(r.get_ref().pg_major_version, 15);
-        Ok(Response::new(pb::RegisterNodeReply { node_id: 7, group_id: 0, assignment: Some(self.0.assignment()) }))
+        Ok(Response::new(pb::RegisterNodeReply {
+            node_id: 7,
+            group_id: 0,
+            assignment: Some(self.0.assignment()),
+        }))
     }
-    async fn node_active(&self, r: Request<pb::NodeActiveRequest>) -> Result<Response<pb::NodeActiveReply>, Status> {
+    async fn node_active(
+        &self,
+        r: Request<pb::NodeActiveRequest>,
+    ) -> Result<Response<pb::NodeActiveReply>, Status> {
         self.0.check()?;
         assert_eq!(r.get_ref().node_id, 7);
-        Ok(Response::new(pb::NodeActiveReply { assignment: Some(self.0.assignment()) }))
+        Ok(Response::new(pb::NodeActiveReply {
+            assignment: Some(self.0.assignment()),
+        }))
     }
-    async fn get_state(&self, _: Request<pb::GetStateRequest>) -> Result<Response<pb::GetStateReply>, Status> { unimpl() }
-    async fn get_events(&self, _: Request<pb::GetEventsRequest>) -> Result<Response<pb::GetEventsReply>, Status> { unimpl() }
-    async fn get_settings(&self, _: Request<pb::GetSettingsRequest>) -> Result<Response<pb::GetSettingsReply>, Status> { unimpl() }
-    async fn set_node_setting(&self, _: Request<pb::SetNodeSettingRequest>) -> Result<Response<pb::OperationReply>, Status> { unimpl() }
-    async fn set_formation_setting(&self, _: Request<pb::SetFormationSettingRequest>) -> Result<Response<pb::OperationReply>, Status> { unimpl() }
-    async fn perform_switchover(&self, _: Request<pb::PerformSwitchoverRequest>) -> Result<Response<pb::OperationReply>, Status> { unimpl() }
-    async fn perform_failover(&self, _: Request<pb::PerformFailoverRequest>) -> Result<Response<pb::OperationReply>, Status> { unimpl() }
-    async fn set_maintenance(&self, _: Request<pb::SetMaintenanceRequest>) -> Result<Response<pb::OperationReply>, Status> { unimpl() }
-    async fn drop_node(&self, _: Request<pb::DropNodeRequest>) -> Result<Response<pb::OperationReply>, Status> { unimpl() }
+    async fn get_state(
+        &self,
+        _: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateReply>, Status> {
+        unimpl()
+    }
+    async fn get_events(
+        &self,
+        _: Request<pb::GetEventsRequest>,
+    ) -> Result<Response<pb::GetEventsReply>, Status> {
+        unimpl()
+    }
+    async fn get_settings(
+        &self,
+        _: Request<pb::GetSettingsRequest>,
+    ) -> Result<Response<pb::GetSettingsReply>, Status> {
+        unimpl()
+    }
+    async fn set_node_setting(
+        &self,
+        _: Request<pb::SetNodeSettingRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        unimpl()
+    }
+    async fn set_formation_setting(
+        &self,
+        _: Request<pb::SetFormationSettingRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        unimpl()
+    }
+    async fn perform_switchover(
+        &self,
+        _: Request<pb::PerformSwitchoverRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        unimpl()
+    }
+    async fn perform_failover(
+        &self,
+        _: Request<pb::PerformFailoverRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        unimpl()
+    }
+    async fn set_maintenance(
+        &self,
+        _: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        unimpl()
+    }
+    async fn drop_node(
+        &self,
+        _: Request<pb::DropNodeRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        unimpl()
+    }
 }
 
 /// Serves `m` on a port the OS picked; returns HOST:PORT.
@@ -107,9 +190,17 @@ fn run_keeper(spec: &NodeSpec, monitor: &str) -> Keeper {
 async fn primary_fences_itself_when_the_lease_runs_out() {
     let dir = PgDir::new();
     let a = NodeSpec::new("a", dir.path());
-    let leader = Arc::new(FakeMonitor { down: AtomicBool::new(false), last_answer: Mutex::new(None), leader_hint: None });
+    let leader = Arc::new(FakeMonitor {
+        down: AtomicBool::new(false),
+        last_answer: Mutex::new(None),
+        leader_hint: None,
+    });
     let leader_addr = serve(leader.clone()).await;
-    let follower = Arc::new(FakeMonitor { down: AtomicBool::new(false), last_answer: Mutex::new(None), leader_hint: Some(leader_addr) });
+    let follower = Arc::new(FakeMonitor {
+        down: AtomicBool::new(false),
+        last_answer: Mutex::new(None),
+        leader_hint: Some(leader_addr),
+    });
     let follower_addr = serve(follower).await;
 
     // Only the follower is named: the keeper must follow its leader hint.
@@ -131,9 +222,15 @@ async fn primary_fences_itself_when_the_lease_runs_out() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(write(&a, "after").await.is_err(), "a primary without a lease took a write");
+    assert!(
+        write(&a, "after").await.is_err(),
+        "a primary without a lease took a write"
+    );
     if let Some(t) = last_ok_write {
-        eprintln!("last write accepted {} ms after the last lease grant", (t - last).as_millis());
+        eprintln!(
+            "last write accepted {} ms after the last lease grant",
+            (t - last).as_millis()
+        );
         assert!(t < fenced_by);
     }
     expect_probes(&a, [503, 503, 503, 503, 503, 200]);
@@ -142,9 +239,11 @@ async fn primary_fences_itself_when_the_lease_runs_out() {
 
     // Quorum is back: the lease is renewed and the primary takes writes again.
     leader.down.store(false, Ordering::SeqCst);
-    wait_for("writes after the lease is renewed", Duration::from_secs(20), || async {
-        write(&a, "again").await.ok()
-    })
+    wait_for(
+        "writes after the lease is renewed",
+        Duration::from_secs(20),
+        || async { write(&a, "again").await.ok() },
+    )
     .await;
 
     // A keeper restarted while the monitor group is unreachable starts no writable
@@ -155,7 +254,10 @@ async fn primary_fences_itself_when_the_lease_runs_out() {
     let _k = run_keeper(&a, &follower_addr);
     let until = Instant::now() + Duration::from_secs(3);
     while Instant::now() < until {
-        assert!(write(&a, "no-lease").await.is_err(), "wrote without a lease");
+        assert!(
+            write(&a, "no-lease").await.is_err(),
+            "wrote without a lease"
+        );
         assert_eq!(a.http_get("/primary").map(|r| r.0).unwrap_or(503), 503);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -17,16 +17,25 @@ async fn crashed_postmaster_is_restarted_in_place() {
     write(&a, "before").await.unwrap();
     for round in 1..=2 {
         let pid = a.postmaster_pid().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
-        wait_for("writes after the postmaster crash", Duration::from_secs(20), || async {
-            write(&a, "after").await.ok()
-        })
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_for(
+            "writes after the postmaster crash",
+            Duration::from_secs(20),
+            || async { write(&a, "after").await.ok() },
+        )
         .await;
         assert_ne!(a.postmaster_pid().unwrap(), pid, "a new postmaster");
         assert!(k.try_wait().is_none(), "the keeper keeps running");
         assert!(!in_recovery(&a).await, "still the primary, no failover");
         let m = a.http_get("/metrics").unwrap().1;
-        assert!(m.contains(&format!("pgquorum_keeper_postgres_restarts_total {round}")), "{m}");
+        assert!(
+            m.contains(&format!("pgquorum_keeper_postgres_restarts_total {round}")),
+            "{m}"
+        );
     }
     let rows = rows(&a).await;
     assert_eq!(rows.iter().filter(|r| *r == "before").count(), 1);
@@ -35,14 +44,20 @@ async fn crashed_postmaster_is_restarted_in_place() {
 /// Runs `pgquorum keeper apply` to completion (it fails fast on bad input): (ok, stderr).
 fn run_once(as_postgres: bool, args: &[String]) -> (bool, String) {
     let mut cmd = Command::new(pgquorum_bin());
-    cmd.arg("keeper").arg("apply").args(args).env("NO_COLOR", "1");
+    cmd.arg("keeper")
+        .arg("apply")
+        .args(args)
+        .env("NO_COLOR", "1");
     if as_postgres {
         let (u, g) = postgres_ids();
         std::os::unix::process::CommandExt::uid(&mut cmd, u.as_raw());
         std::os::unix::process::CommandExt::gid(&mut cmd, g.as_raw());
     }
     let out = cmd.output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 fn goal(spec: &NodeSpec, g: &str) -> Vec<String> {
@@ -76,11 +91,17 @@ async fn bad_situations_are_refused_and_change_nothing() {
     let mut k = apply(&a, "single", &[]);
     wait_for("the port-in-use error", Duration::from_secs(30), || {
         let log = k.log_text();
-        async move { log.contains(&format!("port {} is already in use", a.pg_port)).then_some(()) }
+        async move {
+            log.contains(&format!("port {} is already in use", a.pg_port))
+                .then_some(())
+        }
     })
     .await;
     assert!(a.postmaster_pid().is_none());
-    assert!(!a.pgdata().exists(), "nothing initialised while the port is taken");
+    assert!(
+        !a.pgdata().exists(),
+        "nothing initialised while the port is taken"
+    );
     k.kill();
     drop(busy);
 
@@ -95,7 +116,8 @@ async fn bad_situations_are_refused_and_change_nothing() {
         s.push(".pgquorum-state.json");
         std::path::PathBuf::from(s)
     };
-    let mut st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
+    let mut st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state_file).unwrap()).unwrap();
     let real = st["system_identifier"].as_u64().unwrap();
     st["system_identifier"] = serde_json::json!(real + 1);
     std::fs::write(&state_file, st.to_string()).unwrap();
@@ -104,12 +126,18 @@ async fn bad_situations_are_refused_and_change_nothing() {
     assert!(!ok);
     assert!(err.contains("belongs to another cluster"), "{err}");
     assert!(a.postmaster_pid().is_none());
-    assert_eq!(std::fs::read_to_string(a.pgdata().join("postgresql.conf")).unwrap(), before);
+    assert_eq!(
+        std::fs::read_to_string(a.pgdata().join("postgresql.conf")).unwrap(),
+        before
+    );
 
     // Another PostgreSQL major version.
     std::fs::write(a.pgdata().join("PG_VERSION"), "14\n").unwrap();
     let (ok, err) = run_once(true, &goal(&a, "single"));
     assert!(!ok);
-    assert!(err.contains("major version mismatch") && err.contains("version 14"), "{err}");
+    assert!(
+        err.contains("major version mismatch") && err.contains("version 14"),
+        "{err}"
+    );
     assert!(a.postmaster_pid().is_none());
 }

@@ -65,7 +65,9 @@ impl Default for PgDir {
 /// A port that was free a moment ago (PostgreSQL cannot take a bound socket from us).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-    l.local_addr().map(|a| a.port()).unwrap_or_else(|e| panic!("addr: {e}"))
+    l.local_addr()
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("addr: {e}"))
 }
 
 /// The `pgquorum` binary, built beforehand (`cargo build -p pgquorum`).
@@ -130,7 +132,10 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)>
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Some((code, body))
 }
 
@@ -222,6 +227,11 @@ pub struct Keeper {
 impl Keeper {
     /// Starts `pgquorum keeper <sub> <args>` with stderr appended to `log`.
     pub fn spawn(sub: &str, args: &[String], log: &Path) -> Keeper {
+        Keeper::spawn_with(&pgquorum_bin(), sub, args, log)
+    }
+
+    /// Same with a given `pgquorum` binary (benchmarks use the release build).
+    pub fn spawn_with(bin: &Path, sub: &str, args: &[String], log: &Path) -> Keeper {
         let (u, g) = postgres_ids();
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -229,7 +239,7 @@ impl Keeper {
             .open(log)
             .unwrap_or_else(|e| panic!("log {}: {e}", log.display()));
         let err = out.try_clone().unwrap_or_else(|e| panic!("dup: {e}"));
-        let mut cmd = Command::new(pgquorum_bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("keeper")
             .arg(sub)
             .args(args)
@@ -241,7 +251,9 @@ impl Keeper {
             .stderr(err);
         std::os::unix::process::CommandExt::uid(&mut cmd, u.as_raw());
         std::os::unix::process::CommandExt::gid(&mut cmd, g.as_raw());
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning pgquorum: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning pgquorum: {e}"));
         Keeper {
             child: Some(child),
             log: log.to_path_buf(),
@@ -275,7 +287,9 @@ impl Keeper {
 
     /// Exit status if it has exited.
     pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn log_text(&self) -> String {

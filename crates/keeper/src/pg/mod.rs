@@ -33,14 +33,12 @@ impl PgBin {
     pub fn locate(explicit: Option<&Path>) -> Result<PgBin> {
         let dir = match explicit {
             Some(d) => d.to_path_buf(),
-            None => from_pg_config()
-                .or_else(from_path)
-                .ok_or_else(|| {
-                    KeeperError::MissingBinaries(
-                        "neither `pg_config --bindir` nor PATH gives a directory with `postgres`"
-                            .into(),
-                    )
-                })?,
+            None => from_pg_config().or_else(from_path).ok_or_else(|| {
+                KeeperError::MissingBinaries(
+                    "neither `pg_config --bindir` nor PATH gives a directory with `postgres`"
+                        .into(),
+                )
+            })?,
         };
         let missing: Vec<&str> = NEEDED
             .iter()

@@ -44,7 +44,10 @@ impl PidFile {
         let lines: Vec<&str> = text.lines().collect();
         let pid = lines.first()?.trim().parse().ok()?;
         // Line 8 (PM_STATUS) appears only once the postmaster has reached a status.
-        let status = lines.get(7).map(|s| s.trim().to_string()).unwrap_or_default();
+        let status = lines
+            .get(7)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default();
         Some(PidFile { pid, status })
     }
 }
@@ -66,10 +69,20 @@ pub fn check_port_free(listen_addresses: &str, port: u16) -> Result<()> {
         .split(',')
         .map(|a| a.trim())
         .filter(|a| !a.is_empty())
-        .map(|a| if a == "*" { "0.0.0.0".to_string() } else { a.to_string() })
+        .map(|a| {
+            if a == "*" {
+                "0.0.0.0".to_string()
+            } else {
+                a.to_string()
+            }
+        })
         .collect();
     for a in addrs {
-        let spec = if a.contains(':') { format!("[{a}]:{port}") } else { format!("{a}:{port}") };
+        let spec = if a.contains(':') {
+            format!("[{a}]:{port}")
+        } else {
+            format!("{a}:{port}")
+        };
         if let Err(e) = std::net::TcpListener::bind(&spec) {
             if e.kind() == std::io::ErrorKind::AddrInUse {
                 return Err(KeeperError::PortInUse { addr: a, port });

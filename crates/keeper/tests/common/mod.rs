@@ -44,7 +44,8 @@ pub async fn wait_state(spec: &NodeSpec, k: &mut Keeper, state: &str) {
 
 pub async fn write(spec: &NodeSpec, v: &str) -> Result<(), tokio_postgres::Error> {
     let c = spec.connect().await?;
-    c.batch_execute("CREATE TABLE IF NOT EXISTS t (v text)").await?;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS t (v text)")
+        .await?;
     c.execute("INSERT INTO t VALUES ($1)", &[&v]).await?;
     Ok(())
 }
@@ -59,22 +60,31 @@ pub async fn rows(spec: &NodeSpec) -> Vec<String> {
 
 pub async fn wait_rows(spec: &NodeSpec, want: &[&str]) {
     let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-    wait_for(&format!("rows {want:?} on {}", spec.name), Duration::from_secs(30), || {
-        let want = want.clone();
-        async move { (rows(spec).await == want).then_some(()) }
-    })
+    wait_for(
+        &format!("rows {want:?} on {}", spec.name),
+        Duration::from_secs(30),
+        || {
+            let want = want.clone();
+            async move { (rows(spec).await == want).then_some(()) }
+        },
+    )
     .await;
 }
 
 pub async fn in_recovery(spec: &NodeSpec) -> bool {
     let c = spec.connect().await.unwrap();
-    c.query_one("SELECT pg_is_in_recovery()", &[]).await.unwrap().get(0)
+    c.query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .unwrap()
+        .get(0)
 }
 
 pub async fn timeline(spec: &NodeSpec) -> u32 {
-    wait_for("the keeper's observation", Duration::from_secs(5), || async {
-        health(spec).and_then(|h| h["timeline"].as_u64())
-    })
+    wait_for(
+        "the keeper's observation",
+        Duration::from_secs(5),
+        || async { health(spec).and_then(|h| h["timeline"].as_u64()) },
+    )
     .await as u32
 }
 
@@ -88,9 +98,11 @@ pub async fn system_identifier(spec: &NodeSpec) -> i64 {
 
 /// Waits until nothing runs on the node's data directory any more.
 pub async fn wait_postgres_gone(spec: &NodeSpec) {
-    wait_for(&format!("postgres of {} to stop", spec.name), Duration::from_secs(15), || async {
-        spec.postmaster_pid().is_none().then_some(())
-    })
+    wait_for(
+        &format!("postgres of {} to stop", spec.name),
+        Duration::from_secs(15),
+        || async { spec.postmaster_pid().is_none().then_some(()) },
+    )
     .await;
 }
 
