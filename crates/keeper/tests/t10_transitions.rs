@@ -157,6 +157,16 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     assert!(!sibling_exists(&a, "pgquorum-new") && !sibling_exists(&a, "pgquorum-old"));
     assert_eq!(system_identifier(&a).await, sysid);
 
+    // secondary -> report_lsn: still in recovery, streaming stopped, LSN reported.
+    ka.kill();
+    let mut ka = apply(&a, "report_lsn", &standby_of_b);
+    wait_state(&a, &mut ka, "report_lsn").await;
+    assert!(in_recovery(&a).await);
+    expect_probes(&a, [503, 503, 503, 503, 200, 200]);
+    let h = health(&a).unwrap();
+    assert!(h["lsn_bytes"].as_u64().unwrap() > 0, "{h}");
+    assert_eq!(h["streaming"], false);
+
     // secondary -> demoted: postgres stopped; probes say so.
     ka.kill();
     let mut ka = apply(&a, "demoted", &standby_of_b);

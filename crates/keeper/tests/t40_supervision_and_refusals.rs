@@ -41,6 +41,53 @@ async fn crashed_postmaster_is_restarted_in_place() {
     assert_eq!(rows.iter().filter(|r| *r == "before").count(), 1);
 }
 
+#[tokio::test]
+async fn settings_come_from_a_config_file() {
+    let dir = PgDir::new();
+    let a = NodeSpec::new("a", dir.path());
+    // The file holds every option as `name = value`; the command line adds the goal.
+    let mut text = String::from("# keeper settings\n");
+    let args = a.args();
+    for pair in args.chunks(2) {
+        text.push_str(&format!(
+            "{} = \"{}\"\n",
+            pair[0].trim_start_matches("--"),
+            pair[1]
+        ));
+    }
+    text.push_str("pg-param = work_mem=7MB\n");
+    let conf = dir.path().join("keeper.conf");
+    std::fs::write(&conf, text).unwrap();
+    let mut k = Keeper::spawn(
+        "apply",
+        &[
+            "--config".into(),
+            conf.display().to_string(),
+            "--goal".into(),
+            "single".into(),
+        ],
+        &a.keeper_log(),
+    );
+    wait_state(&a, &mut k, "single").await;
+    let c = a.connect().await.unwrap();
+    let wm: String = c.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_eq!(wm, "7MB");
+
+    // An unknown setting is refused with its name.
+    std::fs::write(&conf, "nmae = a\n").unwrap();
+    let (ok, err) = run_once(
+        true,
+        &[
+            "--config".into(),
+            conf.display().to_string(),
+            "--goal".into(),
+            "single".into(),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("unknown setting \"nmae\""), "{err}");
+}
+
 /// Runs `pgquorum keeper apply` to completion (it fails fast on bad input): (ok, stderr).
 fn run_once(as_postgres: bool, args: &[String]) -> (bool, String) {
     let mut cmd = Command::new(pgquorum_bin());
