@@ -260,6 +260,14 @@ fn settings(n: &NodeArgs) -> anyhow::Result<Settings> {
         pick(n.name.clone(), &file, "name")?.ok_or_else(|| anyhow!("--name is required"))?;
     let pgdata: PathBuf =
         pick(n.pgdata.clone(), &file, "pgdata")?.ok_or_else(|| anyhow!("--pgdata is required"))?;
+    // The keeper derives sibling paths (state file, clone target) from it.
+    let pgdata = if pgdata.is_relative() {
+        std::env::current_dir()
+            .context("reading the current directory")?
+            .join(pgdata)
+    } else {
+        pgdata
+    };
     let port: u16 =
         pick(n.pg_port, &file, "pg-port")?.ok_or_else(|| anyhow!("--pg-port is required"))?;
     let mut s = Settings::new(name, pgdata, port);

@@ -89,6 +89,38 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     write(&a, "a2").await.unwrap();
     wait_rows(&b, &["a1", "a2"]).await;
 
+    // apply_settings: synchronous_standby_names as assigned; b becomes the sync standby.
+    ka.kill();
+    let mut ka = apply(
+        &a,
+        "apply_settings",
+        &[
+            "--peer".into(),
+            b.peer_arg(),
+            "--synchronous-standby-names".into(),
+            "b".into(),
+        ],
+    );
+    wait_state(&a, &mut ka, "apply_settings").await;
+    wait_for(
+        "b as synchronous standby",
+        std::time::Duration::from_secs(30),
+        || async {
+            let c = a.connect().await.ok()?;
+            let r = c
+                .query_opt(
+                    "SELECT sync_state FROM pg_stat_replication WHERE application_name = 'b'",
+                    &[],
+                )
+                .await
+                .ok()??;
+            (r.get::<_, String>(0) == "sync").then_some(())
+        },
+    )
+    .await;
+    write(&a, "a3").await.unwrap();
+    wait_rows(&b, &["a1", "a2", "a3"]).await;
+
     // secondary -> primary (promotion) while the old primary is gone.
     ka.kill();
     wait_postgres_gone(&a).await;
@@ -104,7 +136,7 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     let mut kb = apply(&b, "primary", &["--peer".into(), a.peer_arg()]);
     wait_state(&b, &mut kb, "primary").await;
     assert_eq!(timeline(&b).await, 2);
-    assert_eq!(rows(&b).await, vec!["a1", "a2", "b1"]);
+    assert_eq!(rows(&b).await, vec!["a1", "a2", "a3", "b1"]);
 
     // The old primary comes back as a primary by itself and takes a write: diverged.
     let mut ka = apply(&a, "single", &[]);
@@ -121,7 +153,7 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     ];
     let mut ka = apply(&a, "secondary", &standby_of_b);
     wait_state(&a, &mut ka, "secondary").await;
-    wait_rows(&a, &["a1", "a2", "b1"]).await;
+    wait_rows(&a, &["a1", "a2", "a3", "b1"]).await;
     assert_eq!(timeline(&a).await, 2);
     assert!(
         ka.log_text().contains("pg_rewind done"),
@@ -133,7 +165,7 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     let mut ka = apply(&a, "secondary", &standby_of_b);
     wait_state(&a, &mut ka, "secondary").await;
     write(&b, "b2").await.unwrap();
-    wait_rows(&a, &["a1", "a2", "b1", "b2"]).await;
+    wait_rows(&a, &["a1", "a2", "a3", "b1", "b2"]).await;
 
     // Diverge again, then make rewind impossible (the WAL it needs is gone): the keeper
     // clones b afresh into a new directory that replaces the old one.
@@ -153,7 +185,7 @@ async fn primary_standby_promote_rewind_and_clone_fallback() {
     let log = ka.log_text();
     assert!(log.contains("pg_rewind failed"), "{log}");
     assert!(log.contains("replacing the data directory"), "{log}");
-    wait_rows(&a, &["a1", "a2", "b1", "b2"]).await;
+    wait_rows(&a, &["a1", "a2", "a3", "b1", "b2"]).await;
     assert!(!sibling_exists(&a, "pgquorum-new") && !sibling_exists(&a, "pgquorum-old"));
     assert_eq!(system_identifier(&a).await, sysid);
 
