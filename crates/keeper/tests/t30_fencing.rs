@@ -3,6 +3,7 @@
 //! within the lease; one whose keeper restarts without a lease does not take writes.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,15 +17,44 @@ use common::*;
 
 const LEASE_MS: u64 = 1500;
 
-/// A monitor member that answers every keeper with "be the primary" — or, while `down`,
-/// answers nothing useful. A follower answers only with a leader hint.
+/// A monitor member that assigns each node the goal the test sets for it (default
+/// "single"), or — while `down` — answers nothing useful. A follower answers only with a
+/// leader hint.
 struct FakeMonitor {
     down: AtomicBool,
     last_answer: Mutex<Option<Instant>>,
     leader_hint: Option<String>,
+    /// name -> (goal state, name of the primary to follow)
+    plan: Mutex<HashMap<String, (String, Option<String>)>>,
+    /// name -> registered node
+    nodes: Mutex<HashMap<String, pb::PeerNode>>,
+    /// name -> last reported state
+    reported: Mutex<HashMap<String, String>>,
 }
 
 impl FakeMonitor {
+    fn new(leader_hint: Option<String>) -> Arc<FakeMonitor> {
+        Arc::new(FakeMonitor {
+            down: AtomicBool::new(false),
+            last_answer: Mutex::new(None),
+            leader_hint,
+            plan: Mutex::new(HashMap::new()),
+            nodes: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn set(&self, name: &str, goal: &str, primary: Option<&str>) {
+        self.plan
+            .lock()
+            .unwrap()
+            .insert(name.into(), (goal.into(), primary.map(String::from)));
+    }
+
+    fn reported(&self, name: &str) -> Option<String> {
+        self.reported.lock().unwrap().get(name).cloned()
+    }
+
     fn check(&self) -> Result<(), Status> {
         if let Some(h) = &self.leader_hint {
             let mut s = Status::unavailable("not the leader");
@@ -38,10 +68,20 @@ impl FakeMonitor {
         Ok(())
     }
 
-    fn assignment(&self) -> pb::Assignment {
+    fn assignment(&self, name: &str) -> pb::Assignment {
         *self.last_answer.lock().unwrap() = Some(Instant::now());
+        let (goal, primary) = self
+            .plan
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .unwrap_or(("single".into(), None));
+        let nodes = self.nodes.lock().unwrap();
         pb::Assignment {
-            goal_state: "single".into(),
+            goal_state: goal,
+            primary: primary.and_then(|p| nodes.get(&p).cloned()),
+            peers: nodes.values().filter(|n| n.name != name).cloned().collect(),
             lease_ms: LEASE_MS,
             heartbeat_interval_ms: 100,
             on_quorum_loss: "block".into(),
@@ -93,11 +133,27 @@ impl Monitor for Handle {
         r: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeReply>, Status> {
         self.0.check()?;
-        assert_eq!(r.get_ref().pg_major_version, 15);
+        let r = r.into_inner();
+        assert_eq!(r.pg_major_version, 15);
+        let id = {
+            let mut nodes = self.0.nodes.lock().unwrap();
+            let id = nodes
+                .get(&r.name)
+                .map(|n| n.node_id)
+                .unwrap_or(nodes.len() as u64 + 1);
+            let node = pb::PeerNode {
+                node_id: id,
+                name: r.name.clone(),
+                host: r.host.clone(),
+                port: r.port,
+            };
+            nodes.insert(r.name.clone(), node);
+            id
+        };
         Ok(Response::new(pb::RegisterNodeReply {
-            node_id: 7,
+            node_id: id,
             group_id: 0,
-            assignment: Some(self.0.assignment()),
+            assignment: Some(self.0.assignment(&r.name)),
         }))
     }
     async fn node_active(
@@ -105,9 +161,14 @@ impl Monitor for Handle {
         r: Request<pb::NodeActiveRequest>,
     ) -> Result<Response<pb::NodeActiveReply>, Status> {
         self.0.check()?;
-        assert_eq!(r.get_ref().node_id, 7);
+        let r = r.into_inner();
+        self.0
+            .reported
+            .lock()
+            .unwrap()
+            .insert(r.name.clone(), r.current_state.clone());
         Ok(Response::new(pb::NodeActiveReply {
-            assignment: Some(self.0.assignment()),
+            assignment: Some(self.0.assignment(&r.name)),
         }))
     }
     async fn get_state(
@@ -190,17 +251,9 @@ fn run_keeper(spec: &NodeSpec, monitor: &str) -> Keeper {
 async fn primary_fences_itself_when_the_lease_runs_out() {
     let dir = PgDir::new();
     let a = NodeSpec::new("a", dir.path());
-    let leader = Arc::new(FakeMonitor {
-        down: AtomicBool::new(false),
-        last_answer: Mutex::new(None),
-        leader_hint: None,
-    });
+    let leader = FakeMonitor::new(None);
     let leader_addr = serve(leader.clone()).await;
-    let follower = Arc::new(FakeMonitor {
-        down: AtomicBool::new(false),
-        last_answer: Mutex::new(None),
-        leader_hint: Some(leader_addr),
-    });
+    let follower = FakeMonitor::new(Some(leader_addr));
     let follower_addr = serve(follower).await;
 
     // Only the follower is named: the keeper must follow its leader hint.
@@ -261,4 +314,68 @@ async fn primary_fences_itself_when_the_lease_runs_out() {
         assert_eq!(a.http_get("/primary").map(|r| r.0).unwrap_or(503), 503);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The postgres side of a failover and a rejoin, driven through the run loop by the
+/// goal states a monitor would assign (pg_auto_failover's sequence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_sequence_through_the_run_loop() {
+    let dir = PgDir::new();
+    let a = NodeSpec::new("a", dir.path());
+    let b = NodeSpec::new("b", dir.path());
+    let m = FakeMonitor::new(None);
+    let addr = serve(m.clone()).await;
+
+    m.set("a", "single", None);
+    let mut ka = run_keeper(&a, &addr);
+    wait_state(&a, &mut ka, "single").await;
+    write(&a, "a1").await.unwrap();
+
+    m.set("b", "wait_standby", Some("a"));
+    let mut kb = run_keeper(&b, &addr);
+    wait_state(&b, &mut kb, "wait_standby").await;
+    m.set("a", "wait_primary", None);
+    m.set("b", "catchingup", Some("a"));
+    wait_state(&b, &mut kb, "catchingup").await;
+    m.set("b", "secondary", Some("a"));
+    m.set("a", "primary", None);
+    wait_state(&b, &mut kb, "secondary").await;
+    wait_state(&a, &mut ka, "primary").await;
+    wait_rows(&b, &["a1"]).await;
+    wait_for(
+        "b reported as secondary",
+        Duration::from_secs(10),
+        || async { (m.reported("b").as_deref() == Some("secondary")).then_some(()) },
+    )
+    .await;
+
+    // Failover: the old primary drains and is demoted, the standby is promoted.
+    m.set("a", "draining", None);
+    m.set("b", "prepare_promotion", Some("a"));
+    wait_state(&a, &mut ka, "draining").await;
+    assert!(
+        write(&a, "x").await.is_err(),
+        "a draining primary takes no writes"
+    );
+    wait_state(&b, &mut kb, "prepare_promotion").await;
+    assert!(
+        in_recovery(&b).await,
+        "no promotion before stop_replication"
+    );
+    m.set("a", "demoted", None);
+    m.set("b", "stop_replication", None);
+    wait_state(&b, &mut kb, "stop_replication").await;
+    m.set("b", "wait_primary", None);
+    wait_state(&b, &mut kb, "wait_primary").await;
+    assert!(!in_recovery(&b).await);
+    write(&b, "b1").await.unwrap();
+    expect_probes(&b, [200, 200, 503, 200, 200, 200]);
+
+    // The old primary rejoins as b's standby (rewind).
+    m.set("a", "catchingup", Some("b"));
+    wait_state(&a, &mut ka, "catchingup").await;
+    m.set("a", "secondary", Some("b"));
+    wait_state(&a, &mut ka, "secondary").await;
+    wait_rows(&a, &["a1", "b1"]).await;
+    expect_probes(&a, [503, 503, 200, 200, 200, 200]);
 }
