@@ -59,8 +59,11 @@ async fn main() {
     let mut args = a.args();
     args.extend(["--goal".to_string(), "single".to_string()]);
     let k = spawn(&bin, "apply", &args, &a.keeper_log());
+    // The transition must be over (not just postgres up) before the first kill.
     wait_for("the primary", Duration::from_secs(60), || async {
-        commit(&a).await.then_some(())
+        let (_, body) = a.http_get("/primary")?;
+        let h: serde_json::Value = serde_json::from_str(&body).ok()?;
+        (h["state"] == "single" && h["in_transition"] == false && commit(&a).await).then_some(())
     })
     .await;
 

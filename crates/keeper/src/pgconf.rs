@@ -74,6 +74,10 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
     // primary restart, and commits on a synchronous primary wait with it.
     set("wal_retrieve_retry_interval", "'200ms'".into());
     set("hot_standby_feedback", "on".into());
+    // Before crash recovery postgres fsyncs the data directory; file by file that took
+    // 2+ s on a busy disk, one syncfs() call takes a fraction (Linux >= 5.8 reports its
+    // errors). This is most of a crashed postmaster's restart time.
+    set("recovery_init_sync_method", "syncfs".into());
     // pg_rewind reads the old primary's WAL back to the last common checkpoint; keep it.
     set("wal_keep_size", "'512MB'".into());
     set("recovery_target_timeline", "'latest'".into());
