@@ -81,6 +81,15 @@ pub enum KeeperError {
     #[error("monitor group: {0}")]
     Monitor(String),
 
+    /// The monitor group refused this node (e.g. another cluster's system identifier,
+    /// another PostgreSQL major version): an operator must act.
+    #[error("the monitor group refused this node: {0}")]
+    Refused(String),
+
+    /// The monitor group does not know this node id (any more): register again.
+    #[error("the monitor group does not know node id {0}")]
+    UnknownNode(u64),
+
     /// The assignment cannot be carried out as given (e.g. a standby goal with no primary).
     #[error("cannot reach {goal}: {reason}")]
     Unreachable { goal: String, reason: String },

@@ -63,10 +63,12 @@ pub async fn run(
         });
     }
     let (tx, mut rx) = watch::channel::<Option<Assignment>>(None);
+    let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
     let hb = Heartbeat {
         settings: settings.clone(),
         shared: shared.clone(),
         tx,
+        fatal: fatal_tx,
         pg_major: inst.bin.major,
         system_identifier: inst.state.system_identifier,
         node_id: inst.state.node_id,
@@ -81,6 +83,10 @@ pub async fn run(
         let exit = inst.exit_watch();
         tokio::select! {
             _ = &mut shutdown => break Ok(()),
+            _ = fatal_rx.changed() => {
+                let msg = fatal_rx.borrow().clone().unwrap_or_default();
+                break Err(KeeperError::Refused(msg));
+            },
             r = rx.changed() => if r.is_err() {
                 break Err(KeeperError::Monitor("the heartbeat task stopped".into()));
             },
@@ -181,6 +187,8 @@ struct Heartbeat {
     settings: Settings,
     shared: Arc<Shared>,
     tx: watch::Sender<Option<Assignment>>,
+    /// Set when the monitor group refuses this node: the keeper stops.
+    fatal: watch::Sender<Option<String>>,
     pg_major: u32,
     system_identifier: Option<u64>,
     node_id: Option<u64>,
@@ -290,6 +298,15 @@ impl Heartbeat {
                             Err(e) => tracing::error!(error = %e, "ignoring an invalid assignment"),
                         },
                         Ok(None) => tracing::warn!("the monitor answered without an assignment"),
+                        Err(KeeperError::Refused(msg)) => {
+                            tracing::error!(node = %self.settings.name, error = %msg, "the monitor group refused this node");
+                            self.fatal.send_replace(Some(msg));
+                            return;
+                        }
+                        Err(KeeperError::UnknownNode(id)) => {
+                            tracing::warn!(node = %self.settings.name, node_id = id, "unknown to the monitor group; registering again");
+                            node_id = None;
+                        }
                         Err(e) => {
                             failures += 1;
                             self.shared

@@ -94,10 +94,7 @@ impl Monitors {
                         || s.code() == tonic::Code::FailedPrecondition
                         || s.code() == tonic::Code::AlreadyExists
                     {
-                        return Err(KeeperError::Monitor(format!(
-                            "{ep} refused the registration: {}",
-                            s.message()
-                        )));
+                        return Err(KeeperError::Refused(format!("{ep}: {}", s.message())));
                     }
                     last = format!("{ep}: {} {}", s.code(), s.message());
                     self.next(Some(&s));
@@ -115,6 +112,9 @@ impl Monitors {
             let (ep, mut c) = self.client()?;
             match c.node_active(req.clone()).await {
                 Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    return Err(KeeperError::UnknownNode(req.node_id));
+                }
                 Err(s) => {
                     last = format!("{ep}: {} {}", s.code(), s.message());
                     self.next(Some(&s));

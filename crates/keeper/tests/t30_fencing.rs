@@ -30,6 +30,8 @@ struct FakeMonitor {
     nodes: Mutex<HashMap<String, pb::PeerNode>>,
     /// name -> last reported state
     reported: Mutex<HashMap<String, String>>,
+    /// Refuse every registration with this message.
+    refuse: Mutex<Option<String>>,
 }
 
 impl FakeMonitor {
@@ -41,6 +43,7 @@ impl FakeMonitor {
             plan: Mutex::new(HashMap::new()),
             nodes: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashMap::new()),
+            refuse: Mutex::new(None),
         })
     }
 
@@ -133,6 +136,9 @@ impl Monitor for Handle {
         r: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeReply>, Status> {
         self.0.check()?;
+        if let Some(msg) = self.0.refuse.lock().unwrap().clone() {
+            return Err(Status::invalid_argument(msg));
+        }
         let r = r.into_inner();
         assert_eq!(r.pg_major_version, 15);
         let id = {
@@ -162,6 +168,16 @@ impl Monitor for Handle {
     ) -> Result<Response<pb::NodeActiveReply>, Status> {
         self.0.check()?;
         let r = r.into_inner();
+        if !self
+            .0
+            .nodes
+            .lock()
+            .unwrap()
+            .values()
+            .any(|n| n.node_id == r.node_id)
+        {
+            return Err(Status::not_found(format!("unknown node {}", r.node_id)));
+        }
         self.0
             .reported
             .lock()
@@ -378,4 +394,40 @@ async fn failover_sequence_through_the_run_loop() {
     wait_state(&a, &mut ka, "secondary").await;
     wait_rows(&a, &["a1", "b1"]).await;
     expect_probes(&a, [503, 503, 200, 200, 200, 200]);
+}
+
+/// A refused registration stops the keeper with the monitor's reason; a node id the
+/// monitor no longer knows leads to a new registration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusal_stops_the_keeper_and_unknown_ids_register_again() {
+    let dir = PgDir::new();
+    let a = NodeSpec::new("a", dir.path());
+    let m = FakeMonitor::new(None);
+    *m.refuse.lock().unwrap() = Some("system identifier 1 is not this group's 2".into());
+    let addr = serve(m.clone()).await;
+    let mut k = run_keeper(&a, &addr);
+    let st = wait_for("the keeper to exit", Duration::from_secs(30), || {
+        let s = k.try_wait();
+        async move { s }
+    })
+    .await;
+    assert!(!st.success());
+    let log = k.log_text();
+    assert!(
+        log.contains("refused this node") && log.contains("is not this group's"),
+        "{log}"
+    );
+    assert!(!a.pgdata().exists(), "nothing done for a refused node");
+
+    // Registered with one monitor state, then the monitor forgets the node.
+    *m.refuse.lock().unwrap() = None;
+    let mut k = run_keeper(&a, &addr);
+    wait_state(&a, &mut k, "single").await;
+    m.nodes.lock().unwrap().clear();
+    wait_for("a new registration", Duration::from_secs(10), || async {
+        m.nodes.lock().unwrap().contains_key("a").then_some(())
+    })
+    .await;
+    assert!(k.log_text().contains("registering again"));
+    write(&a, "still-primary").await.unwrap();
 }
