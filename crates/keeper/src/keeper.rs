@@ -51,6 +51,12 @@ pub async fn run(
         pg_major = inst.bin.major,
         "keeper starting"
     );
+    if settings.replication_password.is_none() {
+        tracing::warn!(
+            node = %settings.name,
+            "no --replication-password: standbys can authenticate only through a ~/.pgpass file"
+        );
+    }
     if let Some(addr) = settings.http {
         let listener = tokio::net::TcpListener::bind(addr)
             .await

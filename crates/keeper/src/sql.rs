@@ -164,15 +164,15 @@ pub async fn ensure_replication_role(c: &Client, s: &Settings) -> Result<()> {
             .map_err(e)?;
     }
     if let Some(pw) = &s.replication_password {
+        // Set on every primary transition (not every beat): the verifier is salted, so
+        // it cannot be compared with the stored one without the salt's hashing.
         let verifier = postgres_protocol::password::scram_sha_256(pw.as_bytes());
-        {
-            c.batch_execute(&format!(
-                "ALTER ROLE {role} WITH LOGIN REPLICATION PASSWORD '{}'",
-                verifier.replace('\'', "''")
-            ))
-            .await
-            .map_err(e)?;
-        }
+        c.batch_execute(&format!(
+            "ALTER ROLE {role} WITH LOGIN REPLICATION PASSWORD '{}'",
+            verifier.replace('\'', "''")
+        ))
+        .await
+        .map_err(e)?;
     }
     for f in [
         "pg_catalog.pg_ls_dir(text, boolean, boolean)",
