@@ -234,3 +234,54 @@ fn sibling_exists(spec: &NodeSpec, suffix: &str) -> bool {
     s.push(suffix);
     std::path::PathBuf::from(s).exists()
 }
+
+/// join_secondary: a standby of the old primary follows the promoted one.
+#[tokio::test]
+async fn standby_follows_a_new_primary() {
+    let dir = PgDir::new();
+    let a = NodeSpec::new("a", dir.path());
+    let b = NodeSpec::new("b", dir.path());
+    let c = NodeSpec::new("c", dir.path());
+    let peers_of = |me: &NodeSpec| -> Vec<String> {
+        [&a, &b, &c]
+            .into_iter()
+            .filter(|n| n.name != me.name)
+            .flat_map(|n| ["--peer".to_string(), n.peer_arg()])
+            .collect()
+    };
+    let follow = |me: &NodeSpec, p: &NodeSpec| -> Vec<String> {
+        let mut v = vec!["--primary".to_string(), p.peer_arg()];
+        v.extend(peers_of(me));
+        v
+    };
+    let mut ka = apply(&a, "single", &peers_of(&a));
+    wait_state(&a, &mut ka, "single").await;
+    write(&a, "a1").await.unwrap();
+    let mut kb = apply(&b, "secondary", &follow(&b, &a));
+    let mut kc = apply(&c, "secondary", &follow(&c, &a));
+    wait_state(&b, &mut kb, "secondary").await;
+    wait_state(&c, &mut kc, "secondary").await;
+    wait_rows(&c, &["a1"]).await;
+
+    // a dies; b is promoted; c is told to follow b.
+    ka.kill();
+    wait_postgres_gone(&a).await;
+    kb.kill();
+    let mut kb = apply(&b, "wait_primary", &peers_of(&b));
+    wait_state(&b, &mut kb, "wait_primary").await;
+    write(&b, "b1").await.unwrap();
+    kc.kill();
+    let mut kc = apply(&c, "join_secondary", &follow(&c, &b));
+    wait_state(&c, &mut kc, "join_secondary").await;
+    wait_rows(&c, &["a1", "b1"]).await;
+    let cl = b.connect().await.unwrap();
+    let r = cl
+        .query_one(
+            "SELECT state FROM pg_stat_replication WHERE application_name = 'c'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get::<_, String>(0), "streaming");
+    assert_eq!(timeline(&c).await, 2);
+}
