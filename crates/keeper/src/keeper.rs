@@ -170,8 +170,8 @@ async fn postmaster_exit(w: Option<watch::Receiver<Option<std::process::ExitStat
 /// another node, counting from when it answered; the keeper counts from before it sent.
 async fn fence(shared: Arc<Shared>, name: String) {
     loop {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        if shared.writable() && !shared.lease_valid(Instant::now()) {
+        let left = shared.lease_left(Instant::now());
+        if left.is_zero() && shared.writable() {
             shared.set_writable(false);
             if let Some(pid) = shared.postmaster_pid() {
                 tracing::error!(node = %name, pid, "lease expired: stopping postgres so it takes no writes");
@@ -186,6 +186,15 @@ async fn fence(shared: Arc<Shared>, name: String) {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        // Wake exactly at the lease's end, and at least every 50 ms in case postgres
+        // became writable meanwhile (it never does without a lease, but this is the
+        // last line of defence).
+        let nap = if left.is_zero() {
+            Duration::from_millis(50)
+        } else {
+            left.min(Duration::from_millis(50))
+        };
+        tokio::time::sleep(nap).await;
     }
 }
 
