@@ -227,6 +227,34 @@ mod tests {
     }
 
     #[test]
+    fn managed_conf_for_a_standby() {
+        let mut s = Settings::new("n1", "/d", 5433);
+        s.socket_dir = "/run/pg".into();
+        s.pg_params.push(("work_mem".into(), "7MB".into()));
+        let t = render(&s, "", &Upstream::Stream(peer("a", "10.0.0.1")));
+        for line in [
+            "port = 5433",
+            "unix_socket_directories = '/run/pg'",
+            "wal_log_hints = on",
+            "recovery_target_timeline = 'latest'",
+            "synchronous_standby_names = ''",
+            "primary_slot_name = 'pgquorum_n1'",
+            "work_mem = '7MB'",
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line:?} in\n{t}");
+        }
+        assert!(
+            t.contains("primary_conninfo = 'host=''10.0.0.1'' port=5433"),
+            "{t}"
+        );
+        let p = render(&s, "ANY 1 (b)", &Upstream::None);
+        assert!(p.lines().any(|l| l == "primary_conninfo = ''"));
+        assert!(p
+            .lines()
+            .any(|l| l == "synchronous_standby_names = 'ANY 1 (b)'"));
+    }
+
+    #[test]
     fn hba_block_is_replaced_not_duplicated() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pg_hba.conf"), "local all all trust\n").unwrap();
