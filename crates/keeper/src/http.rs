@@ -1,0 +1,272 @@
+//! Health endpoints with Patroni's meaning, so HAProxy and Kubernetes probe
+//! configurations written for Patroni work unchanged; and Prometheus metrics.
+//!
+//! Unlike Patroni's `/primary` (which follows the leader lock even when postgres is
+//! dead), every answer here also requires postgres itself to be up and answering.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+
+use crate::shared::Shared;
+
+#[derive(Clone)]
+struct App {
+    shared: Arc<Shared>,
+    name: String,
+}
+
+pub fn router(shared: Arc<Shared>, name: String) -> Router {
+    let app = App { shared, name };
+    let probe = |f: fn(&Facts, &HashMap<String, String>) -> bool| {
+        get(
+            move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
+                answer(&app, |facts| f(facts, &q))
+            },
+        )
+        .options(
+            move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
+                answer(&app, |facts| f(facts, &q))
+            },
+        )
+    };
+    Router::new()
+        .route("/primary", probe(|f, _| f.primary))
+        .route("/master", probe(|f, _| f.primary))
+        .route("/read-write", probe(|f, _| f.primary))
+        .route("/replica", probe(replica_ok))
+        .route("/read-only", probe(|f, q| f.primary || replica_ok(f, q)))
+        .route("/health", probe(|f, _| f.pg_up))
+        .route("/readiness", probe(|f, q| f.primary || replica_ok(f, q)))
+        .route("/liveness", probe(|_, _| true))
+        .route("/", probe(|f, _| f.primary))
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
+/// What the endpoints decide on, computed once per request.
+#[derive(Debug, serde::Serialize)]
+struct Facts {
+    node: String,
+    role: &'static str,
+    state: Option<String>,
+    goal_state: Option<String>,
+    in_transition: bool,
+    pg_up: bool,
+    primary: bool,
+    streaming: bool,
+    lsn: Option<String>,
+    lsn_bytes: Option<u64>,
+    received_lsn: Option<u64>,
+    replayed_lsn: Option<u64>,
+    timeline: Option<u32>,
+    lag_bytes: Option<u64>,
+    lease_ms_left: u64,
+}
+
+fn lsn_text(l: u64) -> String {
+    format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)
+}
+
+fn facts(app: &App) -> Facts {
+    let st = app.shared.status();
+    let hands_off = app
+        .shared
+        .hands_off
+        .load(std::sync::atomic::Ordering::SeqCst);
+    // A dead postmaster is seen at once, not at the next observation.
+    let pm_alive = app.shared.postmaster_pid().is_some() || hands_off;
+    let obs = st.observation.as_ref().filter(|_| pm_alive);
+    let lease = app.shared.lease_left(Instant::now());
+    let lease_ms_left = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+    let pg_up = obs.is_some();
+    let primary = obs.is_some_and(|o| !o.in_recovery) && app.shared.writable() && !lease.is_zero();
+    let role = match obs {
+        None => "unknown",
+        Some(o) if o.in_recovery => "replica",
+        Some(_) if primary => "primary",
+        Some(_) => "fenced",
+    };
+    Facts {
+        node: app.name.clone(),
+        role,
+        state: st.current_state.map(|s| s.to_string()),
+        goal_state: st.goal_state.map(|s| s.to_string()),
+        in_transition: st.in_transition,
+        pg_up,
+        primary,
+        streaming: obs.is_some_and(|o| o.in_recovery && o.streaming),
+        lsn: obs.map(|o| lsn_text(o.current_lsn)),
+        lsn_bytes: obs.map(|o| o.current_lsn),
+        received_lsn: obs.map(|o| o.received_lsn),
+        replayed_lsn: obs.map(|o| o.replayed_lsn),
+        timeline: obs.map(|o| o.timeline),
+        lag_bytes: obs.filter(|o| o.in_recovery).map(|o| o.lag_bytes),
+        lease_ms_left,
+    }
+}
+
+/// `/replica`: a streaming standby; `?lag=` bounds the lag (bytes, or with kB/MB/GB).
+fn replica_ok(f: &Facts, q: &HashMap<String, String>) -> bool {
+    if !f.streaming {
+        return false;
+    }
+    match q.get("lag").map(|v| parse_bytes(v)) {
+        None => true,
+        Some(None) => false,
+        Some(Some(max)) => f.lag_bytes.unwrap_or(u64::MAX) <= max,
+    }
+}
+
+pub fn parse_bytes(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1 << 10,
+        "mb" => 1 << 20,
+        "gb" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+fn answer(app: &App, ok: impl Fn(&Facts) -> bool) -> Response {
+    let f = facts(app);
+    let code = if ok(&f) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(f)).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let f = facts(&app);
+    let sh = &app.shared;
+    let mut m = String::new();
+    let b = |v: bool| if v { 1 } else { 0 };
+    let _ = writeln!(
+        m,
+        "# HELP pgquorum_keeper_pg_up Whether the local postgres answers."
+    );
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_pg_up gauge");
+    let _ = writeln!(m, "pgquorum_keeper_pg_up {}", b(f.pg_up));
+    let _ = writeln!(
+        m,
+        "# HELP pgquorum_keeper_role Current role of the local postgres."
+    );
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_role gauge");
+    for r in ["primary", "replica", "fenced", "unknown"] {
+        let _ = writeln!(m, "pgquorum_keeper_role{{role=\"{r}\"}} {}", b(f.role == r));
+    }
+    let _ = writeln!(
+        m,
+        "# HELP pgquorum_keeper_state The keeper's current and goal states."
+    );
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_state gauge");
+    if let Some(s) = &f.state {
+        let _ = writeln!(
+            m,
+            "pgquorum_keeper_state{{kind=\"current\",state=\"{s}\"}} 1"
+        );
+    }
+    if let Some(s) = &f.goal_state {
+        let _ = writeln!(m, "pgquorum_keeper_state{{kind=\"goal\",state=\"{s}\"}} 1");
+    }
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_lsn_bytes gauge");
+    let _ = writeln!(m, "pgquorum_keeper_lsn_bytes {}", f.lsn_bytes.unwrap_or(0));
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_timeline gauge");
+    let _ = writeln!(m, "pgquorum_keeper_timeline {}", f.timeline.unwrap_or(0));
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_replication_lag_bytes gauge");
+    let _ = writeln!(
+        m,
+        "pgquorum_keeper_replication_lag_bytes {}",
+        f.lag_bytes.unwrap_or(0)
+    );
+    let _ = writeln!(
+        m,
+        "# HELP pgquorum_keeper_lease_remaining_seconds Time left on the primary lease."
+    );
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_lease_remaining_seconds gauge");
+    let left = if f.lease_ms_left == u64::MAX {
+        f64::INFINITY
+    } else {
+        f.lease_ms_left as f64 / 1000.0
+    };
+    let _ = writeln!(m, "pgquorum_keeper_lease_remaining_seconds {left}");
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_transitions_total counter");
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_transition_seconds_total counter");
+    for (to, t) in sh.transitions() {
+        let _ = writeln!(
+            m,
+            "pgquorum_keeper_transitions_total{{to=\"{to}\",result=\"ok\"}} {}",
+            t.ok
+        );
+        let _ = writeln!(
+            m,
+            "pgquorum_keeper_transitions_total{{to=\"{to}\",result=\"failed\"}} {}",
+            t.failed
+        );
+        let _ = writeln!(
+            m,
+            "pgquorum_keeper_transition_seconds_total{{to=\"{to}\"}} {}",
+            t.seconds_sum
+        );
+    }
+    use std::sync::atomic::Ordering::Relaxed;
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_postgres_restarts_total counter");
+    let _ = writeln!(
+        m,
+        "pgquorum_keeper_postgres_restarts_total {}",
+        sh.postgres_restarts.load(Relaxed)
+    );
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_fences_total counter");
+    let _ = writeln!(
+        m,
+        "pgquorum_keeper_fences_total {}",
+        sh.fences.load(Relaxed)
+    );
+    let _ = writeln!(m, "# TYPE pgquorum_keeper_heartbeat_failures_total counter");
+    let _ = writeln!(
+        m,
+        "pgquorum_keeper_heartbeat_failures_total {}",
+        sh.heartbeat_failures.load(Relaxed)
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        m,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_units() {
+        assert_eq!(parse_bytes("1024"), Some(1024));
+        assert_eq!(parse_bytes("16MB"), Some(16 << 20));
+        assert_eq!(parse_bytes("1kB"), Some(1024));
+        assert_eq!(parse_bytes("x"), None);
+        assert_eq!(parse_bytes("5 parsecs"), None);
+    }
+
+    #[test]
+    fn lsn_format() {
+        assert_eq!(lsn_text(0x1_0000_00A0), "1/A0");
+    }
+}

@@ -1,0 +1,323 @@
+//! One local PostgreSQL under the keeper's control: its data directory, its postmaster
+//! (a child of the keeper), and the keeper's persisted run-state.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::Client;
+
+use crate::error::{KeeperError, Result};
+use crate::pg::postmaster::{self, Postmaster, StopMode};
+use crate::pg::{data_dir_version, ControlData, PgBin};
+use crate::settings::{sibling, Settings};
+use crate::shared::Shared;
+use crate::sql;
+use crate::state::RunState;
+
+pub struct Instance {
+    pub settings: Settings,
+    pub bin: PgBin,
+    pub state: RunState,
+    pub shared: Arc<Shared>,
+    postmaster: Option<Postmaster>,
+}
+
+/// Refuses what can never work, before anything is touched.
+pub fn preflight(settings: &Settings) -> Result<PgBin> {
+    if nix::unistd::geteuid().is_root() {
+        return Err(KeeperError::RunAsRoot);
+    }
+    settings.validate()?;
+    let bin = PgBin::locate(settings.bindir.as_deref())?;
+    if let Some(v) = data_dir_version(&settings.pgdata) {
+        if v != bin.major {
+            return Err(KeeperError::VersionMismatch {
+                what: format!("data directory {}", settings.pgdata.display()),
+                found: v,
+                expected: bin.major,
+            });
+        }
+    }
+    Ok(bin)
+}
+
+impl Instance {
+    /// Opens the instance: checks the environment, loads the run-state and finishes a
+    /// data-directory swap that a killed keeper left half done.
+    pub fn open(settings: Settings, shared: Arc<Shared>) -> Result<Instance> {
+        let bin = preflight(&settings)?;
+        let old = sibling(&settings.pgdata, "pgquorum-old");
+        if !settings.pgdata.exists() && old.exists() {
+            tracing::warn!(dir = %old.display(), "restoring the data directory of an interrupted swap");
+            std::fs::rename(&old, &settings.pgdata)
+                .map_err(|e| KeeperError::io(format!("renaming {}", old.display()), e))?;
+        }
+        let state = RunState::load(&settings.state_file)?;
+        shared.update_status(|s| {
+            s.node_id = state.node_id;
+            s.current_state = Some(state.current_state);
+        });
+        Ok(Instance {
+            settings,
+            bin,
+            state,
+            shared,
+            postmaster: None,
+        })
+    }
+
+    pub fn pgdata(&self) -> &Path {
+        &self.settings.pgdata
+    }
+
+    pub fn save_state(&self) -> Result<()> {
+        self.state.save(&self.settings.state_file)
+    }
+
+    pub fn has_data(&self) -> bool {
+        self.pgdata().join("PG_VERSION").is_file()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.postmaster.as_ref().is_some_and(|p| p.is_running())
+    }
+
+    /// Changes when the postmaster exits (for the main loop's select).
+    pub fn exit_watch(
+        &self,
+    ) -> Option<tokio::sync::watch::Receiver<Option<std::process::ExitStatus>>> {
+        self.postmaster.as_ref().map(|p| p.exit_watch())
+    }
+
+    pub async fn controldata(&self) -> Result<ControlData> {
+        self.bin.controldata(self.pgdata()).await
+    }
+
+    /// The data directory must belong to the cluster this node is part of.
+    pub async fn check_identity(&self) -> Result<ControlData> {
+        if let Some(v) = data_dir_version(self.pgdata()) {
+            if v != self.bin.major {
+                return Err(KeeperError::VersionMismatch {
+                    what: format!("data directory {}", self.pgdata().display()),
+                    found: v,
+                    expected: self.bin.major,
+                });
+            }
+        }
+        let cd = self.controldata().await?;
+        if let Some(expected) = self.state.system_identifier {
+            if expected != cd.system_identifier {
+                return Err(KeeperError::SystemIdentifierMismatch {
+                    pgdata: self.pgdata().to_path_buf(),
+                    found: cd.system_identifier,
+                    expected,
+                });
+            }
+        }
+        Ok(cd)
+    }
+
+    pub async fn connect(&self) -> Result<Client> {
+        sql::connect_local(&self.settings, Duration::from_secs(5)).await
+    }
+
+    /// Starts postgres as the configuration on disk says (standby.signal or not).
+    pub async fn start(&mut self) -> Result<()> {
+        if self.is_running() {
+            return Ok(());
+        }
+        self.postmaster = None;
+        // A postmaster this keeper did not start (or an old one still going down after
+        // its keeper died) holds the data directory: give it a moment, then refuse.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while let Some(pid) = postmaster::running_pid(self.pgdata()) {
+            if Instant::now() > deadline {
+                return Err(KeeperError::AlreadyRunning {
+                    pid,
+                    pgdata: self.pgdata().to_path_buf(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        postmaster::check_port_free(&self.settings.listen_addresses, self.settings.pg_port)?;
+        let pm = Postmaster::start(
+            &self.bin,
+            &self.settings.pgdata,
+            &self.settings.log_file,
+            self.settings.start_timeout,
+        )
+        .await?;
+        self.shared.set_postmaster(Some(pm.pid()));
+        self.postmaster = Some(pm);
+        Ok(())
+    }
+
+    pub async fn stop(&mut self, mode: StopMode) {
+        self.shared.set_writable(false);
+        if let Some(pm) = self.postmaster.take() {
+            if pm.is_running() {
+                pm.stop(mode, Duration::from_secs(30)).await;
+            }
+        }
+        self.shared.set_postmaster(None);
+    }
+
+    /// Forgets a postmaster that exited by itself (crash, fence).
+    pub fn reap(&mut self) -> bool {
+        if self.postmaster.as_ref().is_some_and(|p| !p.is_running()) {
+            self.postmaster = None;
+            self.shared.set_postmaster(None);
+            self.shared.set_writable(false);
+            return true;
+        }
+        false
+    }
+
+    pub fn reload(&self) {
+        if let Some(pm) = &self.postmaster {
+            pm.reload();
+        }
+    }
+
+    /// initdb into a fresh directory that becomes --pgdata only when complete.
+    pub async fn initdb(&mut self) -> Result<()> {
+        let target = self.pgdata().to_path_buf();
+        let empty_existing = target.is_dir()
+            && std::fs::read_dir(&target)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false);
+        if target.exists() && !empty_existing {
+            return Err(KeeperError::Unreachable {
+                goal: "single".into(),
+                reason: format!(
+                    "{} exists but is not a PostgreSQL data directory (no PG_VERSION); \
+                     remove it or point --pgdata elsewhere",
+                    target.display()
+                ),
+            });
+        }
+        let dir = if empty_existing {
+            target.clone()
+        } else {
+            sibling(&target, "pgquorum-new")
+        };
+        remove_dir(&dir)?;
+        if empty_existing {
+            std::fs::create_dir_all(&dir).map_err(|e| KeeperError::io("recreating pgdata", e))?;
+        }
+        tracing::info!(step = "initdb", pgdata = %target.display(), "initializing a new cluster");
+        let args: Vec<std::ffi::OsString> = vec![
+            "-D".into(),
+            dir.clone().into(),
+            "-U".into(),
+            self.settings.superuser.clone().into(),
+            "--auth-local=trust".into(),
+            "--auth-host=scram-sha-256".into(),
+            "-E".into(),
+            "UTF8".into(),
+            "--locale=C".into(),
+            "--no-instructions".into(),
+        ];
+        self.bin.run("initdb", &args, &[]).await?;
+        if !empty_existing {
+            std::fs::rename(&dir, &target).map_err(|e| {
+                KeeperError::io(format!("renaming {} into place", dir.display()), e)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// pg_basebackup from `host:port` into a new directory that replaces --pgdata only
+    /// once the copy is complete.
+    pub async fn basebackup(&mut self, host: &str, port: u16) -> Result<()> {
+        self.stop(StopMode::Fast).await;
+        let target = self.pgdata().to_path_buf();
+        let new = sibling(&target, "pgquorum-new");
+        let old = sibling(&target, "pgquorum-old");
+        remove_dir(&new)?;
+        tracing::info!(step = "basebackup", host, port, into = %new.display(), "cloning the primary");
+        let args: Vec<std::ffi::OsString> = vec![
+            "-D".into(),
+            new.clone().into(),
+            "-h".into(),
+            host.into(),
+            "-p".into(),
+            port.to_string().into(),
+            "-U".into(),
+            self.settings.replication_user.clone().into(),
+            "-X".into(),
+            "stream".into(),
+            "-c".into(),
+            "fast".into(),
+            "--no-password".into(),
+            "--progress".into(),
+            "--verbose".into(),
+        ];
+        let pw = self
+            .settings
+            .replication_password
+            .clone()
+            .unwrap_or_default();
+        let env: Vec<(&str, &str)> = if pw.is_empty() {
+            vec![]
+        } else {
+            vec![("PGPASSWORD", pw.as_str())]
+        };
+        if let Err(e) = self.bin.run("pg_basebackup", &args, &env).await {
+            let _ = remove_dir(&new);
+            return Err(e);
+        }
+        tracing::info!(
+            step = "swap",
+            "basebackup complete; replacing the data directory"
+        );
+        remove_dir(&old)?;
+        if target.exists() {
+            std::fs::rename(&target, &old)
+                .map_err(|e| KeeperError::io(format!("moving {} aside", target.display()), e))?;
+        }
+        std::fs::rename(&new, &target)
+            .map_err(|e| KeeperError::io(format!("renaming {} into place", new.display()), e))?;
+        remove_dir(&old)?;
+        Ok(())
+    }
+
+    /// pg_rewind against `host:port`. postgres must be stopped.
+    pub async fn rewind(&mut self, host: &str, port: u16) -> Result<()> {
+        self.stop(StopMode::Fast).await;
+        tracing::info!(step = "rewind", host, port, "pg_rewind against the primary");
+        let source = format!(
+            "host={host} port={port} user={} dbname=postgres connect_timeout=5",
+            self.settings.replication_user
+        );
+        let args: Vec<std::ffi::OsString> = vec![
+            "-D".into(),
+            self.pgdata().as_os_str().to_owned(),
+            "--source-server".into(),
+            source.into(),
+            "--progress".into(),
+        ];
+        let pw = self
+            .settings
+            .replication_password
+            .clone()
+            .unwrap_or_default();
+        let env: Vec<(&str, &str)> = if pw.is_empty() {
+            vec![]
+        } else {
+            vec![("PGPASSWORD", pw.as_str())]
+        };
+        let out = self.bin.run("pg_rewind", &args, &env).await?;
+        tracing::info!(step = "rewind", "pg_rewind done: {}", out.trim());
+        Ok(())
+    }
+}
+
+fn remove_dir(p: &PathBuf) -> Result<()> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(KeeperError::io(format!("removing {}", p.display()), e)),
+    }
+}

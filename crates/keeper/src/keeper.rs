@@ -1,0 +1,370 @@
+//! The keeper's run loop: heartbeat, fence, supervision, transitions, HTTP.
+//!
+//! Tasks:
+//! * heartbeat — observes the local postgres, reports to the monitor group, renews the
+//!   lease from each answer, and publishes the latest assignment;
+//! * fence — stops a writable postgres the moment the lease runs out;
+//! * main loop — reaches the assigned goal (one transition at a time) and restarts a
+//!   postgres that died;
+//! * HTTP — health endpoints and metrics.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgquorum_api::pb::monitor as pb;
+use pgquorum_core::{Assignment, NodeState};
+use tokio::sync::watch;
+use tokio_postgres::Client;
+
+use crate::error::{KeeperError, Result};
+use crate::instance::Instance;
+use crate::monitor_client::{assignment_from_pb, Monitors};
+use crate::pg::postmaster::StopMode;
+use crate::settings::Settings;
+use crate::shared::Shared;
+use crate::sql;
+
+/// Where goal states come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The monitor group, HOST:PORT of each member.
+    Monitor(Vec<String>),
+    /// A fixed assignment and a lease that never expires: running one node without a
+    /// monitor (`pgquorum keeper apply`, tests). Never for production primaries.
+    Static(Assignment),
+}
+
+/// Runs the keeper until `shutdown` resolves (then postgres is stopped) or the node is
+/// dropped.
+pub async fn run(
+    settings: Settings,
+    source: Source,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let shared = Arc::new(Shared::new());
+    let mut inst = Instance::open(settings.clone(), shared.clone())?;
+    tracing::info!(
+        node = %settings.name,
+        pgdata = %settings.pgdata.display(),
+        state = %inst.state.current_state,
+        pg_major = inst.bin.major,
+        "keeper starting"
+    );
+    if settings.replication_password.is_none() {
+        tracing::warn!(
+            node = %settings.name,
+            "no --replication-password: standbys can authenticate only through a ~/.pgpass file"
+        );
+    }
+    if let Some(addr) = settings.http {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| KeeperError::io(format!("binding --http {addr}"), e))?;
+        let router = crate::http::router(shared.clone(), settings.name.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+    }
+    let (tx, mut rx) = watch::channel::<Option<Assignment>>(None);
+    let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
+    let hb = Heartbeat {
+        settings: settings.clone(),
+        shared: shared.clone(),
+        tx,
+        fatal: fatal_tx,
+        pg_major: inst.bin.major,
+        system_identifier: inst.state.system_identifier,
+        node_id: inst.state.node_id,
+    };
+    let hb_task = tokio::spawn(hb.run(source));
+    let fence_task = tokio::spawn(fence(shared.clone(), settings.name.clone()));
+
+    tokio::pin!(shutdown);
+    let mut applied: Option<Assignment> = None;
+    let mut tick = Duration::from_millis(200);
+    let result = loop {
+        let exit = inst.exit_watch();
+        tokio::select! {
+            _ = &mut shutdown => break Ok(()),
+            _ = fatal_rx.changed() => {
+                let msg = fatal_rx.borrow().clone().unwrap_or_default();
+                break Err(KeeperError::Refused(msg));
+            },
+            r = rx.changed() => if r.is_err() {
+                break Err(KeeperError::Monitor("the heartbeat task stopped".into()));
+            },
+            _ = postmaster_exit(exit) => {},
+            _ = tokio::time::sleep(tick) => {},
+        }
+        let node_id = shared.status().node_id;
+        if node_id.is_some() && node_id != inst.state.node_id {
+            inst.state.node_id = node_id;
+            inst.save_state()?;
+        }
+        let Some(a) = rx.borrow_and_update().clone() else {
+            continue;
+        };
+        tick = Duration::from_millis(a.heartbeat_interval_ms.clamp(20, 1000));
+        if applied.as_ref() != Some(&a) || inst.state.current_state != a.goal_state {
+            match inst.reach(&a).await {
+                Ok(()) => {
+                    applied = Some(a.clone());
+                    if a.goal_state == NodeState::Dropped {
+                        tracing::info!(node = %settings.name, "node dropped; keeper exits");
+                        break Ok(());
+                    }
+                }
+                Err(e) => {
+                    // Settings errors and foreign data directories need an operator.
+                    if matches!(
+                        e,
+                        KeeperError::SystemIdentifierMismatch { .. }
+                            | KeeperError::VersionMismatch { .. }
+                            | KeeperError::RunAsRoot
+                            | KeeperError::MissingBinaries(_)
+                    ) {
+                        break Err(e);
+                    }
+                    applied = None;
+                    tick = Duration::from_millis(500);
+                    continue;
+                }
+            }
+        }
+        match inst.supervise(&a).await {
+            Ok(true) => tracing::info!(node = %settings.name, "postgres restarted in place"),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(node = %settings.name, error = %e, "restarting postgres failed");
+                tick = Duration::from_millis(50);
+            }
+        }
+    };
+    hb_task.abort();
+    fence_task.abort();
+    if !shared.hands_off.load(std::sync::atomic::Ordering::SeqCst) {
+        inst.stop(StopMode::Fast).await;
+    }
+    result
+}
+
+async fn postmaster_exit(w: Option<watch::Receiver<Option<std::process::ExitStatus>>>) {
+    match w {
+        Some(mut w) => {
+            while w.borrow_and_update().is_none() {
+                if w.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Fencing (DESIGN.md invariant 1): once the lease has run out, a postgres that may be
+/// writable is stopped (fast shutdown: new connections are refused and every session is
+/// terminated at once). The monitor waits the lease plus a margin before promoting
+/// another node, counting from when it answered; the keeper counts from before it sent.
+async fn fence(shared: Arc<Shared>, name: String) {
+    loop {
+        let left = shared.lease_left(Instant::now());
+        if left.is_zero() && shared.writable() {
+            shared.set_writable(false);
+            if let Some(pid) = shared.postmaster_pid() {
+                tracing::error!(node = %name, pid, "lease expired: stopping postgres so it takes no writes");
+                if let Ok(p) = i32::try_from(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(p),
+                        nix::sys::signal::Signal::SIGINT,
+                    );
+                }
+                shared
+                    .fences
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        // Wake exactly at the lease's end, and at least every 50 ms in case postgres
+        // became writable meanwhile (it never does without a lease, but this is the
+        // last line of defence).
+        let nap = if left.is_zero() {
+            Duration::from_millis(50)
+        } else {
+            left.min(Duration::from_millis(50))
+        };
+        tokio::time::sleep(nap).await;
+    }
+}
+
+struct Heartbeat {
+    settings: Settings,
+    shared: Arc<Shared>,
+    tx: watch::Sender<Option<Assignment>>,
+    /// Set when the monitor group refuses this node: the keeper stops.
+    fatal: watch::Sender<Option<String>>,
+    pg_major: u32,
+    system_identifier: Option<u64>,
+    node_id: Option<u64>,
+}
+
+impl Heartbeat {
+    async fn run(self, source: Source) {
+        let mut client: Option<Client> = None;
+        match source {
+            Source::Static(a) => {
+                self.shared.hold_lease_forever();
+                self.tx.send_replace(Some(a));
+                loop {
+                    self.observe(&mut client).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Source::Monitor(endpoints) => {
+                let mut m = match Monitors::new(endpoints, Duration::from_millis(500)) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot reach the monitor group");
+                        return;
+                    }
+                };
+                let mut node_id = self.node_id;
+                let mut interval = Duration::from_millis(200);
+                let mut sequence = 0u64;
+                let mut failures = 0u64;
+                loop {
+                    let sent_at = Instant::now();
+                    let status = self.shared.status();
+                    let current = status.current_state.unwrap_or(NodeState::Init);
+                    let obs = self.observe(&mut client).await;
+                    let answer = match node_id {
+                        None => {
+                            let req = pb::RegisterNodeRequest {
+                                formation: self.settings.formation.clone(),
+                                name: self.settings.name.clone(),
+                                host: self.settings.pg_host.clone(),
+                                port: u32::from(self.settings.pg_port),
+                                candidate_priority: u32::from(self.settings.candidate_priority),
+                                replication_quorum: self.settings.replication_quorum,
+                                system_identifier: obs
+                                    .as_ref()
+                                    .map(|o| o.system_identifier)
+                                    .or(self.system_identifier)
+                                    .unwrap_or(0),
+                                pg_major_version: self.pg_major,
+                                current_state: current.to_string(),
+                            };
+                            m.register(req).await.map(|r| {
+                                node_id = Some(r.node_id);
+                                self.shared.update_status(|s| s.node_id = Some(r.node_id));
+                                tracing::info!(node = %self.settings.name, node_id = r.node_id, group = r.group_id, "registered");
+                                r.assignment
+                            })
+                        }
+                        Some(id) => {
+                            sequence += 1;
+                            let o = obs.clone().unwrap_or_default();
+                            let req = pb::NodeActiveRequest {
+                                node_id: id,
+                                formation: self.settings.formation.clone(),
+                                name: self.settings.name.clone(),
+                                current_state: current.to_string(),
+                                pg_running: obs.is_some(),
+                                pg_in_recovery: o.in_recovery,
+                                current_lsn: o.current_lsn,
+                                received_lsn: o.received_lsn,
+                                replayed_lsn: o.replayed_lsn,
+                                timeline: o.timeline,
+                                system_identifier: o.system_identifier,
+                                replication: o
+                                    .replication
+                                    .iter()
+                                    .map(|r| pb::ReplicationPeer {
+                                        application_name: r.application_name.clone(),
+                                        state: r.state.clone(),
+                                        sync_state: r.sync_state.clone(),
+                                        write_lsn: r.write_lsn,
+                                        flush_lsn: r.flush_lsn,
+                                        replay_lsn: r.replay_lsn,
+                                    })
+                                    .collect(),
+                                sequence,
+                            };
+                            m.node_active(req).await.map(|r| r.assignment)
+                        }
+                    };
+                    match answer {
+                        Ok(Some(pa)) => match assignment_from_pb(&pa) {
+                            Ok(a) => {
+                                failures = 0;
+                                self.shared
+                                    .renew_lease(sent_at, Duration::from_millis(a.lease_ms));
+                                interval = Duration::from_millis(a.heartbeat_interval_ms);
+                                self.tx.send_if_modified(|cur| {
+                                    if cur.as_ref() != Some(&a) {
+                                        *cur = Some(a);
+                                        true
+                                    } else {
+                                        false
+                                    }
+                                });
+                            }
+                            Err(e) => tracing::error!(error = %e, "ignoring an invalid assignment"),
+                        },
+                        Ok(None) => tracing::warn!("the monitor answered without an assignment"),
+                        Err(KeeperError::Refused(msg)) => {
+                            tracing::error!(node = %self.settings.name, error = %msg, "the monitor group refused this node");
+                            self.fatal.send_replace(Some(msg));
+                            return;
+                        }
+                        Err(KeeperError::UnknownNode(id)) => {
+                            tracing::warn!(node = %self.settings.name, node_id = id, "unknown to the monitor group; registering again");
+                            node_id = None;
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            self.shared
+                                .heartbeat_failures
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            if failures == 1 || failures.is_multiple_of(50) {
+                                tracing::warn!(node = %self.settings.name, failures, error = %e, "heartbeat failed");
+                            }
+                        }
+                    }
+                    tokio::time::sleep_until((sent_at + interval).into()).await;
+                }
+            }
+        }
+    }
+
+    /// Asks the local postgres about itself; None when it does not answer.
+    async fn observe(&self, client: &mut Option<Client>) -> Option<sql::Observation> {
+        let hands_off = self
+            .shared
+            .hands_off
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if self.shared.postmaster_pid().is_none() && !hands_off {
+            *client = None;
+            self.shared.update_status(|s| s.observation = None);
+            return None;
+        }
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            *client = sql::connect_local(&self.settings, Duration::from_millis(500))
+                .await
+                .ok();
+        }
+        let obs = match client.as_ref() {
+            Some(c) => tokio::time::timeout(Duration::from_millis(1000), sql::observe(c))
+                .await
+                .ok()
+                .and_then(|r| r.ok()),
+            None => None,
+        };
+        if obs.is_none() {
+            *client = None;
+        }
+        self.shared.update_status(|s| s.observation = obs.clone());
+        obs
+    }
+}

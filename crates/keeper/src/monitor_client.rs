@@ -1,0 +1,186 @@
+//! A small client of the monitor group: tries the members in turn, follows the
+//! `x-pgquorum-leader` hint a follower returns, and converts the wire assignment into
+//! the core type (rejecting what does not parse).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pgquorum_api::pb::monitor as pb;
+use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
+use pgquorum_core::{Assignment, NodeState, PeerNode};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::error::{KeeperError, Result};
+
+pub struct Monitors {
+    endpoints: Vec<String>,
+    current: usize,
+    channels: HashMap<String, Channel>,
+    timeout: Duration,
+}
+
+impl Monitors {
+    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Result<Monitors> {
+        if endpoints.is_empty() {
+            return Err(KeeperError::Config(
+                "--monitor needs at least one HOST:PORT".into(),
+            ));
+        }
+        Ok(Monitors {
+            endpoints,
+            current: 0,
+            channels: HashMap::new(),
+            timeout,
+        })
+    }
+
+    fn client(&mut self) -> Result<(String, MonitorClient<Channel>)> {
+        let ep = self.endpoints[self.current % self.endpoints.len()].clone();
+        if !self.channels.contains_key(&ep) {
+            let uri = if ep.starts_with("http://") || ep.starts_with("https://") {
+                ep.clone()
+            } else {
+                format!("http://{ep}")
+            };
+            let ch = Endpoint::from_shared(uri)
+                .map_err(|e| KeeperError::Config(format!("monitor address {ep:?}: {e}")))?
+                .connect_timeout(self.timeout)
+                .timeout(self.timeout)
+                .tcp_nodelay(true)
+                .connect_lazy();
+            self.channels.insert(ep.clone(), ch);
+        }
+        let ch = self
+            .channels
+            .get(&ep)
+            .cloned()
+            .ok_or_else(|| KeeperError::Monitor("internal: channel vanished".into()))?;
+        Ok((ep, MonitorClient::new(ch)))
+    }
+
+    /// After a failure: go to the hinted leader if there is one, else the next member.
+    fn next(&mut self, status: Option<&tonic::Status>) {
+        let hint = status
+            .and_then(|s| s.metadata().get("x-pgquorum-leader"))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .filter(|h| !h.is_empty());
+        match hint {
+            Some(h) => {
+                let i = match self.endpoints.iter().position(|e| *e == h) {
+                    Some(i) => i,
+                    None => {
+                        self.endpoints.push(h);
+                        self.endpoints.len() - 1
+                    }
+                };
+                self.current = i;
+            }
+            None => self.current = (self.current + 1) % self.endpoints.len(),
+        }
+    }
+
+    pub async fn register(
+        &mut self,
+        req: pb::RegisterNodeRequest,
+    ) -> Result<pb::RegisterNodeReply> {
+        let mut last = String::new();
+        for _ in 0..self.endpoints.len() * 2 {
+            let (ep, mut c) = self.client()?;
+            match c.register_node(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) => {
+                    if s.code() == tonic::Code::InvalidArgument
+                        || s.code() == tonic::Code::FailedPrecondition
+                        || s.code() == tonic::Code::AlreadyExists
+                    {
+                        return Err(KeeperError::Refused(format!("{ep}: {}", s.message())));
+                    }
+                    last = format!("{ep}: {} {}", s.code(), s.message());
+                    self.next(Some(&s));
+                }
+            }
+        }
+        Err(KeeperError::Monitor(format!(
+            "no member answered RegisterNode; last: {last}"
+        )))
+    }
+
+    pub async fn node_active(&mut self, req: pb::NodeActiveRequest) -> Result<pb::NodeActiveReply> {
+        let mut last = String::new();
+        for _ in 0..self.endpoints.len() {
+            let (ep, mut c) = self.client()?;
+            match c.node_active(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    return Err(KeeperError::UnknownNode(req.node_id));
+                }
+                Err(s) => {
+                    last = format!("{ep}: {} {}", s.code(), s.message());
+                    self.next(Some(&s));
+                }
+            }
+        }
+        Err(KeeperError::Monitor(format!(
+            "no member answered NodeActive; last: {last}"
+        )))
+    }
+}
+
+fn peer(p: &pb::PeerNode) -> Result<PeerNode> {
+    Ok(PeerNode {
+        node_id: p.node_id,
+        name: p.name.clone(),
+        host: p.host.clone(),
+        port: u16::try_from(p.port)
+            .map_err(|_| KeeperError::Monitor(format!("peer {} has port {}", p.name, p.port)))?,
+    })
+}
+
+/// The wire assignment as the core type; an unknown goal state is an error, not a guess.
+pub fn assignment_from_pb(a: &pb::Assignment) -> Result<Assignment> {
+    let goal_state = NodeState::parse(&a.goal_state)
+        .ok_or_else(|| KeeperError::Monitor(format!("unknown goal state {:?}", a.goal_state)))?;
+    Ok(Assignment {
+        goal_state,
+        primary: a.primary.as_ref().map(peer).transpose()?,
+        synchronous_standby_names: a.synchronous_standby_names.clone(),
+        peers: a.peers.iter().map(peer).collect::<Result<_>>()?,
+        lease_ms: if a.lease_ms == 0 { 1500 } else { a.lease_ms },
+        heartbeat_interval_ms: if a.heartbeat_interval_ms == 0 {
+            200
+        } else {
+            a.heartbeat_interval_ms
+        },
+        on_quorum_loss: a.on_quorum_loss.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn assignment_conversion_validates() {
+        let mut a = pb::Assignment {
+            goal_state: "secondary".into(),
+            primary: Some(pb::PeerNode {
+                node_id: 1,
+                name: "a".into(),
+                host: "10.0.0.1".into(),
+                port: 5432,
+            }),
+            ..Default::default()
+        };
+        let c = assignment_from_pb(&a).unwrap();
+        assert_eq!(c.goal_state, NodeState::Secondary);
+        assert_eq!(c.primary.unwrap().port, 5432);
+        assert_eq!(c.lease_ms, 1500);
+        a.goal_state = "bogus".into();
+        assert!(assignment_from_pb(&a).is_err());
+        a.goal_state = "primary".into();
+        a.primary.as_mut().unwrap().port = 70000;
+        assert!(assignment_from_pb(&a).is_err());
+    }
+}

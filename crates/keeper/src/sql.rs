@@ -1,0 +1,275 @@
+//! SQL the keeper runs: on its own postgres over the Unix socket, and on the primary
+//! (as the replication role) to check that a data directory belongs to its cluster.
+
+use std::time::Duration;
+
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::{Client, Config, NoTls};
+
+use crate::error::{KeeperError, Result};
+use crate::settings::Settings;
+
+/// A standby of the primary as pg_stat_replication shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReplicationPeer {
+    pub application_name: String,
+    pub state: String,
+    pub sync_state: String,
+    pub write_lsn: u64,
+    pub flush_lsn: u64,
+    pub replay_lsn: u64,
+}
+
+/// What the local postgres says about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Observation {
+    pub in_recovery: bool,
+    /// Primary: pg_current_wal_lsn(); standby: the received (flushed) position.
+    pub current_lsn: u64,
+    pub received_lsn: u64,
+    pub replayed_lsn: u64,
+    pub timeline: u32,
+    pub system_identifier: u64,
+    /// Standby: the WAL receiver is streaming.
+    pub streaming: bool,
+    /// Standby: bytes between what the primary last reported and what is replayed.
+    pub lag_bytes: u64,
+    pub replication: Vec<ReplicationPeer>,
+}
+
+pub async fn connect_local(s: &Settings, timeout: Duration) -> Result<Client> {
+    let mut c = Config::new();
+    c.host_path(&s.socket_dir)
+        .port(s.pg_port)
+        .user(&s.superuser)
+        .dbname("postgres")
+        .application_name("pgquorum-keeper")
+        .connect_timeout(timeout);
+    connect(c, timeout, "local postgres").await
+}
+
+async fn connect(c: Config, timeout: Duration, what: &str) -> Result<Client> {
+    let fut = c.connect(NoTls);
+    let (client, conn) = tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| KeeperError::Timeout(format!("connecting to {what}")))?
+        .map_err(|e| KeeperError::sql(what, e))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+fn lsn(v: Option<PgLsn>) -> u64 {
+    v.map(u64::from).unwrap_or(0)
+}
+
+pub async fn observe(c: &Client) -> Result<Observation> {
+    let e = |err| KeeperError::sql("observing local postgres", err);
+    let row = c
+        .query_one(
+            "SELECT pg_is_in_recovery(), \
+                    (SELECT system_identifier FROM pg_control_system()), \
+                    (SELECT timeline_id FROM pg_control_checkpoint())",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    let in_recovery: bool = row.get(0);
+    let sysid: i64 = row.get(1);
+    let ckpt_tli: i32 = row.get(2);
+    let mut o = Observation {
+        in_recovery,
+        system_identifier: sysid as u64,
+        timeline: ckpt_tli as u32,
+        ..Default::default()
+    };
+    if in_recovery {
+        let row = c
+            .query_one(
+                "SELECT pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn(), \
+                        r.status, r.latest_end_lsn, r.received_tli \
+                 FROM (SELECT 1) one LEFT JOIN pg_stat_wal_receiver r ON true",
+                &[],
+            )
+            .await
+            .map_err(e)?;
+        o.received_lsn = lsn(row.get(0));
+        o.replayed_lsn = lsn(row.get(1));
+        o.current_lsn = o.received_lsn.max(o.replayed_lsn);
+        let status: Option<String> = row.get(2);
+        o.streaming = status.as_deref() == Some("streaming");
+        let end = lsn(row.get(3));
+        o.lag_bytes = end.saturating_sub(o.replayed_lsn);
+        if let Some(tli) = row.get::<_, Option<i32>>(4) {
+            o.timeline = tli as u32;
+        }
+    } else {
+        let row = c
+            .query_one(
+                "SELECT pg_current_wal_lsn(), \
+                        ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
+                &[],
+            )
+            .await
+            .map_err(e)?;
+        o.current_lsn = lsn(row.get(0));
+        o.received_lsn = o.current_lsn;
+        o.replayed_lsn = o.current_lsn;
+        o.timeline = row.get::<_, i32>(1) as u32;
+        let rows = c
+            .query(
+                "SELECT coalesce(application_name, ''), coalesce(state, ''), \
+                        coalesce(sync_state, ''), write_lsn, flush_lsn, replay_lsn \
+                 FROM pg_stat_replication ORDER BY application_name",
+                &[],
+            )
+            .await
+            .map_err(e)?;
+        o.replication = rows
+            .iter()
+            .map(|r| ReplicationPeer {
+                application_name: r.get(0),
+                state: r.get(1),
+                sync_state: r.get(2),
+                write_lsn: lsn(r.get(3)),
+                flush_lsn: lsn(r.get(4)),
+                replay_lsn: lsn(r.get(5)),
+            })
+            .collect();
+    }
+    Ok(o)
+}
+
+fn ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The replication role, with a SCRAM verifier computed here so that the password
+/// itself never reaches the server (nor its logs), and the grants pg_rewind needs.
+pub async fn ensure_replication_role(c: &Client, s: &Settings) -> Result<()> {
+    let e = |err| KeeperError::sql("setting up the replication role", err);
+    let role = ident(&s.replication_user);
+    let exists = c
+        .query_opt(
+            "SELECT 1 FROM pg_roles WHERE rolname = $1",
+            &[&s.replication_user],
+        )
+        .await
+        .map_err(e)?
+        .is_some();
+    if !exists {
+        c.batch_execute(&format!("CREATE ROLE {role} LOGIN REPLICATION"))
+            .await
+            .map_err(e)?;
+    }
+    if let Some(pw) = &s.replication_password {
+        // Set on every primary transition (not every beat): the verifier is salted, so
+        // it cannot be compared with the stored one without the salt's hashing.
+        let verifier = postgres_protocol::password::scram_sha_256(pw.as_bytes());
+        c.batch_execute(&format!(
+            "ALTER ROLE {role} WITH LOGIN REPLICATION PASSWORD '{}'",
+            verifier.replace('\'', "''")
+        ))
+        .await
+        .map_err(e)?;
+    }
+    for f in [
+        "pg_catalog.pg_ls_dir(text, boolean, boolean)",
+        "pg_catalog.pg_stat_file(text, boolean)",
+        "pg_catalog.pg_read_binary_file(text)",
+        "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
+        "pg_catalog.pg_control_system()",
+    ] {
+        c.batch_execute(&format!("GRANT EXECUTE ON FUNCTION {f} TO {role}"))
+            .await
+            .map_err(e)?;
+    }
+    Ok(())
+}
+
+/// One physical slot per other node; slots of nodes that left are dropped.
+pub async fn ensure_slots(c: &Client, wanted: &[String]) -> Result<()> {
+    let e = |err| KeeperError::sql("managing replication slots", err);
+    let rows = c
+        .query(
+            "SELECT slot_name::text, active FROM pg_replication_slots \
+             WHERE slot_type = 'physical' AND slot_name LIKE 'pgquorum\\_%'",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    let have: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for w in wanted {
+        if !have.iter().any(|(n, _)| n == w) {
+            c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[w])
+                .await
+                .map_err(e)?;
+            tracing::info!(slot = %w, "replication slot created");
+        }
+    }
+    for (n, active) in &have {
+        if !wanted.contains(n) && !active {
+            c.execute("SELECT pg_drop_replication_slot($1)", &[n])
+                .await
+                .map_err(e)?;
+            tracing::info!(slot = %n, "replication slot dropped");
+        }
+    }
+    Ok(())
+}
+
+/// Promotes and waits for the end of recovery; then checks pg_is_in_recovery().
+pub async fn promote(c: &Client) -> Result<()> {
+    let e = |err| KeeperError::sql("promoting", err);
+    let done: bool = c
+        .query_one("SELECT pg_promote(true, 60)", &[])
+        .await
+        .map_err(e)?
+        .get(0);
+    let in_recovery: bool = c
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(e)?
+        .get(0);
+    if !done || in_recovery {
+        return Err(KeeperError::Unreachable {
+            goal: "primary".into(),
+            reason: "pg_promote() returned but postgres is still in recovery".into(),
+        });
+    }
+    Ok(())
+}
+
+pub async fn reload(c: &Client) -> Result<()> {
+    c.batch_execute("SELECT pg_reload_conf()")
+        .await
+        .map_err(|e| KeeperError::sql("reloading the configuration", e))
+}
+
+/// The primary's system identifier, asked as the replication role.
+pub async fn remote_system_identifier(
+    s: &Settings,
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<u64> {
+    let mut c = Config::new();
+    c.host(host)
+        .port(port)
+        .user(&s.replication_user)
+        .dbname("postgres")
+        .application_name("pgquorum-keeper")
+        .connect_timeout(timeout);
+    if let Some(pw) = &s.replication_password {
+        c.password(pw.as_bytes());
+    }
+    let what = format!("primary {host}:{port}");
+    let client = connect(c, timeout, &what).await?;
+    let sysid: i64 = client
+        .query_one("SELECT system_identifier FROM pg_control_system()", &[])
+        .await
+        .map_err(|e| KeeperError::sql(what, e))?
+        .get(0);
+    Ok(sysid as u64)
+}

@@ -1,0 +1,521 @@
+//! Goal states and the postgres-side work that reaches them.
+//!
+//! Every goal maps to a [`Target`] shape; [`Instance::reach`] looks at what is on disk
+//! and running and picks the one action that turns that into the target (the table in
+//! [`plan`]). Each action is idempotent and restartable: run twice, or run again after
+//! the keeper was killed in its middle, it ends in the same state. Each ends by checking
+//! the end state (e.g. `pg_is_in_recovery()` after a promotion).
+
+use std::time::{Duration, Instant};
+
+use pgquorum_core::{Assignment, NodeState, PeerNode};
+
+use crate::error::{KeeperError, Result};
+use crate::instance::Instance;
+use crate::pg::postmaster::StopMode;
+use crate::pgconf::{self, Upstream};
+use crate::settings::slot_name;
+use crate::sql;
+
+/// The shape of postgres a goal state asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// Leave postgres as it is (init, wait_standby, wait_maintenance).
+    Keep,
+    /// A running, writable primary with the assigned synchronous_standby_names.
+    Primary,
+    /// A running standby in recovery, streaming from `upstream` when given; `wait`
+    /// says the goal counts as reached only once the WAL receiver streams.
+    Standby {
+        upstream: Option<PeerNode>,
+        wait: bool,
+    },
+    /// postgres stopped (draining, demote_timeout, demoted, prepare_maintenance).
+    Stopped,
+    /// Maintenance: the keeper neither starts nor stops postgres.
+    HandsOff,
+    /// Dropped: postgres stopped; the keeper exits.
+    Dropped,
+}
+
+pub fn target(a: &Assignment) -> Target {
+    use NodeState::*;
+    match a.goal_state {
+        Init | WaitStandby | WaitMaintenance => Target::Keep,
+        Single | WaitPrimary | Primary | JoinPrimary | ApplySettings | StopReplication => {
+            Target::Primary
+        }
+        Catchingup | Secondary | JoinSecondary | FastForward => Target::Standby {
+            upstream: a.primary.clone(),
+            wait: true,
+        },
+        // Waiting for the old primary to be fenced: keep replaying what arrives, but a
+        // dead upstream must not stop the node from reporting this state.
+        PreparePromotion => Target::Standby {
+            upstream: a.primary.clone(),
+            wait: false,
+        },
+        ReportLsn => Target::Standby {
+            upstream: None,
+            wait: false,
+        },
+        Draining | DemoteTimeout | Demoted | PrepareMaintenance => Target::Stopped,
+        Maintenance => Target::HandsOff,
+        Dropped => Target::Dropped,
+    }
+}
+
+/// What is there now, as far as the choice of action goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    NoData,
+    /// Data directory of a primary (no standby.signal), postgres running or not.
+    PrimaryData {
+        running: bool,
+    },
+    /// Data directory of a standby, postgres running or not.
+    StandbyData {
+        running: bool,
+    },
+}
+
+/// The action for (what is there, what is wanted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    InitPrimary,
+    StartPrimary,
+    Promote,
+    ConfigurePrimary,
+    CloneStandby,
+    /// Stop, pg_rewind (falling back to a fresh clone), start as standby.
+    RewindToStandby,
+    StartStandby,
+    ConfigureStandby,
+    Stop,
+    Drop,
+}
+
+pub fn plan(local: Local, t: &Target, following_changed: bool) -> Action {
+    use Action::*;
+    use Local::*;
+    match (t, local) {
+        (Target::Keep | Target::HandsOff, _) => Nothing,
+        (Target::Primary, NoData) => InitPrimary,
+        (Target::Primary, PrimaryData { running: false }) => StartPrimary,
+        (Target::Primary, PrimaryData { running: true }) => ConfigurePrimary,
+        (Target::Primary, StandbyData { .. }) => Promote,
+        (
+            Target::Standby {
+                upstream: Some(_), ..
+            },
+            NoData,
+        ) => CloneStandby,
+        (Target::Standby { upstream: None, .. }, NoData) => Nothing,
+        (Target::Standby { .. }, PrimaryData { .. }) => RewindToStandby,
+        (Target::Standby { wait: true, .. }, StandbyData { .. }) if following_changed => {
+            RewindToStandby
+        }
+        (Target::Standby { .. }, StandbyData { running: false }) => StartStandby,
+        (Target::Standby { .. }, StandbyData { running: true }) => ConfigureStandby,
+        (Target::Stopped, NoData) => Nothing,
+        (Target::Stopped, _) => Stop,
+        (Target::Dropped, _) => Drop,
+    }
+}
+
+impl Instance {
+    pub fn local(&self) -> Local {
+        if !self.has_data() {
+            Local::NoData
+        } else if self.pgdata().join("standby.signal").exists() {
+            Local::StandbyData {
+                running: self.is_running(),
+            }
+        } else {
+            Local::PrimaryData {
+                running: self.is_running(),
+            }
+        }
+    }
+
+    /// Drives postgres to `a.goal_state`; on success records it as the current state.
+    pub async fn reach(&mut self, a: &Assignment) -> Result<()> {
+        let t = target(a);
+        let following_changed = match &t {
+            Target::Standby {
+                upstream: Some(p), ..
+            } => self.state.following.as_deref() != Some(p.name.as_str()),
+            _ => false,
+        };
+        let action = plan(self.local(), &t, following_changed);
+        let from = self.state.current_state;
+        let started = Instant::now();
+        tracing::info!(node = %self.settings.name, %from, goal = %a.goal_state, ?action, "transition");
+        self.shared.update_status(|s| {
+            s.goal_state = Some(a.goal_state);
+            s.in_transition = true;
+        });
+        let result = self.act(action, a, &t).await;
+        self.shared
+            .record_transition(a.goal_state, result.is_ok(), started.elapsed());
+        self.shared.update_status(|s| s.in_transition = false);
+        match &result {
+            Ok(()) => {
+                self.state.current_state = a.goal_state;
+                self.save_state()?;
+                self.shared
+                    .update_status(|s| s.current_state = Some(a.goal_state));
+                tracing::info!(
+                    node = %self.settings.name,
+                    %from,
+                    state = %a.goal_state,
+                    ms = started.elapsed().as_millis() as u64,
+                    "transition done"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(node = %self.settings.name, %from, goal = %a.goal_state, error = %e, "transition failed");
+            }
+        }
+        result
+    }
+
+    async fn act(&mut self, action: Action, a: &Assignment, t: &Target) -> Result<()> {
+        self.shared.hands_off.store(
+            matches!(t, Target::HandsOff),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+        // A busy port is found before anything is created or copied.
+        if !self.is_running()
+            && matches!(
+                action,
+                Action::InitPrimary
+                    | Action::StartPrimary
+                    | Action::Promote
+                    | Action::CloneStandby
+                    | Action::StartStandby
+            )
+        {
+            crate::pg::postmaster::check_port_free(
+                &self.settings.listen_addresses,
+                self.settings.pg_port,
+            )?;
+        }
+        match action {
+            Action::Nothing => Ok(()),
+            Action::InitPrimary => {
+                if let Some(p) = &a.primary {
+                    if p.name != self.settings.name {
+                        return Err(KeeperError::Unreachable {
+                            goal: a.goal_state.to_string(),
+                            reason: format!(
+                                "no data directory, and {} is the primary: this node must join as a standby",
+                                p.name
+                            ),
+                        });
+                    }
+                }
+                self.initdb().await?;
+                self.make_primary(a).await
+            }
+            Action::StartPrimary | Action::Promote | Action::ConfigurePrimary => {
+                self.make_primary(a).await
+            }
+            Action::CloneStandby => {
+                let p = upstream_of(t)?;
+                self.basebackup(&p.host, p.port).await?;
+                self.make_standby(a, t).await
+            }
+            Action::RewindToStandby => {
+                self.rewind_to_standby(a, t).await?;
+                self.make_standby(a, t).await
+            }
+            Action::StartStandby | Action::ConfigureStandby => self.make_standby(a, t).await,
+            Action::Stop | Action::Drop => {
+                self.stop(StopMode::Fast).await;
+                Ok(())
+            }
+        }
+    }
+
+    /// A running, writable primary: config, hba, promotion if in recovery, role, slots.
+    async fn make_primary(&mut self, a: &Assignment) -> Result<()> {
+        if !self.shared.lease_valid(Instant::now()) {
+            return Err(KeeperError::Unreachable {
+                goal: a.goal_state.to_string(),
+                reason: "the lease is not held: a primary without a lease must not take writes"
+                    .into(),
+            });
+        }
+        let cd = self.check_identity().await?;
+        let mut changed = pgconf::write_conf(
+            self.pgdata(),
+            &self.settings,
+            &a.synchronous_standby_names,
+            &Upstream::None,
+        )?;
+        changed |= pgconf::write_hba(self.pgdata(), &self.settings, &a.peers)?;
+        let standby = self.pgdata().join("standby.signal").exists();
+        // Marked before postgres can take a write, so the fence covers the whole window.
+        self.shared.set_writable(true);
+        if !self.is_running() {
+            // A standby's data directory starts as a standby and is promoted: starting
+            // it without standby.signal would end recovery with no timeline switch.
+            self.start().await?;
+        } else if changed {
+            self.reload();
+        }
+        let c = self.connect().await?;
+        let in_recovery: bool = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| KeeperError::sql("checking recovery", e))?
+            .get(0);
+        if in_recovery || standby {
+            tracing::info!(step = "promote", node = %self.settings.name, "promoting");
+            sql::promote(&c).await?;
+            // pg_promote removes standby.signal itself; make sure of it.
+            pgconf::set_standby_signal(self.pgdata(), false)?;
+        }
+        if changed {
+            sql::reload(&c).await?;
+        }
+        sql::ensure_replication_role(&c, &self.settings).await?;
+        let slots: Vec<String> = a
+            .peers
+            .iter()
+            .filter(|p| p.name != self.settings.name)
+            .map(|p| slot_name(&p.name))
+            .collect();
+        sql::ensure_slots(&c, &slots).await?;
+        let still: bool = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| KeeperError::sql("checking recovery", e))?
+            .get(0);
+        if still {
+            return Err(KeeperError::Unreachable {
+                goal: a.goal_state.to_string(),
+                reason: "postgres is still in recovery".into(),
+            });
+        }
+        self.state.system_identifier = Some(cd.system_identifier);
+        self.state.following = None;
+        Ok(())
+    }
+
+    /// Stop, and make the data directory a standby of the upstream: pg_rewind when it
+    /// diverged, a fresh clone when rewind is impossible.
+    async fn rewind_to_standby(&mut self, a: &Assignment, t: &Target) -> Result<()> {
+        let Target::Standby { upstream, .. } = t else {
+            return Ok(());
+        };
+        self.check_identity().await?;
+        let Some(p) = upstream else {
+            // report_lsn on a former primary: stop and come back in recovery, no upstream.
+            self.stop(StopMode::Fast).await;
+            return Ok(());
+        };
+        let remote =
+            sql::remote_system_identifier(&self.settings, &p.host, p.port, Duration::from_secs(5))
+                .await?;
+        let local = self.controldata().await?.system_identifier;
+        if remote != local {
+            return Err(KeeperError::SystemIdentifierMismatch {
+                pgdata: self.pgdata().to_path_buf(),
+                found: local,
+                expected: remote,
+            });
+        }
+        tracing::info!(step = "demote", node = %self.settings.name, goal = %a.goal_state, "stopping for rewind");
+        self.stop(StopMode::Fast).await;
+        // pg_rewind needs a cleanly shut down target; pg_rewind itself would run a
+        // single-user recovery first otherwise.
+        if let Err(e) = self.rewind(&p.host, p.port).await {
+            tracing::warn!(error = %e, step = "rewind", "pg_rewind failed; cloning the primary afresh");
+            self.basebackup(&p.host, p.port).await?;
+        }
+        Ok(())
+    }
+
+    async fn make_standby(&mut self, a: &Assignment, t: &Target) -> Result<()> {
+        let Target::Standby { upstream, wait } = t else {
+            return Ok(());
+        };
+        if !self.has_data() {
+            return Ok(());
+        }
+        let cd = self.check_identity().await?;
+        let up = match upstream {
+            Some(p) => Upstream::Stream(p.clone()),
+            None => Upstream::None,
+        };
+        let mut changed = pgconf::write_conf(self.pgdata(), &self.settings, "", &up)?;
+        changed |= pgconf::write_hba(self.pgdata(), &self.settings, &a.peers)?;
+        pgconf::set_standby_signal(self.pgdata(), true)?;
+        if !self.is_running() {
+            self.start().await?;
+        } else if changed {
+            // primary_conninfo is reloadable since PostgreSQL 13: the WAL receiver
+            // restarts with the new value.
+            self.reload();
+        }
+        self.shared.set_writable(false);
+        let c = self.connect().await?;
+        let in_recovery: bool = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| KeeperError::sql("checking recovery", e))?
+            .get(0);
+        if !in_recovery {
+            return Err(KeeperError::Unreachable {
+                goal: a.goal_state.to_string(),
+                reason: "postgres runs as a primary, not in recovery".into(),
+            });
+        }
+        if let (Some(p), true) = (upstream, wait) {
+            // A standby counts as reached once its WAL receiver streams.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let o = sql::observe(&c).await?;
+                if o.streaming {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(KeeperError::Timeout(format!(
+                        "standby {} does not stream from {} ({}:{})",
+                        self.settings.name, p.name, p.host, p.port
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.state.following = Some(p.name.clone());
+        } else if upstream.is_none() {
+            self.state.following = None;
+        }
+        self.state.system_identifier = Some(cd.system_identifier);
+        Ok(())
+    }
+
+    /// Supervision between transitions: restarts a postgres that died. A primary is
+    /// restarted only while the lease is held.
+    pub async fn supervise(&mut self, a: &Assignment) -> Result<bool> {
+        if self
+            .shared
+            .hands_off
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(false);
+        }
+        let crashed = self.reap();
+        if self.is_running() || !self.has_data() {
+            return Ok(false);
+        }
+        let t = target(a);
+        let wanted = matches!(t, Target::Primary | Target::Standby { .. })
+            && self.state.current_state == a.goal_state;
+        if !wanted {
+            return Ok(false);
+        }
+        if matches!(t, Target::Primary) && !self.shared.lease_valid(Instant::now()) {
+            return Ok(false);
+        }
+        if crashed {
+            tracing::warn!(node = %self.settings.name, "postgres exited; restarting it in place");
+        }
+        if matches!(t, Target::Primary) {
+            self.shared.set_writable(true);
+        }
+        self.start().await?;
+        self.shared
+            .postgres_restarts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(true)
+    }
+}
+
+fn upstream_of(t: &Target) -> Result<&PeerNode> {
+    match t {
+        Target::Standby {
+            upstream: Some(p), ..
+        } => Ok(p),
+        _ => Err(KeeperError::Unreachable {
+            goal: "standby".into(),
+            reason: "no primary assigned to clone from".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(goal: NodeState, primary: bool) -> Assignment {
+        Assignment {
+            goal_state: goal,
+            primary: primary.then(|| PeerNode {
+                node_id: 1,
+                name: "a".into(),
+                host: "h".into(),
+                port: 1,
+            }),
+            synchronous_standby_names: String::new(),
+            peers: vec![],
+            lease_ms: 1500,
+            heartbeat_interval_ms: 200,
+            on_quorum_loss: "block".into(),
+        }
+    }
+
+    #[test]
+    fn every_goal_has_a_target() {
+        for g in NodeState::ALL {
+            let _ = target(&a(g, true));
+        }
+        assert_eq!(
+            target(&a(NodeState::StopReplication, false)),
+            Target::Primary
+        );
+        assert_eq!(target(&a(NodeState::Draining, true)), Target::Stopped);
+        assert_eq!(
+            target(&a(NodeState::ReportLsn, true)),
+            Target::Standby {
+                upstream: None,
+                wait: false
+            }
+        );
+    }
+
+    #[test]
+    fn plan_table() {
+        use Local::*;
+        let sec = target(&a(NodeState::Secondary, true));
+        assert_eq!(plan(NoData, &Target::Primary, false), Action::InitPrimary);
+        assert_eq!(
+            plan(StandbyData { running: true }, &Target::Primary, false),
+            Action::Promote
+        );
+        assert_eq!(plan(NoData, &sec, true), Action::CloneStandby);
+        assert_eq!(
+            plan(PrimaryData { running: true }, &sec, false),
+            Action::RewindToStandby
+        );
+        assert_eq!(
+            plan(StandbyData { running: true }, &sec, false),
+            Action::ConfigureStandby
+        );
+        assert_eq!(
+            plan(StandbyData { running: true }, &sec, true),
+            Action::RewindToStandby
+        );
+        assert_eq!(
+            plan(PrimaryData { running: true }, &Target::Stopped, false),
+            Action::Stop
+        );
+        assert_eq!(
+            plan(PrimaryData { running: true }, &Target::HandsOff, false),
+            Action::Nothing
+        );
+    }
+}
