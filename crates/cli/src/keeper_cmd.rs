@@ -80,6 +80,10 @@ struct NodeArgs {
     /// A PostgreSQL parameter NAME=VALUE to pass through (repeatable).
     #[arg(long = "pg-param")]
     pg_param: Vec<String>,
+    /// An extra pg_hba.conf line for clients, e.g. "host all all 10.0.0.0/8 scram-sha-256"
+    /// (repeatable; kept in pgquorum's block of pg_hba.conf on every node).
+    #[arg(long = "pg-hba")]
+    pg_hba: Vec<String>,
     /// The keeper's state file (default: <pgdata>.pgquorum-state.json).
     #[arg(long)]
     state_file: Option<PathBuf>,
@@ -205,7 +209,7 @@ fn read_config(path: &PathBuf) -> anyhow::Result<HashMap<String, Vec<String>>> {
             .or_default()
             .push(v.to_string());
     }
-    const KNOWN: [&str; 19] = [
+    const KNOWN: [&str; 20] = [
         "name",
         "pgdata",
         "pg-port",
@@ -222,6 +226,7 @@ fn read_config(path: &PathBuf) -> anyhow::Result<HashMap<String, Vec<String>>> {
         "replication-user",
         "replication-password",
         "pg-param",
+        "pg-hba",
         "state-file",
         "log-file",
         "config",
@@ -320,6 +325,21 @@ fn settings(n: &NodeArgs) -> anyhow::Result<Settings> {
             .ok_or_else(|| anyhow!("--pg-param {p:?}: expected NAME=VALUE"))?;
         s.pg_params
             .push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let hba: Vec<String> = if n.pg_hba.is_empty() {
+        file.get("pg-hba").cloned().unwrap_or_default()
+    } else {
+        n.pg_hba.clone()
+    };
+    for line in hba {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if line.contains('\n')
+            || fields.len() < 3
+            || !["local", "host", "hostssl", "hostnossl"].contains(&fields[0])
+        {
+            bail!("--pg-hba {line:?}: expected one pg_hba.conf line, e.g. \"host all all 127.0.0.1/32 scram-sha-256\"");
+        }
+        s.hba_lines.push(fields.join(" "));
     }
     if let Some(v) = pick(n.state_file.clone(), &file, "state-file")? {
         s.state_file = v;

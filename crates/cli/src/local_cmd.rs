@@ -217,6 +217,7 @@ fn local_up(args: UpArgs) -> Result<()> {
         .map(|(id, p)| format!("{id}=127.0.0.1:{p}"))
         .collect();
 
+    let replication_password = local_password(&dir)?;
     let mut cluster = Cluster {
         keepers: Vec::new(),
         monitors: Vec::new(),
@@ -273,7 +274,13 @@ fn local_up(args: UpArgs) -> Result<()> {
             .arg("--http")
             .arg(format!("127.0.0.1:{http_port}"))
             .arg("--pg-bindir")
-            .arg(&pg_bindir);
+            .arg(&pg_bindir)
+            .arg("--socket-dir")
+            .arg(&node_dir)
+            // A development cluster on loopback: clients on this machine need no password.
+            .arg("--pg-hba")
+            .arg("host all all 127.0.0.1/32 trust")
+            .env("PGQUORUM_REPLICATION_PASSWORD", &replication_password);
         if let Some(user) = &run_as {
             cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
             cmd.env("HOME", &node_dir).env("USER", "postgres");
@@ -441,6 +448,22 @@ async fn watch(
             );
         }
     }
+}
+
+/// The replication password of this local cluster: made once, kept in the directory
+/// (readable by its owner only) so a restart of `local up` uses the same one.
+fn local_password(dir: &Path) -> Result<String> {
+    let path = dir.join("replication-password");
+    if let Ok(p) = fs::read_to_string(&path) {
+        return Ok(p.trim().to_string());
+    }
+    let mut bytes = [0u8; 18];
+    let mut urandom = fs::File::open("/dev/urandom").context("cannot open /dev/urandom")?;
+    std::io::Read::read_exact(&mut urandom, &mut bytes)?;
+    let password: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    fs::write(&path, &password).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))?;
+    Ok(password)
 }
 
 fn find_pg_bindir() -> Result<PathBuf> {

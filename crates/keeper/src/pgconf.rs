@@ -156,6 +156,10 @@ pub fn write_hba(pgdata: &Path, s: &Settings, peers: &[PeerNode]) -> Result<bool
             u = s.replication_user
         ));
     }
+    for line in &s.hba_lines {
+        block.push_str(line);
+        block.push('\n');
+    }
     block.push_str(HBA_END);
     block.push('\n');
     // Keep everything outside our block as the operator left it.
@@ -268,5 +272,23 @@ mod tests {
         assert!(t.contains("host replication pgquorum_replicator db2.example scram-sha-256"));
         assert_eq!(t.matches(HBA_BEGIN).count(), 1);
         assert!(t.ends_with("local all all trust\n"));
+    }
+
+    #[test]
+    fn client_hba_lines_live_in_the_managed_block() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("pg_hba.conf"),
+            "host all all 0.0.0.0/0 reject\n",
+        )
+        .unwrap();
+        let mut s = Settings::new("n1", "/d", 5432);
+        s.hba_lines.push("host all all 127.0.0.1/32 trust".into());
+        assert!(write_hba(dir.path(), &s, &[peer("a", "10.0.0.1")]).unwrap());
+        let t = std::fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap();
+        let client = t.find("host all all 127.0.0.1/32 trust").unwrap();
+        // pg_hba.conf is first-match: the line must come before the operator's lines.
+        assert!(client < t.find(HBA_END).unwrap());
+        assert!(client < t.find("reject").unwrap());
     }
 }

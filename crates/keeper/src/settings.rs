@@ -27,6 +27,9 @@ pub struct Settings {
     pub replication_password: Option<String>,
     /// Extra postgresql.conf parameters, written into the managed include file.
     pub pg_params: Vec<(String, String)>,
+    /// Extra pg_hba.conf lines for clients, kept in the managed block (so they reach
+    /// every node, also one cloned by pg_basebackup).
+    pub hba_lines: Vec<String>,
     pub candidate_priority: u8,
     pub replication_quorum: bool,
     /// Monitor group members, HOST:PORT.
@@ -60,6 +63,7 @@ impl Settings {
             replication_user: "pgquorum_replicator".to_string(),
             replication_password: None,
             pg_params: Vec::new(),
+            hba_lines: Vec::new(),
             candidate_priority: 50,
             replication_quorum: true,
             monitors: Vec::new(),
