@@ -27,7 +27,25 @@ pub async fn wait_state(spec: &NodeSpec, k: &mut Keeper, state: &str) {
             panic!("keeper {} exited ({st}):\n{}", spec.name, k.log_text());
         }
         if let Some(h) = health(spec) {
-            if h["state"] == state && h["goal_state"] == state && h["in_transition"] == false {
+            // A restarted keeper reports the state of its state file before it has
+            // started postgres again: where postgres must run, wait for it too.
+            let pg_down_state = matches!(
+                state,
+                "init"
+                    | "wait_standby"
+                    | "demoted"
+                    | "draining"
+                    | "demote_timeout"
+                    | "prepare_maintenance"
+                    | "wait_maintenance"
+                    | "maintenance"
+                    | "dropped"
+            );
+            if h["state"] == state
+                && h["goal_state"] == state
+                && h["in_transition"] == false
+                && (pg_down_state || h["pg_up"] == true)
+            {
                 return;
             }
         }
