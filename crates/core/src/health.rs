@@ -36,6 +36,8 @@ pub struct NodeReport {
 pub struct HealthTable {
     pub leader_since: Millis,
     pub last_seen: BTreeMap<NodeId, (Millis, NodeReport)>,
+    /// Since when a node has reported its PostgreSQL as not running (continuously).
+    pub pg_down_since: BTreeMap<NodeId, Millis>,
 }
 
 impl HealthTable {
@@ -43,11 +45,34 @@ impl HealthTable {
         HealthTable {
             leader_since,
             last_seen: BTreeMap::new(),
+            pg_down_since: BTreeMap::new(),
         }
     }
 
+    /// Record a heartbeat. A beat older than the last one seen from the same keeper
+    /// process (lower sequence) is ignored: it was reordered in flight.
     pub fn observe(&mut self, report: NodeReport, now: Millis) {
+        if let Some((_, last)) = self.last_seen.get(&report.node_id) {
+            if report.sequence != 0 && report.sequence < last.sequence {
+                return;
+            }
+        }
+        if report.pg_running {
+            self.pg_down_since.remove(&report.node_id);
+        } else {
+            self.pg_down_since.entry(report.node_id).or_insert(now);
+        }
         self.last_seen.insert(report.node_id, (now, report));
+    }
+
+    /// Forget a node (dropped).
+    pub fn forget(&mut self, node: NodeId) {
+        self.last_seen.remove(&node);
+        self.pg_down_since.remove(&node);
+    }
+
+    pub fn report(&self, node: NodeId) -> Option<&NodeReport> {
+        self.last_seen.get(&node).map(|(_, r)| r)
     }
 }
 
@@ -75,5 +100,51 @@ impl HealthTable {
             Some(ago) if ago > unhealthy_after_ms => Health::Unhealthy,
             Some(_) => Health::Healthy,
         }
+    }
+
+    /// Heard from recently and its PostgreSQL runs.
+    pub fn is_healthy(&self, node: NodeId, now: Millis, unhealthy_after_ms: Millis) -> bool {
+        self.health(node, now, unhealthy_after_ms) == Health::Healthy
+            && self.report(node).is_some_and(|r| r.pg_running)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn report(node_id: NodeId) -> NodeReport {
+        NodeReport {
+            node_id,
+            current_state: NodeState::Secondary,
+            pg_running: true,
+            pg_in_recovery: true,
+            current_lsn: 0,
+            received_lsn: 0,
+            replayed_lsn: 0,
+            timeline: 1,
+            system_identifier: 1,
+            replication: Vec::new(),
+            sequence: 1,
+        }
+    }
+
+    #[test]
+    fn unseen_is_unknown_not_down() {
+        let h = HealthTable::new(1_000);
+        assert_eq!(h.health(3, 1_000_000, 10), Health::Unknown);
+    }
+
+    #[test]
+    fn reordered_beat_is_ignored() {
+        let mut h = HealthTable::new(0);
+        let mut r = report(1);
+        r.sequence = 5;
+        h.observe(r.clone(), 100);
+        r.sequence = 4;
+        r.pg_running = false;
+        h.observe(r, 200);
+        assert_eq!(h.last_seen_ago(1, 300), Some(200));
+        assert!(h.report(1).is_some_and(|r| r.pg_running));
     }
 }

@@ -1,0 +1,58 @@
+//! Candidate choice during a failover: whose reported LSN counts, whether enough of
+//! them are in, and which node to promote.
+
+use crate::model::{ClusterState, Failover, GroupId, Lsn, Node, NodeId};
+
+/// Nodes whose reported LSN was taken after the old primary was fenced, so it is at
+/// least as far as anything they held when the last commit was acknowledged.
+pub fn witnesses<'a>(
+    state: &'a ClusterState,
+    formation: &'a str,
+    group_id: GroupId,
+    failover: Option<&'a Failover>,
+) -> impl Iterator<Item = &'a Node> + 'a {
+    let fenced_at = failover.map_or(Some(0), |f| f.fenced_at);
+    let old = failover.map(|f| f.old_primary);
+    state.group_nodes(formation, group_id).filter(move |n| {
+        Some(n.id) != old
+            && !n.is_dropping()
+            && n.reported_state.reports_lsn()
+            && n.goal_state.reports_lsn()
+            && fenced_at.is_some_and(|f| n.lsn_at >= f)
+    })
+}
+
+/// The most advanced witness (lowest id among equals): the node a candidate that is
+/// behind fetches WAL from.
+pub fn fast_forward_source(
+    state: &ClusterState,
+    formation: &str,
+    group_id: GroupId,
+) -> Option<NodeId> {
+    let failover = state
+        .group(formation, group_id)
+        .and_then(|g| g.failover.as_ref());
+    witnesses(state, formation, group_id, failover)
+        .max_by(|a, b| a.reported_lsn.cmp(&b.reported_lsn).then(b.id.cmp(&a.id)))
+        .map(|n| n.id)
+}
+
+/// The highest LSN among witnesses.
+pub fn target_lsn(state: &ClusterState, formation: &str, group_id: GroupId) -> Option<Lsn> {
+    let failover = state
+        .group(formation, group_id)
+        .and_then(|g| g.failover.as_ref());
+    witnesses(state, formation, group_id, failover)
+        .map(|n| n.reported_lsn)
+        .max()
+}
+
+/// Candidate order: highest candidate priority, then highest LSN, then lowest id.
+pub fn rank(nodes: &mut [&Node]) {
+    nodes.sort_by(|a, b| {
+        b.candidate_priority
+            .cmp(&a.candidate_priority)
+            .then(b.reported_lsn.cmp(&a.reported_lsn))
+            .then(a.id.cmp(&b.id))
+    });
+}
