@@ -1,0 +1,44 @@
+//! Seeded simulation of the whole cluster (see tests/sim/mod.rs).
+//!
+//! `PGQUORUM_SIM_SEEDS` (default 10000) seeds run from `PGQUORUM_SIM_FIRST_SEED`
+//! (default 0); `PGQUORUM_SIM_SEED=N` replays one seed with its trace printed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod sim;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+fn replay_command(seed: u64) -> String {
+    format!("PGQUORUM_SIM_SEED={seed} cargo test -p pgquorum-core --test simulation -- --nocapture")
+}
+
+#[test]
+fn simulated_clusters_keep_the_invariants() {
+    if let Some(seed) = env_u64("PGQUORUM_SIM_SEED") {
+        match sim::Sim::new(seed, true).run() {
+            Ok(s) => println!("seed {seed}: ok, {} commits acknowledged, {} promotions/demotions", s.acked_count, s.failovers),
+            Err(sim::Failure(msg)) => panic!("seed {seed} failed: {msg}\nreplay: {}", replay_command(seed)),
+        }
+        return;
+    }
+    let seeds = env_u64("PGQUORUM_SIM_SEEDS").unwrap_or(10_000);
+    let first = env_u64("PGQUORUM_SIM_FIRST_SEED").unwrap_or(0);
+    let mut acked = 0;
+    let mut failovers = 0;
+    for seed in first..first + seeds {
+        match sim::Sim::new(seed, false).run() {
+            Ok(s) => {
+                acked += s.acked_count;
+                failovers += s.failovers;
+            }
+            Err(sim::Failure(msg)) => {
+                panic!("seed {seed} failed: {msg}\nreplay exactly with:\n  {}", replay_command(seed))
+            }
+        }
+    }
+    // The simulation must exercise what it claims to check.
+    assert!(acked > seeds * 10, "too few acknowledged commits: {acked}");
+    assert!(failovers > seeds / 2, "too few failovers: {failovers}");
+}
