@@ -647,7 +647,20 @@ impl ClusterState {
             }
         }
         let next_seq = group.sync_history.last().map(|c| c.seq).unwrap_or(0);
-        let promoted_lsn = node.reported_lsn;
+        // Every acknowledged commit of the ending epoch lies at or below: the most
+        // advanced witness when enough of them reported, else the new primary's own
+        // LSN (the old primary restarted in place: nothing else is known).
+        let promoted_lsn = {
+            let fo = group.failover.as_ref();
+            let wit: Vec<&Node> =
+                crate::candidate::witnesses(self, &formation, group_id, fo).collect();
+            let ids: Vec<NodeId> = wit.iter().map(|n| n.id).collect();
+            let target = wit.iter().map(|n| n.reported_lsn).max();
+            match (crate::sync::requirement(&group.sync_history, &ids), target) {
+                (crate::sync::Requirement::Met, Some(t)) => t,
+                _ => node.reported_lsn,
+            }
+        };
         // Fast-forward source: the most advanced witness (lowest id among equals).
         let ff_source = if goal == NodeState::FastForward {
             crate::candidate::fast_forward_source(self, &formation, group_id)

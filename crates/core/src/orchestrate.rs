@@ -136,13 +136,12 @@ impl<'a> Ctx<'a> {
                 .is_some_and(|since| self.now.saturating_sub(*since) >= self.ua)
     }
 
+    /// PostgreSQL down for a lease and its margin since the node was given its goal.
     fn pg_down_too_long(&self, n: &Node) -> bool {
         self.alive(n)
-            && self
-                .health
-                .pg_down_since
-                .get(&n.id)
-                .is_some_and(|since| self.now.saturating_sub(*since) >= self.ua)
+            && self.health.pg_down_since.get(&n.id).is_some_and(|since| {
+                self.now.saturating_sub((*since).max(n.goal_since)) >= self.ua
+            })
     }
 
     fn run(&self, out: &mut Vec<Command>) {
@@ -466,7 +465,6 @@ impl<'a> Ctx<'a> {
             if waited
                 && o.reported_state == NodeState::Demoted
                 && o.goal_state == NodeState::Demoted
-                && o.lsn_at >= fenced_at
                 && o.reported_lsn >= target
                 && o.reported_lsn >= self.group.lsn_floor
                 && self.alive(o)

@@ -51,6 +51,9 @@ struct Pg {
     following: Option<usize>,
     /// Applied synchronous_standby_names: (n, names).
     sync: (u32, Vec<String>),
+    /// The empty names above were chosen by the operator (number_sync_standbys = 0):
+    /// commits acknowledged then are not protected by invariant 2.
+    async_by_choice: bool,
     /// Commits waiting for synchronous acknowledgement: (lsn, record id).
     pending: Vec<(usize, u64)>,
 }
@@ -71,6 +74,9 @@ struct Keeper {
     assignment: Option<Assignment>,
     confirm_target: Option<usize>,
     partitioned_until: Millis,
+    /// Send time of the beat whose answer was applied last: a keeper has one request
+    /// in flight at a time, so it never acts on an older answer.
+    last_answer_beat: Millis,
     pg: Pg,
 }
 
@@ -102,6 +108,7 @@ pub struct Sim {
     /// Highest acknowledged commit: (lsn, record id). Acknowledged commits form one chain.
     acked: Option<(usize, u64)>,
     pub acked_count: u64,
+    pub async_acked: u64,
     settings: FormationSettings,
     pub failovers: u64,
     log: Vec<String>,
@@ -138,11 +145,13 @@ impl Sim {
                 assignment: None,
                 confirm_target: None,
                 partitioned_until: 0,
+                last_answer_beat: 0,
                 pg: Pg {
                     wal: None,
                     running: None,
                     following: None,
                     sync: (0, Vec::new()),
+                    async_by_choice: false,
                     pending: Vec::new(),
                 },
             })
@@ -159,6 +168,7 @@ impl Sim {
             next_record: 1,
             acked: None,
             acked_count: 0,
+            async_acked: 0,
             settings,
             failovers: 0,
             log: Vec::new(),
@@ -362,6 +372,12 @@ impl Sim {
         let a = self.keepers[i].assignment.clone();
         let Some(a) = a else { return false };
         let primary_idx = a.primary.as_ref().and_then(|p| self.idx_of(p.node_id));
+        // The oracle peeks at the monitor's state: was "" an explicit choice?
+        let by_choice = self
+            .state
+            .group(DEFAULT_FORMATION, 0)
+            .and_then(|g| g.sync_history.last())
+            .is_some_and(|c| c.async_by_choice);
         use NodeState::*;
         match next {
             Init => false,
@@ -379,6 +395,7 @@ impl Sim {
                 k.pg.running = Some(Role::Primary);
                 k.pg.following = None;
                 k.pg.sync = Self::parse_names(&a.synchronous_standby_names);
+                k.pg.async_by_choice = by_choice;
                 if next.confirms_sync() && k.pg.sync.0 > 0 {
                     let len = k.pg.wal.as_ref().map_or(0, |w| w.len());
                     let target = *k.confirm_target.get_or_insert(len);
@@ -419,7 +436,7 @@ impl Sim {
                 true
             }
             WaitStandby => true,
-            Catchingup | JoinSecondary => {
+            Catchingup | JoinSecondary | Secondary | WaitMaintenance => {
                 let Some(p) = primary_idx else { return false };
                 if p == i || !self.keepers[p].alive || self.keepers[p].pg.running != Some(Role::Primary) {
                     return false;
@@ -441,15 +458,13 @@ impl Sim {
                 k.pg.pending.clear();
                 true
             }
-            Secondary | WaitMaintenance => {
-                let k = &self.keepers[i];
-                k.pg.running == Some(Role::Standby) && k.pg.following.is_some() && k.pg.following == primary_idx
-            }
             ReportLsn => {
                 let k = &mut self.keepers[i];
                 if k.pg.wal.is_none() {
                     return false;
                 }
+                // Stop streaming: the LSN reported from now on is final.
+                k.pg.following = None;
                 if k.pg.running.is_none() {
                     k.pg.running = Some(Role::Standby);
                 }
@@ -468,6 +483,7 @@ impl Sim {
                 }
                 *w = sw;
                 k.pg.running = Some(Role::Standby);
+                k.pg.following = None;
                 true
             }
             PreparePromotion | StopReplication => {
@@ -494,6 +510,11 @@ impl Sim {
             if self.try_reach(i, goal) && goal.is_writable() {
                 let names = self.keepers[i].assignment.as_ref().map(|a| a.synchronous_standby_names.clone()).unwrap_or_default();
                 self.keepers[i].pg.sync = Self::parse_names(&names);
+                self.keepers[i].pg.async_by_choice = self
+                    .state
+                    .group(DEFAULT_FORMATION, 0)
+                    .and_then(|g| g.sync_history.last())
+                    .is_some_and(|c| c.async_by_choice);
             }
             return;
         }
@@ -621,9 +642,10 @@ impl Sim {
                 }
                 Msg::Answer { node, incarnation, beat_sent_at, assignment } => {
                     let k = &mut self.keepers[node];
-                    if !k.alive || k.incarnation != incarnation || k.partitioned_until > now {
+                    if !k.alive || k.incarnation != incarnation || k.partitioned_until > now || beat_sent_at < k.last_answer_beat {
                         continue;
                     }
+                    k.last_answer_beat = beat_sent_at;
                     let lease = assignment.lease_ms + assignment.lease_ms * k.drift_pm / 1000;
                     k.lease_until = k.lease_until.max(beat_sent_at + lease);
                     k.assignment = Some(assignment);
@@ -705,6 +727,10 @@ impl Sim {
             let mut keep = Vec::new();
             for (lsn, id) in pending {
                 if need == 0 || self.holders(w, &names, lsn, id) >= need {
+                    if need == 0 && self.keepers[w].pg.async_by_choice {
+                        self.async_acked += 1;
+                        continue;
+                    }
                     if self.acked.is_none_or(|(l, _)| lsn > l) {
                         self.acked = Some((lsn, id));
                     }
