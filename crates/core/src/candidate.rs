@@ -4,20 +4,21 @@
 use crate::model::{ClusterState, Failover, GroupId, Lsn, Node, NodeId};
 
 /// Nodes whose reported LSN is final for the old primary's epoch: a keeper in
-/// report_lsn, fast_forward or prepare_promotion has stopped streaming from the old
-/// primary before reporting that state (keeper contract), so the LSN recorded with the
-/// state is at least everything it ever held from it, whenever the report was sent.
-/// Witnesses count only once the old primary is fenced.
+/// report_lsn, fast_forward or prepare_promotion has stopped streaming before reporting
+/// that state (keeper contract), so the LSN recorded with the state is at least
+/// everything it ever held. The report must have been recorded after the old primary
+/// was fenced: an older one may describe a state the keeper has since left without the
+/// monitor hearing of it (a lost heartbeat), streaming again.
 pub fn witnesses<'a>(
     state: &'a ClusterState,
     formation: &'a str,
     group_id: GroupId,
     failover: Option<&'a Failover>,
 ) -> impl Iterator<Item = &'a Node> + 'a {
-    let fenced = failover.is_none_or(|f| f.fenced_at.is_some());
+    let fenced_at = failover.map_or(Some(0), |f| f.fenced_at);
     let old = failover.map(|f| f.old_primary);
     state.group_nodes(formation, group_id).filter(move |n| {
-        fenced
+        fenced_at.is_some_and(|f| n.lsn_at >= f)
             && Some(n.id) != old
             && !n.is_dropping()
             && n.reported_state.reports_lsn()

@@ -39,18 +39,36 @@ pub const CATCHUP_LAG_BYTES: u64 = 16 * 1024 * 1024;
 
 /// Commands a heartbeat makes necessary (a reported state change), to be proposed by
 /// the leader. Empty in steady state: heartbeats alone never cost a Raft write.
+///
+/// Call it after [`HealthTable::observe`]; a beat older than the newest seen (lower
+/// sequence) is ignored. During a failover, a node whose LSN report predates the
+/// fencing of the old primary is recorded again (one write per node per failover).
 pub fn on_heartbeat(
     state: &ClusterState,
-    _health: &HealthTable,
+    health: &HealthTable,
     report: &NodeReport,
     _now: Millis,
 ) -> Vec<Command> {
     let Some(node) = state.nodes.get(&report.node_id) else {
         return Vec::new();
     };
+    if health
+        .report(node.id)
+        .is_some_and(|seen| report.sequence != 0 && seen.sequence > report.sequence)
+    {
+        return Vec::new();
+    }
+    let stale_lsn = report.current_state.reports_lsn()
+        && node.goal_state.reports_lsn()
+        && state
+            .group(&node.formation, node.group_id)
+            .and_then(|g| g.failover.as_ref())
+            .and_then(|f| f.fenced_at)
+            .is_some_and(|f| node.lsn_at < f);
     if node.reported_state == report.current_state
         && node.pg_running == report.pg_running
         && node.timeline == report.timeline
+        && !stale_lsn
     {
         return Vec::new();
     }
@@ -261,6 +279,9 @@ impl<'a> Ctx<'a> {
                         );
                     } else if continue_policy && quorum_lost {
                         assign(out, p, NodeState::WaitPrimary, "every quorum standby is lost and on_quorum_loss = continue: commits are now acknowledged without a synchronous standby".into());
+                    } else if p.goal_state != NodeState::Primary {
+                        // Back to primary, which confirms the newest configuration.
+                        assign(out, p, NodeState::Primary, format!("{} done", p.goal_state));
                     } else if let Some(j) = joining {
                         assign(
                             out,
@@ -284,8 +305,6 @@ impl<'a> Ctx<'a> {
                             NodeState::ApplySettings,
                             format!("synchronous_standby_names must become '{names}'"),
                         );
-                    } else if p.goal_state != NodeState::Primary {
-                        assign(out, p, NodeState::Primary, format!("{} done", p.goal_state));
                     }
                 }
                 _ => {}
