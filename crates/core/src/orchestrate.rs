@@ -65,10 +65,16 @@ pub fn on_heartbeat(
             .and_then(|g| g.failover.as_ref())
             .and_then(|f| f.fenced_at)
             .is_some_and(|f| node.lsn_at < f);
+    // A fast-forward that fetched more WAL (from a new source) records its new LSN.
+    let lsn_moved = report.current_state.reports_lsn()
+        && report.current_state == node.reported_state
+        && node.goal_state.reports_lsn()
+        && report.current_lsn != node.reported_lsn;
     if node.reported_state == report.current_state
         && node.pg_running == report.pg_running
         && node.timeline == report.timeline
         && !stale_lsn
+        && !lsn_moved
     {
         return Vec::new();
     }
@@ -567,7 +573,16 @@ impl<'a> Ctx<'a> {
 
     fn advance(&self, c: &Node, target: u64, out: &mut Vec<Command>) -> bool {
         if c.reported_lsn < target {
-            if c.goal_state != NodeState::FastForward {
+            let source = fast_forward_source(self.state, self.formation, self.group_id);
+            let current = self.group.failover.as_ref().and_then(|f| f.fast_forward_source);
+            if c.goal_state == NodeState::FastForward && source != current {
+                // A more advanced witness reported since: fetch from it instead.
+                out.push(Command::AssignGoal {
+                    node_id: c.id,
+                    goal: NodeState::FastForward,
+                    reason: format!("a more advanced standby reported: fetch WAL up to {}", fmt_lsn(target)),
+                });
+            } else if c.goal_state != NodeState::FastForward {
                 let src = fast_forward_source(self.state, self.formation, self.group_id)
                     .and_then(|id| self.state.nodes.get(&id))
                     .map(|n| n.name.clone())

@@ -40,18 +40,37 @@ fn predecessors(to: NodeState) -> &'static [NodeState] {
         JoinPrimary => &[Single, WaitPrimary, Primary, ApplySettings],
         ApplySettings => &[WaitPrimary, Primary, JoinPrimary],
         // Stop taking writes and shut down cleanly, so connected standbys get all WAL.
-        Draining => &[Single, WaitPrimary, Primary, JoinPrimary, ApplySettings],
-        PrepareMaintenance => &[Single, WaitPrimary, Primary, JoinPrimary, ApplySettings],
-        // Stop PostgreSQL now.
-        DemoteTimeout => &[
+        // (Already stopped: nothing to do.)
+        Draining | PrepareMaintenance => &[
             Single,
             WaitPrimary,
             Primary,
             JoinPrimary,
             ApplySettings,
-            Draining,
+            Demoted,
+            DemoteTimeout,
+        ],
+        // Stop PostgreSQL now: possible from anywhere.
+        DemoteTimeout => &[
+            Init,
+            Single,
+            WaitPrimary,
+            Primary,
+            JoinPrimary,
+            ApplySettings,
+            WaitStandby,
+            Catchingup,
+            Secondary,
+            PreparePromotion,
             StopReplication,
+            Demoted,
+            Draining,
+            ReportLsn,
+            FastForward,
+            JoinSecondary,
             PrepareMaintenance,
+            WaitMaintenance,
+            Maintenance,
         ],
         // Stop PostgreSQL: possible from anywhere; the universal safe state.
         Demoted => &[
@@ -76,7 +95,7 @@ fn predecessors(to: NodeState) -> &'static [NodeState] {
             Maintenance,
         ],
         // A fresh node waits for its primary to accept it.
-        WaitStandby => &[Init],
+        WaitStandby => &[Init, Demoted],
         // Base backup (no data), rewind (diverged), or just (re)start streaming from
         // the assigned primary.
         Catchingup => &[
@@ -175,6 +194,11 @@ pub fn keeper_path(from: NodeState, to: NodeState) -> Option<Vec<NodeState>> {
     queue.push_back(to);
     while let Some(cur) = queue.pop_front() {
         for &p in predecessors(cur) {
+            // Never pass through a state that takes writes on the way to one that
+            // does not: a keeper told to stop must not start a primary first.
+            if p != from && p.is_writable() && !to.is_writable() {
+                continue;
+            }
             if !seen[index(p)] {
                 seen[index(p)] = true;
                 next[index(p)] = Some(cur);
@@ -252,11 +276,15 @@ mod tests {
     fn every_step_of_a_path_is_an_allowed_transition() {
         for from in reportable_states() {
             for to in assignable_goals() {
-                let path = keeper_path(from, to).unwrap();
+                let path = keeper_path(from, to).unwrap_or_else(|| panic!("no path {from} -> {to}"));
                 let mut cur = from;
-                for s in path {
-                    assert!(transition_allowed(cur, s), "{cur} -> {s}");
-                    cur = s;
+                for s in &path {
+                    assert!(transition_allowed(cur, *s), "{cur} -> {s}");
+                    assert!(
+                        to.is_writable() || !s.is_writable(),
+                        "{from} -> {to} passes through writable {s}: {path:?}"
+                    );
+                    cur = *s;
                 }
                 assert_eq!(cur, to);
             }

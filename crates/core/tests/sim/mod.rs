@@ -207,6 +207,10 @@ impl Sim {
                     }
                     self.note(format!("assign {name} {goal}: {reason}"));
                 }
+                if let Command::ReportState { node_id, state, lsn, .. } = cmd {
+                    let name = self.state.nodes.get(node_id).map(|n| n.name.clone()).unwrap_or_default();
+                    self.note(format!("monitor records {name} in {state} at lsn {lsn}"));
+                }
                 true
             }
             Err(e) => {
