@@ -8,7 +8,8 @@ use crate::model::{ClusterState, Failover, GroupId, Lsn, Node, NodeId};
 /// that state (keeper contract), so the LSN recorded with the state is at least
 /// everything it ever held. The report must have been recorded after the old primary
 /// was fenced: an older one may describe a state the keeper has since left without the
-/// monitor hearing of it (a lost heartbeat), streaming again.
+/// monitor hearing of it (a lost heartbeat), streaming again. And the node must be on
+/// the old primary's timeline.
 pub fn witnesses<'a>(
     state: &'a ClusterState,
     formation: &'a str,
@@ -17,8 +18,15 @@ pub fn witnesses<'a>(
 ) -> impl Iterator<Item = &'a Node> + 'a {
     let fenced_at = failover.map_or(Some(0), |f| f.fenced_at);
     let old = failover.map(|f| f.old_primary);
+    // Only nodes on the old primary's timeline can hold what it acknowledged; a node on
+    // another timeline (not rewound yet) may have a higher LSN on a dead branch.
+    let timeline = old
+        .and_then(|id| state.nodes.get(&id))
+        .map(|o| o.timeline)
+        .filter(|t| *t != 0);
     state.group_nodes(formation, group_id).filter(move |n| {
         fenced_at.is_some_and(|f| n.lsn_at >= f)
+            && timeline.is_none_or(|t| n.timeline == t)
             && Some(n.id) != old
             && !n.is_dropping()
             && n.reported_state.reports_lsn()

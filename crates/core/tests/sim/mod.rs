@@ -56,6 +56,10 @@ struct Pg {
     async_by_choice: bool,
     /// Commits waiting for synchronous acknowledgement: (lsn, record id).
     pending: Vec<(usize, u64)>,
+    /// Timeline of the WAL this node holds; a promotion starts a new one.
+    timeline: u32,
+    /// The data directory was last used in recovery: starting as primary is a promotion.
+    in_recovery: bool,
 }
 
 struct Keeper {
@@ -111,6 +115,7 @@ pub struct Sim {
     pub async_acked: u64,
     settings: FormationSettings,
     pub failovers: u64,
+    max_timeline: u32,
     log: Vec<String>,
     verbose: bool,
 }
@@ -153,6 +158,8 @@ impl Sim {
                     sync: (0, Vec::new()),
                     async_by_choice: false,
                     pending: Vec::new(),
+                    timeline: 1,
+                    in_recovery: false,
                 },
             })
             .collect();
@@ -171,6 +178,7 @@ impl Sim {
             async_acked: 0,
             settings,
             failovers: 0,
+            max_timeline: 1,
             log: Vec::new(),
             verbose,
         }
@@ -315,7 +323,7 @@ impl Sim {
             current_lsn: lsn,
             received_lsn: lsn,
             replayed_lsn: lsn,
-            timeline: 1,
+            timeline: k.pg.timeline,
             system_identifier: 1,
             replication,
             sequence: k.seq,
@@ -396,6 +404,11 @@ impl Sim {
                     }
                     k.pg.wal = Some(Vec::new());
                 }
+                if k.pg.in_recovery {
+                    self.max_timeline += 1;
+                    k.pg.timeline = self.max_timeline;
+                    k.pg.in_recovery = false;
+                }
                 k.pg.running = Some(Role::Primary);
                 k.pg.following = None;
                 k.pg.sync = Self::parse_names(&a.synchronous_standby_names);
@@ -446,7 +459,9 @@ impl Sim {
                     return false;
                 }
                 let pw = self.keepers[p].pg.wal.clone().unwrap_or_default();
+                let ptl = self.keepers[p].pg.timeline;
                 let k = &mut self.keepers[i];
+                k.pg.timeline = ptl;
                 match k.pg.wal.as_mut() {
                     None => k.pg.wal = Some(pw),
                     Some(w) => {
@@ -458,6 +473,7 @@ impl Sim {
                     }
                 }
                 k.pg.running = Some(Role::Standby);
+                k.pg.in_recovery = true;
                 k.pg.following = Some(p);
                 k.pg.pending.clear();
                 true
@@ -471,6 +487,7 @@ impl Sim {
                 k.pg.following = None;
                 if k.pg.running.is_none() {
                     k.pg.running = Some(Role::Standby);
+                    k.pg.in_recovery = true;
                 }
                 k.pg.running == Some(Role::Standby)
             }
@@ -480,13 +497,16 @@ impl Sim {
                     return false;
                 }
                 let sw = self.keepers[s].pg.wal.clone().unwrap_or_default();
+                let stl = self.keepers[s].pg.timeline;
                 let k = &mut self.keepers[i];
                 let Some(w) = k.pg.wal.as_mut() else { return false };
                 if !sw.starts_with(w) {
                     return false;
                 }
                 *w = sw;
+                k.pg.timeline = stl;
                 k.pg.running = Some(Role::Standby);
+                k.pg.in_recovery = true;
                 k.pg.following = None;
                 true
             }
@@ -498,6 +518,7 @@ impl Sim {
                 k.pg.following = None;
                 if k.pg.running.is_none() {
                     k.pg.running = Some(Role::Standby);
+                    k.pg.in_recovery = true;
                 }
                 true
             }
