@@ -81,6 +81,7 @@ struct Keeper {
     /// Send time of the beat whose answer was applied last: a keeper has one request
     /// in flight at a time, so it never acts on an older answer.
     last_answer_beat: Millis,
+    by_choice: bool,
     pg: Pg,
 }
 
@@ -96,6 +97,8 @@ enum Msg {
         incarnation: u64,
         beat_sent_at: Millis,
         assignment: Assignment,
+        /// Oracle only: whether empty names in this answer are the operator's choice.
+        by_choice: bool,
     },
 }
 
@@ -151,6 +154,7 @@ impl Sim {
                 confirm_target: None,
                 partitioned_until: 0,
                 last_answer_beat: 0,
+                by_choice: false,
                 pg: Pg {
                     wal: None,
                     running: None,
@@ -384,12 +388,7 @@ impl Sim {
         let a = self.keepers[i].assignment.clone();
         let Some(a) = a else { return false };
         let primary_idx = a.primary.as_ref().and_then(|p| self.idx_of(p.node_id));
-        // The oracle peeks at the monitor's state: was "" an explicit choice?
-        let by_choice = self
-            .state
-            .group(DEFAULT_FORMATION, 0)
-            .and_then(|g| g.sync_history.last())
-            .is_some_and(|c| c.async_by_choice);
+        let by_choice = self.keepers[i].by_choice;
         use NodeState::*;
         match next {
             Init => false,
@@ -535,11 +534,7 @@ impl Sim {
             if self.try_reach(i, goal) && goal.is_writable() {
                 let names = self.keepers[i].assignment.as_ref().map(|a| a.synchronous_standby_names.clone()).unwrap_or_default();
                 self.keepers[i].pg.sync = Self::parse_names(&names);
-                self.keepers[i].pg.async_by_choice = self
-                    .state
-                    .group(DEFAULT_FORMATION, 0)
-                    .and_then(|g| g.sync_history.last())
-                    .is_some_and(|c| c.async_by_choice);
+                self.keepers[i].pg.async_by_choice = self.keepers[i].by_choice;
             }
             return;
         }
@@ -662,10 +657,15 @@ impl Sim {
                     self.run_orchestrator();
                     if let Ok(a) = assignment(&self.state, report.node_id, now) {
                         let d = self.delay();
-                        self.send(now + d, Msg::Answer { node, incarnation, beat_sent_at: sent_at, assignment: a });
+                        let by_choice = self
+                            .state
+                            .group(DEFAULT_FORMATION, 0)
+                            .and_then(|g| g.sync_history.last())
+                            .is_some_and(|c| c.async_by_choice);
+                        self.send(now + d, Msg::Answer { node, incarnation, beat_sent_at: sent_at, assignment: a, by_choice });
                     }
                 }
-                Msg::Answer { node, incarnation, beat_sent_at, assignment } => {
+                Msg::Answer { node, incarnation, beat_sent_at, assignment, by_choice } => {
                     let k = &mut self.keepers[node];
                     if !k.alive || k.incarnation != incarnation || k.partitioned_until > now || beat_sent_at < k.last_answer_beat {
                         continue;
@@ -674,6 +674,7 @@ impl Sim {
                     let lease = assignment.lease_ms + assignment.lease_ms * k.drift_pm / 1000;
                     k.lease_until = k.lease_until.max(beat_sent_at + lease);
                     k.assignment = Some(assignment);
+                    k.by_choice = by_choice;
                 }
             }
         }
