@@ -524,7 +524,15 @@ impl ClusterState {
         // configurations older than the one current when that goal was assigned.
         if state == goal && state.confirms_sync() {
             if let Some(g) = self.group_mut(&formation, group_id) {
-                if g.sync_history.len() > 1 {
+                // Only a synchronous commit proves anything: under a configuration
+                // with no synchronous standby, older ones stay (their commits keep
+                // their protection).
+                let confirmed = g
+                    .sync_history
+                    .iter()
+                    .filter(|c| c.seq >= goal_sync_seq)
+                    .all(|c| c.number > 0);
+                if g.sync_history.len() > 1 && confirmed {
                     g.sync_history.retain(|c| c.seq >= goal_sync_seq);
                 }
             }

@@ -298,7 +298,9 @@ impl<'a> Ctx<'a> {
                                 j.name
                             ),
                         );
-                    } else if self.group.sync_history.len() > 1 {
+                    } else if self.group.sync_history.len() > 1
+                        && self.group.sync_history.last().is_some_and(|c| c.number > 0)
+                    {
                         let names = self
                             .group
                             .sync_history
