@@ -758,10 +758,13 @@ impl ClusterState {
         let mut live = 0;
         let mut eligible: usize = 0;
         for n in self.group_nodes(formation, group_id) {
-            if Some(n.id) == without || n.is_dropping() {
+            if n.is_dropping() {
                 continue;
             }
             live += 1;
+            if Some(n.id) == without {
+                continue;
+            }
             let quorum = match quorum_override {
                 Some((id, q)) if id == n.id => q,
                 _ => n.replication_quorum,
