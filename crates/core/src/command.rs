@@ -655,6 +655,7 @@ impl ClusterState {
             }
         }
         let next_seq = group.sync_history.last().map(|c| c.seq).unwrap_or(0);
+        let (own_lsn, own_timeline) = (node.reported_lsn, node.timeline);
         // Every acknowledged commit of the ending epoch lies at or below: the most
         // advanced witness when enough of them reported, else the new primary's own
         // LSN (the old primary restarted in place: nothing else is known).
@@ -729,6 +730,8 @@ impl ClusterState {
                 g.failover = None;
                 g.sync_history.clear();
                 g.lsn_floor = g.lsn_floor.max(promoted_lsn);
+                g.promoted_at_lsn = own_lsn;
+                g.promoted_at_timeline = own_timeline;
             }
         }
         self.refresh_sync(&formation, group_id, now);

@@ -231,6 +231,12 @@ pub struct Group {
     /// the current timeline: the next primary must have at least this much.
     pub lsn_floor: Lsn,
     pub failover: Option<Failover>,
+    /// The current (or last) primary's LSN and timeline when it was given its writable
+    /// goal: if it is found stopped on that timeline at that LSN, it never took a write.
+    #[serde(default)]
+    pub promoted_at_lsn: Lsn,
+    #[serde(default)]
+    pub promoted_at_timeline: u32,
 }
 
 /// An entry of the bounded event history: what changed and why.

@@ -479,7 +479,20 @@ impl<'a> Ctx<'a> {
         // 3. Enough witnesses?
         let wit: Vec<&Node> = witnesses(self.state, self.formation, self.group_id, f).collect();
         let ids: Vec<NodeId> = wit.iter().map(|n| n.id).collect();
-        let req = requirement(&self.group.sync_history, &ids);
+        // An old primary found stopped on the timeline and at the LSN it had when it
+        // was made primary never took a write: its epoch holds no acknowledged commit,
+        // and everything older lies at or below the group's floor.
+        let epoch_empty = old.is_some_and(|o| {
+            o.reported_state.is_stopped()
+                && o.lsn_at >= fenced_at
+                && o.timeline == self.group.promoted_at_timeline
+                && o.reported_lsn <= self.group.promoted_at_lsn
+        });
+        let req = if epoch_empty {
+            Requirement::Met
+        } else {
+            requirement(&self.group.sync_history, &ids)
+        };
         let target = wit.iter().map(|n| n.reported_lsn).max().unwrap_or(0);
         let safe = req == Requirement::Met && !wit.is_empty() && target >= self.group.lsn_floor;
         if safe && self.choose(f, &wit, target, out) {
