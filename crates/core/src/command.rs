@@ -379,10 +379,8 @@ impl ClusterState {
                 "candidate priority {candidate_priority} is outside 0-100"
             )));
         }
-        if !self.formations.contains_key(formation) {
-            if formation != DEFAULT_FORMATION {
-                return Err(CoreError::UnknownFormation(formation.to_string()));
-            }
+        if !self.formations.contains_key(formation) && formation != DEFAULT_FORMATION {
+            return Err(CoreError::UnknownFormation(formation.to_string()));
         }
         let group_id: GroupId = 0;
         let other_sysid = self

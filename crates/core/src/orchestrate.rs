@@ -163,9 +163,11 @@ impl<'a> Ctx<'a> {
     /// PostgreSQL down for a lease and its margin since the node was given its goal.
     fn pg_down_too_long(&self, n: &Node) -> bool {
         self.alive(n)
-            && self.health.pg_down_since.get(&n.id).is_some_and(|since| {
-                self.now.saturating_sub((*since).max(n.goal_since)) >= self.ua
-            })
+            && self
+                .health
+                .pg_down_since
+                .get(&n.id)
+                .is_some_and(|since| self.now.saturating_sub((*since).max(n.goal_since)) >= self.ua)
     }
 
     fn run(&self, out: &mut Vec<Command>) {
@@ -321,41 +323,40 @@ impl<'a> Ctx<'a> {
         // 3. The standbys.
         for n in others {
             match n.goal_state {
-                NodeState::WaitStandby => {
+                NodeState::WaitStandby
                     if n.reported_state == NodeState::WaitStandby
                         && matches!(
                             p.reported_state,
                             NodeState::WaitPrimary | NodeState::JoinPrimary
                         )
-                        && p.goal_state == p.reported_state
-                    {
-                        assign(
-                            out,
-                            n,
-                            NodeState::Catchingup,
-                            format!("primary {} accepts its replication connection", p.name),
-                        );
-                    }
+                        && p.goal_state == p.reported_state =>
+                {
+                    assign(
+                        out,
+                        n,
+                        NodeState::Catchingup,
+                        format!("primary {} accepts its replication connection", p.name),
+                    );
                 }
-                NodeState::Catchingup | NodeState::JoinSecondary => {
-                    if n.reported_state == n.goal_state && self.caught_up(p, n) {
-                        assign(
-                            out,
-                            n,
-                            NodeState::Secondary,
-                            format!("caught up with primary {}", p.name),
-                        );
-                    }
+                NodeState::Catchingup | NodeState::JoinSecondary
+                    if n.reported_state == n.goal_state && self.caught_up(p, n) =>
+                {
+                    assign(
+                        out,
+                        n,
+                        NodeState::Secondary,
+                        format!("caught up with primary {}", p.name),
+                    );
                 }
-                NodeState::Secondary => {
-                    if n.reported_state == NodeState::Secondary && self.lost(n) {
-                        assign(
-                            out,
-                            n,
-                            NodeState::Catchingup,
-                            "unhealthy: no heartbeat or PostgreSQL down".into(),
-                        );
-                    }
+                NodeState::Secondary
+                    if n.reported_state == NodeState::Secondary && self.lost(n) =>
+                {
+                    assign(
+                        out,
+                        n,
+                        NodeState::Catchingup,
+                        "unhealthy: no heartbeat or PostgreSQL down".into(),
+                    );
                 }
                 NodeState::ReportLsn
                 | NodeState::FastForward
@@ -368,18 +369,18 @@ impl<'a> Ctx<'a> {
                         format!("{} is the new primary", p.name),
                     );
                 }
-                NodeState::Demoted | NodeState::DemoteTimeout | NodeState::Draining => {
-                    if n.reported_state.is_stopped() && p.reported_state.is_writable() {
-                        assign(
-                            out,
-                            n,
-                            NodeState::Catchingup,
-                            format!(
-                                "rejoin primary {} as a standby (rewinding if needed)",
-                                p.name
-                            ),
-                        );
-                    }
+                NodeState::Demoted | NodeState::DemoteTimeout | NodeState::Draining
+                    if n.reported_state.is_stopped() && p.reported_state.is_writable() =>
+                {
+                    assign(
+                        out,
+                        n,
+                        NodeState::Catchingup,
+                        format!(
+                            "rejoin primary {} as a standby (rewinding if needed)",
+                            p.name
+                        ),
+                    );
                 }
                 NodeState::PrepareMaintenance => {
                     assign(
@@ -589,13 +590,20 @@ impl<'a> Ctx<'a> {
     fn advance(&self, c: &Node, target: u64, out: &mut Vec<Command>) -> bool {
         if c.reported_lsn < target {
             let source = fast_forward_source(self.state, self.formation, self.group_id);
-            let current = self.group.failover.as_ref().and_then(|f| f.fast_forward_source);
+            let current = self
+                .group
+                .failover
+                .as_ref()
+                .and_then(|f| f.fast_forward_source);
             if c.goal_state == NodeState::FastForward && source != current {
                 // A more advanced witness reported since: fetch from it instead.
                 out.push(Command::AssignGoal {
                     node_id: c.id,
                     goal: NodeState::FastForward,
-                    reason: format!("a more advanced standby reported: fetch WAL up to {}", fmt_lsn(target)),
+                    reason: format!(
+                        "a more advanced standby reported: fetch WAL up to {}",
+                        fmt_lsn(target)
+                    ),
                 });
             } else if c.goal_state != NodeState::FastForward {
                 let src = fast_forward_source(self.state, self.formation, self.group_id)

@@ -276,7 +276,8 @@ mod tests {
     fn every_step_of_a_path_is_an_allowed_transition() {
         for from in reportable_states() {
             for to in assignable_goals() {
-                let path = keeper_path(from, to).unwrap_or_else(|| panic!("no path {from} -> {to}"));
+                let path =
+                    keeper_path(from, to).unwrap_or_else(|| panic!("no path {from} -> {to}"));
                 let mut cur = from;
                 for s in &path {
                     assert!(transition_allowed(cur, *s), "{cur} -> {s}");

@@ -61,7 +61,15 @@ impl Cluster {
     }
 
     /// A heartbeat: observed by the leader, and the state change it implies applied.
-    fn beat_full(&mut self, name: &str, st: NodeState, pg_running: bool, lsn: Lsn, timeline: u32, streaming: &[(&str, Lsn)]) {
+    fn beat_full(
+        &mut self,
+        name: &str,
+        st: NodeState,
+        pg_running: bool,
+        lsn: Lsn,
+        timeline: u32,
+        streaming: &[(&str, Lsn)],
+    ) {
         self.seq += 1;
         let report = NodeReport {
             node_id: self.id(name),
@@ -125,9 +133,21 @@ impl Cluster {
 
     /// Every node reaches its goal and reports it.
     fn settle(&mut self, lsn: Lsn) {
-        let names: Vec<(String, NodeState)> = self.state.nodes.values().map(|n| (n.name.clone(), n.goal_state)).collect();
-        let primary = names.iter().find(|(_, g)| g.is_writable()).map(|(n, _)| n.clone());
-        let standbys: Vec<(String, Lsn)> = names.iter().filter(|(n, _)| Some(n) != primary.as_ref()).map(|(n, _)| (n.clone(), lsn)).collect();
+        let names: Vec<(String, NodeState)> = self
+            .state
+            .nodes
+            .values()
+            .map(|n| (n.name.clone(), n.goal_state))
+            .collect();
+        let primary = names
+            .iter()
+            .find(|(_, g)| g.is_writable())
+            .map(|(n, _)| n.clone());
+        let standbys: Vec<(String, Lsn)> = names
+            .iter()
+            .filter(|(n, _)| Some(n) != primary.as_ref())
+            .map(|(n, _)| (n.clone(), lsn))
+            .collect();
         for (n, g) in &names {
             if Some(n) == primary.as_ref() {
                 let s: Vec<(&str, Lsn)> = standbys.iter().map(|(n, l)| (n.as_str(), *l)).collect();
@@ -150,7 +170,14 @@ impl Cluster {
                 }
             }
         }
-        panic!("did not converge: {:?}", self.state.nodes.values().map(|n| (&n.name, n.reported_state, n.goal_state)).collect::<Vec<_>>());
+        panic!(
+            "did not converge: {:?}",
+            self.state
+                .nodes
+                .values()
+                .map(|n| (&n.name, n.reported_state, n.goal_state))
+                .collect::<Vec<_>>()
+        );
     }
 
     /// a primary, b and c secondaries, synchronous replication on.
@@ -202,7 +229,12 @@ fn waiting_standby_catches_up_once_the_primary_accepts_it() {
     c.register("a", 50);
     c.register("b", 50);
     c.beat("a", WaitPrimary, 10);
-    c.apply(Command::AssignGoal { node_id: c.id("a"), goal: WaitPrimary, reason: "t".into() }).unwrap();
+    c.apply(Command::AssignGoal {
+        node_id: c.id("a"),
+        goal: WaitPrimary,
+        reason: "t".into(),
+    })
+    .unwrap();
     c.beat("a", WaitPrimary, 10);
     c.beat("b", WaitStandby, 0);
     assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Catchingup)]));
@@ -221,7 +253,14 @@ fn catching_up_standby_becomes_secondary_only_when_streaming_close_to_the_primar
     assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Catchingup)]));
     c.beat("b", Catchingup, 50);
     // Streaming but far behind: not yet.
-    c.beat_full("a", Primary, true, 50 + CATCHUP_LAG_BYTES + 1, 1, &[("b", 50)]);
+    c.beat_full(
+        "a",
+        Primary,
+        true,
+        50 + CATCHUP_LAG_BYTES + 1,
+        1,
+        &[("b", 50)],
+    );
     assert_eq!(c.orchestrate(), vec![]);
     c.beat_full("a", Primary, true, 60, 1, &[("b", 50)]);
     assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Secondary)]));
@@ -257,13 +296,30 @@ fn a_third_node_passes_the_primary_through_join_primary() {
 #[test]
 fn a_change_of_synchronous_standbys_goes_through_apply_settings() {
     let mut c = Cluster::three();
-    c.apply(Command::SetNodeSetting { formation: "".into(), node: "c".into(), setting: NodeSetting::ReplicationQuorum(false) }).unwrap();
+    c.apply(Command::SetNodeSetting {
+        formation: "".into(),
+        node: "c".into(),
+        setting: NodeSetting::ReplicationQuorum(false),
+    })
+    .unwrap();
     assert_eq!(c.orchestrate(), Cluster::assigned(&[("a", ApplySettings)]));
-    assert_eq!(assignment(&c.state, c.id("a"), c.now).unwrap().synchronous_standby_names, r#"ANY 1 ("b")"#);
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 1 ("b")"#
+    );
     c.beat("a", ApplySettings, 100);
     assert_eq!(c.orchestrate(), Cluster::assigned(&[("a", Primary)]));
     // Once confirmed, only the new configuration remains to be satisfied.
-    assert_eq!(c.state.group(DEFAULT_FORMATION, 0).unwrap().sync_history.len(), 1);
+    assert_eq!(
+        c.state
+            .group(DEFAULT_FORMATION, 0)
+            .unwrap()
+            .sync_history
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -280,13 +336,21 @@ fn silent_primary_is_demoted_only_when_its_lease_has_surely_expired() {
     c.beat("c", Secondary, 100);
     let got = c.orchestrate();
     assert_eq!(got[0], ("a".into(), Demoted));
-    assert!(got.contains(&("b".into(), ReportLsn)) && got.contains(&("c".into(), ReportLsn)), "{got:?}");
+    assert!(
+        got.contains(&("b".into(), ReportLsn)) && got.contains(&("c".into(), ReportLsn)),
+        "{got:?}"
+    );
 }
 
 #[test]
 fn failover_promotes_by_priority_and_fast_forwards_a_candidate_that_is_behind() {
     let mut c = Cluster::three();
-    c.apply(Command::SetNodeSetting { formation: "".into(), node: "c".into(), setting: NodeSetting::CandidatePriority(90) }).unwrap();
+    c.apply(Command::SetNodeSetting {
+        formation: "".into(),
+        node: "c".into(),
+        setting: NodeSetting::CandidatePriority(90),
+    })
+    .unwrap();
     c.advance(10_000);
     c.beat("b", Secondary, 100);
     c.beat("c", Secondary, 100);
@@ -297,11 +361,22 @@ fn failover_promotes_by_priority_and_fast_forwards_a_candidate_that_is_behind() 
     let a = assignment(&c.state, c.id("c"), c.now).unwrap();
     assert_eq!(a.primary.unwrap().name, "b", "fetch from the most advanced");
     c.beat("c", FastForward, 120);
-    assert_eq!(c.orchestrate(), Cluster::assigned(&[("c", PreparePromotion)]));
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", PreparePromotion)])
+    );
     c.beat("c", PreparePromotion, 120);
-    assert_eq!(c.orchestrate(), Cluster::assigned(&[("c", WaitPrimary), ("b", JoinSecondary)]));
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", WaitPrimary), ("b", JoinSecondary)])
+    );
     // The new primary keeps synchronous replication: no unprotected window.
-    assert_eq!(assignment(&c.state, c.id("c"), c.now).unwrap().synchronous_standby_names, r#"ANY 1 ("b")"#);
+    assert_eq!(
+        assignment(&c.state, c.id("c"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 1 ("b")"#
+    );
 }
 
 #[test]
@@ -327,9 +402,18 @@ fn a_standby_dying_during_report_lsn_does_not_block_when_the_others_suffice() {
         c.register(n, 50);
     }
     c.converge(100);
-    c.apply(Command::SetFormationSetting { formation: "".into(), setting: FormationSetting::NumberSyncStandbys(2) }).unwrap();
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::NumberSyncStandbys(2),
+    })
+    .unwrap();
     c.converge(100);
-    assert_eq!(assignment(&c.state, c.id("a"), c.now).unwrap().synchronous_standby_names, r#"ANY 2 ("b", "c", "d")"#);
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 2 ("b", "c", "d")"#
+    );
     c.advance(10_000);
     c.beat("b", Secondary, 100);
     c.beat("c", Secondary, 100);
@@ -385,25 +469,48 @@ fn postgres_down_on_a_live_primary_leads_to_demote_timeout() {
 #[test]
 fn switchover_to_a_named_node() {
     let mut c = Cluster::three();
-    c.apply(Command::PerformSwitchover { formation: "".into(), group_id: 0, candidate: Some("c".into()) }).unwrap();
+    c.apply(Command::PerformSwitchover {
+        formation: "".into(),
+        group_id: 0,
+        candidate: Some("c".into()),
+    })
+    .unwrap();
     assert_eq!(c.node("a").goal_state, Draining);
     c.beat("b", Secondary, 100);
     c.beat("c", Secondary, 100);
-    assert_eq!(c.orchestrate(), vec![], "a has not stopped yet and its lease is valid");
+    assert_eq!(
+        c.orchestrate(),
+        vec![],
+        "a has not stopped yet and its lease is valid"
+    );
     c.beat_full("a", Draining, false, 150, 1, &[]);
     let got = c.orchestrate();
-    assert!(got.contains(&("a".into(), Demoted)) && got.contains(&("c".into(), ReportLsn)), "{got:?}");
+    assert!(
+        got.contains(&("a".into(), Demoted)) && got.contains(&("c".into(), ReportLsn)),
+        "{got:?}"
+    );
     c.beat("b", ReportLsn, 150);
     c.beat("c", ReportLsn, 150);
-    assert_eq!(c.orchestrate(), Cluster::assigned(&[("c", PreparePromotion)]));
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", PreparePromotion)])
+    );
     c.beat("c", PreparePromotion, 150);
-    assert_eq!(c.orchestrate(), Cluster::assigned(&[("c", WaitPrimary), ("b", JoinSecondary)]));
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", WaitPrimary), ("b", JoinSecondary)])
+    );
 }
 
 #[test]
 fn the_old_primary_returns_by_rewind() {
     let mut c = Cluster::three();
-    c.apply(Command::PerformSwitchover { formation: "".into(), group_id: 0, candidate: None }).unwrap();
+    c.apply(Command::PerformSwitchover {
+        formation: "".into(),
+        group_id: 0,
+        candidate: None,
+    })
+    .unwrap();
     c.beat_full("a", Draining, false, 150, 1, &[]);
     c.beat("b", Secondary, 100);
     c.beat("c", Secondary, 100);
@@ -417,29 +524,56 @@ fn the_old_primary_returns_by_rewind() {
     c.beat_full("a", Demoted, false, 150, 1, &[]);
     let got = c.orchestrate();
     assert!(got.contains(&("a".into(), Catchingup)), "{got:?}");
-    assert_eq!(assignment(&c.state, c.id("a"), c.now).unwrap().primary.unwrap().name, "b");
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .primary
+            .unwrap()
+            .name,
+        "b"
+    );
 }
 
 #[test]
 fn maintenance_on_a_standby_waits_for_the_primary_to_stop_waiting_for_it() {
     let mut c = Cluster::three();
-    c.apply(Command::SetMaintenance { formation: "".into(), node: "c".into(), enable: true }).unwrap();
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "c".into(),
+        enable: true,
+    })
+    .unwrap();
     assert_eq!(c.node("c").goal_state, WaitMaintenance);
     let got = c.orchestrate();
     assert_eq!(got, Cluster::assigned(&[("a", ApplySettings)]));
-    assert_eq!(assignment(&c.state, c.id("a"), c.now).unwrap().synchronous_standby_names, r#"ANY 1 ("b")"#);
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 1 ("b")"#
+    );
     c.beat("a", ApplySettings, 100);
     let got = c.orchestrate();
     assert!(got.contains(&("c".into(), Maintenance)), "{got:?}");
     // And back.
-    c.apply(Command::SetMaintenance { formation: "".into(), node: "c".into(), enable: false }).unwrap();
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "c".into(),
+        enable: false,
+    })
+    .unwrap();
     assert_eq!(c.node("c").goal_state, Catchingup);
 }
 
 #[test]
 fn maintenance_on_the_primary_fails_over_first() {
     let mut c = Cluster::three();
-    c.apply(Command::SetMaintenance { formation: "".into(), node: "a".into(), enable: true }).unwrap();
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "a".into(),
+        enable: true,
+    })
+    .unwrap();
     assert_eq!(c.node("a").goal_state, PrepareMaintenance);
     c.beat_full("a", PrepareMaintenance, false, 100, 1, &[]);
     c.beat("b", Secondary, 100);
@@ -452,15 +586,26 @@ fn maintenance_on_the_primary_fails_over_first() {
     c.beat("b", PreparePromotion, 100);
     c.orchestrate();
     assert_eq!(c.node("b").goal_state, WaitPrimary);
-    assert_eq!(c.node("a").goal_state, Maintenance, "a is in maintenance once b took over");
+    assert_eq!(
+        c.node("a").goal_state,
+        Maintenance,
+        "a is in maintenance once b took over"
+    );
 }
 
 #[test]
 fn dropping_a_standby_removes_it_once_its_keeper_confirms() {
     let mut c = Cluster::three();
-    c.apply(Command::DropNode { formation: "".into(), node: "c".into() }).unwrap();
+    c.apply(Command::DropNode {
+        formation: "".into(),
+        node: "c".into(),
+    })
+    .unwrap();
     assert_eq!(c.node("c").goal_state, Dropped);
-    assert_eq!(assignment(&c.state, c.id("a"), c.now).unwrap().peers.len(), 1);
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now).unwrap().peers.len(),
+        1
+    );
     c.beat("c", Dropped, 100);
     assert!(c.state.node_by_name(DEFAULT_FORMATION, "c").is_none());
 }
@@ -470,14 +615,26 @@ fn on_quorum_loss_block_keeps_synchronous_replication() {
     let mut c = Cluster::three();
     c.advance(10_000);
     c.beat_full("a", Primary, true, 100, 1, &[]);
-    assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Catchingup), ("c", Catchingup)]));
-    assert_eq!(assignment(&c.state, c.id("a"), c.now).unwrap().synchronous_standby_names, r#"ANY 1 ("b", "c")"#);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("b", Catchingup), ("c", Catchingup)])
+    );
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 1 ("b", "c")"#
+    );
 }
 
 #[test]
 fn on_quorum_loss_continue_is_explicit_and_recorded() {
     let mut c = Cluster::three();
-    c.apply(Command::SetFormationSetting { formation: "".into(), setting: FormationSetting::OnQuorumLoss(QuorumLossPolicy::Continue) }).unwrap();
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::OnQuorumLoss(QuorumLossPolicy::Continue),
+    })
+    .unwrap();
     c.advance(10_000);
     c.beat_full("a", Primary, true, 100, 1, &[]);
     let got = c.orchestrate();
@@ -485,7 +642,11 @@ fn on_quorum_loss_continue_is_explicit_and_recorded() {
     let a = assignment(&c.state, c.id("a"), c.now).unwrap();
     assert_eq!(a.synchronous_standby_names, "");
     assert_eq!(a.on_quorum_loss, "continue");
-    assert!(c.state.events.iter().any(|e| e.description.contains("on_quorum_loss = continue")));
+    assert!(c
+        .state
+        .events
+        .iter()
+        .any(|e| e.description.contains("on_quorum_loss = continue")));
 }
 
 #[test]
@@ -497,7 +658,10 @@ fn steady_state_heartbeats_cost_no_write() {
         c.settle(100 + c.now);
         assert_eq!(c.orchestrate(), vec![]);
     }
-    assert_eq!(c.state, before, "steady state must not change the replicated state");
+    assert_eq!(
+        c.state, before,
+        "steady state must not change the replicated state"
+    );
 }
 
 #[test]
@@ -507,7 +671,13 @@ fn events_say_what_changed_and_why() {
     c.beat("b", Secondary, 100);
     c.beat("c", Secondary, 100);
     c.orchestrate();
-    let e = c.state.events.iter().rev().find(|e| e.description.contains("node a assigned demoted")).unwrap();
+    let e = c
+        .state
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.description.contains("node a assigned demoted"))
+        .unwrap();
     assert!(e.description.contains("lease"), "{}", e.description);
     assert!(c.state.events.len() <= MAX_EVENTS);
 }
@@ -526,7 +696,14 @@ fn switchover_without_a_healthy_standby_is_refused() {
     let mut c = Cluster::new();
     c.register("a", 50);
     c.converge(10);
-    let e = refused(&mut c, Command::PerformSwitchover { formation: "".into(), group_id: 0, candidate: None });
+    let e = refused(
+        &mut c,
+        Command::PerformSwitchover {
+            formation: "".into(),
+            group_id: 0,
+            candidate: None,
+        },
+    );
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
     assert!(e.to_string().contains("no secondary"), "{e}");
 }
@@ -534,16 +711,33 @@ fn switchover_without_a_healthy_standby_is_refused() {
 #[test]
 fn number_sync_standbys_above_the_quorum_nodes_is_refused() {
     let mut c = Cluster::three();
-    let e = refused(&mut c, Command::SetFormationSetting { formation: "".into(), setting: FormationSetting::NumberSyncStandbys(3) });
+    let e = refused(
+        &mut c,
+        Command::SetFormationSetting {
+            formation: "".into(),
+            setting: FormationSetting::NumberSyncStandbys(3),
+        },
+    );
     assert!(e.to_string().contains("quorum standby"), "{e}");
-    c.apply(Command::SetFormationSetting { formation: "".into(), setting: FormationSetting::NumberSyncStandbys(2) }).unwrap();
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::NumberSyncStandbys(2),
+    })
+    .unwrap();
 }
 
 #[test]
 fn maintenance_on_the_only_node_is_refused() {
     let mut c = Cluster::new();
     c.register("a", 50);
-    let e = refused(&mut c, Command::SetMaintenance { formation: "".into(), node: "a".into(), enable: true });
+    let e = refused(
+        &mut c,
+        Command::SetMaintenance {
+            formation: "".into(),
+            node: "a".into(),
+            enable: true,
+        },
+    );
     assert!(e.to_string().contains("only node"), "{e}");
 }
 
@@ -553,33 +747,144 @@ fn maintenance_that_would_block_writes_is_refused_under_block() {
     c.register("a", 50);
     c.register("b", 50);
     c.converge(100);
-    let e = refused(&mut c, Command::SetMaintenance { formation: "".into(), node: "b".into(), enable: true });
+    let e = refused(
+        &mut c,
+        Command::SetMaintenance {
+            formation: "".into(),
+            node: "b".into(),
+            enable: true,
+        },
+    );
     assert!(e.to_string().contains("writes would block"), "{e}");
 }
 
 #[test]
 fn unknown_names_and_invalid_settings_are_refused() {
     let mut c = Cluster::three();
-    assert_eq!(refused(&mut c, Command::DropNode { formation: "".into(), node: "zz".into() }).kind(), ErrorKind::NotFound);
-    assert_eq!(refused(&mut c, Command::SetMaintenance { formation: "nope".into(), node: "a".into(), enable: true }).kind(), ErrorKind::NotFound);
-    assert_eq!(refused(&mut c, Command::SetNodeSetting { formation: "".into(), node: "a".into(), setting: NodeSetting::CandidatePriority(101) }).kind(), ErrorKind::InvalidArgument);
-    assert_eq!(refused(&mut c, Command::SetFormationSetting { formation: "".into(), setting: FormationSetting::LeaseMarginMs(1) }).kind(), ErrorKind::InvalidArgument);
-    assert_eq!(refused(&mut c, Command::SetFormationSetting { formation: "".into(), setting: FormationSetting::HeartbeatIntervalMs(5) }).kind(), ErrorKind::InvalidArgument);
-    assert_eq!(refused(&mut c, Command::SetFormationSetting { formation: "".into(), setting: FormationSetting::LeaseMs(100) }).kind(), ErrorKind::InvalidArgument);
-    assert_eq!(refused(&mut c, Command::DropNode { formation: "".into(), node: "a".into() }).kind(), ErrorKind::FailedPrecondition);
-    assert_eq!(refused(&mut c, Command::ReportState { node_id: 99, state: Secondary, lsn: 0, timeline: 1, pg_running: true }).kind(), ErrorKind::NotFound);
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::DropNode {
+                formation: "".into(),
+                node: "zz".into()
+            }
+        )
+        .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetMaintenance {
+                formation: "nope".into(),
+                node: "a".into(),
+                enable: true
+            }
+        )
+        .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetNodeSetting {
+                formation: "".into(),
+                node: "a".into(),
+                setting: NodeSetting::CandidatePriority(101)
+            }
+        )
+        .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetFormationSetting {
+                formation: "".into(),
+                setting: FormationSetting::LeaseMarginMs(1)
+            }
+        )
+        .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetFormationSetting {
+                formation: "".into(),
+                setting: FormationSetting::HeartbeatIntervalMs(5)
+            }
+        )
+        .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetFormationSetting {
+                formation: "".into(),
+                setting: FormationSetting::LeaseMs(100)
+            }
+        )
+        .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::DropNode {
+                formation: "".into(),
+                node: "a".into()
+            }
+        )
+        .kind(),
+        ErrorKind::FailedPrecondition
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::ReportState {
+                node_id: 99,
+                state: Secondary,
+                lsn: 0,
+                timeline: 1,
+                pg_running: true
+            }
+        )
+        .kind(),
+        ErrorKind::NotFound
+    );
 }
 
 #[test]
 fn a_second_primary_is_refused_whatever_the_proposal() {
     let mut c = Cluster::three();
     let b = c.id("b");
-    let e = refused(&mut c, Command::AssignGoal { node_id: b, goal: WaitPrimary, reason: "stale proposal".into() });
+    let e = refused(
+        &mut c,
+        Command::AssignGoal {
+            node_id: b,
+            goal: WaitPrimary,
+            reason: "stale proposal".into(),
+        },
+    );
     assert!(e.to_string().contains("already the primary"), "{e}");
     // Even with the old primary demoting, not before it is fenced.
     let a = c.id("a");
-    c.apply(Command::AssignGoal { node_id: a, goal: Draining, reason: "t".into() }).unwrap();
-    let e = refused(&mut c, Command::AssignGoal { node_id: b, goal: WaitPrimary, reason: "too early".into() });
+    c.apply(Command::AssignGoal {
+        node_id: a,
+        goal: Draining,
+        reason: "t".into(),
+    })
+    .unwrap();
+    let e = refused(
+        &mut c,
+        Command::AssignGoal {
+            node_id: b,
+            goal: WaitPrimary,
+            reason: "too early".into(),
+        },
+    );
     assert!(e.to_string().contains("may still accept writes"), "{e}");
 }
 
@@ -587,11 +892,30 @@ fn a_second_primary_is_refused_whatever_the_proposal() {
 fn many_formations_are_cheap_to_create_and_drop() {
     let mut s = ClusterState::default();
     for i in 0..10_000 {
-        s.apply(&Command::CreateFormation { name: format!("f{i}"), number_sync_standbys: None }, 1).unwrap();
+        s.apply(
+            &Command::CreateFormation {
+                name: format!("f{i}"),
+                number_sync_standbys: None,
+            },
+            1,
+        )
+        .unwrap();
     }
     assert_eq!(s.formations.len(), 10_000);
-    s.apply(&Command::DropFormation { name: "f5".into() }, 2).unwrap();
-    assert_eq!(s.apply(&Command::CreateFormation { name: "f6".into(), number_sync_standbys: None }, 3).unwrap_err().kind(), ErrorKind::AlreadyExists);
+    s.apply(&Command::DropFormation { name: "f5".into() }, 2)
+        .unwrap();
+    assert_eq!(
+        s.apply(
+            &Command::CreateFormation {
+                name: "f6".into(),
+                number_sync_standbys: None
+            },
+            3
+        )
+        .unwrap_err()
+        .kind(),
+        ErrorKind::AlreadyExists
+    );
 }
 
 #[test]

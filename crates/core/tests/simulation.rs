@@ -18,8 +18,14 @@ fn replay_command(seed: u64) -> String {
 fn simulated_clusters_keep_the_invariants() {
     if let Some(seed) = env_u64("PGQUORUM_SIM_SEED") {
         match sim::Sim::new(seed, true).run() {
-            Ok(s) => println!("seed {seed}: ok, {} commits acknowledged, {} promotions/demotions", s.acked_count, s.failovers),
-            Err(sim::Failure(msg)) => panic!("seed {seed} failed: {msg}\nreplay: {}", replay_command(seed)),
+            Ok(s) => println!(
+                "seed {seed}: ok, {} commits acknowledged, {} promotions/demotions",
+                s.acked_count, s.failovers
+            ),
+            Err(sim::Failure(msg)) => panic!(
+                "seed {seed} failed: {msg}\nreplay: {}",
+                replay_command(seed)
+            ),
         }
         return;
     }
@@ -34,11 +40,39 @@ fn simulated_clusters_keep_the_invariants() {
                 failovers += s.failovers;
             }
             Err(sim::Failure(msg)) => {
-                panic!("seed {seed} failed: {msg}\nreplay exactly with:\n  {}", replay_command(seed))
+                panic!(
+                    "seed {seed} failed: {msg}\nreplay exactly with:\n  {}",
+                    replay_command(seed)
+                )
             }
         }
     }
     // The simulation must exercise what it claims to check.
     assert!(acked > seeds * 10, "too few acknowledged commits: {acked}");
     assert!(failovers > seeds / 2, "too few failovers: {failovers}");
+}
+
+/// The benchmark behind docs/benchmarks.md: seeds per second (median of 3 runs).
+/// `cargo test -p pgquorum-core --test simulation -- --ignored --nocapture simulation_speed`
+#[test]
+#[ignore]
+#[allow(clippy::disallowed_methods)] // the harness measures wall time, not the core
+fn simulation_speed() {
+    let seeds = env_u64("PGQUORUM_SIM_SEEDS").unwrap_or(2_000);
+    let mut rates = Vec::new();
+    for run in 0..3u64 {
+        let start = std::time::Instant::now();
+        for seed in 0..seeds {
+            let s = sim::Sim::new(1_000_000 + run * seeds + seed, false);
+            if let Err(sim::Failure(msg)) = s.run() {
+                panic!("seed failed: {msg}");
+            }
+        }
+        rates.push(seeds as f64 / start.elapsed().as_secs_f64());
+    }
+    rates.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "simulation: {seeds} seeds per run, runs {rates:.0?} seeds/s, median {:.0} seeds/s",
+        rates[1]
+    );
 }

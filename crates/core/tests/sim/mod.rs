@@ -204,23 +204,63 @@ impl Sim {
             s.push_str(l);
             s.push('\n');
         }
-        s.push_str(&format!("state: {:#?}\n", self.state.nodes.values().map(|n| (n.name.clone(), n.reported_state, n.goal_state, n.reported_lsn)).collect::<Vec<_>>()));
-        s.push_str(&format!("group: {:?}\n", self.state.formations.values().map(|f| f.groups.clone()).collect::<Vec<_>>()));
+        s.push_str(&format!(
+            "state: {:#?}\n",
+            self.state
+                .nodes
+                .values()
+                .map(|n| (
+                    n.name.clone(),
+                    n.reported_state,
+                    n.goal_state,
+                    n.reported_lsn
+                ))
+                .collect::<Vec<_>>()
+        ));
+        s.push_str(&format!(
+            "group: {:?}\n",
+            self.state
+                .formations
+                .values()
+                .map(|f| f.groups.clone())
+                .collect::<Vec<_>>()
+        ));
         Failure(format!("{what}\n{s}"))
     }
 
     fn apply(&mut self, cmd: &Command) -> bool {
         match self.state.apply(cmd, self.now) {
             Ok(_) => {
-                if let Command::AssignGoal { node_id, goal, reason } = cmd {
-                    let name = self.state.nodes.get(node_id).map(|n| n.name.clone()).unwrap_or_default();
+                if let Command::AssignGoal {
+                    node_id,
+                    goal,
+                    reason,
+                } = cmd
+                {
+                    let name = self
+                        .state
+                        .nodes
+                        .get(node_id)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default();
                     if *goal == NodeState::WaitPrimary || *goal == NodeState::Demoted {
                         self.failovers += 1;
                     }
                     self.note(format!("assign {name} {goal}: {reason}"));
                 }
-                if let Command::ReportState { node_id, state, lsn, .. } = cmd {
-                    let name = self.state.nodes.get(node_id).map(|n| n.name.clone()).unwrap_or_default();
+                if let Command::ReportState {
+                    node_id,
+                    state,
+                    lsn,
+                    ..
+                } = cmd
+                {
+                    let name = self
+                        .state
+                        .nodes
+                        .get(node_id)
+                        .map(|n| n.name.clone())
+                        .unwrap_or_default();
                     self.note(format!("monitor records {name} in {state} at lsn {lsn}"));
                 }
                 true
@@ -281,7 +321,13 @@ impl Sim {
             FormationSetting::LeaseMs(self.settings.lease_ms),
             FormationSetting::NumberSyncStandbys(self.settings.number_sync_standbys),
         ] {
-            let r = self.state.apply(&Command::SetFormationSetting { formation: f.into(), setting: s.clone() }, self.now);
+            let r = self.state.apply(
+                &Command::SetFormationSetting {
+                    formation: f.into(),
+                    setting: s.clone(),
+                },
+                self.now,
+            );
             assert!(r.is_ok(), "{s:?}: {r:?}");
         }
     }
@@ -361,7 +407,10 @@ impl Sim {
             .filter(|(j, k)| {
                 *j != from
                     && names.contains(&k.name)
-                    && k.pg.wal.as_ref().is_some_and(|w| w.len() >= lsn && (lsn == 0 || w[lsn - 1] == id))
+                    && k.pg
+                        .wal
+                        .as_ref()
+                        .is_some_and(|w| w.len() >= lsn && (lsn == 0 || w[lsn - 1] == id))
             })
             .count() as u32
     }
@@ -415,7 +464,11 @@ impl Sim {
                 if next.confirms_sync() && k.pg.sync.0 > 0 {
                     let len = k.pg.wal.as_ref().map_or(0, |w| w.len());
                     let target = *k.confirm_target.get_or_insert(len);
-                    let id = if target == 0 { 0 } else { k.pg.wal.as_ref().map_or(0, |w| w[target - 1]) };
+                    let id = if target == 0 {
+                        0
+                    } else {
+                        k.pg.wal.as_ref().map_or(0, |w| w[target - 1])
+                    };
                     let (n, names) = k.pg.sync.clone();
                     if self.holders(i, &names, target, id) < n {
                         return false;
@@ -430,7 +483,11 @@ impl Sim {
                     let my = self.keepers[i].pg.wal.clone().unwrap_or_default();
                     for j in 0..self.keepers.len() {
                         let o = &mut self.keepers[j];
-                        if j != i && o.alive && o.pg.running == Some(Role::Standby) && o.pg.following == Some(i) {
+                        if j != i
+                            && o.alive
+                            && o.pg.running == Some(Role::Standby)
+                            && o.pg.following == Some(i)
+                        {
                             if let Some(w) = o.pg.wal.as_mut() {
                                 if my.starts_with(w) {
                                     *w = my.clone();
@@ -454,7 +511,10 @@ impl Sim {
             WaitStandby => true,
             Catchingup | JoinSecondary | Secondary | WaitMaintenance => {
                 let Some(p) = primary_idx else { return false };
-                if p == i || !self.keepers[p].alive || self.keepers[p].pg.running != Some(Role::Primary) {
+                if p == i
+                    || !self.keepers[p].alive
+                    || self.keepers[p].pg.running != Some(Role::Primary)
+                {
                     return false;
                 }
                 let pw = self.keepers[p].pg.wal.clone().unwrap_or_default();
@@ -466,7 +526,8 @@ impl Sim {
                     Some(w) => {
                         if !pw.starts_with(w) {
                             // pg_rewind: back to the common prefix.
-                            let common = w.iter().zip(pw.iter()).take_while(|(a, b)| a == b).count();
+                            let common =
+                                w.iter().zip(pw.iter()).take_while(|(a, b)| a == b).count();
                             w.truncate(common);
                         }
                     }
@@ -498,7 +559,9 @@ impl Sim {
                 let sw = self.keepers[s].pg.wal.clone().unwrap_or_default();
                 let stl = self.keepers[s].pg.timeline;
                 let k = &mut self.keepers[i];
-                let Some(w) = k.pg.wal.as_mut() else { return false };
+                let Some(w) = k.pg.wal.as_mut() else {
+                    return false;
+                };
                 if !sw.starts_with(w) {
                     return false;
                 }
@@ -532,7 +595,11 @@ impl Sim {
         if cur == goal {
             // Keep the state true (restart PostgreSQL after a crash, follow a new primary).
             if self.try_reach(i, goal) && goal.is_writable() {
-                let names = self.keepers[i].assignment.as_ref().map(|a| a.synchronous_standby_names.clone()).unwrap_or_default();
+                let names = self.keepers[i]
+                    .assignment
+                    .as_ref()
+                    .map(|a| a.synchronous_standby_names.clone())
+                    .unwrap_or_default();
                 self.keepers[i].pg.sync = Self::parse_names(&names);
                 self.keepers[i].pg.async_by_choice = self.keepers[i].by_choice;
             }
@@ -553,19 +620,48 @@ impl Sim {
         let name = self.keepers[self.rng.below(n as u64) as usize].name.clone();
         let f: String = DEFAULT_FORMATION.into();
         let cmd = match self.rng.below(8) {
-            0 => Command::PerformSwitchover { formation: f, group_id: 0, candidate: None },
-            1 => Command::PerformSwitchover { formation: f, group_id: 0, candidate: Some(name) },
-            2 => Command::PerformFailover { formation: f, group_id: 0 },
-            3 | 4 => Command::SetMaintenance { formation: f, node: name, enable: self.rng.chance(500) },
-            5 => Command::SetNodeSetting { formation: f, node: name, setting: NodeSetting::CandidatePriority(self.rng.below(101) as u8) },
-            6 => Command::SetNodeSetting { formation: f, node: name, setting: NodeSetting::ReplicationQuorum(self.rng.chance(500)) },
-            _ => Command::SetFormationSetting { formation: f, setting: FormationSetting::NumberSyncStandbys(self.rng.below(4) as u32) },
+            0 => Command::PerformSwitchover {
+                formation: f,
+                group_id: 0,
+                candidate: None,
+            },
+            1 => Command::PerformSwitchover {
+                formation: f,
+                group_id: 0,
+                candidate: Some(name),
+            },
+            2 => Command::PerformFailover {
+                formation: f,
+                group_id: 0,
+            },
+            3 | 4 => Command::SetMaintenance {
+                formation: f,
+                node: name,
+                enable: self.rng.chance(500),
+            },
+            5 => Command::SetNodeSetting {
+                formation: f,
+                node: name,
+                setting: NodeSetting::CandidatePriority(self.rng.below(101) as u8),
+            },
+            6 => Command::SetNodeSetting {
+                formation: f,
+                node: name,
+                setting: NodeSetting::ReplicationQuorum(self.rng.chance(500)),
+            },
+            _ => Command::SetFormationSetting {
+                formation: f,
+                setting: FormationSetting::NumberSyncStandbys(self.rng.below(4) as u32),
+            },
         };
         let before = self.state.clone();
         match self.state.apply(&cmd, self.now) {
             Ok(o) => self.note(format!("operator {cmd:?}: {o:?}")),
             Err(e) => {
-                assert!(self.state == before, "a refused command changed the state: {cmd:?}");
+                assert!(
+                    self.state == before,
+                    "a refused command changed the state: {cmd:?}"
+                );
                 self.note(format!("operator {cmd:?} refused: {e}"));
             }
         }
@@ -576,9 +672,21 @@ impl Sim {
         let names: Vec<String> = self.keepers.iter().map(|k| k.name.clone()).collect();
         for name in names {
             for cmd in [
-                Command::SetMaintenance { formation: f.clone(), node: name.clone(), enable: false },
-                Command::SetNodeSetting { formation: f.clone(), node: name.clone(), setting: NodeSetting::CandidatePriority(50) },
-                Command::SetNodeSetting { formation: f.clone(), node: name.clone(), setting: NodeSetting::ReplicationQuorum(true) },
+                Command::SetMaintenance {
+                    formation: f.clone(),
+                    node: name.clone(),
+                    enable: false,
+                },
+                Command::SetNodeSetting {
+                    formation: f.clone(),
+                    node: name.clone(),
+                    setting: NodeSetting::CandidatePriority(50),
+                },
+                Command::SetNodeSetting {
+                    formation: f.clone(),
+                    node: name.clone(),
+                    setting: NodeSetting::ReplicationQuorum(true),
+                },
             ] {
                 let _ = self.state.apply(&cmd, self.now);
             }
@@ -645,7 +753,12 @@ impl Sim {
         due.sort_by_key(|m| (m.0, m.1));
         for (_, _, m) in due {
             match m {
-                Msg::Beat { node, incarnation, sent_at, report } => {
+                Msg::Beat {
+                    node,
+                    incarnation,
+                    sent_at,
+                    report,
+                } => {
                     if self.monitor_down_until > now || self.keepers[node].partitioned_until > now {
                         continue;
                     }
@@ -662,12 +775,31 @@ impl Sim {
                             .group(DEFAULT_FORMATION, 0)
                             .and_then(|g| g.sync_history.last())
                             .is_some_and(|c| c.async_by_choice);
-                        self.send(now + d, Msg::Answer { node, incarnation, beat_sent_at: sent_at, assignment: a, by_choice });
+                        self.send(
+                            now + d,
+                            Msg::Answer {
+                                node,
+                                incarnation,
+                                beat_sent_at: sent_at,
+                                assignment: a,
+                                by_choice,
+                            },
+                        );
                     }
                 }
-                Msg::Answer { node, incarnation, beat_sent_at, assignment, by_choice } => {
+                Msg::Answer {
+                    node,
+                    incarnation,
+                    beat_sent_at,
+                    assignment,
+                    by_choice,
+                } => {
                     let k = &mut self.keepers[node];
-                    if !k.alive || k.incarnation != incarnation || k.partitioned_until > now || beat_sent_at < k.last_answer_beat {
+                    if !k.alive
+                        || k.incarnation != incarnation
+                        || k.partitioned_until > now
+                        || beat_sent_at < k.last_answer_beat
+                    {
                         continue;
                     }
                     k.last_answer_beat = beat_sent_at;
@@ -679,7 +811,7 @@ impl Sim {
             }
         }
         // Periodic orchestration.
-        if self.monitor_down_until <= now && now % 200 == 0 {
+        if self.monitor_down_until <= now && now.is_multiple_of(200) {
             self.run_orchestrator();
         }
         // Keepers.
@@ -688,7 +820,9 @@ impl Sim {
                 continue;
             }
             // Self-fencing: no valid lease, no writes.
-            if self.keepers[i].pg.running == Some(Role::Primary) && self.keepers[i].lease_until <= now {
+            if self.keepers[i].pg.running == Some(Role::Primary)
+                && self.keepers[i].lease_until <= now
+            {
                 self.keepers[i].pg.running = None;
                 self.keepers[i].pg.pending.clear();
                 let name = self.keepers[i].name.clone();
@@ -702,7 +836,15 @@ impl Sim {
                 if !lost && self.keepers[i].partitioned_until <= now {
                     let d = self.delay();
                     let inc = self.keepers[i].incarnation;
-                    self.send(now + d, Msg::Beat { node: i, incarnation: inc, sent_at: now, report });
+                    self.send(
+                        now + d,
+                        Msg::Beat {
+                            node: i,
+                            incarnation: inc,
+                            sent_at: now,
+                            report,
+                        },
+                    );
                 }
             }
         }
@@ -710,7 +852,10 @@ impl Sim {
         for i in 0..n {
             let k = &self.keepers[i];
             let Some(src) = k.pg.following else { continue };
-            if k.pg.running != Some(Role::Standby) || !self.keepers[src].alive || self.keepers[src].pg.running.is_none() {
+            if k.pg.running != Some(Role::Standby)
+                || !self.keepers[src].alive
+                || self.keepers[src].pg.running.is_none()
+            {
                 continue;
             }
             let sw = self.keepers[src].pg.wal.clone().unwrap_or_default();
@@ -726,13 +871,20 @@ impl Sim {
         // Clients and invariant 1.
         let writers: Vec<usize> = (0..n).filter(|i| self.writable(*i)).collect();
         if writers.len() > 1 {
-            let names: Vec<String> = writers.iter().map(|i| self.keepers[*i].name.clone()).collect();
+            let names: Vec<String> = writers
+                .iter()
+                .map(|i| self.keepers[*i].name.clone())
+                .collect();
             return Err(self.fail(format!("two nodes accept writes: {names:?}")));
         }
         if let Some(&w) = writers.first() {
             // Invariant 2: the node taking writes holds every acknowledged commit.
             if let Some((lsn, id)) = self.acked {
-                let ok = self.keepers[w].pg.wal.as_ref().is_some_and(|wal| wal.len() >= lsn && wal[lsn - 1] == id);
+                let ok = self.keepers[w]
+                    .pg
+                    .wal
+                    .as_ref()
+                    .is_some_and(|wal| wal.len() >= lsn && wal[lsn - 1] == id);
                 if !ok {
                     let name = self.keepers[w].name.clone();
                     return Err(self.fail(format!("acknowledged commit (lsn {lsn}, record {id}) lost: {name} accepts writes without it")));
