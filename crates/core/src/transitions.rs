@@ -4,6 +4,28 @@
 //! gives up on the others ("does not know how to reach state X from Y"); here the keeper
 //! walks a path through direct transitions instead, and a property test proves every
 //! assignable goal is reachable from every reportable state.
+//!
+//! # What reaching a state means for the keeper (its contract)
+//!
+//! The keeper performs the action of `next_step(current, goal)`, persists the new state,
+//! and reports it in its next heartbeat. Actions are idempotent "make it so" steps:
+//!
+//! | state | the keeper has ... |
+//! |---|---|
+//! | `single` | initdb'd (if no data) and started PostgreSQL as a primary |
+//! | `wait_primary` | a primary running (promoted if it was a standby; started if stopped), applying the assignment's `synchronous_standby_names` |
+//! | `primary`, `join_primary`, `apply_settings` | the same, **and** seen a synchronous commit acknowledged under those names (when non-empty); `join_primary` also allowed the new peers in pg_hba / slots |
+//! | `draining`, `prepare_maintenance` | stopped taking writes and shut PostgreSQL down cleanly (connected standbys get all WAL) |
+//! | `demote_timeout`, `demoted`, `maintenance`, `dropped` | PostgreSQL stopped; never restarted as a primary unless given a writable goal |
+//! | `wait_standby` | nothing: waits for its primary to accept it |
+//! | `catchingup`, `join_secondary`, `secondary`, `wait_maintenance` | a standby streaming from the assignment's `primary`: base backup if no data, pg_rewind if the timelines diverged |
+//! | `report_lsn` | a standby that stopped streaming (so its LSN is final), reporting that LSN |
+//! | `fast_forward` | fetched WAL from the assignment's `primary` (the most advanced standby) up to its end, then stopped streaming |
+//! | `prepare_promotion`, `stop_replication` | a standby not streaming from anyone, ready to be promoted |
+//!
+//! In every writable state it applies the `synchronous_standby_names` of each answer, and
+//! stops taking writes when its lease (`lease_ms` from sending the last answered heartbeat)
+//! runs out.
 
 use crate::model::NodeState;
 use NodeState::*;
