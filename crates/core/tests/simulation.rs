@@ -33,11 +33,22 @@ fn simulated_clusters_keep_the_invariants() {
     let first = env_u64("PGQUORUM_SIM_FIRST_SEED").unwrap_or(0);
     let mut acked = 0;
     let mut failovers = 0;
+    let mut t = [0u64; 6];
     for seed in first..first + seeds {
         match sim::Sim::new(seed, false).run() {
             Ok(s) => {
                 acked += s.acked_count;
                 failovers += s.failovers;
+                for (x, v) in t.iter_mut().zip([
+                    s.crashes,
+                    s.partitions,
+                    s.leader_changes,
+                    s.operator_ok,
+                    s.operator_refused,
+                    s.async_acked,
+                ]) {
+                    *x += v;
+                }
             }
             Err(sim::Failure(msg)) => {
                 panic!(
@@ -47,6 +58,10 @@ fn simulated_clusters_keep_the_invariants() {
             }
         }
     }
+    println!(
+        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} crashes, {} partitions, {} monitor leader changes, {} operator commands applied, {} refused",
+        t[5], t[0], t[1], t[2], t[3], t[4]
+    );
     // The simulation must exercise what it claims to check.
     assert!(acked > seeds * 10, "too few acknowledged commits: {acked}");
     assert!(failovers > seeds / 2, "too few failovers: {failovers}");

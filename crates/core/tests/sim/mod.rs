@@ -116,6 +116,11 @@ pub struct Sim {
     acked: Option<(usize, u64)>,
     pub acked_count: u64,
     pub async_acked: u64,
+    pub operator_ok: u64,
+    pub operator_refused: u64,
+    pub crashes: u64,
+    pub partitions: u64,
+    pub leader_changes: u64,
     settings: FormationSettings,
     pub failovers: u64,
     max_timeline: u32,
@@ -180,6 +185,11 @@ impl Sim {
             acked: None,
             acked_count: 0,
             async_acked: 0,
+            operator_ok: 0,
+            operator_refused: 0,
+            crashes: 0,
+            partitions: 0,
+            leader_changes: 0,
             settings,
             failovers: 0,
             max_timeline: 1,
@@ -388,6 +398,7 @@ impl Sim {
         }
         k.alive = false;
         k.incarnation += 1;
+        self.crashes += 1;
         k.restart_at = now + down_for;
         k.pg.running = None;
         k.pg.following = None;
@@ -656,12 +667,16 @@ impl Sim {
         };
         let before = self.state.clone();
         match self.state.apply(&cmd, self.now) {
-            Ok(o) => self.note(format!("operator {cmd:?}: {o:?}")),
+            Ok(o) => {
+                self.operator_ok += 1;
+                self.note(format!("operator {cmd:?}: {o:?}"))
+            }
             Err(e) => {
                 assert!(
                     self.state == before,
                     "a refused command changed the state: {cmd:?}"
                 );
+                self.operator_refused += 1;
                 self.note(format!("operator {cmd:?} refused: {e}"));
             }
         }
@@ -715,6 +730,7 @@ impl Sim {
                 let i = self.rng.below(n as u64) as usize;
                 let d = self.rng.range(300, 6000);
                 self.keepers[i].partitioned_until = now + d;
+                self.partitions += 1;
                 let name = self.keepers[i].name.clone();
                 self.note(format!("partition {name} from the monitor for {d} ms"));
             }
@@ -722,6 +738,7 @@ impl Sim {
                 let d = self.rng.range(0, 1500);
                 self.monitor_down_until = now + d;
                 self.health = HealthTable::new(now + d);
+                self.leader_changes += 1;
                 self.note(format!("monitor leader change, {d} ms without leader"));
             }
             if self.rng.chance(5) {
