@@ -152,7 +152,7 @@ impl Sim {
                 restart_at: 0,
                 state: NodeState::Init,
                 lease_until: 0,
-                drift_pm: rng.below(100),
+                drift_pm: rng.below(140),
                 next_beat: rng.below(200),
                 seq: 0,
                 assignment: None,
