@@ -91,3 +91,26 @@ fn simulation_speed() {
         rates[1]
     );
 }
+
+/// Time to writes after the primary's machine dies (default lease 1500 ms + 300 ms
+/// margin, heartbeat 200 ms, up to 14 % slow keeper clocks, message delays as in the
+/// simulation): the figure in docs/benchmarks.md.
+/// `cargo test -p pgquorum-core --test simulation -- --ignored --nocapture failover_time`
+#[test]
+#[ignore]
+fn failover_time() {
+    let mut times: Vec<u64> = (0..1000u64)
+        .map(|seed| match sim::Sim::new(seed, false).failover_time() {
+            Ok(t) => t,
+            Err(sim::Failure(msg)) => panic!("seed {seed}: {msg}"),
+        })
+        .collect();
+    times.sort_unstable();
+    println!(
+        "failover (simulated ms from primary death to writes elsewhere), 1000 seeds: min {} median {} p90 {} max {}",
+        times[0],
+        times[500],
+        times[900],
+        times[999]
+    );
+}

@@ -951,6 +951,36 @@ impl Sim {
         primaries == 1 && self.keepers.iter().all(|k| k.alive)
     }
 
+    /// Milliseconds (simulated) from the death of a healthy primary's machine until
+    /// another node accepts writes, with the default lease settings and no other fault.
+    pub fn failover_time(mut self) -> Result<Millis, Failure> {
+        let d = FormationSettings::default();
+        self.settings.lease_ms = d.lease_ms;
+        self.settings.lease_margin_ms = d.lease_margin_ms;
+        self.register_all();
+        for _ in 0..(20_000 / DT) {
+            self.step(false)?;
+            if self.converged() {
+                break;
+            }
+        }
+        if !self.converged() {
+            return Err(self.fail("no stable cluster to start from".into()));
+        }
+        let Some(p) = (0..self.keepers.len()).find(|i| self.writable(*i)) else {
+            return Err(self.fail("no writable primary".into()));
+        };
+        let start = self.now;
+        self.crash(p, Millis::MAX / 4);
+        for _ in 0..(60_000 / DT) {
+            self.step(false)?;
+            if (0..self.keepers.len()).any(|i| i != p && self.writable(i)) {
+                return Ok(self.now - start);
+            }
+        }
+        Err(self.fail("no failover within 60 s".into()))
+    }
+
     /// Run one seeded scenario: faults for a while, then healing; Err on a violated
     /// invariant or when the cluster does not recover.
     pub fn run(mut self) -> Result<Sim, Failure> {
