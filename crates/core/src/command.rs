@@ -789,8 +789,12 @@ impl ClusterState {
         group_id: GroupId,
         without: Option<NodeId>,
         quorum_override: Option<(NodeId, bool)>,
+        leaves_group: bool,
         what: &str,
     ) -> Result<(), CoreError> {
+        // Dropping down to one node leaves a single primary: explicit, and nothing to
+        // synchronise with. Maintenance keeps the node in the group.
+        let leaves = leaves_group;
         let settings = self.settings(formation);
         if settings.number_sync_standbys == 0
             || settings.on_quorum_loss == QuorumLossPolicy::Continue
@@ -798,9 +802,10 @@ impl ClusterState {
             return Ok(());
         }
         let (live, capacity) = self.quorum_capacity(formation, group_id, without, quorum_override);
-        if live >= 2 && (capacity as u32) < settings.number_sync_standbys {
+        let remaining = if leaves { live.saturating_sub(1) } else { live };
+        if remaining >= 2 && (capacity as u32) < settings.number_sync_standbys {
             return Err(CoreError::NotAllowed(format!(
-                "{what} would leave {capacity} quorum standby(s) for number_sync_standbys = {}: writes would block. Lower number-sync-standbys or set on-quorum-loss continue first",
+                "{what} would leave {capacity} quorum standby(s) for number_sync_standbys = {}: the primary could not keep synchronous replication. Lower number-sync-standbys or set on-quorum-loss continue first",
                 settings.number_sync_standbys
             )));
         }
@@ -835,6 +840,7 @@ impl ClusterState {
                         group_id,
                         None,
                         Some((id, false)),
+                        false,
                         &format!("taking node {node} out of the replication quorum"),
                     )?;
                 }
@@ -1104,6 +1110,7 @@ impl ClusterState {
             group_id,
             Some(id),
             None,
+            false,
             &format!("maintenance on {node}"),
         )?;
         if n.goal_state.is_writable() {
@@ -1172,7 +1179,9 @@ impl ClusterState {
             .group_nodes(formation, n.group_id)
             .filter(|x| x.id != id && !x.is_dropping())
             .count();
-        if n.goal_state.is_writable() && others > 0 {
+        let never_initialised =
+            matches!(n.reported_state, NodeState::Init | NodeState::WaitStandby);
+        if n.goal_state.is_writable() && others > 0 && !never_initialised {
             return Err(CoreError::NotAllowed(format!(
                 "node {node} is the primary: perform a switchover first"
             )));
@@ -1192,6 +1201,7 @@ impl ClusterState {
             n.group_id,
             Some(id),
             None,
+            true,
             &format!("dropping {node}"),
         )?;
         if let Some(x) = self.nodes.get_mut(&id) {

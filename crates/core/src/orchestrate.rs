@@ -412,6 +412,23 @@ impl<'a> Ctx<'a> {
 
     fn failover(&self, out: &mut Vec<Command>) {
         let f = self.group.failover.as_ref();
+        if f.is_none()
+            && self
+                .nodes()
+                .all(|n| matches!(n.reported_state, NodeState::Init | NodeState::WaitStandby))
+        {
+            // No primary and no node holds data (the first node was dropped before it
+            // ever ran): the first healthy node initialises the group.
+            if let Some(n) = self.nodes().find(|n| self.alive(n)) {
+                assign(
+                    out,
+                    n,
+                    NodeState::Single,
+                    "no node of the group holds data: it initialises the group".into(),
+                );
+            }
+            return;
+        }
         let old = f.and_then(|f| self.state.nodes.get(&f.old_primary));
         // 1. Fence the old primary.
         let fenced_at = match f {

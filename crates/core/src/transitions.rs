@@ -35,8 +35,16 @@ fn predecessors(to: NodeState) -> &'static [NodeState] {
     match to {
         // Never a goal: the state of a node the keeper has not initialised yet.
         Init => &[],
-        // initdb and start; or a primary left alone after its standbys were dropped.
-        Single => &[Init, WaitPrimary, Primary, JoinPrimary, ApplySettings],
+        // initdb and start (a fresh node, or a waiting one whose primary never came); or a
+        // primary left alone after its standbys were dropped.
+        Single => &[
+            Init,
+            WaitStandby,
+            WaitPrimary,
+            Primary,
+            JoinPrimary,
+            ApplySettings,
+        ],
         // Start taking writes: a single primary with standbys coming, a promoted
         // standby, a demoted old primary restarted in place (the orchestrator's last
         // resort when no standby can take over), or a primary whose quorum is lost.

@@ -755,7 +755,7 @@ fn maintenance_that_would_block_writes_is_refused_under_block() {
             enable: true,
         },
     );
-    assert!(e.to_string().contains("writes would block"), "{e}");
+    assert!(e.to_string().contains("synchronous replication"), "{e}");
 }
 
 #[test]
@@ -924,4 +924,20 @@ fn the_state_round_trips_through_json() {
     let json = serde_json::to_string(&c.state).unwrap();
     let back: ClusterState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, c.state);
+}
+
+#[test]
+fn a_first_node_that_never_ran_can_be_dropped_and_the_next_one_initialises() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.beat("b", WaitStandby, 0);
+    assert_eq!(c.orchestrate(), vec![], "a may still come");
+    c.apply(Command::DropNode {
+        formation: "".into(),
+        node: "a".into(),
+    })
+    .unwrap();
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Single)]));
+    assert_eq!(next_step(WaitStandby, Single), Some(Single));
 }
