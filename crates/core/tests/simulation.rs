@@ -33,7 +33,7 @@ fn simulated_clusters_keep_the_invariants() {
     let first = env_u64("PGQUORUM_SIM_FIRST_SEED").unwrap_or(0);
     let mut acked = 0;
     let mut failovers = 0;
-    let mut t = [0u64; 6];
+    let mut t = [0u64; 7];
     for seed in first..first + seeds {
         match sim::Sim::new(seed, false).run() {
             Ok(s) => {
@@ -46,6 +46,7 @@ fn simulated_clusters_keep_the_invariants() {
                     s.operator_ok,
                     s.operator_refused,
                     s.async_acked,
+                    s.pg_crashes,
                 ]) {
                     *x += v;
                 }
@@ -59,8 +60,8 @@ fn simulated_clusters_keep_the_invariants() {
         }
     }
     println!(
-        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} crashes, {} partitions, {} monitor leader changes, {} operator commands applied, {} refused",
-        t[5], t[0], t[1], t[2], t[3], t[4]
+        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} machine crashes, {} PostgreSQL crashes, {} partitions, {} monitor leader changes, {} operator commands applied, {} refused",
+        t[5], t[0], t[6], t[1], t[2], t[3], t[4]
     );
     // The simulation must exercise what it claims to check.
     assert!(acked > seeds * 10, "too few acknowledged commits: {acked}");

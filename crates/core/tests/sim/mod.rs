@@ -82,6 +82,8 @@ struct Keeper {
     /// in flight at a time, so it never acts on an older answer.
     last_answer_beat: Millis,
     by_choice: bool,
+    /// PostgreSQL cannot start until then (a broken postmaster, a full disk).
+    pg_broken_until: Millis,
     pg: Pg,
 }
 
@@ -121,6 +123,7 @@ pub struct Sim {
     pub crashes: u64,
     pub partitions: u64,
     pub leader_changes: u64,
+    pub pg_crashes: u64,
     settings: FormationSettings,
     pub failovers: u64,
     max_timeline: u32,
@@ -160,6 +163,7 @@ impl Sim {
                 partitioned_until: 0,
                 last_answer_beat: 0,
                 by_choice: false,
+                pg_broken_until: 0,
                 pg: Pg {
                     wal: None,
                     running: None,
@@ -190,6 +194,7 @@ impl Sim {
             crashes: 0,
             partitions: 0,
             leader_changes: 0,
+            pg_crashes: 0,
             settings,
             failovers: 0,
             max_timeline: 1,
@@ -447,6 +452,22 @@ impl Sim {
         let now = self.now;
         let a = self.keepers[i].assignment.clone();
         let Some(a) = a else { return false };
+        let starts_pg = !matches!(
+            next,
+            NodeState::Draining
+                | NodeState::PrepareMaintenance
+                | NodeState::DemoteTimeout
+                | NodeState::Demoted
+                | NodeState::Maintenance
+                | NodeState::Dropped
+                | NodeState::WaitStandby
+        );
+        if starts_pg
+            && self.keepers[i].pg.running.is_none()
+            && now < self.keepers[i].pg_broken_until
+        {
+            return false;
+        }
         let primary_idx = a.primary.as_ref().and_then(|p| self.idx_of(p.node_id));
         let by_choice = self.keepers[i].by_choice;
         use NodeState::*;
@@ -708,6 +729,7 @@ impl Sim {
         }
         for k in &mut self.keepers {
             k.partitioned_until = 0;
+            k.pg_broken_until = 0;
             if !k.alive {
                 k.restart_at = self.now;
             }
@@ -743,6 +765,26 @@ impl Sim {
             }
             if self.rng.chance(5) {
                 self.operator();
+            }
+            if self.rng.chance(4) {
+                // PostgreSQL alone dies; sometimes it cannot be restarted for a while.
+                let i = self.rng.below(n as u64) as usize;
+                if self.keepers[i].alive && self.keepers[i].pg.running.is_some() {
+                    let broken = if self.rng.chance(500) {
+                        self.rng.range(500, 6000)
+                    } else {
+                        0
+                    };
+                    let k = &mut self.keepers[i];
+                    k.pg.running = None;
+                    k.pg.pending.clear();
+                    k.pg_broken_until = now + broken;
+                    self.pg_crashes += 1;
+                    let name = self.keepers[i].name.clone();
+                    self.note(format!(
+                        "PostgreSQL on {name} dies, cannot start for {broken} ms"
+                    ));
+                }
             }
         }
         // Restarts.
