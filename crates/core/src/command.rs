@@ -695,7 +695,6 @@ impl ClusterState {
                     planned: false,
                     fenced_at: None,
                     fast_forward_source: None,
-                    target_lsn: 0,
                 });
             }
             if let Some(f) = g.failover.as_mut() {

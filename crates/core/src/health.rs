@@ -30,6 +30,10 @@ pub struct NodeReport {
     pub sequence: u64,
 }
 
+/// How far below the newest sequence seen a beat counts as reordered rather than as
+/// coming from a restarted keeper.
+pub const REORDER_WINDOW: u64 = 8;
+
 /// The leader's in-memory view of node health. Never replicated: a new leader starts
 /// with an empty table, and "not seen yet" means unknown, never down.
 #[derive(Debug, Clone)]
@@ -49,13 +53,19 @@ impl HealthTable {
         }
     }
 
-    /// Record a heartbeat. A beat older than the last one seen from the same keeper
-    /// process (lower sequence) is ignored: it was reordered in flight.
+    /// Record a heartbeat. A beat slightly older than the last one seen (a sequence
+    /// up to [`REORDER_WINDOW`] below) was reordered in flight and is ignored; a much
+    /// lower sequence is a restarted keeper process. (A keeper that starts its sequence
+    /// from the wall clock in milliseconds never has its first beats ignored.)
+    ///
+    /// Its time is recorded in every case: the answer to any beat grants the keeper a
+    /// lease, so the leader must count the lease from the latest beat it answered.
     pub fn observe(&mut self, report: NodeReport, now: Millis) {
-        if let Some((_, last)) = self.last_seen.get(&report.node_id) {
-            if report.sequence != 0 && report.sequence < last.sequence {
-                return;
+        if self.is_reordered(&report) {
+            if let Some(entry) = self.last_seen.get_mut(&report.node_id) {
+                entry.0 = entry.0.max(now);
             }
+            return;
         }
         if report.pg_running {
             self.pg_down_since.remove(&report.node_id);
@@ -63,6 +73,15 @@ impl HealthTable {
             self.pg_down_since.entry(report.node_id).or_insert(now);
         }
         self.last_seen.insert(report.node_id, (now, report));
+    }
+
+    /// Whether `report` is older than a beat already seen from the same keeper process.
+    pub fn is_reordered(&self, report: &NodeReport) -> bool {
+        self.last_seen
+            .get(&report.node_id)
+            .is_some_and(|(_, last)| {
+                report.sequence < last.sequence && report.sequence + REORDER_WINDOW >= last.sequence
+            })
     }
 
     /// Forget a node (dropped).
@@ -144,7 +163,26 @@ pub(crate) mod tests {
         r.sequence = 4;
         r.pg_running = false;
         h.observe(r, 200);
-        assert_eq!(h.last_seen_ago(1, 300), Some(200));
-        assert!(h.report(1).is_some_and(|r| r.pg_running));
+        assert!(
+            h.report(1).is_some_and(|r| r.pg_running),
+            "content of the newer beat kept"
+        );
+        assert_eq!(
+            h.last_seen_ago(1, 300),
+            Some(100),
+            "but the lease counts from the later receipt"
+        );
+    }
+
+    #[test]
+    fn restarted_keeper_is_heard_despite_a_lower_sequence() {
+        let mut h = HealthTable::new(0);
+        let mut r = report(1);
+        r.sequence = 500;
+        h.observe(r.clone(), 100);
+        r.sequence = 1;
+        r.pg_running = false;
+        h.observe(r, 200);
+        assert!(h.report(1).is_some_and(|r| !r.pg_running));
     }
 }

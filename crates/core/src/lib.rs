@@ -24,7 +24,7 @@ mod transitions;
 pub use candidate::{fast_forward_source, target_lsn, witnesses};
 pub use command::{fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_SYNC_STANDBYS};
 pub use error::{CoreError, ErrorKind};
-pub use health::{Health, HealthTable, NodeReport, ReplicationPeer};
+pub use health::{Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
 pub use lease::{lease_base, lease_surely_expired, lease_surely_expired_at};
 pub use model::*;
 pub use orchestrate::{

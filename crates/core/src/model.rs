@@ -215,8 +215,6 @@ pub struct Failover {
     pub fenced_at: Option<Millis>,
     /// The node the candidate fetches missing WAL from during fast_forward.
     pub fast_forward_source: Option<NodeId>,
-    /// The LSN the candidate must reach before promotion.
-    pub target_lsn: Lsn,
 }
 
 /// A replication group: one primary and its standbys.

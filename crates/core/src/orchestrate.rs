@@ -40,8 +40,8 @@ pub const CATCHUP_LAG_BYTES: u64 = 16 * 1024 * 1024;
 /// Commands a heartbeat makes necessary (a reported state change), to be proposed by
 /// the leader. Empty in steady state: heartbeats alone never cost a Raft write.
 ///
-/// Call it after [`HealthTable::observe`]; a beat older than the newest seen (lower
-/// sequence) is ignored. During a failover, a node whose LSN report predates the
+/// Call it after [`HealthTable::observe`]; a reordered beat (see
+/// [`HealthTable::is_reordered`]) is ignored. During a failover, a node whose LSN report predates the
 /// fencing of the old primary is recorded again (one write per node per failover).
 pub fn on_heartbeat(
     state: &ClusterState,
@@ -52,10 +52,7 @@ pub fn on_heartbeat(
     let Some(node) = state.nodes.get(&report.node_id) else {
         return Vec::new();
     };
-    if health
-        .report(node.id)
-        .is_some_and(|seen| report.sequence != 0 && seen.sequence > report.sequence)
-    {
+    if health.is_reordered(report) {
         return Vec::new();
     }
     let stale_lsn = report.current_state.reports_lsn()

@@ -403,6 +403,8 @@ impl Sim {
         }
         k.alive = false;
         k.incarnation += 1;
+        // A new keeper process counts its heartbeats from zero again.
+        k.seq = 0;
         self.crashes += 1;
         k.restart_at = now + down_for;
         k.pg.running = None;
