@@ -63,10 +63,15 @@ pub fn on_heartbeat(
             .and_then(|f| f.fenced_at)
             .is_some_and(|f| node.lsn_at < f);
     // A fast-forward that fetched more WAL (from a new source) records its new LSN.
-    let lsn_moved = report.current_state.reports_lsn()
+    let failover = state
+        .group(&node.formation, node.group_id)
+        .and_then(|g| g.failover.as_ref());
+    let lsn_moved = report.current_lsn != node.reported_lsn
         && report.current_state == node.reported_state
-        && node.goal_state.reports_lsn()
-        && report.current_lsn != node.reported_lsn;
+        && ((report.current_state.reports_lsn() && node.goal_state.reports_lsn())
+            // The stopped old primary's final LSN, should it have to restart in place.
+            || (report.current_state.is_stopped()
+                && failover.is_some_and(|f| f.old_primary == node.id)));
     if node.reported_state == report.current_state
         && node.pg_running == report.pg_running
         && node.timeline == report.timeline
@@ -520,7 +525,6 @@ impl<'a> Ctx<'a> {
             if waited
                 && o.reported_state == NodeState::Demoted
                 && o.goal_state == NodeState::Demoted
-                && o.reported_lsn >= target
                 && o.reported_lsn >= self.group.lsn_floor
                 && self.alive(o)
                 && !wit
