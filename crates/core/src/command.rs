@@ -1072,7 +1072,15 @@ impl ClusterState {
                     "node {node} is not in maintenance"
                 )));
             }
-            let goal = if failover.as_ref().is_some_and(|f| f.old_primary == id) {
+            let old_primary = failover.as_ref().filter(|f| f.old_primary == id);
+            if old_primary.is_some_and(|f| f.fenced_at.is_none()) {
+                // Giving it `demoted` now would count as fencing it, and it may still
+                // be taking writes.
+                return Err(CoreError::NotAllowed(format!(
+                    "node {node} is still handing over its primary role; end its maintenance once the failover is complete"
+                )));
+            }
+            let goal = if old_primary.is_some() {
                 NodeState::Demoted
             } else {
                 NodeState::Catchingup

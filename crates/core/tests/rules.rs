@@ -941,3 +941,23 @@ fn a_first_node_that_never_ran_can_be_dropped_and_the_next_one_initialises() {
     assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Single)]));
     assert_eq!(next_step(WaitStandby, Single), Some(Single));
 }
+
+#[test]
+fn ending_maintenance_of_a_primary_still_handing_over_is_refused() {
+    let mut c = Cluster::three();
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "a".into(),
+        enable: true,
+    })
+    .unwrap();
+    let e = refused(
+        &mut c,
+        Command::SetMaintenance {
+            formation: "".into(),
+            node: "a".into(),
+            enable: false,
+        },
+    );
+    assert!(e.to_string().contains("handing over"), "{e}");
+}

@@ -706,6 +706,18 @@ impl Sim {
     }
 
     fn heal(&mut self) {
+        self.heal_commands();
+        for k in &mut self.keepers {
+            k.partitioned_until = 0;
+            k.pg_broken_until = 0;
+            if !k.alive {
+                k.restart_at = self.now;
+            }
+        }
+        self.monitor_down_until = 0;
+    }
+
+    fn heal_commands(&mut self) {
         let f: String = DEFAULT_FORMATION.into();
         let names: Vec<String> = self.keepers.iter().map(|k| k.name.clone()).collect();
         for name in names {
@@ -729,14 +741,6 @@ impl Sim {
                 let _ = self.state.apply(&cmd, self.now);
             }
         }
-        for k in &mut self.keepers {
-            k.partitioned_until = 0;
-            k.pg_broken_until = 0;
-            if !k.alive {
-                k.restart_at = self.now;
-            }
-        }
-        self.monitor_down_until = 0;
     }
 
     fn step(&mut self, faults: bool) -> Result<(), Failure> {
@@ -1036,7 +1040,12 @@ impl Sim {
         }
         self.note("faults stop".into());
         self.heal();
-        for _ in 0..heal_steps {
+        for i in 0..heal_steps {
+            if i % 20 == 0 {
+                // The operator retries what was refused (e.g. ending maintenance on a
+                // primary still handing over).
+                self.heal_commands();
+            }
             self.step(false)?;
             if self.converged() {
                 return Ok(self);
