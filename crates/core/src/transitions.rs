@@ -14,7 +14,7 @@
 //! |---|---|
 //! | `single` | initdb'd (if no data) and started PostgreSQL as a primary |
 //! | `wait_primary` | a primary running (promoted if it was a standby; started if stopped), applying the assignment's `synchronous_standby_names` |
-//! | `primary`, `join_primary`, `apply_settings` | the same, **and** seen a synchronous commit acknowledged under those names (when non-empty); `join_primary` also allowed the new peers in pg_hba / slots |
+//! | `primary`, `join_primary`, `apply_settings` | the same, **and** seen a commit it issued *after* applying those names acknowledged (when they are non-empty: this proves every earlier commit is on the new standbys too); `join_primary` also allowed the new peers in pg_hba / slots |
 //! | `draining`, `prepare_maintenance` | stopped taking writes and shut PostgreSQL down cleanly (connected standbys get all WAL) |
 //! | `demote_timeout`, `demoted`, `maintenance`, `dropped` | PostgreSQL stopped; never restarted as a primary unless given a writable goal |
 //! | `wait_standby` | nothing: waits for its primary to accept it |

@@ -450,7 +450,9 @@ impl Sim {
     }
 
     /// Try one keeper action towards `next`; true when the keeper reached it.
-    fn try_reach(&mut self, i: usize, next: NodeState) -> bool {
+    /// `transition`: moving into `next` (not keeping it), the moment a keeper confirms a
+    /// synchronous commit for the states that require one.
+    fn try_reach(&mut self, i: usize, next: NodeState, transition: bool) -> bool {
         let now = self.now;
         let a = self.keepers[i].assignment.clone();
         let Some(a) = a else { return false };
@@ -493,11 +495,27 @@ impl Sim {
                 }
                 k.pg.running = Some(Role::Primary);
                 k.pg.following = None;
-                k.pg.sync = Self::parse_names(&a.synchronous_standby_names);
+                let names = Self::parse_names(&a.synchronous_standby_names);
+                if names != k.pg.sync {
+                    // A confirmation counts only for a commit issued after these names
+                    // were applied.
+                    k.confirm_target = None;
+                }
+                k.pg.sync = names;
                 k.pg.async_by_choice = by_choice;
-                if next.confirms_sync() && k.pg.sync.0 > 0 {
-                    let len = k.pg.wal.as_ref().map_or(0, |w| w.len());
-                    let target = *k.confirm_target.get_or_insert(len);
+                if transition && next.confirms_sync() && k.pg.sync.0 > 0 {
+                    if k.confirm_target.is_none() {
+                        // The keeper's own synchronous commit, after applying the names.
+                        let id = self.next_record;
+                        self.next_record += 1;
+                        let k = &mut self.keepers[i];
+                        if let Some(w) = k.pg.wal.as_mut() {
+                            w.push(id);
+                            k.confirm_target = Some(w.len());
+                        }
+                    }
+                    let k = &self.keepers[i];
+                    let target = k.confirm_target.unwrap_or(0);
                     let id = if target == 0 {
                         0
                     } else {
@@ -628,7 +646,7 @@ impl Sim {
         let cur = self.keepers[i].state;
         if cur == goal {
             // Keep the state true (restart PostgreSQL after a crash, follow a new primary).
-            if self.try_reach(i, goal) && goal.is_writable() {
+            if self.try_reach(i, goal, false) && goal.is_writable() {
                 let names = self.keepers[i]
                     .assignment
                     .as_ref()
@@ -642,7 +660,7 @@ impl Sim {
         let Some(next) = next_step(cur, goal) else {
             return;
         };
-        if self.try_reach(i, next) {
+        if self.try_reach(i, next, true) {
             self.keepers[i].state = next;
             let name = self.keepers[i].name.clone();
             self.note(format!("{name} reached {next} (goal {goal})"));
