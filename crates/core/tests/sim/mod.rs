@@ -144,7 +144,13 @@ impl Sim {
             heartbeat_interval_ms: 200,
             lease_ms: rng.range(1000, 2000),
             lease_margin_ms: 300,
-            on_quorum_loss: QuorumLossPolicy::Block,
+            // Mostly the default; sometimes the operator's explicit choice to keep writing
+            // without a quorum standby (commits acknowledged then are not protected).
+            on_quorum_loss: if rng.chance(200) {
+                QuorumLossPolicy::Continue
+            } else {
+                QuorumLossPolicy::Block
+            },
         };
         let keepers = (0..n)
             .map(|i| Keeper {
@@ -335,6 +341,7 @@ impl Sim {
             FormationSetting::LeaseMarginMs(self.settings.lease_margin_ms),
             FormationSetting::LeaseMs(self.settings.lease_ms),
             FormationSetting::NumberSyncStandbys(self.settings.number_sync_standbys),
+            FormationSetting::OnQuorumLoss(self.settings.on_quorum_loss),
         ] {
             let r = self.state.apply(
                 &Command::SetFormationSetting {
