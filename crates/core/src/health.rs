@@ -30,12 +30,18 @@ pub struct NodeReport {
     pub sequence: u64,
 }
 
+/// How far below the newest sequence seen a beat counts as reordered rather than as
+/// coming from a restarted keeper.
+pub const REORDER_WINDOW: u64 = 8;
+
 /// The leader's in-memory view of node health. Never replicated: a new leader starts
 /// with an empty table, and "not seen yet" means unknown, never down.
 #[derive(Debug, Clone)]
 pub struct HealthTable {
     pub leader_since: Millis,
     pub last_seen: BTreeMap<NodeId, (Millis, NodeReport)>,
+    /// Since when a node has reported its PostgreSQL as not running (continuously).
+    pub pg_down_since: BTreeMap<NodeId, Millis>,
 }
 
 impl HealthTable {
@@ -43,11 +49,49 @@ impl HealthTable {
         HealthTable {
             leader_since,
             last_seen: BTreeMap::new(),
+            pg_down_since: BTreeMap::new(),
         }
     }
 
+    /// Record a heartbeat. A beat slightly older than the last one seen (a sequence
+    /// up to [`REORDER_WINDOW`] below) was reordered in flight and is ignored; a much
+    /// lower sequence is a restarted keeper process. (A keeper that starts its sequence
+    /// from the wall clock in milliseconds never has its first beats ignored.)
+    ///
+    /// Its time is recorded in every case: the answer to any beat grants the keeper a
+    /// lease, so the leader must count the lease from the latest beat it answered.
     pub fn observe(&mut self, report: NodeReport, now: Millis) {
+        if self.is_reordered(&report) {
+            if let Some(entry) = self.last_seen.get_mut(&report.node_id) {
+                entry.0 = entry.0.max(now);
+            }
+            return;
+        }
+        if report.pg_running {
+            self.pg_down_since.remove(&report.node_id);
+        } else {
+            self.pg_down_since.entry(report.node_id).or_insert(now);
+        }
         self.last_seen.insert(report.node_id, (now, report));
+    }
+
+    /// Whether `report` is older than a beat already seen from the same keeper process.
+    pub fn is_reordered(&self, report: &NodeReport) -> bool {
+        self.last_seen
+            .get(&report.node_id)
+            .is_some_and(|(_, last)| {
+                report.sequence < last.sequence && report.sequence + REORDER_WINDOW >= last.sequence
+            })
+    }
+
+    /// Forget a node (dropped).
+    pub fn forget(&mut self, node: NodeId) {
+        self.last_seen.remove(&node);
+        self.pg_down_since.remove(&node);
+    }
+
+    pub fn report(&self, node: NodeId) -> Option<&NodeReport> {
+        self.last_seen.get(&node).map(|(_, r)| r)
     }
 }
 
@@ -75,5 +119,70 @@ impl HealthTable {
             Some(ago) if ago > unhealthy_after_ms => Health::Unhealthy,
             Some(_) => Health::Healthy,
         }
+    }
+
+    /// Heard from recently and its PostgreSQL runs.
+    pub fn is_healthy(&self, node: NodeId, now: Millis, unhealthy_after_ms: Millis) -> bool {
+        self.health(node, now, unhealthy_after_ms) == Health::Healthy
+            && self.report(node).is_some_and(|r| r.pg_running)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn report(node_id: NodeId) -> NodeReport {
+        NodeReport {
+            node_id,
+            current_state: NodeState::Secondary,
+            pg_running: true,
+            pg_in_recovery: true,
+            current_lsn: 0,
+            received_lsn: 0,
+            replayed_lsn: 0,
+            timeline: 1,
+            system_identifier: 1,
+            replication: Vec::new(),
+            sequence: 1,
+        }
+    }
+
+    #[test]
+    fn unseen_is_unknown_not_down() {
+        let h = HealthTable::new(1_000);
+        assert_eq!(h.health(3, 1_000_000, 10), Health::Unknown);
+    }
+
+    #[test]
+    fn reordered_beat_is_ignored() {
+        let mut h = HealthTable::new(0);
+        let mut r = report(1);
+        r.sequence = 5;
+        h.observe(r.clone(), 100);
+        r.sequence = 4;
+        r.pg_running = false;
+        h.observe(r, 200);
+        assert!(
+            h.report(1).is_some_and(|r| r.pg_running),
+            "content of the newer beat kept"
+        );
+        assert_eq!(
+            h.last_seen_ago(1, 300),
+            Some(100),
+            "but the lease counts from the later receipt"
+        );
+    }
+
+    #[test]
+    fn restarted_keeper_is_heard_despite_a_lower_sequence() {
+        let mut h = HealthTable::new(0);
+        let mut r = report(1);
+        r.sequence = 500;
+        h.observe(r.clone(), 100);
+        r.sequence = 1;
+        r.pg_running = false;
+        h.observe(r, 200);
+        assert!(h.report(1).is_some_and(|r| !r.pg_running));
     }
 }

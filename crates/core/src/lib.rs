@@ -11,14 +11,26 @@
 //! [`Command`]s through Raft and calls [`ClusterState::apply`] on every member; the
 //! result must be the same on all of them.
 
+mod candidate;
 mod command;
 mod error;
 mod health;
+mod lease;
 mod model;
 mod orchestrate;
+mod sync;
+mod transitions;
 
-pub use command::{Command, FormationSetting, NodeSetting, Outcome};
+pub use candidate::{fast_forward_source, target_lsn, witnesses};
+pub use command::{fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_SYNC_STANDBYS};
 pub use error::{CoreError, ErrorKind};
-pub use health::{Health, HealthTable, NodeReport, ReplicationPeer};
+pub use health::{Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
+pub use lease::{lease_base, lease_surely_expired, lease_surely_expired_at};
 pub use model::*;
-pub use orchestrate::{assignment, on_heartbeat, orchestrate, Assignment, PeerNode};
+pub use orchestrate::{
+    assignment, on_heartbeat, orchestrate, unhealthy_after, Assignment, PeerNode, CATCHUP_LAG_BYTES,
+};
+pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement};
+pub use transitions::{
+    assignable_goals, keeper_path, next_step, reportable_states, transition_allowed,
+};

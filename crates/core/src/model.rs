@@ -156,6 +156,85 @@ pub struct Node {
     pub pg_running: bool,
     pub system_identifier: u64,
     pub pg_major_version: u32,
+    /// When the LSN above was recorded (the apply time of the last ReportState).
+    #[serde(default)]
+    pub lsn_at: Millis,
+    /// When the goal last changed.
+    #[serde(default)]
+    pub goal_since: Millis,
+    /// The node has reached `secondary` under the current primary, so it belongs to the
+    /// synchronous set (if it is a quorum node). Cleared when it leaves that set by an
+    /// explicit operation (maintenance, drop, replication_quorum off).
+    #[serde(default)]
+    pub in_sync_set: bool,
+    /// Sequence number of the newest synchronous configuration when the goal was
+    /// assigned: a primary that reports reaching its goal has applied that one or newer.
+    #[serde(default)]
+    pub goal_sync_seq: u64,
+}
+
+impl Node {
+    pub fn is_dropping(&self) -> bool {
+        self.goal_state == NodeState::Dropped
+    }
+}
+
+/// One synchronous replication configuration a primary may be running:
+/// `synchronous_standby_names = ANY number (members)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncConfig {
+    pub seq: u64,
+    pub number: u32,
+    pub members: Vec<NodeId>,
+    /// Unsynchronised by the operator's choice (number_sync_standbys = 0, or
+    /// on_quorum_loss = continue after the last quorum standby was lost). When `number`
+    /// is 0 and this is false, nothing protects commits: no failover can be proven safe.
+    pub async_by_choice: bool,
+}
+
+impl SyncConfig {
+    pub fn same_rule(&self, other: &SyncConfig) -> bool {
+        self.number == other.number
+            && self.members == other.members
+            && self.async_by_choice == other.async_by_choice
+    }
+}
+
+/// A failover or switchover under way in a group (no node holds a writable goal).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Failover {
+    pub old_primary: NodeId,
+    pub started_at: Millis,
+    /// The operator asked for this node.
+    pub requested: Option<NodeId>,
+    /// Whether the operator asked for it (switchover/failover/maintenance) or the
+    /// orchestrator decided it.
+    pub planned: bool,
+    /// When the old primary was known to accept no more writes (confirmed demotion or
+    /// lease surely expired). LSNs reported before this do not count.
+    pub fenced_at: Option<Millis>,
+    /// The node the candidate fetches missing WAL from during fast_forward.
+    pub fast_forward_source: Option<NodeId>,
+}
+
+/// A replication group: one primary and its standbys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Group {
+    /// Synchronous configurations the primary may be running, oldest first. The last is
+    /// the desired one; older ones are dropped once the primary confirms a synchronous
+    /// commit under a newer one. A failover must satisfy every one of them.
+    pub sync_history: Vec<SyncConfig>,
+    pub next_sync_seq: u64,
+    /// Every acknowledged commit of the previous primaries is at or below this LSN on
+    /// the current timeline: the next primary must have at least this much.
+    pub lsn_floor: Lsn,
+    pub failover: Option<Failover>,
+    /// The current (or last) primary's LSN and timeline when it was given its writable
+    /// goal: if it is found stopped on that timeline at that LSN, it never took a write.
+    #[serde(default)]
+    pub promoted_at_lsn: Lsn,
+    #[serde(default)]
+    pub promoted_at_timeline: u32,
 }
 
 /// An entry of the bounded event history: what changed and why.
@@ -174,6 +253,8 @@ pub struct Event {
 pub struct Formation {
     pub name: String,
     pub settings: FormationSettings,
+    #[serde(default)]
+    pub groups: BTreeMap<GroupId, Group>,
 }
 
 /// The whole replicated state. Plain data: cloning and serialising it is how the
@@ -186,4 +267,90 @@ pub struct ClusterState {
     /// Bounded: the oldest entries are dropped.
     pub events: std::collections::VecDeque<Event>,
     pub next_event_id: u64,
+}
+
+/// How many events the history keeps.
+pub const MAX_EVENTS: usize = 1000;
+
+impl NodeState {
+    /// PostgreSQL runs as a primary that accepts writes (under the keeper's lease).
+    pub fn is_writable(self) -> bool {
+        matches!(
+            self,
+            NodeState::Single
+                | NodeState::WaitPrimary
+                | NodeState::Primary
+                | NodeState::JoinPrimary
+                | NodeState::ApplySettings
+        )
+    }
+
+    /// Reaching this state means the keeper confirmed a synchronous commit under the
+    /// synchronous_standby_names it was given.
+    pub fn confirms_sync(self) -> bool {
+        matches!(
+            self,
+            NodeState::Primary | NodeState::JoinPrimary | NodeState::ApplySettings
+        )
+    }
+
+    /// Reported by a keeper whose PostgreSQL is stopped and will not be restarted as a
+    /// primary unless assigned a writable goal: a confirmed demotion.
+    pub fn is_stopped(self) -> bool {
+        matches!(
+            self,
+            NodeState::Demoted
+                | NodeState::DemoteTimeout
+                | NodeState::Draining
+                | NodeState::PrepareMaintenance
+                | NodeState::Maintenance
+        )
+    }
+
+    /// A state in which the node's LSN, reported after the old primary was fenced, can
+    /// serve as a witness for candidate choice.
+    pub fn reports_lsn(self) -> bool {
+        matches!(
+            self,
+            NodeState::ReportLsn | NodeState::FastForward | NodeState::PreparePromotion
+        )
+    }
+}
+
+impl ClusterState {
+    pub fn node_by_name(&self, formation: &str, name: &str) -> Option<&Node> {
+        self.nodes
+            .values()
+            .find(|n| n.formation == formation && n.name == name)
+    }
+
+    /// Nodes of a group, in id order.
+    pub fn group_nodes<'a>(
+        &'a self,
+        formation: &'a str,
+        group_id: GroupId,
+    ) -> impl Iterator<Item = &'a Node> + 'a {
+        self.nodes
+            .values()
+            .filter(move |n| n.group_id == group_id && n.formation == formation)
+    }
+
+    /// The node of a group that holds a writable goal (there is at most one).
+    pub fn primary_of<'a>(&'a self, formation: &'a str, group_id: GroupId) -> Option<&'a Node> {
+        self.group_nodes(formation, group_id)
+            .find(|n| n.goal_state.is_writable())
+    }
+
+    pub fn group(&self, formation: &str, group_id: GroupId) -> Option<&Group> {
+        self.formations
+            .get(formation)
+            .and_then(|f| f.groups.get(&group_id))
+    }
+
+    pub fn settings(&self, formation: &str) -> FormationSettings {
+        self.formations
+            .get(formation)
+            .map(|f| f.settings.clone())
+            .unwrap_or_default()
+    }
 }

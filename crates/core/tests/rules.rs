@@ -1,0 +1,963 @@
+//! One test per orchestration rule: build a cluster state, run the orchestrator, and
+//! assert on the goals it assigns (and on what the keepers are told).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pgquorum_core::*;
+use NodeState::*;
+
+const T0: Millis = 1_000_000;
+
+struct Cluster {
+    state: ClusterState,
+    health: HealthTable,
+    now: Millis,
+    seq: u64,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        Cluster {
+            state: ClusterState::default(),
+            health: HealthTable::new(T0),
+            now: T0,
+            seq: 0,
+        }
+    }
+
+    fn id(&self, name: &str) -> NodeId {
+        self.state.node_by_name(DEFAULT_FORMATION, name).unwrap().id
+    }
+
+    fn node(&self, name: &str) -> &Node {
+        self.state.node_by_name(DEFAULT_FORMATION, name).unwrap()
+    }
+
+    fn register(&mut self, name: &str, priority: u8) -> NodeId {
+        let out = self
+            .state
+            .apply(
+                &Command::RegisterNode {
+                    formation: DEFAULT_FORMATION.into(),
+                    name: name.into(),
+                    host: "10.0.0.1".into(),
+                    port: 5432,
+                    candidate_priority: priority,
+                    replication_quorum: true,
+                    system_identifier: 0,
+                    pg_major_version: 15,
+                    current_state: Init,
+                },
+                self.now,
+            )
+            .unwrap();
+        match out {
+            Outcome::Registered { node_id, .. } => node_id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn apply(&mut self, cmd: Command) -> Result<Outcome, CoreError> {
+        self.state.apply(&cmd, self.now)
+    }
+
+    /// A heartbeat: observed by the leader, and the state change it implies applied.
+    fn beat_full(
+        &mut self,
+        name: &str,
+        st: NodeState,
+        pg_running: bool,
+        lsn: Lsn,
+        timeline: u32,
+        streaming: &[(&str, Lsn)],
+    ) {
+        self.seq += 1;
+        let report = NodeReport {
+            node_id: self.id(name),
+            current_state: st,
+            pg_running,
+            pg_in_recovery: !st.is_writable(),
+            current_lsn: lsn,
+            received_lsn: lsn,
+            replayed_lsn: lsn,
+            timeline,
+            system_identifier: 7,
+            replication: streaming
+                .iter()
+                .map(|(n, l)| ReplicationPeer {
+                    application_name: n.to_string(),
+                    state: "streaming".into(),
+                    sync_state: "quorum".into(),
+                    write_lsn: *l,
+                    flush_lsn: *l,
+                    replay_lsn: *l,
+                })
+                .collect(),
+            sequence: self.seq,
+        };
+        self.health.observe(report.clone(), self.now);
+        for c in on_heartbeat(&self.state, &self.health, &report, self.now) {
+            self.state.apply(&c, self.now).unwrap();
+        }
+    }
+
+    fn beat(&mut self, name: &str, st: NodeState, lsn: Lsn) {
+        self.beat_full(name, st, true, lsn, 1, &[]);
+    }
+
+    /// Run the orchestrator until it has nothing more to decide at this instant (as the
+    /// monitor does: it runs again after applying); return the assignments in order.
+    fn orchestrate(&mut self) -> Vec<(String, NodeState)> {
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            let cmds = orchestrate(&self.state, &self.health, self.now);
+            if cmds.is_empty() {
+                break;
+            }
+            for c in cmds {
+                if let Command::AssignGoal { node_id, goal, .. } = &c {
+                    out.push((self.state.nodes[node_id].name.clone(), *goal));
+                }
+                self.state.apply(&c, self.now).unwrap();
+            }
+        }
+        out
+    }
+
+    fn advance(&mut self, ms: Millis) {
+        self.now += ms;
+    }
+
+    fn assigned(list: &[(&str, NodeState)]) -> Vec<(String, NodeState)> {
+        list.iter().map(|(n, g)| (n.to_string(), *g)).collect()
+    }
+
+    /// Every node reaches its goal and reports it.
+    fn settle(&mut self, lsn: Lsn) {
+        let names: Vec<(String, NodeState)> = self
+            .state
+            .nodes
+            .values()
+            .map(|n| (n.name.clone(), n.goal_state))
+            .collect();
+        let primary = names
+            .iter()
+            .find(|(_, g)| g.is_writable())
+            .map(|(n, _)| n.clone());
+        let standbys: Vec<(String, Lsn)> = names
+            .iter()
+            .filter(|(n, _)| Some(n) != primary.as_ref())
+            .map(|(n, _)| (n.clone(), lsn))
+            .collect();
+        for (n, g) in &names {
+            if Some(n) == primary.as_ref() {
+                let s: Vec<(&str, Lsn)> = standbys.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+                self.beat_full(n, *g, true, lsn, 1, &s);
+            } else {
+                self.beat(n, *g, lsn);
+            }
+        }
+    }
+
+    /// Drive the cluster (all keepers reaching their goals at once) until nothing changes.
+    fn converge(&mut self, lsn: Lsn) {
+        for _ in 0..20 {
+            self.settle(lsn);
+            self.advance(100);
+            if self.orchestrate().is_empty() {
+                self.settle(lsn);
+                if self.orchestrate().is_empty() {
+                    return;
+                }
+            }
+        }
+        panic!(
+            "did not converge: {:?}",
+            self.state
+                .nodes
+                .values()
+                .map(|n| (&n.name, n.reported_state, n.goal_state))
+                .collect::<Vec<_>>()
+        );
+    }
+
+    /// a primary, b and c secondaries, synchronous replication on.
+    fn three() -> Cluster {
+        let mut c = Cluster::new();
+        c.register("a", 50);
+        c.register("b", 50);
+        c.register("c", 50);
+        c.converge(100);
+        assert_eq!(c.node("a").goal_state, Primary);
+        assert_eq!(c.node("b").goal_state, Secondary);
+        assert_eq!(c.node("c").goal_state, Secondary);
+        c
+    }
+}
+
+#[test]
+fn first_node_is_single_and_later_ones_wait_standby() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    assert_eq!(c.node("a").goal_state, Single);
+    c.register("b", 50);
+    assert_eq!(c.node("b").goal_state, WaitStandby);
+    // The formation `default` was created on the fly.
+    assert!(c.state.formations.contains_key(DEFAULT_FORMATION));
+}
+
+#[test]
+fn registration_is_idempotent_by_formation_and_name() {
+    let mut c = Cluster::new();
+    let a = c.register("a", 50);
+    assert_eq!(c.register("a", 50), a);
+    assert_eq!(c.state.nodes.len(), 1);
+}
+
+#[test]
+fn single_becomes_wait_primary_when_a_standby_joins() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.beat("a", Single, 10);
+    c.register("b", 50);
+    c.beat("b", WaitStandby, 0);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("a", WaitPrimary)]));
+}
+
+#[test]
+fn waiting_standby_catches_up_once_the_primary_accepts_it() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.beat("a", WaitPrimary, 10);
+    c.apply(Command::AssignGoal {
+        node_id: c.id("a"),
+        goal: WaitPrimary,
+        reason: "t".into(),
+    })
+    .unwrap();
+    c.beat("a", WaitPrimary, 10);
+    c.beat("b", WaitStandby, 0);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Catchingup)]));
+}
+
+#[test]
+fn catching_up_standby_becomes_secondary_only_when_streaming_close_to_the_primary() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.converge(100);
+    assert_eq!(c.node("b").goal_state, Secondary);
+    // b falls silent: unhealthy.
+    c.advance(5_000);
+    c.beat_full("a", Primary, true, 200, 1, &[]);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Catchingup)]));
+    c.beat("b", Catchingup, 50);
+    // Streaming but far behind: not yet.
+    c.beat_full(
+        "a",
+        Primary,
+        true,
+        50 + CATCHUP_LAG_BYTES + 1,
+        1,
+        &[("b", 50)],
+    );
+    assert_eq!(c.orchestrate(), vec![]);
+    c.beat_full("a", Primary, true, 60, 1, &[("b", 50)]);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Secondary)]));
+}
+
+#[test]
+fn primary_runs_synchronous_replication_on_every_quorum_standby() {
+    let c = Cluster::three();
+    let a = assignment(&c.state, c.id("a"), c.now).unwrap();
+    assert_eq!(a.synchronous_standby_names, r#"ANY 1 ("b", "c")"#);
+    assert_eq!(a.on_quorum_loss, "block");
+    assert_eq!(a.peers.len(), 2);
+    let b = assignment(&c.state, c.id("b"), c.now).unwrap();
+    assert_eq!(b.primary.unwrap().name, "a");
+    assert_eq!(b.synchronous_standby_names, "");
+}
+
+#[test]
+fn a_third_node_passes_the_primary_through_join_primary() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.converge(100);
+    c.register("c", 50);
+    c.beat("c", WaitStandby, 0);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("a", JoinPrimary)]));
+    c.beat("a", JoinPrimary, 100);
+    let got = c.orchestrate();
+    assert!(got.contains(&("c".into(), Catchingup)), "{got:?}");
+    assert!(got.contains(&("a".into(), Primary)), "{got:?}");
+}
+
+#[test]
+fn a_change_of_synchronous_standbys_goes_through_apply_settings() {
+    let mut c = Cluster::three();
+    c.apply(Command::SetNodeSetting {
+        formation: "".into(),
+        node: "c".into(),
+        setting: NodeSetting::ReplicationQuorum(false),
+    })
+    .unwrap();
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("a", ApplySettings)]));
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 1 ("b")"#
+    );
+    c.beat("a", ApplySettings, 100);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("a", Primary)]));
+    // Once confirmed, only the new configuration remains to be satisfied.
+    assert_eq!(
+        c.state
+            .group(DEFAULT_FORMATION, 0)
+            .unwrap()
+            .sync_history
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn silent_primary_is_demoted_only_when_its_lease_has_surely_expired() {
+    let mut c = Cluster::three();
+    let s = c.state.settings(DEFAULT_FORMATION);
+    let last = c.now;
+    c.advance(s.lease_ms + s.lease_margin_ms - 100);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    assert_eq!(c.orchestrate(), vec![], "lease may still be valid");
+    c.now = last + s.lease_ms + s.lease_margin_ms;
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    let got = c.orchestrate();
+    assert_eq!(got[0], ("a".into(), Demoted));
+    assert!(
+        got.contains(&("b".into(), ReportLsn)) && got.contains(&("c".into(), ReportLsn)),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn failover_promotes_by_priority_and_fast_forwards_a_candidate_that_is_behind() {
+    let mut c = Cluster::three();
+    c.apply(Command::SetNodeSetting {
+        formation: "".into(),
+        node: "c".into(),
+        setting: NodeSetting::CandidatePriority(90),
+    })
+    .unwrap();
+    c.advance(10_000);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    c.orchestrate();
+    c.beat("b", ReportLsn, 120);
+    c.beat("c", ReportLsn, 110);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("c", FastForward)]));
+    let a = assignment(&c.state, c.id("c"), c.now).unwrap();
+    assert_eq!(a.primary.unwrap().name, "b", "fetch from the most advanced");
+    c.beat("c", FastForward, 120);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", PreparePromotion)])
+    );
+    c.beat("c", PreparePromotion, 120);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", WaitPrimary), ("b", JoinSecondary)])
+    );
+    // The new primary keeps synchronous replication: no unprotected window.
+    assert_eq!(
+        assignment(&c.state, c.id("c"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 1 ("b")"#
+    );
+}
+
+#[test]
+fn failover_waits_for_enough_lsn_reports_and_never_promotes_blindly() {
+    let mut c = Cluster::three();
+    c.advance(10_000);
+    c.beat("b", Secondary, 100);
+    c.orchestrate();
+    c.beat("b", ReportLsn, 100);
+    // ANY 1 (b, c): c may hold the only copy of the last commit.
+    assert_eq!(c.orchestrate(), vec![]);
+    c.beat("c", ReportLsn, 130);
+    let got = c.orchestrate();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, PreparePromotion);
+}
+
+#[test]
+fn a_standby_dying_during_report_lsn_does_not_block_when_the_others_suffice() {
+    // ANY 2 (b, c, d): two reports out of three cover every acknowledged commit.
+    let mut c = Cluster::new();
+    for n in ["a", "b", "c", "d"] {
+        c.register(n, 50);
+    }
+    c.converge(100);
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::NumberSyncStandbys(2),
+    })
+    .unwrap();
+    c.converge(100);
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 2 ("b", "c", "d")"#
+    );
+    c.advance(10_000);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    c.orchestrate();
+    c.beat("b", ReportLsn, 100);
+    c.beat("c", ReportLsn, 100);
+    // d died before reporting (report_lsn stuck forever in pg_auto_failover #1060).
+    let got = c.orchestrate();
+    assert_eq!(got, Cluster::assigned(&[("b", PreparePromotion)]));
+}
+
+#[test]
+fn a_new_leader_counts_an_unseen_primary_lease_from_its_own_election() {
+    let mut c = Cluster::three();
+    c.advance(60_000);
+    c.health = HealthTable::new(c.now);
+    let s = c.state.settings(DEFAULT_FORMATION);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    assert_eq!(c.orchestrate(), vec![], "unknown is not down");
+    c.advance(s.lease_ms + s.lease_margin_ms);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    assert_eq!(c.orchestrate()[0], ("a".into(), Demoted));
+}
+
+#[test]
+fn an_unknown_standby_is_never_counted_as_down() {
+    let mut c = Cluster::three();
+    c.health = HealthTable::new(c.now);
+    c.advance(60_000);
+    c.beat_full("a", Primary, true, 100, 1, &[]);
+    assert_eq!(c.orchestrate(), vec![]);
+}
+
+#[test]
+fn postgres_down_on_a_live_primary_leads_to_demote_timeout() {
+    let mut c = Cluster::three();
+    let s = c.state.settings(DEFAULT_FORMATION);
+    c.beat_full("a", Primary, false, 100, 1, &[]);
+    c.orchestrate();
+    c.advance(s.lease_ms + s.lease_margin_ms);
+    c.beat_full("a", Primary, false, 100, 1, &[]);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("a", DemoteTimeout)]));
+    c.beat_full("a", DemoteTimeout, false, 100, 1, &[]);
+    let got = c.orchestrate();
+    assert!(got.contains(&("a".into(), Demoted)));
+    assert!(got.contains(&("b".into(), ReportLsn)));
+}
+
+#[test]
+fn switchover_to_a_named_node() {
+    let mut c = Cluster::three();
+    c.apply(Command::PerformSwitchover {
+        formation: "".into(),
+        group_id: 0,
+        candidate: Some("c".into()),
+    })
+    .unwrap();
+    assert_eq!(c.node("a").goal_state, Draining);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    assert_eq!(
+        c.orchestrate(),
+        vec![],
+        "a has not stopped yet and its lease is valid"
+    );
+    c.beat_full("a", Draining, false, 150, 1, &[]);
+    let got = c.orchestrate();
+    assert!(
+        got.contains(&("a".into(), Demoted)) && got.contains(&("c".into(), ReportLsn)),
+        "{got:?}"
+    );
+    c.beat("b", ReportLsn, 150);
+    c.beat("c", ReportLsn, 150);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", PreparePromotion)])
+    );
+    c.beat("c", PreparePromotion, 150);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", WaitPrimary), ("b", JoinSecondary)])
+    );
+}
+
+#[test]
+fn the_old_primary_returns_by_rewind() {
+    let mut c = Cluster::three();
+    c.apply(Command::PerformSwitchover {
+        formation: "".into(),
+        group_id: 0,
+        candidate: None,
+    })
+    .unwrap();
+    c.beat_full("a", Draining, false, 150, 1, &[]);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    c.orchestrate();
+    c.beat("b", ReportLsn, 150);
+    c.beat("c", ReportLsn, 150);
+    c.orchestrate();
+    c.beat("b", PreparePromotion, 150);
+    c.orchestrate();
+    c.beat_full("b", WaitPrimary, true, 151, 2, &[]);
+    c.beat_full("a", Demoted, false, 150, 1, &[]);
+    let got = c.orchestrate();
+    assert!(got.contains(&("a".into(), Catchingup)), "{got:?}");
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .primary
+            .unwrap()
+            .name,
+        "b"
+    );
+}
+
+#[test]
+fn maintenance_on_a_standby_waits_for_the_primary_to_stop_waiting_for_it() {
+    let mut c = Cluster::three();
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "c".into(),
+        enable: true,
+    })
+    .unwrap();
+    assert_eq!(c.node("c").goal_state, WaitMaintenance);
+    let got = c.orchestrate();
+    assert_eq!(got, Cluster::assigned(&[("a", ApplySettings)]));
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 1 ("b")"#
+    );
+    c.beat("a", ApplySettings, 100);
+    let got = c.orchestrate();
+    assert!(got.contains(&("c".into(), Maintenance)), "{got:?}");
+    // And back.
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "c".into(),
+        enable: false,
+    })
+    .unwrap();
+    assert_eq!(c.node("c").goal_state, Catchingup);
+}
+
+#[test]
+fn maintenance_on_the_primary_fails_over_first() {
+    let mut c = Cluster::three();
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "a".into(),
+        enable: true,
+    })
+    .unwrap();
+    assert_eq!(c.node("a").goal_state, PrepareMaintenance);
+    c.beat_full("a", PrepareMaintenance, false, 100, 1, &[]);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    let got = c.orchestrate();
+    assert!(got.contains(&("b".into(), ReportLsn)), "{got:?}");
+    c.beat("b", ReportLsn, 100);
+    c.beat("c", ReportLsn, 100);
+    c.orchestrate();
+    c.beat("b", PreparePromotion, 100);
+    c.orchestrate();
+    assert_eq!(c.node("b").goal_state, WaitPrimary);
+    assert_eq!(
+        c.node("a").goal_state,
+        Maintenance,
+        "a is in maintenance once b took over"
+    );
+}
+
+#[test]
+fn dropping_a_standby_removes_it_once_its_keeper_confirms() {
+    let mut c = Cluster::three();
+    c.apply(Command::DropNode {
+        formation: "".into(),
+        node: "c".into(),
+    })
+    .unwrap();
+    assert_eq!(c.node("c").goal_state, Dropped);
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now).unwrap().peers.len(),
+        1
+    );
+    c.beat("c", Dropped, 100);
+    assert!(c.state.node_by_name(DEFAULT_FORMATION, "c").is_none());
+}
+
+#[test]
+fn on_quorum_loss_block_keeps_synchronous_replication() {
+    let mut c = Cluster::three();
+    c.advance(10_000);
+    c.beat_full("a", Primary, true, 100, 1, &[]);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("b", Catchingup), ("c", Catchingup)])
+    );
+    assert_eq!(
+        assignment(&c.state, c.id("a"), c.now)
+            .unwrap()
+            .synchronous_standby_names,
+        r#"ANY 1 ("b", "c")"#
+    );
+}
+
+#[test]
+fn on_quorum_loss_continue_is_explicit_and_recorded() {
+    let mut c = Cluster::three();
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::OnQuorumLoss(QuorumLossPolicy::Continue),
+    })
+    .unwrap();
+    c.advance(10_000);
+    c.beat_full("a", Primary, true, 100, 1, &[]);
+    let got = c.orchestrate();
+    assert!(got.contains(&("a".into(), WaitPrimary)), "{got:?}");
+    let a = assignment(&c.state, c.id("a"), c.now).unwrap();
+    assert_eq!(a.synchronous_standby_names, "");
+    assert_eq!(a.on_quorum_loss, "continue");
+    assert!(c
+        .state
+        .events
+        .iter()
+        .any(|e| e.description.contains("on_quorum_loss = continue")));
+}
+
+#[test]
+fn steady_state_heartbeats_cost_no_write() {
+    let mut c = Cluster::three();
+    let before = c.state.clone();
+    for _ in 0..10 {
+        c.advance(200);
+        c.settle(100 + c.now);
+        assert_eq!(c.orchestrate(), vec![]);
+    }
+    assert_eq!(
+        c.state, before,
+        "steady state must not change the replicated state"
+    );
+}
+
+#[test]
+fn events_say_what_changed_and_why() {
+    let mut c = Cluster::three();
+    c.advance(10_000);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    c.orchestrate();
+    let e = c
+        .state
+        .events
+        .iter()
+        .rev()
+        .find(|e| e.description.contains("node a assigned demoted"))
+        .unwrap();
+    assert!(e.description.contains("lease"), "{}", e.description);
+    assert!(c.state.events.len() <= MAX_EVENTS);
+}
+
+// ---------------------------------------------------------------- refusals
+
+fn refused(c: &mut Cluster, cmd: Command) -> CoreError {
+    let before = c.state.clone();
+    let err = c.apply(cmd).unwrap_err();
+    assert_eq!(c.state, before, "a refused command changed the state");
+    err
+}
+
+#[test]
+fn switchover_without_a_healthy_standby_is_refused() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.converge(10);
+    let e = refused(
+        &mut c,
+        Command::PerformSwitchover {
+            formation: "".into(),
+            group_id: 0,
+            candidate: None,
+        },
+    );
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    assert!(e.to_string().contains("no secondary"), "{e}");
+}
+
+#[test]
+fn number_sync_standbys_above_the_quorum_nodes_is_refused() {
+    let mut c = Cluster::three();
+    let e = refused(
+        &mut c,
+        Command::SetFormationSetting {
+            formation: "".into(),
+            setting: FormationSetting::NumberSyncStandbys(3),
+        },
+    );
+    assert!(e.to_string().contains("quorum standby"), "{e}");
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::NumberSyncStandbys(2),
+    })
+    .unwrap();
+}
+
+#[test]
+fn maintenance_on_the_only_node_is_refused() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    let e = refused(
+        &mut c,
+        Command::SetMaintenance {
+            formation: "".into(),
+            node: "a".into(),
+            enable: true,
+        },
+    );
+    assert!(e.to_string().contains("only node"), "{e}");
+}
+
+#[test]
+fn maintenance_that_would_block_writes_is_refused_under_block() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.converge(100);
+    let e = refused(
+        &mut c,
+        Command::SetMaintenance {
+            formation: "".into(),
+            node: "b".into(),
+            enable: true,
+        },
+    );
+    assert!(e.to_string().contains("synchronous replication"), "{e}");
+}
+
+#[test]
+fn unknown_names_and_invalid_settings_are_refused() {
+    let mut c = Cluster::three();
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::DropNode {
+                formation: "".into(),
+                node: "zz".into()
+            }
+        )
+        .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetMaintenance {
+                formation: "nope".into(),
+                node: "a".into(),
+                enable: true
+            }
+        )
+        .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetNodeSetting {
+                formation: "".into(),
+                node: "a".into(),
+                setting: NodeSetting::CandidatePriority(101)
+            }
+        )
+        .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetFormationSetting {
+                formation: "".into(),
+                setting: FormationSetting::LeaseMarginMs(1)
+            }
+        )
+        .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetFormationSetting {
+                formation: "".into(),
+                setting: FormationSetting::HeartbeatIntervalMs(5)
+            }
+        )
+        .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::SetFormationSetting {
+                formation: "".into(),
+                setting: FormationSetting::LeaseMs(100)
+            }
+        )
+        .kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::DropNode {
+                formation: "".into(),
+                node: "a".into()
+            }
+        )
+        .kind(),
+        ErrorKind::FailedPrecondition
+    );
+    assert_eq!(
+        refused(
+            &mut c,
+            Command::ReportState {
+                node_id: 99,
+                state: Secondary,
+                lsn: 0,
+                timeline: 1,
+                pg_running: true
+            }
+        )
+        .kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn a_second_primary_is_refused_whatever_the_proposal() {
+    let mut c = Cluster::three();
+    let b = c.id("b");
+    let e = refused(
+        &mut c,
+        Command::AssignGoal {
+            node_id: b,
+            goal: WaitPrimary,
+            reason: "stale proposal".into(),
+        },
+    );
+    assert!(e.to_string().contains("already the primary"), "{e}");
+    // Even with the old primary demoting, not before it is fenced.
+    let a = c.id("a");
+    c.apply(Command::AssignGoal {
+        node_id: a,
+        goal: Draining,
+        reason: "t".into(),
+    })
+    .unwrap();
+    let e = refused(
+        &mut c,
+        Command::AssignGoal {
+            node_id: b,
+            goal: WaitPrimary,
+            reason: "too early".into(),
+        },
+    );
+    assert!(e.to_string().contains("may still accept writes"), "{e}");
+}
+
+#[test]
+fn many_formations_are_cheap_to_create_and_drop() {
+    let mut s = ClusterState::default();
+    for i in 0..10_000 {
+        s.apply(
+            &Command::CreateFormation {
+                name: format!("f{i}"),
+                number_sync_standbys: None,
+            },
+            1,
+        )
+        .unwrap();
+    }
+    assert_eq!(s.formations.len(), 10_000);
+    s.apply(&Command::DropFormation { name: "f5".into() }, 2)
+        .unwrap();
+    assert_eq!(
+        s.apply(
+            &Command::CreateFormation {
+                name: "f6".into(),
+                number_sync_standbys: None
+            },
+            3
+        )
+        .unwrap_err()
+        .kind(),
+        ErrorKind::AlreadyExists
+    );
+}
+
+#[test]
+fn the_state_round_trips_through_json() {
+    let c = Cluster::three();
+    let json = serde_json::to_string(&c.state).unwrap();
+    let back: ClusterState = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, c.state);
+}
+
+#[test]
+fn a_first_node_that_never_ran_can_be_dropped_and_the_next_one_initialises() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.beat("b", WaitStandby, 0);
+    assert_eq!(c.orchestrate(), vec![], "a may still come");
+    c.apply(Command::DropNode {
+        formation: "".into(),
+        node: "a".into(),
+    })
+    .unwrap();
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Single)]));
+    assert_eq!(next_step(WaitStandby, Single), Some(Single));
+}
+
+#[test]
+fn ending_maintenance_of_a_primary_still_handing_over_is_refused() {
+    let mut c = Cluster::three();
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "a".into(),
+        enable: true,
+    })
+    .unwrap();
+    let e = refused(
+        &mut c,
+        Command::SetMaintenance {
+            formation: "".into(),
+            node: "a".into(),
+            enable: false,
+        },
+    );
+    assert!(e.to_string().contains("handing over"), "{e}");
+}
