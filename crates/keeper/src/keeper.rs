@@ -231,7 +231,13 @@ impl Heartbeat {
                 };
                 let mut node_id = self.node_id;
                 let mut interval = Duration::from_millis(200);
-                let mut sequence = 0u64;
+                // The monitor drops beats whose sequence goes backwards (reordered); a
+                // restarted keeper must not start below its previous life, so count from
+                // the wall clock.
+                let mut sequence = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                    .unwrap_or(0);
                 let mut failures = 0u64;
                 loop {
                     let sent_at = Instant::now();
