@@ -3,8 +3,8 @@
 //! with INVALID_ARGUMENT and changes nothing.
 
 use pgquorum_core::{
-    Assignment, Command, Event, Formation, FormationSetting, Health, Node, NodeReport,
-    NodeSetting, NodeState, PeerNode, QuorumLossPolicy, ReplicationPeer, DEFAULT_FORMATION,
+    Assignment, Command, Event, Formation, FormationSetting, Health, Node, NodeReport, NodeSetting,
+    NodeState, PeerNode, QuorumLossPolicy, ReplicationPeer, DEFAULT_FORMATION,
 };
 use thiserror::Error;
 
@@ -128,12 +128,12 @@ impl TryFrom<pb::SetNodeSettingRequest> for Command {
                 NodeSetting::CandidatePriority(priority(parse_u64("value", &r.value)? as u32)?)
             }
             "replication-quorum" => NodeSetting::ReplicationQuorum(parse_bool("value", &r.value)?),
-            other => {
-                return Err(invalid(
-                    "name",
-                    format!("unknown node setting {other:?}; use candidate-priority or replication-quorum"),
-                ))
-            }
+            other => return Err(invalid(
+                "name",
+                format!(
+                    "unknown node setting {other:?}; use candidate-priority or replication-quorum"
+                ),
+            )),
         };
         Ok(Command::SetNodeSetting {
             formation: formation_or_default(r.formation),
@@ -489,7 +489,10 @@ mod tests {
         }
         let mut bad = good.clone();
         bad.port = 70000;
-        assert!(Command::try_from(bad).unwrap_err().to_string().contains("port"));
+        assert!(Command::try_from(bad)
+            .unwrap_err()
+            .to_string()
+            .contains("port"));
         let mut bad = good.clone();
         bad.candidate_priority = 101;
         assert!(Command::try_from(bad).is_err());

@@ -6,5 +6,12 @@
 //! orchestrator. It must never acknowledge a write before it is flushed to disk, nor
 //! let a wire type into the core.
 
+pub mod member;
+mod metrics;
+pub mod network;
+pub mod node;
+pub mod service;
 pub mod store;
 pub mod types;
+
+pub use node::{parse_peer, peer_map, run, MemberConfig, MonitorError, Timing};

@@ -66,7 +66,10 @@ pub struct Header {
 /// Opens (or creates) the store in `dir`. `group_id` is the id this member expects;
 /// `None` (a joining member) adopts whatever is stored, or writes `joined` into an
 /// empty store.
-pub fn open(dir: &Path, group_id: Option<&str>) -> Result<(LogStore, StateMachine, Header), StoreError> {
+pub fn open(
+    dir: &Path,
+    group_id: Option<&str>,
+) -> Result<(LogStore, StateMachine, Header), StoreError> {
     let d = dir.display().to_string();
     let db = sled::Config::new()
         .path(dir)
@@ -147,7 +150,10 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write(&e).into()
 }
 
-fn get_json<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, key: &[u8]) -> Result<Option<T>, StorageError> {
+fn get_json<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
     match tree.get(key).map_err(read_err)? {
         None => Ok(None),
         Some(raw) => serde_json::from_slice(&raw).map(Some).map_err(read_err),
@@ -238,7 +244,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(get_json::<Option<LogId>>(&self.meta, K_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -250,7 +260,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(write_err)?;
         // Acknowledge only what is on disk.
-        let res = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
+        let res = self
+            .db
+            .flush_async()
+            .await
+            .map(|_| ())
+            .map_err(std::io::Error::other);
         callback.log_io_completed(res);
         Ok(())
     }
@@ -422,10 +437,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(get_json::<StoredSnapshot>(&self.meta, K_SNAPSHOT)?.map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(
+            get_json::<StoredSnapshot>(&self.meta, K_SNAPSHOT)?.map(|s| Snapshot {
+                meta: s.meta,
+                snapshot: Box::new(Cursor::new(s.data)),
+            }),
+        )
     }
 }
 
