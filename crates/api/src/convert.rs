@@ -128,12 +128,14 @@ impl TryFrom<pb::SetNodeSettingRequest> for Command {
                 NodeSetting::CandidatePriority(priority(parse_u64("value", &r.value)? as u32)?)
             }
             "replication-quorum" => NodeSetting::ReplicationQuorum(parse_bool("value", &r.value)?),
-            other => return Err(invalid(
-                "name",
-                format!(
+            other => {
+                return Err(invalid(
+                    "name",
+                    format!(
                     "unknown node setting {other:?}; use candidate-priority or replication-quorum"
                 ),
-            )),
+                ))
+            }
         };
         Ok(Command::SetNodeSetting {
             formation: formation_or_default(r.formation),

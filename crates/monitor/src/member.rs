@@ -207,7 +207,13 @@ impl Member {
             cmd,
         };
         match tokio::time::timeout(self.write_timeout, self.raft.client_write(req)).await {
-            Err(_) => Err(self.no_quorum()),
+            Err(_) => {
+                let (up, n) = self.reachable_summary();
+                Err(Status::unavailable(format!(
+                    "no quorum: only {up} of {n} monitor members reachable; this write was not confirmed within {:?} (it takes effect only if a majority comes back); writes are refused until a majority is back",
+                    self.write_timeout
+                )))
+            }
             Ok(Ok(resp)) => match resp.data.result {
                 Some(Ok(outcome)) => Ok((outcome, resp.log_id.index)),
                 Some(Err(e)) => Err(status_from_core(&e)),

@@ -109,8 +109,12 @@ pub async fn run(
         .get(&cfg.node_id)
         .cloned()
         .unwrap_or_else(|| cfg.listen.to_string());
-    let group_id = (!cfg.join).then(|| group_id_of(&cfg.peers));
-    let (log_store, sm, header) = store::open(&cfg.data_dir, group_id.as_deref())?;
+    let group_id = if cfg.join {
+        store::JOINED.to_owned()
+    } else {
+        group_id_of(&cfg.peers)
+    };
+    let (log_store, sm, header) = store::open(&cfg.data_dir, &group_id)?;
     let applied = sm.applied();
 
     let config = Config {
@@ -122,7 +126,9 @@ pub async fn run(
         snapshot_max_chunk_size: 1024 * 1024,
         max_payload_entries: 1000,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_threshold),
-        max_in_snapshot_log_to_keep: 100,
+        // Keep a fifth of a snapshot interval of log for followers that lag briefly;
+        // anything further behind catches up through a snapshot.
+        max_in_snapshot_log_to_keep: cfg.snapshot_threshold / 5,
         ..Default::default()
     }
     .validate()
@@ -141,21 +147,38 @@ pub async fn run(
     .map_err(|e| MonitorError::Raft(e.to_string()))?;
 
     // A restart must agree with what the group itself recorded.
-    let stored: BTreeMap<NodeId, String> = {
-        let m = raft.metrics().borrow().membership_config.clone();
-        m.membership()
-            .voter_ids()
-            .filter_map(|id| m.membership().get_node(&id).map(|n| (id, n.addr.clone())))
-            .collect()
-    };
-    if !stored.is_empty() && !cfg.join && stored != cfg.peers {
-        let _ = raft.shutdown().await;
-        return Err(MonitorError::Config(format!(
-            "the --peer list ({}) contradicts the group's membership stored in {} ({}); start this member with the stored list, and change the membership with `pgquorum monitor add-member` / `remove-member`",
-            describe(&cfg.peers),
-            cfg.data_dir.display(),
-            describe(&stored)
-        )));
+    // Read from Raft's own state, not from metrics: those may not be published yet.
+    let stored: BTreeMap<NodeId, String> = raft
+        .with_raft_state(|st| {
+            let m = st.membership_state.effective().clone();
+            m.voter_ids()
+                .filter_map(|id| m.get_node(&id).map(|n| (id, n.addr.clone())))
+                .collect()
+        })
+        .await
+        .map_err(|e| MonitorError::Raft(e.to_string()))?;
+    tracing::info!(node = cfg.node_id, stored = %describe(&stored), "membership read from the data directory");
+    if !cfg.join && (stored.is_empty() || stored != cfg.peers) {
+        // The founding list decides the group id; after add/remove-member the stored
+        // membership is what a restart must name.
+        let refusal = match header.check(&group_id, &cfg.data_dir) {
+            Err(e) if stored.is_empty() => Some(MonitorError::Store(e)),
+            Err(e) => Some(MonitorError::Config(format!(
+                "{e}; its stored membership is {}",
+                describe(&stored)
+            ))),
+            Ok(()) if !stored.is_empty() => Some(MonitorError::Config(format!(
+                "the --peer list ({}) contradicts the group's membership stored in {} ({}); start this member with the stored list, and change the membership with `pgquorum monitor add-member` / `remove-member`",
+                describe(&cfg.peers),
+                cfg.data_dir.display(),
+                describe(&stored)
+            ))),
+            Ok(()) => None,
+        };
+        if let Some(e) = refusal {
+            let _ = raft.shutdown().await;
+            return Err(e);
+        }
     }
 
     let listener = tokio::net::TcpListener::bind(cfg.listen)

@@ -63,12 +63,26 @@ pub struct Header {
     pub group_id: String,
 }
 
-/// Opens (or creates) the store in `dir`. `group_id` is the id this member expects;
-/// `None` (a joining member) adopts whatever is stored, or writes `joined` into an
-/// empty store.
+impl Header {
+    /// Refuses a directory that belongs to another group. A member that joined
+    /// through add-member stores `joined` and accepts any group id.
+    pub fn check(&self, expected: &str, dir: &Path) -> Result<(), StoreError> {
+        if self.group_id == expected || self.group_id == JOINED || expected == JOINED {
+            return Ok(());
+        }
+        Err(StoreError::OtherGroup {
+            dir: dir.display().to_string(),
+            found: self.group_id.clone(),
+            expected: expected.to_owned(),
+        })
+    }
+}
+
+/// Opens (or creates) the store in `dir`. An empty store gets a header with
+/// `new_group_id`; an existing one keeps its own (check it with [`Header::check`]).
 pub fn open(
     dir: &Path,
-    group_id: Option<&str>,
+    new_group_id: &str,
 ) -> Result<(LogStore, StateMachine, Header), StoreError> {
     let d = dir.display().to_string();
     let db = sled::Config::new()
@@ -97,15 +111,6 @@ pub fn open(
                     found: h.format_version,
                 });
             }
-            if let Some(expected) = group_id {
-                if h.group_id != expected && h.group_id != JOINED {
-                    return Err(StoreError::OtherGroup {
-                        dir: d,
-                        found: h.group_id,
-                        expected: expected.to_owned(),
-                    });
-                }
-            }
             h
         }
         None => {
@@ -117,7 +122,7 @@ pub fn open(
             }
             let h = Header {
                 format_version: FORMAT_VERSION,
-                group_id: group_id.unwrap_or(JOINED).to_owned(),
+                group_id: new_group_id.to_owned(),
             };
             let raw = serde_json::to_vec(&h).map_err(|e| StoreError::Damaged {
                 dir: d.clone(),
@@ -457,7 +462,7 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for SledBuilder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
             let dir = tempfile::tempdir().unwrap();
-            let (log, sm, _) = open(dir.path(), Some("test")).unwrap();
+            let (log, sm, _) = open(dir.path(), "test").unwrap();
             Ok((dir, log, sm))
         }
     }
@@ -471,10 +476,12 @@ mod tests {
     #[test]
     fn another_groups_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        drop(open(dir.path(), Some("g-1")).unwrap());
-        let err = open(dir.path(), Some("g-2")).err().unwrap();
+        drop(open(dir.path(), "g-1").unwrap());
+        let (_, _, h) = open(dir.path(), "g-2").unwrap();
+        assert_eq!(h.group_id, "g-1", "an existing header is never rewritten");
+        let err = h.check("g-2", dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::OtherGroup { .. }), "{err}");
         assert!(err.to_string().contains("g-1"));
-        open(dir.path(), Some("g-1")).unwrap();
+        h.check("g-1", dir.path()).unwrap();
     }
 }
