@@ -37,7 +37,8 @@ pub struct Reachability {
 }
 
 impl Reachability {
-    fn ok(&self, id: NodeId) {
+    /// Records that `id` was heard from (an answer, or a request it sent us).
+    pub fn ok(&self, id: NodeId) {
         self.last_ok
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -228,6 +229,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 /// The server side: hands RPCs from other members to the local Raft.
 pub struct TransportService {
     pub raft: Raft,
+    pub reach: Reachability,
 }
 
 fn reply<T: Serialize, E: Serialize>(r: Result<T, E>) -> Result<Response<pb::RaftPayload>, Status> {
@@ -250,6 +252,11 @@ impl RaftTransport for TransportService {
         request: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         let req: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().data)?;
+        // A follower sends nothing itself: hearing from the leader is how it knows
+        // a majority may be reachable.
+        if let Some(id) = req.vote.leader_id().voted_for() {
+            self.reach.ok(id);
+        }
         reply(self.raft.append_entries(req).await)
     }
 
@@ -258,6 +265,9 @@ impl RaftTransport for TransportService {
         request: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
         let req: VoteRequest<NodeId> = decode(&request.into_inner().data)?;
+        if let Some(id) = req.vote.leader_id().voted_for() {
+            self.reach.ok(id);
+        }
         reply(self.raft.vote(req).await)
     }
 

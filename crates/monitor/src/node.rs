@@ -233,9 +233,12 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
-            RaftTransportServer::new(TransportService { raft: raft.clone() })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            RaftTransportServer::new(TransportService {
+                raft: raft.clone(),
+                reach: member.reach.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
     let orchestrator = tokio::spawn(orchestrator_loop(member.clone()));
     let served = tonic::transport::Server::builder()

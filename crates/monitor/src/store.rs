@@ -36,7 +36,8 @@ const K_HEADER: &[u8] = b"header";
 const K_VOTE: &[u8] = b"vote";
 const K_COMMITTED: &[u8] = b"committed";
 const K_PURGED: &[u8] = b"last_purged";
-const K_SNAPSHOT: &[u8] = b"snapshot";
+const K_SNAPSHOT_META: &[u8] = b"snapshot_meta";
+const K_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -305,10 +306,34 @@ pub struct Applied {
     pub state: ClusterState,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta,
-    data: Vec<u8>,
+/// Writes a snapshot's metadata and bytes in one atomic batch (the bytes raw, not
+/// JSON), then flushes.
+async fn save_snapshot(
+    db: &sled::Db,
+    meta_tree: &sled::Tree,
+    meta: &SnapshotMeta,
+    data: &[u8],
+) -> Result<(), StorageError> {
+    let mut batch = sled::Batch::default();
+    batch.insert(
+        K_SNAPSHOT_META,
+        serde_json::to_vec(meta).map_err(write_err)?,
+    );
+    batch.insert(K_SNAPSHOT_DATA, data);
+    meta_tree.apply_batch(batch).map_err(write_err)?;
+    flush(db).await
+}
+
+fn load_snapshot(meta_tree: &sled::Tree) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+    let Some(meta) = get_json::<SnapshotMeta>(meta_tree, K_SNAPSHOT_META)? else {
+        return Ok(None);
+    };
+    let data = meta_tree
+        .get(K_SNAPSHOT_DATA)
+        .map_err(read_err)?
+        .map(|v| v.to_vec())
+        .unwrap_or_default();
+    Ok(Some((meta, data)))
 }
 
 /// The state machine: in memory, shared read-only with the API service.
@@ -321,8 +346,8 @@ pub struct StateMachine {
 
 impl StateMachine {
     fn load(db: sled::Db, meta: sled::Tree) -> Result<Self, StorageError> {
-        let applied = match get_json::<StoredSnapshot>(&meta, K_SNAPSHOT)? {
-            Some(s) => serde_json::from_slice(&s.data).map_err(read_err)?,
+        let applied = match load_snapshot(&meta)? {
+            Some((_, data)) => serde_json::from_slice(&data).map_err(read_err)?,
             None => Applied::default(),
         };
         Ok(StateMachine {
@@ -347,26 +372,24 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // Clone under the lock (short), serialise off the async workers (long).
         let applied = self.read().clone();
-        let data = serde_json::to_vec(&applied).map_err(write_err)?;
-        let snapshot_id = match applied.last_applied {
+        let last = applied.last_applied;
+        let membership = applied.last_membership.clone();
+        let data = tokio::task::spawn_blocking(move || serde_json::to_vec(&applied))
+            .await
+            .map_err(write_err)?
+            .map_err(write_err)?;
+        let snapshot_id = match last {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, now_ms()),
             None => format!("empty-{}", now_ms()),
         };
         let meta = SnapshotMeta {
-            last_log_id: applied.last_applied,
-            last_membership: applied.last_membership.clone(),
+            last_log_id: last,
+            last_membership: membership,
             snapshot_id,
         };
-        put_json(
-            &self.meta,
-            K_SNAPSHOT,
-            &StoredSnapshot {
-                meta: meta.clone(),
-                data: data.clone(),
-            },
-        )?;
-        flush(&self.db).await?;
+        save_snapshot(&self.db, &self.meta, &meta, &data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -428,26 +451,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut applied: Applied = serde_json::from_slice(&data).map_err(read_err)?;
         applied.last_applied = meta.last_log_id;
         applied.last_membership = meta.last_membership.clone();
-        put_json(
-            &self.meta,
-            K_SNAPSHOT,
-            &StoredSnapshot {
-                meta: meta.clone(),
-                data,
-            },
-        )?;
-        flush(&self.db).await?;
+        save_snapshot(&self.db, &self.meta, meta, &data).await?;
         *self.write() = applied;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(
-            get_json::<StoredSnapshot>(&self.meta, K_SNAPSHOT)?.map(|s| Snapshot {
-                meta: s.meta,
-                snapshot: Box::new(Cursor::new(s.data)),
-            }),
-        )
+        Ok(load_snapshot(&self.meta)?.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
     }
 }
 

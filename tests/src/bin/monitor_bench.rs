@@ -24,6 +24,8 @@ struct Args {
     seconds: u64,
     clients: Vec<usize>,
     write_doc: Option<String>,
+    /// Extra `monitor run` arguments (e.g. "--snapshot-threshold 20000").
+    member_args: Vec<String>,
 }
 
 fn args() -> Args {
@@ -32,6 +34,7 @@ fn args() -> Args {
         seconds: 10,
         clients: vec![1, 16, 64],
         write_doc: None,
+        member_args: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -39,9 +42,17 @@ fn args() -> Args {
         match k.as_str() {
             "--runs" => a.runs = v.parse().expect("--runs N"),
             "--seconds" => a.seconds = v.parse().expect("--seconds N"),
-            "--clients" => a.clients = v.split(',').map(|c| c.parse().expect("--clients 1,16,64")).collect(),
+            "--clients" => {
+                a.clients = v
+                    .split(',')
+                    .map(|c| c.parse().expect("--clients 1,16,64"))
+                    .collect()
+            }
             "--write-doc" => a.write_doc = Some(v),
-            _ => panic!("unknown argument {k}; use --runs N --seconds N --clients 1,16,64 --write-doc FILE"),
+            "--member-args" => a.member_args = v.split_whitespace().map(str::to_owned).collect(),
+            _ => panic!(
+                "unknown argument {k}; use --runs N --seconds N --clients 1,16,64 --write-doc FILE"
+            ),
         }
     }
     a
@@ -59,8 +70,9 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-async fn failover_runs(runs: usize) -> Vec<Duration> {
+async fn failover_runs(runs: usize, member_args: &[String]) -> Vec<Duration> {
     let mut g = MonitorGroup::new(3);
+    g.extra_args = member_args.to_vec();
     for id in [1, 2, 3] {
         g.start(id);
     }
@@ -89,7 +101,10 @@ async fn failover_runs(runs: usize) -> Vec<Duration> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let took = started.elapsed();
-        eprintln!("failover run {run}: leader {leader} killed, first write committed after {} ms", ms(took));
+        eprintln!(
+            "failover run {run}: leader {leader} killed, first write committed after {} ms",
+            ms(took)
+        );
         out.push(took);
         g.start(leader);
         // Let the restarted member catch up before the next kill.
@@ -157,10 +172,17 @@ fn write_doc(path: &str, section: &str) {
     let new = match old.find(heading) {
         Some(start) => {
             let rest = &old[start + heading.len()..];
-            let end = rest.find("\n## ").map(|e| start + heading.len() + e + 1).unwrap_or(old.len());
+            let end = rest
+                .find("\n## ")
+                .map(|e| start + heading.len() + e + 1)
+                .unwrap_or(old.len());
             format!("{}{}{}", &old[..start], section, &old[end..])
         }
-        None => format!("{}\n{}", old.trim_end_matches('\n').to_owned() + "\n", section),
+        None => format!(
+            "{}\n{}",
+            old.trim_end_matches('\n').to_owned() + "\n",
+            section
+        ),
     };
     std::fs::write(path, new).expect("write the benchmarks document");
 }
@@ -168,13 +190,17 @@ fn write_doc(path: &str, section: &str) {
 #[tokio::main]
 async fn main() {
     let a = args();
-    eprintln!("pgquorum binary: {}", pgquorum_testkit::pgquorum_bin().display());
+    eprintln!(
+        "pgquorum binary: {}",
+        pgquorum_testkit::pgquorum_bin().display()
+    );
 
-    let mut fo = failover_runs(a.runs).await;
+    let mut fo = failover_runs(a.runs, &a.member_args).await;
     fo.sort();
     let median = pct(&fo, 0.5);
 
     let mut g = MonitorGroup::new(3);
+    g.extra_args = a.member_args.clone();
     for id in [1, 2, 3] {
         g.start(id);
     }
@@ -184,13 +210,20 @@ async fn main() {
         let l = load(&g, *c, a.seconds, &format!("c{c}")).await;
         eprintln!(
             "{} clients: {} writes, {:.0} writes/s, p50 {} ms, p99 {} ms, {} errors",
-            l.clients, l.writes, l.per_sec, ms(l.p50), ms(l.p99), l.errors
+            l.clients,
+            l.writes,
+            l.per_sec,
+            ms(l.p50),
+            ms(l.p99),
+            l.errors
         );
         loads.push(l);
     }
     drop(g);
 
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mut s = String::new();
     s.push_str("## Monitor group\n\n");
     s.push_str(&format!(
@@ -220,7 +253,11 @@ async fn main() {
     for l in &loads {
         s.push_str(&format!(
             "| {} | {:.0} | {} ms | {} ms | {} |\n",
-            l.clients, l.per_sec, ms(l.p50), ms(l.p99), l.errors
+            l.clients,
+            l.per_sec,
+            ms(l.p50),
+            ms(l.p99),
+            l.errors
         ));
     }
     s.push_str(
