@@ -13,6 +13,7 @@ use pgquorum_api::pb::monitor::monitor_server::MonitorServer;
 use pgquorum_api::pb::raft::raft_transport_server::RaftTransportServer;
 use pgquorum_core::{orchestrate, DEFAULT_FORMATION};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::member::{now_ms, Member};
 use crate::network::{Network, Reachability, TransportService, MAX_MESSAGE_BYTES};
@@ -241,11 +242,18 @@ pub async fn run(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
     let orchestrator = tokio::spawn(orchestrator_loop(member.clone()));
+    // tonic's own tcp_nodelay applies only to listeners it binds itself. Without it,
+    // Nagle's algorithm and delayed ACKs add 40 ms to some replies.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(s)
+    });
     let served = tonic::transport::Server::builder()
         .accept_http1(true)
         .tcp_nodelay(true)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     orchestrator.abort();
     let _ = raft.shutdown().await;

@@ -166,6 +166,13 @@ async fn load(g: &MonitorGroup, clients: usize, seconds: u64, tag: &str) -> Load
     }
 }
 
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
+}
+
 fn write_doc(path: &str, section: &str) {
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
     let heading = "## Monitor group";
@@ -190,6 +197,7 @@ fn write_doc(path: &str, section: &str) {
 #[tokio::main]
 async fn main() {
     let a = args();
+    let load_before = loadavg();
     eprintln!(
         "pgquorum binary: {}",
         pgquorum_testkit::pgquorum_bin().display()
@@ -220,6 +228,7 @@ async fn main() {
         loads.push(l);
     }
     drop(g);
+    let load_after = loadavg();
 
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -232,7 +241,8 @@ async fn main() {
          a real group of 3 `pgquorum monitor run` processes on loopback, release build, {cores} cores \
          shared with other work, default settings (Raft heartbeat 100 ms, election timeout 300-600 ms, \
          snapshot every 5,000 entries). A write is a `CreateFormation` with a new name, \
-         acknowledged after it is committed by a majority (flushed to disk on each) and applied.\n\n",
+         acknowledged after it is committed by a majority (flushed to disk on each) and applied. \
+         Load average (1 min) of the machine before / after the run: {load_before} / {load_after}.\n\n",
         a.runs, a.seconds
     ));
     s.push_str(&format!(
