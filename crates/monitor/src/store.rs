@@ -13,7 +13,7 @@
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
@@ -37,7 +37,6 @@ const K_VOTE: &[u8] = b"vote";
 const K_COMMITTED: &[u8] = b"committed";
 const K_PURGED: &[u8] = b"last_purged";
 const K_SNAPSHOT_META: &[u8] = b"snapshot_meta";
-const K_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -139,7 +138,13 @@ pub fn open(
         meta: meta.clone(),
         log,
     };
-    let sm = StateMachine::load(db, meta).map_err(|e| StoreError::Damaged {
+    // Kept apart from sled's own files (sled names its snapshots `snap.*`).
+    let snap_dir = dir.join("state-snapshots");
+    std::fs::create_dir_all(&snap_dir).map_err(|e| StoreError::Damaged {
+        dir: d.clone(),
+        reason: format!("cannot create {}: {e}", snap_dir.display()),
+    })?;
+    let sm = StateMachine::load(db, meta, snap_dir).map_err(|e| StoreError::Damaged {
         dir: d,
         reason: e.to_string(),
     })?;
@@ -306,33 +311,71 @@ pub struct Applied {
     pub state: ClusterState,
 }
 
-/// Writes a snapshot's metadata and bytes in one atomic batch (the bytes raw, not
-/// JSON), then flushes.
+fn snapshot_path(dir: &Path, id: &str) -> PathBuf {
+    let safe: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("snapshot-{safe}.json"))
+}
+
+/// Writes a snapshot's bytes to their own file (written, fsynced, renamed), then
+/// records its metadata in sled and flushes. A multi-megabyte value inside sled would
+/// stall the log flushes behind it; a file written beside it does not. A crash before
+/// the metadata is flushed leaves an unreferenced file, removed at the next snapshot.
 async fn save_snapshot(
     db: &sled::Db,
     meta_tree: &sled::Tree,
+    dir: &Path,
     meta: &SnapshotMeta,
-    data: &[u8],
-) -> Result<(), StorageError> {
-    let mut batch = sled::Batch::default();
-    batch.insert(
-        K_SNAPSHOT_META,
-        serde_json::to_vec(meta).map_err(write_err)?,
-    );
-    batch.insert(K_SNAPSHOT_DATA, data);
-    meta_tree.apply_batch(batch).map_err(write_err)?;
-    flush(db).await
+    data: Vec<u8>,
+) -> Result<Vec<u8>, StorageError> {
+    let path = snapshot_path(dir, &meta.snapshot_id);
+    let dir_owned = dir.to_path_buf();
+    let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+        let tmp = path.with_extension("tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, &data)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&dir_owned)?.sync_all()?;
+        Ok(data)
+    })
+    .await
+    .map_err(write_err)?
+    .map_err(write_err)?;
+    put_json(meta_tree, K_SNAPSHOT_META, meta)?;
+    flush(db).await?;
+    // Older snapshots are no longer referenced.
+    let keep = snapshot_path(dir, &meta.snapshot_id);
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("snapshot-") && p != keep {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+    }
+    Ok(data)
 }
 
-fn load_snapshot(meta_tree: &sled::Tree) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+fn load_snapshot(
+    meta_tree: &sled::Tree,
+    dir: &Path,
+) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
     let Some(meta) = get_json::<SnapshotMeta>(meta_tree, K_SNAPSHOT_META)? else {
         return Ok(None);
     };
-    let data = meta_tree
-        .get(K_SNAPSHOT_DATA)
-        .map_err(read_err)?
-        .map(|v| v.to_vec())
-        .unwrap_or_default();
+    let data = std::fs::read(snapshot_path(dir, &meta.snapshot_id)).map_err(read_err)?;
     Ok(Some((meta, data)))
 }
 
@@ -341,18 +384,20 @@ fn load_snapshot(meta_tree: &sled::Tree) -> Result<Option<(SnapshotMeta, Vec<u8>
 pub struct StateMachine {
     db: sled::Db,
     meta: sled::Tree,
+    dir: PathBuf,
     applied: Arc<RwLock<Applied>>,
 }
 
 impl StateMachine {
-    fn load(db: sled::Db, meta: sled::Tree) -> Result<Self, StorageError> {
-        let applied = match load_snapshot(&meta)? {
+    fn load(db: sled::Db, meta: sled::Tree, dir: PathBuf) -> Result<Self, StorageError> {
+        let applied = match load_snapshot(&meta, &dir)? {
             Some((_, data)) => serde_json::from_slice(&data).map_err(read_err)?,
             None => Applied::default(),
         };
         Ok(StateMachine {
             db,
             meta,
+            dir,
             applied: Arc::new(RwLock::new(applied)),
         })
     }
@@ -389,7 +434,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: membership,
             snapshot_id,
         };
-        save_snapshot(&self.db, &self.meta, &meta, &data).await?;
+        let data = save_snapshot(&self.db, &self.meta, &self.dir, &meta, data).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -451,16 +496,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut applied: Applied = serde_json::from_slice(&data).map_err(read_err)?;
         applied.last_applied = meta.last_log_id;
         applied.last_membership = meta.last_membership.clone();
-        save_snapshot(&self.db, &self.meta, meta, &data).await?;
+        save_snapshot(&self.db, &self.meta, &self.dir, meta, data).await?;
         *self.write() = applied;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(load_snapshot(&self.meta)?.map(|(meta, data)| Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        }))
+        Ok(
+            load_snapshot(&self.meta, &self.dir)?.map(|(meta, data)| Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }),
+        )
     }
 }
 
