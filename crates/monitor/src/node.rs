@@ -21,8 +21,10 @@ use crate::service::MonitorService;
 use crate::store::{self, StoreError};
 use crate::types::{NodeId, Raft};
 
-/// Raft timing, chosen so that losing the leader costs well under a second on a LAN:
-/// heartbeats every 100 ms, elections after 300-600 ms of silence.
+/// Raft timing, chosen so that losing the leader costs under a second on a LAN. openraft
+/// makes followers refuse votes for `election_max_ms` after the last heartbeat (the
+/// leader lease), so a new leader commits roughly 1-1.5 x `election_max_ms` after the
+/// old one died. `pgquorum monitor run` uses heartbeat 75 ms, elections 225-450 ms.
 #[derive(Debug, Clone)]
 pub struct Timing {
     pub heartbeat_ms: u64,

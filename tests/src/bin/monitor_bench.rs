@@ -272,7 +272,7 @@ async fn main() {
         "Measured by `target/release/monitor-bench --runs {} --seconds {}{} --write-doc docs/benchmarks.md` \
          (after `cargo build --release -p pgquorum -p pgquorum-tests --bin monitor-bench`): \
          a real group of 3 `pgquorum monitor run` processes on loopback, release build, {cores} cores \
-         shared with other work, default settings (Raft heartbeat 100 ms, election timeout 300-600 ms, \
+         shared with other work, default settings (Raft heartbeat 75 ms, election timeout 225-450 ms, \
          snapshot every 5,000 entries). A write is a `CreateFormation` with a new name, \
          acknowledged after it is committed by a majority (flushed to disk on each) and applied. \
          Load average (1 min) of the machine before / after the run: {load_before} / {load_after}.\n\n",
