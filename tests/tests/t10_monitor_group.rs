@@ -42,6 +42,20 @@ async fn three_members_form_a_group_in_any_order_and_a_follower_takes_writes() {
         g.wait_applied(id, &names, WAIT).await;
     }
 
+    // A read that must be current, sent to a follower, is answered via the leader.
+    let state = c
+        .call(|mut raw| async move {
+            raw.get_state(pgquorum_api::pb::monitor::GetStateRequest {
+                formation: String::new(),
+                linearizable: true,
+            })
+            .await
+        })
+        .await
+        .unwrap();
+    let seen: BTreeSet<String> = state.formations.into_iter().map(|f| f.name).collect();
+    assert!(names.is_subset(&seen), "{seen:?}");
+
     // A refused write changes nothing and says why.
     let err = create_formation(&c, "sales-0").await.unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::AlreadyExists), "{err}");
