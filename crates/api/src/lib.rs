@@ -1,8 +1,9 @@
 //! pgquorum-api: the only crate that sees prost/tonic message types.
 //!
 //! Its job: expose the generated Monitor API and Raft transport, convert wire
-//! messages into core types with validation (`TryFrom`), and map core errors to
-//! `tonic::Status` in one place. It must never hold state or make decisions.
+//! messages into core types with validation (`TryFrom`), map core errors to
+//! `tonic::Status` in one place, and offer a client that finds the leader among
+//! several monitor endpoints. It must never hold cluster state or make decisions.
 
 #[allow(clippy::all, clippy::unwrap_used, clippy::expect_used)]
 pub mod pb {
@@ -13,3 +14,12 @@ pub mod pb {
         tonic::include_proto!("pgquorum.raft.v1");
     }
 }
+
+pub mod client;
+mod convert;
+mod status;
+
+pub use convert::{node_status, settings, ConvertError, NodeActive};
+pub use status::{
+    leader_hint, no_leader, status_from_core, HOPS_HEADER, LEADER_HEADER, MAX_FORWARD_HOPS,
+};

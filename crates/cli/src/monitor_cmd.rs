@@ -1,8 +1,329 @@
-//! `pgquorum monitor ...`.
+//! `pgquorum monitor ...`: run a member of the monitor group, inspect it, change its
+//! membership.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use pgquorum_api::client::{parse_endpoints, MonitorClient};
+use pgquorum_api::pb::monitor as pb;
+use pgquorum_monitor::{parse_peer, peer_map, MemberConfig, Timing};
+use serde::Serialize;
 
 #[derive(clap::Args)]
-pub struct MonitorArgs {}
+pub struct MonitorArgs {
+    #[command(subcommand)]
+    command: MonitorCommand,
+}
 
-pub fn run(_args: MonitorArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`pgquorum monitor` is not built yet")
+#[derive(clap::Subcommand)]
+enum MonitorCommand {
+    /// Run one member of the monitor group (in the foreground).
+    Run(RunArgs),
+    /// Show every member: leader, term, log indexes, lag.
+    Status(StatusArgs),
+    /// Add a member (started beforehand with `monitor run --join`) as a voter.
+    AddMember(AddArgs),
+    /// Remove a member from the group.
+    RemoveMember(RemoveArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// This member's id (a positive integer, unique in the group).
+    #[arg(long)]
+    node_id: u64,
+    /// Address to serve the Monitor API, the Raft transport and /metrics on.
+    #[arg(long)]
+    listen: String,
+    /// Directory of this member's Raft log and state (created if missing).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// A member of the group as ID=HOST:PORT; repeat for every member, this one included.
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<(u64, String)>,
+    /// Join an existing group (through `monitor add-member`) instead of forming one.
+    #[arg(long)]
+    join: bool,
+    /// Snapshot the state and compact the log after this many entries.
+    #[arg(long, default_value_t = 5000)]
+    snapshot_threshold: u64,
+    /// Refuse a write that found no quorum within this many milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    write_timeout_ms: u64,
+    /// Raft heartbeat interval (ms); an election starts after 3-6 silent intervals, so
+    /// the default loses a dead leader in well under a second.
+    #[arg(long, default_value_t = 75)]
+    raft_heartbeat_ms: u64,
+}
+
+#[derive(clap::Args)]
+struct Endpoints {
+    /// Monitor members to ask, HOST:PORT,HOST:PORT,...
+    #[arg(long, env = "PGQUORUM_MONITOR", default_value = "127.0.0.1:7000")]
+    monitor: String,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    endpoints: Endpoints,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct AddArgs {
+    /// The new member as ID=HOST:PORT.
+    #[arg(value_parser = parse_peer)]
+    member: (u64, String),
+    #[command(flatten)]
+    endpoints: Endpoints,
+}
+
+#[derive(clap::Args)]
+struct RemoveArgs {
+    /// The member's id.
+    id: u64,
+    #[command(flatten)]
+    endpoints: Endpoints,
+}
+
+pub fn run(args: MonitorArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        match args.command {
+            MonitorCommand::Run(a) => run_member(a).await,
+            MonitorCommand::Status(a) => status(a).await,
+            MonitorCommand::AddMember(a) => add_member(a).await,
+            MonitorCommand::RemoveMember(a) => remove_member(a).await,
+        }
+    })
+}
+
+async fn run_member(a: RunArgs) -> anyhow::Result<()> {
+    let listen = a
+        .listen
+        .to_socket_addrs()
+        .with_context(|| format!("--listen {}: not HOST:PORT", a.listen))?
+        .next()
+        .with_context(|| format!("--listen {}: resolves to no address", a.listen))?;
+    let peers = peer_map(&a.peers).map_err(anyhow::Error::msg)?;
+    if peers.is_empty() && !a.join {
+        bail!("give every member of the group with --peer ID=HOST:PORT (this one included), or --join to join an existing group");
+    }
+    std::fs::create_dir_all(&a.data_dir)
+        .with_context(|| format!("cannot create --data-dir {}", a.data_dir.display()))?;
+    let hb = a.raft_heartbeat_ms.max(10);
+    let cfg = MemberConfig {
+        node_id: a.node_id,
+        listen,
+        data_dir: a.data_dir,
+        peers,
+        join: a.join,
+        snapshot_threshold: a.snapshot_threshold.max(10),
+        timing: Timing {
+            heartbeat_ms: hb,
+            election_min_ms: hb * 3,
+            election_max_ms: hb * 6,
+        },
+        write_timeout: Duration::from_millis(a.write_timeout_ms.max(100)),
+    };
+    pgquorum_monitor::run(cfg, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+fn client(e: &Endpoints) -> anyhow::Result<MonitorClient> {
+    Ok(MonitorClient::new(parse_endpoints(&e.monitor))?)
+}
+
+#[derive(Serialize)]
+struct MemberRow {
+    id: u64,
+    address: String,
+    reachable: bool,
+    role: String,
+    state: Option<String>,
+    term: Option<u64>,
+    last_log_index: Option<u64>,
+    committed_index: Option<u64>,
+    applied_index: Option<u64>,
+    /// Entries behind the leader's log, as the leader sees it.
+    lag: Option<u64>,
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct StatusJson {
+    leader: Option<u64>,
+    leader_address: Option<String>,
+    term: Option<u64>,
+    group_id: Option<String>,
+    members: Vec<MemberRow>,
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<()> {
+    let c = client(&a.endpoints)?.retry_for(Duration::from_secs(1));
+    // Learn the membership from whichever member answers, then ask each member.
+    let first = c
+        .call(|mut raw| async move { raw.member_status(pb::MemberStatusRequest {}).await })
+        .await
+        .context("no monitor member answered")?;
+    let mut members: Vec<(u64, String, String)> = first
+        .members
+        .iter()
+        .map(|m| (m.id, m.address.clone(), m.role.clone()))
+        .collect();
+    if members.is_empty() {
+        members.push((first.id, first.address.clone(), "unknown".into()));
+    }
+    let leader_view = if first.server_state == "leader" {
+        Some(first.clone())
+    } else {
+        None
+    };
+    let mut rows = Vec::new();
+    let mut replies = Vec::new();
+    for (id, addr, role) in &members {
+        let mut raw = c.raw(addr)?;
+        let mut req = tonic::Request::new(pb::MemberStatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        match raw.member_status(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                replies.push(r.clone());
+                rows.push(MemberRow {
+                    id: *id,
+                    address: addr.clone(),
+                    reachable: true,
+                    role: role.clone(),
+                    state: Some(r.server_state.clone()),
+                    term: Some(r.term),
+                    last_log_index: r.last_log_index,
+                    committed_index: r.committed_index,
+                    applied_index: r.applied_index,
+                    lag: None,
+                    error: None,
+                });
+            }
+            Err(e) => rows.push(MemberRow {
+                id: *id,
+                address: addr.clone(),
+                reachable: false,
+                role: role.clone(),
+                state: None,
+                term: None,
+                last_log_index: None,
+                committed_index: None,
+                applied_index: None,
+                lag: None,
+                error: Some(e.message().to_owned()),
+            }),
+        }
+    }
+    let leader_reply = replies
+        .iter()
+        .find(|r| r.server_state == "leader")
+        .cloned()
+        .or(leader_view);
+    if let Some(l) = &leader_reply {
+        for row in &mut rows {
+            row.lag = l
+                .members
+                .iter()
+                .find(|m| m.id == row.id)
+                .and_then(|m| m.lag);
+        }
+    }
+    let out = StatusJson {
+        leader: leader_reply.as_ref().map(|l| l.id),
+        leader_address: leader_reply.as_ref().map(|l| l.address.clone()),
+        term: leader_reply.as_ref().map(|l| l.term),
+        group_id: Some(first.group_id.clone()),
+        members: rows,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    match (&out.leader, &out.term) {
+        (Some(l), Some(t)) => println!("group {}: leader is member {l}, term {t}", first.group_id),
+        _ => println!(
+            "group {}: NO LEADER (fewer than a majority of members reachable?)",
+            first.group_id
+        ),
+    }
+    println!(
+        "{:>4}  {:<22} {:<8} {:<10} {:>6} {:>10} {:>10} {:>10} {:>6}",
+        "ID", "ADDRESS", "ROLE", "STATE", "TERM", "LAST LOG", "COMMITTED", "APPLIED", "LAG"
+    );
+    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+    for r in &out.members {
+        println!(
+            "{:>4}  {:<22} {:<8} {:<10} {:>6} {:>10} {:>10} {:>10} {:>6}",
+            r.id,
+            r.address,
+            r.role,
+            r.state.as_deref().unwrap_or("UNREACHABLE"),
+            opt(r.term),
+            opt(r.last_log_index),
+            opt(r.committed_index),
+            opt(r.applied_index),
+            opt(r.lag)
+        );
+    }
+    Ok(())
+}
+
+fn print_members(reply: &pb::MembershipReply) {
+    for m in &reply.members {
+        println!("  member {} at {} ({})", m.id, m.address, m.role);
+    }
+}
+
+async fn add_member(a: AddArgs) -> anyhow::Result<()> {
+    let (id, address) = a.member;
+    let c = client(&a.endpoints)?.request_timeout(Duration::from_secs(90));
+    let reply = c
+        .call(|mut raw| {
+            let req = pb::AddMemberRequest {
+                id,
+                address: address.clone(),
+            };
+            async move { raw.add_member(req).await }
+        })
+        .await
+        .with_context(|| format!("cannot add member {id}"))?;
+    println!("member {id} added; the group is now:");
+    print_members(&reply);
+    Ok(())
+}
+
+async fn remove_member(a: RemoveArgs) -> anyhow::Result<()> {
+    let id = a.id;
+    let c = client(&a.endpoints)?;
+    let reply = c
+        .call(|mut raw| async move { raw.remove_member(pb::RemoveMemberRequest { id }).await })
+        .await
+        .with_context(|| format!("cannot remove member {id}"))?;
+    println!("member {id} removed; the group is now:");
+    print_members(&reply);
+    Ok(())
 }

@@ -1,0 +1,255 @@
+//! What one running member shares between its API service, its Raft and its
+//! leader-only tasks: proposing commands (with a bounded wait and a clear "no quorum"
+//! error), routing to the leader, the leader's health table.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
+use pgquorum_api::{no_leader, status_from_core, HOPS_HEADER, MAX_FORWARD_HOPS};
+use pgquorum_core::{Command, HealthTable, Outcome};
+use tonic::transport::Channel;
+use tonic::Status;
+
+use crate::network::{channel, Reachability};
+use crate::store::Applied;
+use crate::types::{NodeId, Raft, Request};
+
+/// A peer counts as reachable if it answered a Raft RPC this recently (the leader
+/// sends heartbeats every 100 ms, a candidate votes every few hundred).
+const REACHABLE_WITHIN: Duration = Duration::from_millis(1500);
+
+pub struct Member {
+    pub id: NodeId,
+    pub addr: String,
+    pub group_id: String,
+    pub raft: Raft,
+    pub applied: Arc<RwLock<Applied>>,
+    pub reach: Reachability,
+    /// How long a write may wait for a quorum before it is refused.
+    pub write_timeout: Duration,
+    /// The leader's view of keepers: (term it was created in, table). Never replicated.
+    pub health: Mutex<Option<(u64, HealthTable)>>,
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where a request must be handled.
+pub enum Route {
+    Local,
+    /// Forward to the leader with this hop count.
+    Forward(MonitorClient<Channel>, u32),
+}
+
+impl Member {
+    pub fn new(
+        id: NodeId,
+        addr: String,
+        group_id: String,
+        raft: Raft,
+        applied: Arc<RwLock<Applied>>,
+        reach: Reachability,
+        write_timeout: Duration,
+    ) -> Self {
+        Member {
+            id,
+            addr,
+            group_id,
+            raft,
+            applied,
+            reach,
+            write_timeout,
+            health: Mutex::new(None),
+            channels: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
+        self.applied.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Voters and learners of the current membership, with their addresses.
+    pub fn nodes(&self) -> BTreeMap<NodeId, String> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+    }
+
+    pub fn voters(&self) -> Vec<NodeId> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.voter_ids().collect()
+    }
+
+    fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m
+            .membership_config
+            .nodes()
+            .find(|(n, _)| **n == id)
+            .map(|(_, n)| n.addr.clone())
+            .unwrap_or_default();
+        Some((id, addr))
+    }
+
+    /// "only 1 of 3 monitor members reachable": what this member can see of a quorum.
+    fn reachable_summary(&self) -> (usize, usize) {
+        let voters = self.voters();
+        let n = voters.len();
+        let up = voters
+            .iter()
+            .filter(|v| **v == self.id || self.reach.reachable(**v, REACHABLE_WITHIN))
+            .count();
+        (up, n)
+    }
+
+    fn no_quorum(&self) -> Status {
+        let (up, n) = self.reachable_summary();
+        Status::unavailable(format!(
+            "no quorum: only {up} of {n} monitor members reachable; writes are refused until a majority is back"
+        ))
+    }
+
+    /// Local if this member leads; otherwise the leader to forward to, or an error that
+    /// names the leader (or says there is none).
+    pub fn route<T>(&self, req: &tonic::Request<T>) -> Result<Route, Status> {
+        let hops: u32 = req
+            .metadata()
+            .get(HOPS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        match self.leader() {
+            Some((id, _)) if id == self.id => Ok(Route::Local),
+            Some((id, addr)) => {
+                if hops >= MAX_FORWARD_HOPS {
+                    return Err(no_leader(
+                        format!("request forwarded {hops} times without reaching the leader"),
+                        Some((id, &addr)),
+                    ));
+                }
+                Ok(Route::Forward(
+                    MonitorClient::new(self.channel(&addr)?),
+                    hops + 1,
+                ))
+            }
+            None => {
+                let (up, n) = self.reachable_summary();
+                if up * 2 <= n {
+                    Err(self.no_quorum())
+                } else {
+                    Err(Status::unavailable(
+                        "no monitor leader elected yet (an election is under way); retry shortly",
+                    ))
+                }
+            }
+        }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+        let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = channel(addr)
+            .map_err(|e| Status::unavailable(format!("bad leader address {addr:?}: {e}")))?;
+        map.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// Turns a failed forward into an error naming the leader.
+    pub fn forward_failed(&self, s: Status) -> Status {
+        if s.code() != tonic::Code::Unavailable || pgquorum_api::leader_hint(&s).is_some() {
+            return s;
+        }
+        match self.leader() {
+            Some((id, addr)) => no_leader(
+                format!(
+                    "the leader did not answer a forwarded request: {}",
+                    s.message()
+                ),
+                Some((id, &addr)),
+            ),
+            None => s,
+        }
+    }
+
+    fn forward_to_leader_error(
+        &self,
+        leader_id: Option<NodeId>,
+        node: Option<BasicNode>,
+    ) -> Status {
+        match (leader_id, node) {
+            (Some(id), Some(n)) => no_leader("this member is not the leader", Some((id, &n.addr))),
+            _ => Status::unavailable("this member is not the leader and knows no leader; retry"),
+        }
+    }
+
+    /// Proposes `cmd` through Raft (this member must lead) and returns what applying it
+    /// produced and its log index. Waits at most `write_timeout`.
+    pub async fn propose(&self, cmd: Command) -> Result<(Outcome, u64), Status> {
+        let (up, n) = self.reachable_summary();
+        let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
+        // A leader that has heard from no majority recently would only time out.
+        if is_leader && up * 2 <= n && n > 1 {
+            return Err(self.no_quorum());
+        }
+        let req = Request {
+            at_ms: now_ms(),
+            cmd,
+        };
+        match tokio::time::timeout(self.write_timeout, self.raft.client_write(req)).await {
+            Err(_) => {
+                let (up, n) = self.reachable_summary();
+                Err(Status::unavailable(format!(
+                    "no quorum: only {up} of {n} monitor members reachable; this write was not confirmed within {:?} (it takes effect only if a majority comes back); writes are refused until a majority is back",
+                    self.write_timeout
+                )))
+            }
+            Ok(Ok(resp)) => match resp.data.result {
+                Some(Ok(outcome)) => Ok((outcome, resp.log_id.index)),
+                Some(Err(e)) => Err(status_from_core(&e)),
+                None => Err(Status::internal("a command entry produced no result")),
+            },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                Err(self.forward_to_leader_error(f.leader_id, f.leader_node))
+            }
+            Ok(Err(e)) => Err(Status::unavailable(format!("write failed: {e}"))),
+        }
+    }
+
+    /// Waits until this member, as leader, has confirmed it still leads, so that a
+    /// read after it is current.
+    pub async fn ensure_linearizable(&self) -> Result<(), Status> {
+        match tokio::time::timeout(self.write_timeout, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(self.no_quorum()),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
+                f,
+            )))) => Err(self.forward_to_leader_error(f.leader_id, f.leader_node)),
+            Ok(Err(e)) => Err(Status::unavailable(format!("read failed: {e}"))),
+        }
+    }
+
+    /// The leader's health table for the current term, created empty (all "unknown")
+    /// when this member took office.
+    pub fn with_health<R>(&self, f: impl FnOnce(&mut HealthTable) -> R) -> R {
+        let term = self.raft.metrics().borrow().current_term;
+        let mut h = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if h.as_ref().map(|(t, _)| *t) != Some(term) {
+            *h = Some((term, HealthTable::new(now_ms())));
+        }
+        match h.as_mut() {
+            Some((_, table)) => f(table),
+            None => f(&mut HealthTable::new(now_ms())),
+        }
+    }
+}

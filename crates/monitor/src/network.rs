@@ -1,0 +1,288 @@
+//! The Raft transport: openraft's RPCs between members over tonic.
+//!
+//! Vote and AppendEntries travel as JSON inside a proto `bytes` field (they are small);
+//! snapshot chunks carry the snapshot's bytes as a proto `bytes` field, never as JSON.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use pgquorum_api::pb::raft as pb;
+use pgquorum_api::pb::raft::raft_transport_client::RaftTransportClient;
+use pgquorum_api::pb::raft::raft_transport_server::RaftTransport;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::types::{NodeId, Raft, TypeConfig};
+
+/// Largest gRPC message between members (snapshot chunks are 1 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
+/// When each peer last answered a Raft RPC: how the leader knows, without waiting,
+/// whether a majority is reachable.
+#[derive(Clone, Default)]
+pub struct Reachability {
+    last_ok: Arc<Mutex<HashMap<NodeId, Instant>>>,
+}
+
+impl Reachability {
+    /// Records that `id` was heard from (an answer, or a request it sent us).
+    pub fn ok(&self, id: NodeId) {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Instant::now());
+    }
+
+    /// Whether `id` answered within `within`.
+    pub fn reachable(&self, id: NodeId, within: Duration) -> bool {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .is_some_and(|t| t.elapsed() <= within)
+    }
+}
+
+pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
+    let uri = if addr.starts_with("http") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(Duration::from_millis(300))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+#[derive(Clone)]
+pub struct Network {
+    pub reach: Reachability,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            client: channel(&node.addr).ok().map(|c| {
+                RaftTransportClient::new(c)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            }),
+            addr: node.addr.clone(),
+            reach: self.reach.clone(),
+        }
+    }
+}
+
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    client: Option<RaftTransportClient<Channel>>,
+    reach: Reachability,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Status> {
+    serde_json::to_vec(v).map_err(|e| Status::internal(format!("encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(b).map_err(|e| Status::invalid_argument(format!("decode: {e}")))
+}
+
+impl PeerClient {
+    fn client<E: std::error::Error>(&self) -> Result<RaftTransportClient<Channel>, RpcErr<E>> {
+        self.client.clone().ok_or_else(|| {
+            RPCError::Unreachable(Unreachable::new(&Msg(format!(
+                "bad address {:?} for member {}",
+                self.addr, self.target
+            ))))
+        })
+    }
+
+    fn transport_error<E: std::error::Error>(&self, s: Status) -> RpcErr<E> {
+        let m = Msg(format!(
+            "member {} at {}: {}",
+            self.target,
+            self.addr,
+            s.message()
+        ));
+        if s.code() == tonic::Code::Unavailable {
+            RPCError::Unreachable(Unreachable::new(&m))
+        } else {
+            RPCError::Network(NetworkError::new(&m))
+        }
+    }
+
+    fn answer<T, E>(&self, reply: pb::RaftPayload) -> Result<T, RpcErr<E>>
+    where
+        T: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        self.reach.ok(self.target);
+        if !reply.error.is_empty() {
+            let e: RaftError<NodeId, E> = serde_json::from_slice(&reply.error)
+                .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            return Err(RPCError::RemoteError(RemoteError::new(self.target, e)));
+        }
+        serde_json::from_slice(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+}
+
+fn with_timeout<T>(msg: T, option: &RPCOption) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(option.hard_ttl());
+    r
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let data = encode(&rpc)
+            .map_err(|s| RPCError::Network(NetworkError::new(&Msg(s.message().into()))))?;
+        let reply = self
+            .client()?
+            .append_entries(with_timeout(
+                pb::RaftPayload {
+                    data,
+                    error: vec![],
+                },
+                &option,
+            ))
+            .await
+            .map_err(|s| self.transport_error(s))?;
+        self.answer(reply.into_inner())
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        let enc = |s: Status| RPCError::Network(NetworkError::new(&Msg(s.message().into())));
+        let chunk = pb::SnapshotChunk {
+            vote: encode(&rpc.vote).map_err(enc)?,
+            meta: encode(&rpc.meta).map_err(enc)?,
+            offset: rpc.offset,
+            data: rpc.data,
+            done: rpc.done,
+        };
+        let reply = self
+            .client()?
+            .install_snapshot(with_timeout(chunk, &option))
+            .await
+            .map_err(|s| self.transport_error(s))?;
+        self.answer(reply.into_inner())
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        let data = encode(&rpc)
+            .map_err(|s| RPCError::Network(NetworkError::new(&Msg(s.message().into()))))?;
+        let reply = self
+            .client()?
+            .vote(with_timeout(
+                pb::RaftPayload {
+                    data,
+                    error: vec![],
+                },
+                &option,
+            ))
+            .await
+            .map_err(|s| self.transport_error(s))?;
+        self.answer(reply.into_inner())
+    }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        // A dead member is retried every 200 ms, so that a restarted one rejoins fast.
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(200)))
+    }
+}
+
+/// The server side: hands RPCs from other members to the local Raft.
+pub struct TransportService {
+    pub raft: Raft,
+    pub reach: Reachability,
+}
+
+fn reply<T: Serialize, E: Serialize>(r: Result<T, E>) -> Result<Response<pb::RaftPayload>, Status> {
+    Ok(Response::new(match r {
+        Ok(v) => pb::RaftPayload {
+            data: encode(&v)?,
+            error: vec![],
+        },
+        Err(e) => pb::RaftPayload {
+            data: vec![],
+            error: encode(&e)?,
+        },
+    }))
+}
+
+#[tonic::async_trait]
+impl RaftTransport for TransportService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let req: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().data)?;
+        // A follower sends nothing itself: hearing from the leader is how it knows
+        // a majority may be reachable.
+        if let Some(id) = req.vote.leader_id().voted_for() {
+            self.reach.ok(id);
+        }
+        reply(self.raft.append_entries(req).await)
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let req: VoteRequest<NodeId> = decode(&request.into_inner().data)?;
+        if let Some(id) = req.vote.leader_id().voted_for() {
+            self.reach.ok(id);
+        }
+        reply(self.raft.vote(req).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::SnapshotChunk>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        let c = request.into_inner();
+        let req = InstallSnapshotRequest::<TypeConfig> {
+            vote: decode(&c.vote)?,
+            meta: decode(&c.meta)?,
+            offset: c.offset,
+            data: c.data,
+            done: c.done,
+        };
+        reply(self.raft.install_snapshot(req).await)
+    }
+}

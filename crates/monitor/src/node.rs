@@ -1,0 +1,361 @@
+//! Starting a member: open the store, check it belongs to this group, start Raft and
+//! the servers, form the group the first time, and run the leader's orchestrator.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use pgquorum_api::pb::monitor::monitor_server::MonitorServer;
+use pgquorum_api::pb::raft::raft_transport_server::RaftTransportServer;
+use pgquorum_core::{orchestrate, DEFAULT_FORMATION};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+
+use crate::member::{now_ms, Member};
+use crate::network::{Network, Reachability, TransportService, MAX_MESSAGE_BYTES};
+use crate::service::MonitorService;
+use crate::store::{self, StoreError};
+use crate::types::{NodeId, Raft};
+
+/// Raft timing, chosen so that losing the leader costs under a second on a LAN. openraft
+/// makes followers refuse votes for `election_max_ms` after the last heartbeat (the
+/// leader lease), so a new leader commits roughly 1-1.5 x `election_max_ms` after the
+/// old one died. `pgquorum monitor run` uses heartbeat 75 ms, elections 225-450 ms.
+#[derive(Debug, Clone)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat_ms: 100,
+            election_min_ms: 300,
+            election_max_ms: 600,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MemberConfig {
+    pub node_id: NodeId,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// Every member of the group, this one included (unless joining).
+    pub peers: BTreeMap<NodeId, String>,
+    /// Join an existing group through add-member instead of forming one.
+    pub join: bool,
+    /// Take a snapshot (and compact the log) after this many applied entries.
+    pub snapshot_threshold: u64,
+    pub timing: Timing,
+    /// How long a write waits for a quorum before it is refused.
+    pub write_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MonitorError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("Raft failed: {0}")]
+    Raft(String),
+    #[error("server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A stable id for the group, derived from its founding members: every member started
+/// with the same --peer list computes the same one (FNV-1a, fixed here forever).
+pub fn group_id_of(peers: &BTreeMap<NodeId, String>) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (id, addr) in peers {
+        for b in format!("{id}={addr};").bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("g-{h:016x}")
+}
+
+fn describe(m: &BTreeMap<NodeId, String>) -> String {
+    m.iter()
+        .map(|(id, a)| format!("--peer {id}={a}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Runs one member until `shutdown` completes.
+pub async fn run(
+    cfg: MemberConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), MonitorError> {
+    if !cfg.join && !cfg.peers.contains_key(&cfg.node_id) {
+        return Err(MonitorError::Config(format!(
+            "--node-id {} is not among the --peer list ({}); list every member, this one included, or use --join to join an existing group",
+            cfg.node_id,
+            describe(&cfg.peers)
+        )));
+    }
+    let addr = cfg
+        .peers
+        .get(&cfg.node_id)
+        .cloned()
+        .unwrap_or_else(|| cfg.listen.to_string());
+    let group_id = if cfg.join {
+        store::JOINED.to_owned()
+    } else {
+        group_id_of(&cfg.peers)
+    };
+    let (log_store, sm, header) = store::open(&cfg.data_dir, &group_id)?;
+    let applied = sm.applied();
+
+    let config = Config {
+        cluster_name: "pgquorum-monitor".into(),
+        heartbeat_interval: cfg.timing.heartbeat_ms,
+        election_timeout_min: cfg.timing.election_min_ms,
+        election_timeout_max: cfg.timing.election_max_ms,
+        install_snapshot_timeout: 5_000,
+        snapshot_max_chunk_size: 1024 * 1024,
+        max_payload_entries: 1000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_threshold),
+        // Keep a fifth of a snapshot interval of log for followers that lag briefly;
+        // anything further behind catches up through a snapshot.
+        max_in_snapshot_log_to_keep: cfg.snapshot_threshold / 5,
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| MonitorError::Config(format!("Raft settings: {e}")))?;
+    let reach = Reachability::default();
+    let raft = Raft::new(
+        cfg.node_id,
+        Arc::new(config),
+        Network {
+            reach: reach.clone(),
+        },
+        log_store,
+        sm,
+    )
+    .await
+    .map_err(|e| MonitorError::Raft(e.to_string()))?;
+
+    // A restart must agree with what the group itself recorded.
+    // Read from Raft's own state, not from metrics: those may not be published yet.
+    let stored: BTreeMap<NodeId, String> = raft
+        .with_raft_state(|st| {
+            let m = st.membership_state.effective().clone();
+            m.voter_ids()
+                .filter_map(|id| m.get_node(&id).map(|n| (id, n.addr.clone())))
+                .collect()
+        })
+        .await
+        .map_err(|e| MonitorError::Raft(e.to_string()))?;
+    tracing::info!(node = cfg.node_id, stored = %describe(&stored), "membership read from the data directory");
+    if !cfg.join && (stored.is_empty() || stored != cfg.peers) {
+        // The founding list decides the group id; after add/remove-member the stored
+        // membership is what a restart must name.
+        let refusal = match header.check(&group_id, &cfg.data_dir) {
+            Err(e) if stored.is_empty() => Some(MonitorError::Store(e)),
+            Err(e) => Some(MonitorError::Config(format!(
+                "{e}; its stored membership is {}",
+                describe(&stored)
+            ))),
+            Ok(()) if !stored.is_empty() => Some(MonitorError::Config(format!(
+                "the --peer list ({}) contradicts the group's membership stored in {} ({}); start this member with the stored list, and change the membership with `pgquorum monitor add-member` / `remove-member`",
+                describe(&cfg.peers),
+                cfg.data_dir.display(),
+                describe(&stored)
+            ))),
+            Ok(()) => None,
+        };
+        if let Some(e) = refusal {
+            let _ = raft.shutdown().await;
+            return Err(e);
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| MonitorError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let member = Arc::new(Member::new(
+        cfg.node_id,
+        addr.clone(),
+        header.group_id.clone(),
+        raft.clone(),
+        applied,
+        reach,
+        cfg.write_timeout,
+    ));
+    tracing::info!(node = cfg.node_id, listen = %cfg.listen, group = %header.group_id, data_dir = %cfg.data_dir.display(), "monitor member starting");
+
+    // Formation: every founding member on an empty store proposes the same
+    // membership; openraft refuses a second initialize on any member that has already
+    // voted or logged, and the identical membership means elections settle on one group.
+    if stored.is_empty() && !cfg.join {
+        let nodes: BTreeMap<NodeId, BasicNode> = cfg
+            .peers
+            .iter()
+            .map(|(id, a)| (*id, BasicNode::new(a.clone())))
+            .collect();
+        match raft.initialize(nodes).await {
+            Ok(()) => tracing::info!(
+                node = cfg.node_id,
+                "group initialized with {} members",
+                cfg.peers.len()
+            ),
+            Err(e) => tracing::info!(node = cfg.node_id, "group already formed: {e}"),
+        }
+    }
+
+    let metrics_raft = raft.clone();
+    let metrics_member = member.clone();
+    let router = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let raft = metrics_raft.clone();
+            let member = metrics_member.clone();
+            async move { crate::metrics::render(&raft, &member).await }
+        }),
+    );
+    let routes = tonic::service::Routes::from(router)
+        .add_service(
+            MonitorServer::new(MonitorService { m: member.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            RaftTransportServer::new(TransportService {
+                raft: raft.clone(),
+                reach: member.reach.clone(),
+            })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
+    let orchestrator = tokio::spawn(orchestrator_loop(member.clone()));
+    // tonic's own tcp_nodelay applies only to listeners it binds itself. Without it,
+    // Nagle's algorithm and delayed ACKs add 40 ms to some replies.
+    let incoming = TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(s)
+    });
+    let served = tonic::transport::Server::builder()
+        .accept_http1(true)
+        .tcp_nodelay(true)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await;
+    orchestrator.abort();
+    let _ = raft.shutdown().await;
+    tracing::info!(node = cfg.node_id, "monitor member stopped");
+    served?;
+    Ok(())
+}
+
+/// On the leader only: every heartbeat interval, let the core decide and propose
+/// what it decided. Followers idle.
+async fn orchestrator_loop(m: Arc<Member>) {
+    loop {
+        let interval = {
+            let a = m.read();
+            a.state
+                .formations
+                .get(DEFAULT_FORMATION)
+                .map(|f| f.settings.heartbeat_interval_ms)
+                .unwrap_or(200)
+                .clamp(20, 10_000)
+        };
+        tokio::time::sleep(Duration::from_millis(interval)).await;
+        if m.raft.metrics().borrow().state != ServerState::Leader {
+            continue;
+        }
+        let now = now_ms();
+        let cmds = {
+            let a = m.read();
+            m.with_health(|h| orchestrate(&a.state, h, now))
+        };
+        for cmd in cmds {
+            if let Err(s) = m.propose(cmd).await {
+                tracing::warn!(error = %s.message(), "orchestrator proposal refused");
+            }
+        }
+    }
+}
+
+/// Parses `ID=HOST:PORT`.
+pub fn parse_peer(s: &str) -> Result<(NodeId, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: use ID=HOST:PORT"))?;
+    let id: NodeId = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: the id must be a positive integer"))?;
+    if id == 0 {
+        return Err(format!("{s:?}: the id must be a positive integer"));
+    }
+    let addr = addr.trim();
+    if addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .is_none()
+    {
+        return Err(format!("{s:?}: the address must be HOST:PORT"));
+    }
+    Ok((id, addr.to_owned()))
+}
+
+/// Checks that a --peer list names each id and each address once.
+pub fn peer_map(list: &[(NodeId, String)]) -> Result<BTreeMap<NodeId, String>, String> {
+    let mut map = BTreeMap::new();
+    let mut addrs = BTreeSet::new();
+    for (id, a) in list {
+        if map.insert(*id, a.clone()).is_some() {
+            return Err(format!("member id {id} appears twice in --peer"));
+        }
+        if !addrs.insert(a.clone()) {
+            return Err(format!("address {a} appears twice in --peer"));
+        }
+    }
+    Ok(map)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn group_id_depends_on_members_not_on_their_order() {
+        let a = peer_map(&[(1, "h:1".into()), (2, "h:2".into())]).unwrap();
+        let b = peer_map(&[(2, "h:2".into()), (1, "h:1".into())]).unwrap();
+        assert_eq!(group_id_of(&a), group_id_of(&b));
+        let c = peer_map(&[(1, "h:1".into()), (2, "h:3".into())]).unwrap();
+        assert_ne!(group_id_of(&a), group_id_of(&c));
+    }
+
+    #[test]
+    fn peers_are_validated() {
+        assert_eq!(
+            parse_peer("2=127.0.0.1:7000").unwrap(),
+            (2, "127.0.0.1:7000".into())
+        );
+        assert!(parse_peer("0=h:1").is_err());
+        assert!(parse_peer("x=h:1").is_err());
+        assert!(parse_peer("1=h").is_err());
+        assert!(peer_map(&[(1, "h:1".into()), (1, "h:2".into())]).is_err());
+        assert!(peer_map(&[(1, "h:1".into()), (2, "h:1".into())]).is_err());
+    }
+}

@@ -1,0 +1,511 @@
+//! The Monitor API as every member serves it. Writes (and reads that must be
+//! current) go to the leader: handled here when this member leads, forwarded
+//! otherwise, with a bounded number of hops.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use pgquorum_api::pb::monitor as pb;
+use pgquorum_api::pb::monitor::monitor_server::Monitor;
+use pgquorum_api::{node_status, settings, status_from_core, NodeActive, HOPS_HEADER};
+use pgquorum_core::{assignment, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION};
+use tonic::{Request, Response, Status};
+
+use crate::member::{now_ms, Member, Route};
+use crate::types::NodeId;
+
+/// How long AddMember waits for the new member to catch up before giving up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct MonitorService {
+    pub m: Arc<Member>,
+}
+
+macro_rules! forward {
+    ($self:ident, $req:ident, $method:ident) => {
+        match $self.m.route(&$req)? {
+            Route::Local => {}
+            Route::Forward(mut client, hops) => {
+                let mut fwd = Request::new($req.into_inner());
+                fwd.metadata_mut().insert(HOPS_HEADER, hops.into());
+                return client
+                    .$method(fwd)
+                    .await
+                    .map_err(|s| $self.m.forward_failed(s));
+            }
+        }
+    };
+}
+
+fn description(o: &Outcome) -> String {
+    match o {
+        Outcome::Done { description } | Outcome::Registered { description, .. } => {
+            description.clone()
+        }
+    }
+}
+
+fn membership_error<E: std::fmt::Display>(
+    e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>,
+    what: E,
+) -> Status {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => pgquorum_api::no_leader(
+            "this member is no longer the leader",
+            f.leader_id
+                .zip(f.leader_node.as_ref().map(|n| n.addr.as_str())),
+        ),
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Status::failed_precondition(format!("{what}: {c}"))
+        }
+        RaftError::Fatal(f) => Status::unavailable(format!("{what}: {f}")),
+    }
+}
+
+impl MonitorService {
+    async fn op(&self, cmd: Command) -> Result<Response<pb::OperationReply>, Status> {
+        let (outcome, log_index) = self.m.propose(cmd).await?;
+        Ok(Response::new(pb::OperationReply {
+            log_index,
+            description: description(&outcome),
+        }))
+    }
+
+    fn members(&self) -> Vec<pb::Member> {
+        let metrics = self.m.raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = metrics.membership_config.voter_ids().collect();
+        let last = metrics.last_log_index.unwrap_or(0);
+        metrics
+            .membership_config
+            .nodes()
+            .map(|(id, n)| {
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id))
+                    .map(|l| l.map(|l| l.index).unwrap_or(0));
+                let matched = if *id == metrics.id && metrics.state == ServerState::Leader {
+                    metrics.last_log_index
+                } else {
+                    matched
+                };
+                pb::Member {
+                    id: *id,
+                    address: n.addr.clone(),
+                    role: if voters.contains(id) {
+                        "voter"
+                    } else {
+                        "learner"
+                    }
+                    .into(),
+                    matched_index: matched,
+                    lag: matched.map(|m| last.saturating_sub(m)),
+                }
+            })
+            .collect()
+    }
+
+    async fn membership_reply(&self, log_index: u64) -> Response<pb::MembershipReply> {
+        Response::new(pb::MembershipReply {
+            members: self.members(),
+            log_index,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Monitor for MonitorService {
+    async fn member_status(
+        &self,
+        _request: Request<pb::MemberStatusRequest>,
+    ) -> Result<Response<pb::MemberStatusReply>, Status> {
+        let metrics = self.m.raft.metrics().borrow().clone();
+        let committed = self
+            .m
+            .raft
+            .with_raft_state(|st| st.committed.map(|l| l.index))
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let leader_address = metrics
+            .current_leader
+            .and_then(|l| {
+                metrics
+                    .membership_config
+                    .nodes()
+                    .find(|(id, _)| **id == l)
+                    .map(|(_, n)| n.addr.clone())
+            })
+            .unwrap_or_default();
+        let server_state = match metrics.state {
+            ServerState::Leader => "leader",
+            ServerState::Follower => "follower",
+            ServerState::Candidate => "candidate",
+            ServerState::Learner => "learner",
+            ServerState::Shutdown => "shutdown",
+        };
+        Ok(Response::new(pb::MemberStatusReply {
+            id: self.m.id,
+            address: self.m.addr.clone(),
+            leader_id: metrics.current_leader,
+            leader_address,
+            term: metrics.current_term,
+            server_state: server_state.into(),
+            last_log_index: metrics.last_log_index,
+            committed_index: committed,
+            applied_index: metrics.last_applied.map(|l| l.index),
+            snapshot_index: metrics.snapshot.map(|l| l.index),
+            members: self.members(),
+            group_id: self.m.group_id.clone(),
+        }))
+    }
+
+    async fn add_member(
+        &self,
+        request: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        forward!(self, request, add_member);
+        let r = request.into_inner();
+        if r.id == 0 || r.address.trim().is_empty() {
+            return Err(Status::invalid_argument(
+                "add-member needs ID=HOST:PORT with a non-zero id",
+            ));
+        }
+        if let Some(addr) = self.m.nodes().get(&r.id) {
+            if self.m.voters().contains(&r.id) {
+                if addr == &r.address {
+                    return Ok(self.membership_reply(0).await);
+                }
+                return Err(Status::already_exists(format!(
+                    "member {} is already in the group at {addr}; remove it first to change its address",
+                    r.id
+                )));
+            }
+        }
+        let raft = &self.m.raft;
+        tokio::time::timeout(
+            self.m.write_timeout,
+            raft.add_learner(r.id, BasicNode::new(r.address.clone()), false),
+        )
+        .await
+        .map_err(|_| Status::unavailable("no quorum to add a learner"))?
+        .map_err(|e| membership_error(e, "cannot add the member"))?;
+        // openraft's "blocking" add_learner returns while the learner may still be
+        // thousands of entries behind: wait for it to match what is applied now.
+        let target = raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0);
+        let mut metrics = raft.metrics();
+        let caught_up = tokio::time::timeout(CATCH_UP_TIMEOUT, async {
+            loop {
+                let m = metrics
+                    .borrow()
+                    .replication
+                    .as_ref()
+                    .and_then(|rep| rep.get(&r.id).copied().flatten())
+                    .map(|l| l.index);
+                if m.is_some_and(|m| m >= target) {
+                    return true;
+                }
+                if metrics.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        if !matches!(caught_up, Ok(true)) {
+            return Err(Status::deadline_exceeded(format!(
+                "member {} at {} was added as a learner but has not caught up within {}s; is it running (`pgquorum monitor run --join ...`) and reachable?",
+                r.id,
+                r.address,
+                CATCH_UP_TIMEOUT.as_secs()
+            )));
+        }
+        let resp = tokio::time::timeout(
+            self.m.write_timeout,
+            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([r.id])), false),
+        )
+        .await
+        .map_err(|_| Status::unavailable("no quorum to change the membership"))?
+        .map_err(|e| membership_error(e, "cannot make the member a voter"))?;
+        tracing::info!(member = r.id, address = %r.address, "member added to the group");
+        Ok(self.membership_reply(resp.log_id.index).await)
+    }
+
+    async fn remove_member(
+        &self,
+        request: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembershipReply>, Status> {
+        forward!(self, request, remove_member);
+        let id = request.into_inner().id;
+        let voters = self.m.voters();
+        if !voters.contains(&id) {
+            if self.m.nodes().contains_key(&id) {
+                // A learner that never became a voter (an interrupted add-member).
+                let resp = tokio::time::timeout(
+                    self.m.write_timeout,
+                    self.m
+                        .raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false),
+                )
+                .await
+                .map_err(|_| Status::unavailable("no quorum to change the membership"))?
+                .map_err(|e| membership_error(e, "cannot remove the learner"))?;
+                return Ok(self.membership_reply(resp.log_id.index).await);
+            }
+            return Err(Status::not_found(format!(
+                "member {id} is not in the group (members: {voters:?})"
+            )));
+        }
+        if voters.len() == 1 {
+            return Err(Status::failed_precondition(
+                "cannot remove the last member of the group",
+            ));
+        }
+        let resp = tokio::time::timeout(
+            self.m.write_timeout,
+            self.m
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false),
+        )
+        .await
+        .map_err(|_| Status::unavailable("no quorum to change the membership"))?
+        .map_err(|e| membership_error(e, "cannot remove the member"))?;
+        tracing::info!(member = id, "member removed from the group");
+        Ok(self.membership_reply(resp.log_id.index).await)
+    }
+
+    async fn create_formation(
+        &self,
+        request: Request<pb::CreateFormationRequest>,
+    ) -> Result<Response<pb::FormationReply>, Status> {
+        forward!(self, request, create_formation);
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let (_, log_index) = self.m.propose(Command::try_from(r)?).await?;
+        Ok(Response::new(pb::FormationReply { name, log_index }))
+    }
+
+    async fn drop_formation(
+        &self,
+        request: Request<pb::DropFormationRequest>,
+    ) -> Result<Response<pb::FormationReply>, Status> {
+        forward!(self, request, drop_formation);
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let (_, log_index) = self.m.propose(Command::try_from(r)?).await?;
+        Ok(Response::new(pb::FormationReply { name, log_index }))
+    }
+
+    async fn register_node(
+        &self,
+        request: Request<pb::RegisterNodeRequest>,
+    ) -> Result<Response<pb::RegisterNodeReply>, Status> {
+        forward!(self, request, register_node);
+        let cmd = Command::try_from(request.into_inner())?;
+        let (outcome, _) = self.m.propose(cmd).await?;
+        match outcome {
+            Outcome::Registered {
+                node_id, group_id, ..
+            } => {
+                let a = assignment(&self.m.read().state, node_id, now_ms()).ok();
+                Ok(Response::new(pb::RegisterNodeReply {
+                    node_id,
+                    group_id,
+                    assignment: a.map(Into::into),
+                }))
+            }
+            Outcome::Done { description } => Err(Status::internal(format!(
+                "registration produced no node id: {description}"
+            ))),
+        }
+    }
+
+    async fn node_active(
+        &self,
+        request: Request<pb::NodeActiveRequest>,
+    ) -> Result<Response<pb::NodeActiveReply>, Status> {
+        forward!(self, request, node_active);
+        let active = NodeActive::try_from(request.into_inner())?;
+        let report = active.report;
+        let node_id = report.node_id;
+        let now = now_ms();
+        let cmds = {
+            let applied = self.m.read();
+            if !applied.state.nodes.contains_key(&node_id) {
+                return Err(Status::not_found(format!(
+                    "node {node_id} is not registered (was it dropped?); register it again"
+                )));
+            }
+            self.m.with_health(|h| {
+                h.observe(report.clone(), now);
+                on_heartbeat(&applied.state, h, &report, now)
+            })
+        };
+        // Only changes cost a Raft write; a steady heartbeat proposes nothing.
+        for cmd in cmds {
+            if let Err(s) = self.m.propose(cmd).await {
+                if s.code() == tonic::Code::Unavailable {
+                    return Err(s);
+                }
+                tracing::warn!(node = node_id, error = %s.message(), "heartbeat change refused");
+            }
+        }
+        let a = assignment(&self.m.read().state, node_id, now).map_err(|e| status_from_core(&e))?;
+        Ok(Response::new(pb::NodeActiveReply {
+            assignment: Some(a.into()),
+        }))
+    }
+
+    async fn get_state(
+        &self,
+        request: Request<pb::GetStateRequest>,
+    ) -> Result<Response<pb::GetStateReply>, Status> {
+        if request.get_ref().linearizable {
+            forward!(self, request, get_state);
+            self.m.ensure_linearizable().await?;
+        }
+        let formation = request.into_inner().formation;
+        let is_leader = self.m.raft.metrics().borrow().state == ServerState::Leader;
+        let now = now_ms();
+        let applied = self.m.read();
+        let st = &applied.state;
+        if !formation.is_empty() && !st.formations.contains_key(&formation) {
+            return Err(Status::not_found(format!(
+                "formation {formation:?} does not exist"
+            )));
+        }
+        let wanted = |f: &str| formation.is_empty() || f == formation;
+        let formations = st
+            .formations
+            .values()
+            .filter(|f| wanted(&f.name))
+            .map(Into::into)
+            .collect();
+        let nodes = st
+            .nodes
+            .values()
+            .filter(|n| wanted(&n.formation))
+            .map(|n| {
+                let unhealthy_after = st
+                    .formations
+                    .get(&n.formation)
+                    .map(|f| f.settings.lease_ms)
+                    .unwrap_or(1500);
+                let (health, ago) = if is_leader {
+                    self.m.with_health(|h| {
+                        (
+                            h.health(n.id, now, unhealthy_after),
+                            h.last_seen_ago(n.id, now),
+                        )
+                    })
+                } else {
+                    (Health::Unknown, None)
+                };
+                node_status(n, health, ago)
+            })
+            .collect();
+        Ok(Response::new(pb::GetStateReply {
+            formations,
+            nodes,
+            applied_index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+        }))
+    }
+
+    async fn get_events(
+        &self,
+        request: Request<pb::GetEventsRequest>,
+    ) -> Result<Response<pb::GetEventsReply>, Status> {
+        let r = request.into_inner();
+        let limit = if r.limit == 0 { 50 } else { r.limit as usize };
+        let applied = self.m.read();
+        let mut events: Vec<pb::Event> = applied
+            .state
+            .events
+            .iter()
+            .rev()
+            .filter(|e| r.formation.is_empty() || e.formation == r.formation)
+            .take(limit)
+            .map(Into::into)
+            .collect();
+        events.reverse();
+        Ok(Response::new(pb::GetEventsReply { events }))
+    }
+
+    async fn get_settings(
+        &self,
+        request: Request<pb::GetSettingsRequest>,
+    ) -> Result<Response<pb::GetSettingsReply>, Status> {
+        let mut formation = request.into_inner().formation;
+        if formation.is_empty() {
+            formation = DEFAULT_FORMATION.into();
+        }
+        let applied = self.m.read();
+        let f =
+            applied.state.formations.get(&formation).ok_or_else(|| {
+                Status::not_found(format!("formation {formation:?} does not exist"))
+            })?;
+        let nodes: Vec<_> = applied
+            .state
+            .nodes
+            .values()
+            .filter(|n| n.formation == formation)
+            .collect();
+        Ok(Response::new(pb::GetSettingsReply {
+            settings: settings(f, &nodes),
+        }))
+    }
+
+    async fn set_node_setting(
+        &self,
+        request: Request<pb::SetNodeSettingRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        forward!(self, request, set_node_setting);
+        self.op(Command::try_from(request.into_inner())?).await
+    }
+
+    async fn set_formation_setting(
+        &self,
+        request: Request<pb::SetFormationSettingRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        forward!(self, request, set_formation_setting);
+        self.op(Command::try_from(request.into_inner())?).await
+    }
+
+    async fn perform_switchover(
+        &self,
+        request: Request<pb::PerformSwitchoverRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        forward!(self, request, perform_switchover);
+        self.op(Command::try_from(request.into_inner())?).await
+    }
+
+    async fn perform_failover(
+        &self,
+        request: Request<pb::PerformFailoverRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        forward!(self, request, perform_failover);
+        self.op(Command::try_from(request.into_inner())?).await
+    }
+
+    async fn set_maintenance(
+        &self,
+        request: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        forward!(self, request, set_maintenance);
+        self.op(Command::try_from(request.into_inner())?).await
+    }
+
+    async fn drop_node(
+        &self,
+        request: Request<pb::DropNodeRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        forward!(self, request, drop_node);
+        self.op(Command::try_from(request.into_inner())?).await
+    }
+}

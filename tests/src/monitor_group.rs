@@ -1,0 +1,255 @@
+//! A monitor group of real `pgquorum monitor run` processes on loopback, each with its
+//! own port and data directory, killed with SIGKILL by PID.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pgquorum_api::client::MonitorClient;
+use pgquorum_api::pb::monitor as pb;
+use pgquorum_testkit::{free_addr, pgquorum_bin, temp_dir, wait_until_async, Proc};
+
+pub struct Member {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+pub struct MonitorGroup {
+    pub dir: tempfile::TempDir,
+    pub members: BTreeMap<u64, Member>,
+    /// The --peer list founding members are started with.
+    pub peers: BTreeMap<u64, String>,
+    pub extra_args: Vec<String>,
+    bin: PathBuf,
+}
+
+impl MonitorGroup {
+    /// `n` members with fresh ports and empty data directories; none started yet.
+    pub fn new(n: u64) -> Self {
+        let dir = temp_dir("pgquorum-monitor-");
+        let mut g = MonitorGroup {
+            dir,
+            members: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            extra_args: Vec::new(),
+            bin: pgquorum_bin(),
+        };
+        for id in 1..=n {
+            g.add_slot(id);
+            let addr = g.members[&id].addr.clone();
+            g.peers.insert(id, addr);
+        }
+        g
+    }
+
+    /// A member slot (address, data directory) that is not among the founders.
+    pub fn add_slot(&mut self, id: u64) {
+        let data_dir = self.dir.path().join(format!("m{id}"));
+        self.members.insert(
+            id,
+            Member {
+                id,
+                addr: free_addr(),
+                data_dir,
+                proc: None,
+            },
+        );
+    }
+
+    fn spawn(&mut self, id: u64, join: bool) {
+        let m = self.members.get(&id).expect("member slot");
+        let mut args: Vec<String> = vec![
+            "monitor".into(),
+            "run".into(),
+            "--node-id".into(),
+            id.to_string(),
+            "--listen".into(),
+            m.addr.clone(),
+            "--data-dir".into(),
+            m.data_dir.display().to_string(),
+        ];
+        if join {
+            args.push("--join".into());
+        } else {
+            for (pid, addr) in &self.peers {
+                args.push("--peer".into());
+                args.push(format!("{pid}={addr}"));
+            }
+        }
+        args.extend(self.extra_args.iter().cloned());
+        let log = self.dir.path().join(format!("m{id}.log"));
+        let p =
+            Proc::spawn(&format!("monitor-{id}"), &self.bin, &args, &log).expect("spawn pgquorum");
+        self.members.get_mut(&id).expect("member slot").proc = Some(p);
+    }
+
+    /// Starts (or restarts) a member with the group's --peer list.
+    pub fn start(&mut self, id: u64) {
+        self.spawn(id, false);
+    }
+
+    /// Starts a member that joins through add-member (`--join`).
+    pub fn start_joining(&mut self, id: u64) {
+        self.spawn(id, true);
+    }
+
+    /// SIGKILL by PID.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut p) = self.members.get_mut(&id).and_then(|m| m.proc.take()) {
+            p.kill();
+        }
+    }
+
+    pub fn wipe(&mut self, id: u64) {
+        let d = &self.members[&id].data_dir;
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.members[&id].addr.clone()
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.members
+            .values()
+            .filter(|m| m.proc.is_some())
+            .map(|m| m.id)
+            .collect()
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("m{id}.log"))).unwrap_or_default()
+    }
+
+    /// A client over every member's address.
+    pub fn client(&self) -> MonitorClient {
+        MonitorClient::new(self.members.values().map(|m| m.addr.clone())).unwrap()
+    }
+
+    /// A client that talks to one member only.
+    pub fn client_of(&self, id: u64) -> MonitorClient {
+        MonitorClient::new([self.addr(id)]).unwrap()
+    }
+
+    pub async fn status(&self, id: u64) -> Option<pb::MemberStatusReply> {
+        let c = self.client_of(id);
+        let mut raw = c.raw(&self.addr(id)).ok()?;
+        let mut req = tonic::Request::new(pb::MemberStatusRequest {});
+        req.set_timeout(Duration::from_secs(2));
+        raw.member_status(req).await.ok().map(|r| r.into_inner())
+    }
+
+    /// The leader that every running member agrees on, once there is one.
+    pub async fn wait_leader(&self, timeout: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.agreed_leader().await {
+                return l;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "no leader every running member agrees on after {timeout:?}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn agreed_leader(&self) -> Option<u64> {
+        let running = self.running();
+        let mut seen = BTreeSet::new();
+        for id in &running {
+            seen.insert(self.status(*id).await?.leader_id?);
+        }
+        let l = *seen.iter().next()?;
+        (seen.len() == 1 && running.contains(&l)).then_some(l)
+    }
+
+    /// The formation names a member has applied (a local, non-linearizable read).
+    pub async fn formations_on(&self, id: u64) -> Option<BTreeSet<String>> {
+        let c = self.client_of(id);
+        let mut raw = c.raw(&self.addr(id)).ok()?;
+        let r = raw
+            .get_state(pb::GetStateRequest {
+                formation: String::new(),
+                linearizable: false,
+            })
+            .await
+            .ok()?
+            .into_inner();
+        Some(r.formations.into_iter().map(|f| f.name).collect())
+    }
+
+    /// Waits until member `id` has applied every formation in `names`.
+    pub async fn wait_applied(&self, id: u64, names: &BTreeSet<String>, timeout: Duration) {
+        wait_until_async(
+            timeout,
+            &format!("member {id} to apply {} formations", names.len()),
+            || async {
+                self.formations_on(id)
+                    .await
+                    .is_some_and(|have| names.is_subset(&have))
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()));
+    }
+
+    /// Every member's log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for id in self.members.keys() {
+            let log = self.log(*id);
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            s.push_str(&format!("---- member {id} (last lines) ----\n"));
+            for l in tail.into_iter().rev() {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
+        s
+    }
+
+    /// Runs `pgquorum ARGS...` to completion: (success, stdout+stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let out = std::process::Command::new(&self.bin)
+            .args(args)
+            .output()
+            .expect("run pgquorum");
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
+    }
+}
+
+/// One write: creates formation `name` through `client`.
+pub async fn create_formation(
+    client: &MonitorClient,
+    name: &str,
+) -> Result<u64, pgquorum_api::client::ClientError> {
+    client
+        .call(|mut raw| {
+            let req = pb::CreateFormationRequest {
+                name: name.to_owned(),
+                number_sync_standbys: None,
+            };
+            async move { raw.create_formation(req).await }
+        })
+        .await
+        .map(|r| r.log_index)
+}
+
+impl Drop for MonitorGroup {
+    fn drop(&mut self) {
+        for m in self.members.values_mut() {
+            if let Some(mut p) = m.proc.take() {
+                p.kill();
+            }
+        }
+    }
+}
