@@ -389,11 +389,18 @@ async fn watch(
     let mut last: Vec<String> = Vec::new();
     let mut announced = false;
     let mut interval = tokio::time::interval(Duration::from_millis(500));
+    // Ctrl-C, a closed terminal and a plain `kill` all stop the cluster cleanly: the
+    // children run in their own process groups and would otherwise outlive us.
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
     loop {
         tokio::select! {
             _ = &mut ctrl_c => return Ok(()),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => return Ok(()),
             _ = interval.tick() => {}
         }
         for (name, child) in cluster
