@@ -62,31 +62,7 @@ impl Default for PgDir {
     }
 }
 
-/// A port that was free a moment ago (PostgreSQL cannot take a bound socket from us).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}"));
-    l.local_addr()
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("addr: {e}"))
-}
-
-/// The `pgquorum` binary, built beforehand (`cargo build -p pgquorum`).
-pub fn pgquorum_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../target")
-                .to_path_buf()
-        });
-    let bin = target.join("debug/pgquorum");
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p pgquorum` first",
-        bin.display()
-    );
-    bin
-}
+pub use crate::process::{free_port, pgquorum_bin};
 
 /// Polls `f` until it returns Some, or panics with `what` at the deadline.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
