@@ -244,6 +244,22 @@ pub async fn create_formation(
         .map(|r| r.log_index)
 }
 
+/// One write: drops formation `name` through `client`.
+pub async fn drop_formation(
+    client: &MonitorClient,
+    name: &str,
+) -> Result<u64, pgquorum_api::client::ClientError> {
+    client
+        .call(|mut raw| {
+            let req = pb::DropFormationRequest {
+                name: name.to_owned(),
+            };
+            async move { raw.drop_formation(req).await }
+        })
+        .await
+        .map(|r| r.log_index)
+}
+
 impl Drop for MonitorGroup {
     fn drop(&mut self) {
         for m in self.members.values_mut() {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgquorum_api::client::MonitorClient;
-use pgquorum_tests::monitor_group::{create_formation, MonitorGroup};
+use pgquorum_tests::monitor_group::{create_formation, drop_formation, MonitorGroup};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -129,7 +129,17 @@ struct Load {
     errors: u64,
 }
 
-async fn load(g: &MonitorGroup, clients: usize, seconds: u64, tag: &str) -> Load {
+/// What each benchmark write does.
+#[derive(Clone, Copy, PartialEq)]
+enum Workload {
+    /// Every write creates a new formation: the state grows without bound.
+    Grow,
+    /// Each client creates its own formation, then drops it, and again: the state stays
+    /// as small as a real cluster's.
+    Steady,
+}
+
+async fn load(g: &MonitorGroup, clients: usize, seconds: u64, tag: &str, work: Workload) -> Load {
     let leader = g.wait_leader(WAIT).await;
     let addr = g.addr(leader);
     let errors = Arc::new(AtomicU64::new(0));
@@ -145,7 +155,14 @@ async fn load(g: &MonitorGroup, clients: usize, seconds: u64, tag: &str) -> Load
             let mut i = 0u64;
             while Instant::now() < stop_at {
                 let t = Instant::now();
-                match create_formation(&c, &format!("{tag}-{w}-{i}")).await {
+                let r = match work {
+                    Workload::Grow => create_formation(&c, &format!("{tag}-{w}-{i}")).await,
+                    Workload::Steady if i.is_multiple_of(2) => {
+                        create_formation(&c, &format!("{tag}-{w}")).await
+                    }
+                    Workload::Steady => drop_formation(&c, &format!("{tag}-{w}")).await,
+                };
+                match r {
                     Ok(_) => lat.push(t.elapsed()),
                     Err(_) => {
                         errors.fetch_add(1, Ordering::Relaxed);
@@ -172,7 +189,7 @@ async fn load(g: &MonitorGroup, clients: usize, seconds: u64, tag: &str) -> Load
     }
 }
 
-async fn load_table(a: &Args, member_args: &[String]) -> Vec<Load> {
+async fn load_table(a: &Args, member_args: &[String], work: Workload) -> Vec<Load> {
     let mut g = MonitorGroup::new(3);
     g.extra_args = member_args.to_vec();
     for id in [1, 2, 3] {
@@ -181,7 +198,7 @@ async fn load_table(a: &Args, member_args: &[String]) -> Vec<Load> {
     g.wait_leader(WAIT).await;
     let mut loads = Vec::new();
     for c in &a.clients {
-        let l = load(&g, *c, a.seconds, &format!("c{c}")).await;
+        let l = load(&g, *c, a.seconds, &format!("c{c}"), work).await;
         eprintln!(
             "[{}] {} clients: {} writes, {:.0} writes/s, p50 {} ms, p99 {} ms, {} errors",
             member_args.join(" "),
@@ -255,12 +272,13 @@ async fn main() {
     fo.sort();
     let median = pct(&fo, 0.5);
 
-    let loads = load_table(&a, &a.member_args).await;
+    let loads = load_table(&a, &a.member_args, Workload::Grow).await;
     let also = if a.also_member_args.is_empty() {
         None
     } else {
-        Some(load_table(&a, &a.also_member_args).await)
+        Some(load_table(&a, &a.also_member_args, Workload::Grow).await)
     };
+    let steady = load_table(&a, &a.member_args, Workload::Steady).await;
     let load_after = loadavg();
 
     let cores = std::thread::available_parallelism()
@@ -306,6 +324,11 @@ async fn main() {
             table(also)
         ));
     }
+    s.push_str(&format!(
+        "\nThe same at default settings with a state that stays small: each client creates its own \
+         formation, then drops it, and again (every write is still a committed, flushed Raft entry):\n\n{}",
+        table(&steady)
+    ));
     s.push_str(
         "\nTarget: at least 3,000 writes/s at 64 clients with p99 at most 30 ms. Writes are batched: \
          openraft hands the log store every entry that queued while the previous flush ran, and one \
@@ -313,7 +336,7 @@ async fn main() {
          grows without bound (tens of thousands of formations by the last row) and each snapshot \
          (clone, serialise, store, flush several MB) costs tail latency; a real cluster state (a \
          few formations and nodes, a bounded event history) snapshots in well under a millisecond. \
-         The second table separates the two costs.\n\n",
+         The second and third tables separate the two costs.\n\n",
     );
     println!("{s}");
     if let Some(p) = a.write_doc {
