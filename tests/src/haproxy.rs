@@ -190,8 +190,99 @@ fn dechunk(body: &str) -> String {
     }
 }
 
+/// PgBouncer (Debian's `pgbouncer`) with the shipped deploy/pgbouncer/pgbouncer.ini,
+/// its server being HAProxy's read-write port. It runs as `postgres` (PgBouncer
+/// refuses root) and is SIGKILLed on drop.
+pub struct Pgbouncer {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+pub fn pgbouncer_bin() -> PathBuf {
+    ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "pgbouncer is not installed: apt-get install pgbouncer (tests/run does it as root)"
+            )
+        })
+}
+
+/// The shipped pgbouncer.ini with its port, its server port (HAProxy's) and, for the
+/// test's loopback cluster whose hba trusts 127.0.0.1, trust authentication.
+pub fn render_pgbouncer(config: &str, port: u16, server_port: u16, auth_file: &Path) -> String {
+    let mut out = String::new();
+    let mut seen = 0;
+    for line in config.lines() {
+        let key = line.split('=').next().unwrap_or("").trim();
+        let new = match key {
+            "*" => {
+                seen += 1;
+                format!("* = host=127.0.0.1 port={server_port}")
+            }
+            "listen_port" => {
+                seen += 1;
+                format!("listen_port = {port}")
+            }
+            "auth_type" => "auth_type = trust".to_string(),
+            "auth_file" => format!("auth_file = {}", auth_file.display()),
+            _ => line.to_string(),
+        };
+        out.push_str(&new);
+        out.push('\n');
+    }
+    assert_eq!(
+        seen, 2,
+        "pgbouncer.ini: expected `* = ...` and `listen_port`"
+    );
+    out
+}
+
+impl Pgbouncer {
+    /// Starts PgBouncer in `dir` (owned by `postgres`) in front of `server_port`.
+    pub fn start(dir: &Path, server_port: u16) -> Pgbouncer {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pgbouncer/pgbouncer.ini");
+        let shipped =
+            std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let port = free_port();
+        let auth = dir.join("userlist.txt");
+        std::fs::write(&auth, "\"postgres\" \"\"\n").unwrap();
+        let config = dir.join("pgbouncer.ini");
+        std::fs::write(
+            &config,
+            render_pgbouncer(&shipped, port, server_port, &auth),
+        )
+        .unwrap();
+        let (u, g) = pgquorum_testkit::postgres::postgres_ids();
+        for f in [&auth, &config] {
+            nix::unistd::chown(f.as_path(), Some(u), Some(g)).unwrap();
+        }
+        let mut cmd = std::process::Command::new(pgbouncer_bin());
+        cmd.arg(&config);
+        std::os::unix::process::CommandExt::uid(&mut cmd, u.as_raw());
+        std::os::unix::process::CommandExt::gid(&mut cmd, g.as_raw());
+        let proc = Proc::spawn_with("pgbouncer", &mut cmd, &dir.join("pgbouncer.log"))
+            .expect("spawn pgbouncer");
+        Pgbouncer { port, proc }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn pgbouncer_render_keeps_pooling_mode() {
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/pgbouncer/pgbouncer.ini"),
+        )
+        .unwrap();
+        let out = render_pgbouncer(&shipped, 16432, 15000, Path::new("/tmp/u.txt"));
+        assert!(out.contains("* = host=127.0.0.1 port=15000"), "{out}");
+        assert!(out.contains("listen_port = 16432"), "{out}");
+        assert!(out.contains("pool_mode = transaction"), "{out}");
+    }
+
     #[test]
     fn dechunks() {
         assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");

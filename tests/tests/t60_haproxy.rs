@@ -2,9 +2,11 @@
 //! monitor members, 3 keepers with PostgreSQL 15): the read-write port leads to the
 //! primary and the read-only port to standbys; a client writing through the
 //! read-write port keeps committing across a switchover and across the SIGKILL of the
-//! primary's keeper and postmaster, and no acknowledged row is lost.
+//! primary's keeper and postmaster, and no acknowledged row is lost. The same through
+//! PgBouncer (deploy/pgbouncer/pgbouncer.ini, transaction pooling) in front of
+//! HAProxy's read-write port.
 //! Needs `cargo build -p pgquorum`, PostgreSQL 15 and Debian's haproxy (tests/run
-//! installs them as root).
+//! installs them as root), Debian's pgbouncer likewise.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pgquorum_testkit::postgres::{wait_for, Keeper, NodeSpec, PgDir};
-use pgquorum_tests::haproxy::Haproxy;
+use pgquorum_tests::haproxy::{Haproxy, Pgbouncer};
 use pgquorum_tests::monitor_group::MonitorGroup;
 
 const START: Duration = Duration::from_secs(180);
@@ -231,7 +233,8 @@ impl Cluster {
     }
 }
 
-/// Inserts numbered rows through HAProxy's read-write port, one per transaction,
+/// Inserts numbered rows into `table` through `port` (HAProxy's read-write port or
+/// PgBouncer), one per transaction,
 /// reconnecting after any error; records the numbers whose COMMIT was acknowledged.
 struct Writer {
     acked: Arc<Mutex<Vec<i64>>>,
@@ -241,7 +244,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn start(port: u16) -> Writer {
+    fn start(port: u16, table: &'static str) -> Writer {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -277,14 +280,17 @@ impl Writer {
                 next += 1;
                 // A COMMIT that does not come back is an unknown outcome: the row may
                 // or may not exist, and it is not counted as acknowledged.
-                let r = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    cl.execute("INSERT INTO t60 (id) VALUES ($1)", &[&id]),
-                )
-                .await;
-                match r {
-                    Ok(Ok(1)) => a.lock().unwrap().push(id),
-                    _ => {
+                // The simple query protocol: no prepared statements, which transaction
+                // pooling would send to another server connection.
+                let sql = format!("INSERT INTO {table} (id) VALUES ({id})");
+                let r = tokio::time::timeout(Duration::from_secs(5), cl.simple_query(&sql)).await;
+                let inserted = matches!(&r, Ok(Ok(msgs)) if msgs.iter().any(|m| matches!(
+                    m,
+                    tokio_postgres::SimpleQueryMessage::CommandComplete(1)
+                )));
+                match inserted {
+                    true => a.lock().unwrap().push(id),
+                    false => {
                         e.fetch_add(1, Ordering::SeqCst);
                         client = None;
                     }
@@ -336,7 +342,7 @@ async fn server_port(h: &Haproxy, rw: bool) -> (i32, bool) {
     (row.get(0), row.get(1))
 }
 
-async fn assert_all_present(c: &Cluster, acked: &[i64]) {
+async fn assert_all_present(c: &Cluster, table: &str, acked: &[i64]) {
     let h = c.haproxy();
     let client = wait_for(
         "a connection through the read-write port",
@@ -344,7 +350,10 @@ async fn assert_all_present(c: &Cluster, acked: &[i64]) {
         || async { h.connect(true).await.ok() },
     )
     .await;
-    let rows = client.query("SELECT id FROM t60", &[]).await.unwrap();
+    let rows = client
+        .query(&format!("SELECT id FROM {table}"), &[])
+        .await
+        .unwrap();
     let present: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
     let lost: Vec<i64> = acked
         .iter()
@@ -353,7 +362,7 @@ async fn assert_all_present(c: &Cluster, acked: &[i64]) {
         .collect();
     assert!(
         lost.is_empty(),
-        "{} acknowledged rows lost (of {}): {:?}",
+        "{table}: {} acknowledged rows lost (of {}): {:?}",
         lost.len(),
         acked.len(),
         &lost[..lost.len().min(20)]
@@ -367,13 +376,13 @@ async fn create_table(h: &Haproxy) {
         || async { h.connect(true).await.ok() },
     )
     .await;
-    c.batch_execute("CREATE TABLE t60 (id bigint PRIMARY KEY)")
+    c.batch_execute("CREATE TABLE t60 (id bigint PRIMARY KEY); CREATE TABLE t60_bouncer (id bigint PRIMARY KEY)")
         .await
         .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn read_write_port_leads_to_the_primary_and_read_only_to_standbys() {
+async fn rw_port_leads_to_the_primary_ro_to_standbys_and_pgbouncer_pools_through_it() {
     let c = Cluster::start().await;
     let h = c.haproxy();
     let p = c.primary(SETTLE).await;
@@ -404,10 +413,16 @@ async fn read_write_port_leads_to_the_primary_and_read_only_to_standbys() {
         assert!(in_recovery, "ro port reached the primary");
         assert_ne!(port, i32::from(c.specs[p].pg_port));
     }
-    let w = Writer::start(h.ports.rw);
+    let w = Writer::start(h.ports.rw, "t60");
+    let bouncer = Pgbouncer::start(c._dir.path(), h.ports.rw);
+    let wb = Writer::start(bouncer.port, "t60_bouncer");
     w.wait_more(0, 100, "steady state", &c).await;
+    wb.wait_more(0, 100, "steady state through PgBouncer", &c)
+        .await;
     let acked = w.finish().await;
-    assert_all_present(&c, &acked).await;
+    let acked_b = wb.finish().await;
+    assert_all_present(&c, "t60", &acked).await;
+    assert_all_present(&c, "t60_bouncer", &acked_b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,8 +432,12 @@ async fn commits_through_haproxy_survive_a_switchover_and_a_primary_kill() {
     let old = c.primary(SETTLE).await;
     c.wait_rw_on(old).await;
     create_table(c.haproxy()).await;
-    let w = Writer::start(c.haproxy().ports.rw);
+    let w = Writer::start(c.haproxy().ports.rw, "t60");
+    let bouncer = Pgbouncer::start(c._dir.path(), c.haproxy().ports.rw);
+    let wb = Writer::start(bouncer.port, "t60_bouncer");
     w.wait_more(0, 50, "before the switchover", &c).await;
+    wb.wait_more(0, 50, "before the switchover, through PgBouncer", &c)
+        .await;
 
     // Planned switchover through the operator's command.
     // The monitor refuses while any node is still in a transition (it may start one,
@@ -439,8 +458,10 @@ async fn commits_through_haproxy_survive_a_switchover_and_a_primary_kill() {
     eprintln!("perform switchover: {out}");
     let new = c.primary(SETTLE).await;
     assert_ne!(new, old, "the switchover kept the same primary");
-    let n = w.count();
+    let (n, nb) = (w.count(), wb.count());
     w.wait_more(n, 50, "after the switchover", &c).await;
+    wb.wait_more(nb, 50, "after the switchover, through PgBouncer", &c)
+        .await;
     let (port, _) = server_port(c.haproxy(), true).await;
     assert_eq!(port, i32::from(c.specs[new].pg_port));
     c.wait_settled(SETTLE).await;
@@ -454,7 +475,7 @@ async fn commits_through_haproxy_survive_a_switchover_and_a_primary_kill() {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    let n = w.count();
+    let (n, nb) = (w.count(), wb.count());
     let third = wait_for("a new primary after the kill", SETTLE, || {
         let specs = c.specs.clone();
         async move {
@@ -464,10 +485,20 @@ async fn commits_through_haproxy_survive_a_switchover_and_a_primary_kill() {
     })
     .await;
     w.wait_more(n, 50, "after the primary was killed", &c).await;
+    wb.wait_more(
+        nb,
+        50,
+        "after the primary was killed, through PgBouncer",
+        &c,
+    )
+    .await;
     let (port, _) = server_port(c.haproxy(), true).await;
     assert_eq!(port, i32::from(c.specs[third].pg_port));
 
     let acked = w.finish().await;
-    assert_all_present(&c, &acked).await;
+    let acked_b = wb.finish().await;
+    assert_all_present(&c, "t60", &acked).await;
+    assert_all_present(&c, "t60_bouncer", &acked_b).await;
+    drop(bouncer);
     c.haproxy = None;
 }
