@@ -65,7 +65,7 @@ panels = [
     ], 0, 47, legend=["member {{member}} committed", "member {{member}} applied"]),
     panel(21, "Members' lag behind the leader (entries)", [f'pgquorum_monitor_member_lag{{{SEL}}}'], 12, 47, legend=["peer {{peer}}"]),
     panel(22, "Leader per member", [f'pgquorum_monitor_is_leader{{{SEL}}}'], 0, 55, legend=["member {{member}}"]),
-    panel(23, "Raft log writes / s", [f'rate(pgquorum_monitor_last_log_index{{{SEL}}}[1m])'], 12, 55, unit="ops", legend=["member {{member}}"]),
+    panel(23, "Raft log writes / s", [f'deriv(pgquorum_monitor_last_log_index{{{SEL}}}[1m])'], 12, 55, unit="ops", legend=["member {{member}}"]),
 ]
 
 dashboard = {
