@@ -423,6 +423,34 @@ async fn rw_port_leads_to_the_primary_ro_to_standbys_and_pgbouncer_pools_through
     let acked_b = wb.finish().await;
     assert_all_present(&c, "t60", &acked).await;
     assert_all_present(&c, "t60_bouncer", &acked_b).await;
+
+    // The leader's /metrics tells what Prometheus alerts on: nodes by state and
+    // how long ago each keeper was heard.
+    let leader = c.group.wait_leader(SETTLE).await;
+    let addr: std::net::SocketAddr = c.group.addr(leader).parse().unwrap();
+    let (code, metrics) = pgquorum_testkit::postgres::http_get(addr, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let has = |needle: &str| metrics.lines().any(|l| l.contains(needle));
+    assert!(
+        has(r#"formation="default",state="primary"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        has(r#"formation="default",state="secondary"} 2"#),
+        "{metrics}"
+    );
+    for i in 1..=3 {
+        assert!(
+            has(&format!(
+                r#"pgquorum_monitor_node_heartbeat_age_seconds{{member="{leader}",formation="default",node="node{i}"}}"#
+            )),
+            "{metrics}"
+        );
+        assert!(
+            has(&format!(r#"node="node{i}"}} 1"#)),
+            "timeline 1 for node{i}: {metrics}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
