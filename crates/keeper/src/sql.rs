@@ -44,8 +44,58 @@ pub async fn connect_local(s: &Settings, timeout: Duration) -> Result<Client> {
         .user(&s.superuser)
         .dbname("postgres")
         .application_name("pgquorum-keeper")
+        // The keeper's own writes (role, slots) must never wait for a synchronous
+        // standby: right after a promotion the standbys named in
+        // synchronous_standby_names cannot connect until this very work is done.
+        // confirm_synchronous() asks for synchronous_commit = on explicitly.
+        .options("-c synchronous_commit=local")
         .connect_timeout(timeout);
     connect(c, timeout, "local postgres").await
+}
+
+/// The core's contract for primary, join_primary and apply_settings: a commit issued
+/// after `names` took effect has been acknowledged by the synchronous standbys (which
+/// proves every earlier commit is on them too). Checks in fresh sessions that the reload
+/// applied `names`, then commits with synchronous_commit = on; gives up after `timeout`
+/// (cancelling the wait) so that the caller retries on its next beat instead of
+/// blocking.
+pub async fn confirm_synchronous(s: &Settings, names: &str, timeout: Duration) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    // A reload is asynchronous: new sessions see the new value once the postmaster
+    // has processed SIGHUP.
+    let c = loop {
+        let c = connect_local(s, timeout).await?;
+        let shown: String = c
+            .query_one("SHOW synchronous_standby_names", &[])
+            .await
+            .map_err(|e| KeeperError::sql("reading synchronous_standby_names", e))?
+            .get(0);
+        if shown == names {
+            break c;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(KeeperError::Timeout(format!(
+                "synchronous_standby_names is {shown:?}, not {names:?}, after a reload"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cancel = c.cancel_token();
+    let commit = c.batch_execute(
+        "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT",
+    );
+    match tokio::time::timeout_at(deadline, commit).await {
+        Ok(r) => r.map_err(|e| KeeperError::sql("confirming synchronous replication", e)),
+        Err(_) => {
+            let _ = cancel.cancel_query(NoTls).await;
+            Err(KeeperError::Timeout(format!(
+                "no synchronous standby of {names:?} acknowledged a commit"
+            )))
+        }
+    }
 }
 
 async fn connect(c: Config, timeout: Duration, what: &str) -> Result<Client> {

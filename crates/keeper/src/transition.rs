@@ -17,6 +17,10 @@ use crate::pgconf::{self, Upstream};
 use crate::settings::slot_name;
 use crate::sql;
 
+/// How long a transition to primary waits for a synchronous standby to acknowledge
+/// its confirmation commit before failing (and being retried on the next beat).
+const SYNC_CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The shape of postgres a goal state asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -299,6 +303,17 @@ impl Instance {
                 goal: a.goal_state.to_string(),
                 reason: "postgres is still in recovery".into(),
             });
+        }
+        if matches!(
+            a.goal_state,
+            NodeState::Primary | NodeState::JoinPrimary | NodeState::ApplySettings
+        ) {
+            sql::confirm_synchronous(
+                &self.settings,
+                &a.synchronous_standby_names,
+                SYNC_CONFIRM_TIMEOUT,
+            )
+            .await?;
         }
         self.state.system_identifier = Some(cd.system_identifier);
         self.state.following = None;

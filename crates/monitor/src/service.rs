@@ -19,6 +19,8 @@ use crate::types::NodeId;
 
 /// How long AddMember waits for the new member to catch up before giving up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a follower waits for the leader's answer to a read before answering itself.
+const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct MonitorService {
     pub m: Arc<Member>,
@@ -369,6 +371,17 @@ impl Monitor for MonitorService {
         if request.get_ref().linearizable {
             forward!(self, request, get_state);
             self.m.ensure_linearizable().await?;
+        } else if let Ok(Route::Forward(mut client, hops)) = self.m.route(&request) {
+            // Only the leader hears heartbeats, so only its answer carries node health:
+            // ask it, and fall back to this member's view (health unknown) when it does
+            // not answer.
+            let mut fwd = Request::new(request.get_ref().clone());
+            fwd.metadata_mut().insert(HOPS_HEADER, hops.into());
+            match tokio::time::timeout(FORWARD_READ_TIMEOUT, client.get_state(fwd)).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(s)) => tracing::debug!(error = %s, "leader did not answer GetState; local view"),
+                Err(_) => tracing::debug!("leader did not answer GetState in time; local view"),
+            }
         }
         let formation = request.into_inner().formation;
         let is_leader = self.m.raft.metrics().borrow().state == ServerState::Leader;
