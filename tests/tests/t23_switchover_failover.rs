@@ -1,5 +1,5 @@
 //! Planned switchover and `perform failover` through the CLI while a client writes,
-//! then a switchover back to the first primary: no acknowledged row is lost.
+//! then a switchover back to the primary before the failover: no acknowledged row is lost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -17,24 +17,26 @@ async fn switchover_failover_and_back() {
     let second = c.primary().await.expect("a primary after the switchover");
     assert_ne!(second, first, "{out}");
     w.wait_progress(100, "after the switchover").await;
+    c.wait_healthy(2).await;
 
     let (ok, out) = c.cli(&["perform", "failover", "--timeout", "60"]);
     assert!(ok, "failover failed: {out}\n{}", c.logs());
     let third = c.primary().await.expect("a primary after the failover");
     assert_ne!(third, second, "{out}");
     w.wait_progress(100, "after the failover").await;
+    c.wait_healthy(2).await;
 
     let (ok, out) = c.cli(&[
         "perform",
         "switchover",
         "--candidate",
-        &first,
+        &second,
         "--timeout",
         "60",
     ]);
     assert!(ok, "switchover back failed: {out}\n{}", c.logs());
     let ns = c.wait_healthy(2).await;
-    assert_eq!(primary_of(&ns).as_deref(), Some(first.as_str()));
+    assert_eq!(primary_of(&ns).as_deref(), Some(second.as_str()));
     w.wait_progress(100, "after the switchover back").await;
     let acked = w.stop().await;
     for n in ["node1", "node2", "node3"] {

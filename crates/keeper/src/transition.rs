@@ -363,6 +363,8 @@ impl Instance {
         }
         let cd = self.check_identity().await?;
         let up = match upstream {
+            // The fast-forward source is a standby, which keeps no slot for us.
+            Some(p) if a.goal_state == NodeState::FastForward => Upstream::StreamNoSlot(p.clone()),
             Some(p) => Upstream::Stream(p.clone()),
             None => Upstream::None,
         };
