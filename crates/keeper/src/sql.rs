@@ -291,6 +291,29 @@ pub async fn promote(c: &Client) -> Result<()> {
     Ok(())
 }
 
+/// After a promotion the end-of-recovery checkpoint runs in the background, and until
+/// it completes pg_control still names the old timeline. pg_rewind reads the source's
+/// timeline from pg_control: a former primary rewound against us before that checkpoint
+/// is told "no rewind required" and then cannot follow us (found by the node-loss
+/// end-to-end test). Checkpoints when pg_control lags the timeline being written.
+pub async fn checkpoint_if_timeline_lags(c: &Client) -> Result<()> {
+    let e = |err| KeeperError::sql("checkpointing after promotion", err);
+    let row = c
+        .query_one(
+            "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), \
+                    ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    let (control, current): (i32, i32) = (row.get(0), row.get(1));
+    if control != current {
+        tracing::info!(control, current, "checkpoint so that pg_control names the new timeline");
+        c.batch_execute("CHECKPOINT").await.map_err(e)?;
+    }
+    Ok(())
+}
+
 pub async fn reload(c: &Client) -> Result<()> {
     c.batch_execute("SELECT pg_reload_conf()")
         .await

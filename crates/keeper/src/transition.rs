@@ -285,6 +285,7 @@ impl Instance {
         if changed {
             sql::reload(&c).await?;
         }
+        sql::checkpoint_if_timeline_lags(&c).await?;
         sql::ensure_replication_role(&c, &self.settings).await?;
         let slots: Vec<String> = a
             .peers
