@@ -10,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgquorum_api::pb::monitor as pb;
@@ -22,7 +22,7 @@ use crate::monitor_group::MonitorGroup;
 
 /// One cluster at a time per test binary: each is 3 monitors, 3 postgres and 3 keepers
 /// on a machine with few cores.
-static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+static ONE_CLUSTER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub struct Node {
     pub spec: NodeSpec,
@@ -34,7 +34,7 @@ pub struct Cluster {
     pub monitors: MonitorGroup,
     pub nodes: Vec<Node>,
     pub dir: PgDir,
-    _one: MutexGuard<'static, ()>,
+    _one: tokio::sync::MutexGuard<'static, ()>,
 }
 
 /// How long a whole bootstrap, failover or rejoin may take before a test gives up.
@@ -49,7 +49,7 @@ impl Cluster {
 
     /// Same, with extra `keeper run` arguments per node index.
     pub async fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
-        let one = ONE_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
+        let one = ONE_CLUSTER.lock().await;
         let mut monitors = MonitorGroup::new(3);
         for id in 1..=3 {
             monitors.start(id);
@@ -201,10 +201,9 @@ impl Cluster {
 
     /// One primary and `standbys` secondaries, every node at its goal.
     pub async fn wait_healthy(&self, standbys: usize) -> Vec<pb::NodeStatus> {
-        self.wait_state(
-            &format!("a primary and {standbys} secondaries"),
-            |ns| healthy(ns, standbys),
-        )
+        self.wait_state(&format!("a primary and {standbys} secondaries"), |ns| {
+            healthy(ns, standbys)
+        })
         .await
     }
 
@@ -401,7 +400,10 @@ impl Writer {
                             client = Some(c);
                         }
                         Ok(Err(e)) => {
-                            l.lock().unwrap().errors.push((Instant::now(), e.to_string()));
+                            l.lock()
+                                .unwrap()
+                                .errors
+                                .push((Instant::now(), e.to_string()));
                             pause(&mut stopped).await;
                             continue;
                         }
@@ -424,7 +426,10 @@ impl Writer {
                 match r {
                     Ok(Ok(_)) => l.lock().unwrap().acked.push((n, Instant::now())),
                     Ok(Err(e)) => {
-                        l.lock().unwrap().errors.push((Instant::now(), e.to_string()));
+                        l.lock()
+                            .unwrap()
+                            .errors
+                            .push((Instant::now(), e.to_string()));
                         client = None;
                     }
                     Err(_) => {

@@ -23,9 +23,15 @@ async fn bootstrap_then_postmaster_crash_restarts_in_place() {
         assert_eq!(n["health"], "healthy", "{out}");
     }
     let (ok, out) = c.cli(&["show", "uri"]);
-    assert!(ok && out.contains("target_session_attrs=read-write"), "{out}");
+    assert!(
+        ok && out.contains("target_session_attrs=read-write"),
+        "{out}"
+    );
     for n in &c.nodes {
-        assert!(out.contains(&format!("127.0.0.1:{}", n.spec.pg_port)), "{out}");
+        assert!(
+            out.contains(&format!("127.0.0.1:{}", n.spec.pg_port)),
+            "{out}"
+        );
     }
 
     // One synchronous standby as pg_stat_replication shows it.
@@ -49,10 +55,19 @@ async fn bootstrap_then_postmaster_crash_restarts_in_place() {
     w.wait_progress(100, "after the postmaster crash").await;
     let acked = w.stop().await;
     let ns = c.state().await.unwrap();
-    assert_eq!(primary_of(&ns).as_deref(), Some(primary.as_str()), "no failover");
+    assert_eq!(
+        primary_of(&ns).as_deref(),
+        Some(primary.as_str()),
+        "no failover"
+    );
     let new_pid = c.node(&primary).spec.postmaster_pid().expect("restarted");
     assert_ne!(new_pid, old_pid);
-    for n in c.nodes.iter().map(|n| n.spec.name.clone()).collect::<Vec<_>>() {
+    for n in c
+        .nodes
+        .iter()
+        .map(|n| n.spec.name.clone())
+        .collect::<Vec<_>>()
+    {
         c.assert_rows_on(&n, &acked).await;
     }
 }

@@ -22,15 +22,36 @@ async fn maintenance_and_candidate_priority() {
     w.wait_progress(100, "before maintenance").await;
 
     // A standby in maintenance: writes go on.
-    let (ok, out) = c.cli(&["enable", "maintenance", "--node", "node2", "--timeout", "60"]);
+    let (ok, out) = c.cli(&[
+        "enable",
+        "maintenance",
+        "--node",
+        "node2",
+        "--timeout",
+        "60",
+    ]);
     assert!(ok, "{out}\n{}", c.logs());
     w.wait_progress(100, "with node2 in maintenance").await;
-    let (ok, out) = c.cli(&["disable", "maintenance", "--node", "node2", "--timeout", "60"]);
+    let (ok, out) = c.cli(&[
+        "disable",
+        "maintenance",
+        "--node",
+        "node2",
+        "--timeout",
+        "60",
+    ]);
     assert!(ok, "{out}\n{}", c.logs());
     c.wait_healthy(2).await;
 
     // The primary in maintenance: node2 takes over (node3 has priority 0).
-    let (ok, out) = c.cli(&["enable", "maintenance", "--node", "node1", "--timeout", "60"]);
+    let (ok, out) = c.cli(&[
+        "enable",
+        "maintenance",
+        "--node",
+        "node1",
+        "--timeout",
+        "60",
+    ]);
     assert!(ok, "{out}\n{}", c.logs());
     let ns = c
         .wait_state("node2 primary, node1 in maintenance", |ns| {
@@ -42,7 +63,14 @@ async fn maintenance_and_candidate_priority() {
         .await;
     assert_ne!(primary_of(&ns).as_deref(), Some("node3"));
     w.wait_progress(100, "with node1 in maintenance").await;
-    let (ok, out) = c.cli(&["disable", "maintenance", "--node", "node1", "--timeout", "60"]);
+    let (ok, out) = c.cli(&[
+        "disable",
+        "maintenance",
+        "--node",
+        "node1",
+        "--timeout",
+        "60",
+    ]);
     assert!(ok, "{out}\n{}", c.logs());
     c.wait_healthy(2).await;
 

@@ -19,13 +19,16 @@ async fn failover_survives_monitor_leader_loss_and_a_member_down() {
     // primary's goal changed), the monitor leader is killed too.
     c.kill_node(&old).await;
     c.wait_state("the failover to start", |ns| {
-        ns.iter().any(|n| n.name == old && n.goal_state != "primary")
+        ns.iter()
+            .any(|n| n.name == old && n.goal_state != "primary")
     })
     .await;
     let leader = c.monitors.wait_leader(Duration::from_secs(10)).await;
     c.monitors.kill(leader);
     let ns = c
-        .wait_state("a new primary", |ns| primary_of(ns).is_some_and(|p| p != old))
+        .wait_state("a new primary", |ns| {
+            primary_of(ns).is_some_and(|p| p != old)
+        })
         .await;
     let new = primary_of(&ns).unwrap();
     w.wait_progress(100, "after the failover").await;
@@ -34,7 +37,11 @@ async fn failover_survives_monitor_leader_loss_and_a_member_down() {
     c.start_keeper(&old);
     c.wait_healthy(2).await;
     let (ok, out) = c.cli(&["perform", "switchover", "--timeout", "60"]);
-    assert!(ok, "switchover with a monitor member down: {out}\n{}", c.logs());
+    assert!(
+        ok,
+        "switchover with a monitor member down: {out}\n{}",
+        c.logs()
+    );
     let after = c.primary().await.expect("a primary");
     assert_ne!(after, new);
     w.wait_progress(100, "after the switchover").await;

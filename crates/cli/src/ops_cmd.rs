@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::client::{ClientError, MonitorClient};
+use pgquorum_api::pb::monitor as pb;
 use serde_json::json;
 
 #[derive(clap::Args, Clone)]
@@ -140,10 +140,7 @@ fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}{leader}", s.message())
 }
 
-pub async fn get_state(
-    client: &MonitorClient,
-    formation: &str,
-) -> Result<pb::GetStateReply> {
+pub async fn get_state(client: &MonitorClient, formation: &str) -> Result<pb::GetStateReply> {
     call!(
         client,
         get_state,
@@ -216,11 +213,16 @@ pub async fn show(target: Target, what: ShowWhat) -> Result<()> {
             }
         }
         ShowWhat::Events { limit } => {
-            let events = call!(client, get_events, pb::GetEventsRequest {
+            let events = call!(
+                client,
+                get_events,
+                pb::GetEventsRequest {
                     formation: target.formation.clone(),
                     limit,
-                }).map_err(|e| client_error("cannot read events", e))?
-                .events;
+                }
+            )
+            .map_err(|e| client_error("cannot read events", e))?
+            .events;
             if target.json {
                 let v: Vec<_> = events
                     .iter()
@@ -268,10 +270,15 @@ pub async fn show(target: Target, what: ShowWhat) -> Result<()> {
             }
         }
         ShowWhat::Settings => {
-            let settings = call!(client, get_settings, pb::GetSettingsRequest {
+            let settings = call!(
+                client,
+                get_settings,
+                pb::GetSettingsRequest {
                     formation: target.formation.clone(),
-                }).map_err(|e| client_error("cannot read settings", e))?
-                .settings;
+                }
+            )
+            .map_err(|e| client_error("cannot read settings", e))?
+            .settings;
             if target.json {
                 let v: Vec<_> = settings
                     .iter()
@@ -392,18 +399,28 @@ pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
     let old_primary = primary_of(&before.nodes).map(|n| n.name.clone());
     let (reply, wait, candidate) = match what {
         PerformWhat::Switchover { candidate, wait } => {
-            let r = call!(client, perform_switchover, pb::PerformSwitchoverRequest {
+            let r = call!(
+                client,
+                perform_switchover,
+                pb::PerformSwitchoverRequest {
                     formation: target.formation.clone(),
                     group_id: wait.group,
                     candidate: candidate.clone().unwrap_or_default(),
-                }).map_err(|e| client_error("switchover refused", e))?;
+                }
+            )
+            .map_err(|e| client_error("switchover refused", e))?;
             (r, wait, candidate)
         }
         PerformWhat::Failover { wait } => {
-            let r = call!(client, perform_failover, pb::PerformFailoverRequest {
+            let r = call!(
+                client,
+                perform_failover,
+                pb::PerformFailoverRequest {
                     formation: target.formation.clone(),
                     group_id: wait.group,
-                }).map_err(|e| client_error("failover refused", e))?;
+                }
+            )
+            .map_err(|e| client_error("failover refused", e))?;
             (r, wait, None)
         }
     };
@@ -413,20 +430,14 @@ pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
     if !target.json {
         eprintln!("{}; waiting for a new primary...", reply.description);
     }
-    let nodes = wait_for(
-        &client,
-        &target,
-        wait.timeout,
-        "a new primary",
-        |nodes| {
-            let Some(p) = primary_of(nodes) else {
-                return false;
-            };
-            let moved = Some(&p.name) != old_primary.as_ref();
-            let right = candidate.as_ref().is_none_or(|c| &p.name == c);
-            moved && right && settled(nodes)
-        },
-    )
+    let nodes = wait_for(&client, &target, wait.timeout, "a new primary", |nodes| {
+        let Some(p) = primary_of(nodes) else {
+            return false;
+        };
+        let moved = Some(&p.name) != old_primary.as_ref();
+        let right = candidate.as_ref().is_none_or(|c| &p.name == c);
+        moved && right && settled(nodes)
+    })
     .await?;
     print_result(&target, &reply, Some(&nodes))
 }
@@ -434,11 +445,16 @@ pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
 pub async fn maintenance(target: Target, what: ToggleWhat, enable: bool) -> Result<()> {
     let ToggleWhat::Maintenance { node, wait } = what;
     let client = connect(&target.monitor)?;
-    let reply = call!(client, set_maintenance, pb::SetMaintenanceRequest {
+    let reply = call!(
+        client,
+        set_maintenance,
+        pb::SetMaintenanceRequest {
             formation: target.formation.clone(),
             node: node.clone(),
             enable,
-        }).map_err(|e| client_error("maintenance change refused", e))?;
+        }
+    )
+    .map_err(|e| client_error("maintenance change refused", e))?;
     if wait.no_wait {
         return print_result(&target, &reply, None);
     }
@@ -466,17 +482,27 @@ pub async fn set(target: Target, what: SetWhat) -> Result<()> {
             name,
             setting,
             value,
-        } => call!(client, set_node_setting, pb::SetNodeSettingRequest {
+        } => call!(
+            client,
+            set_node_setting,
+            pb::SetNodeSettingRequest {
                 formation: target.formation.clone(),
                 node: name,
                 name: setting,
                 value,
-            }).map_err(|e| client_error("setting refused", e))?,
-        SetWhat::Formation { setting, value } => call!(client, set_formation_setting, pb::SetFormationSettingRequest {
+            }
+        )
+        .map_err(|e| client_error("setting refused", e))?,
+        SetWhat::Formation { setting, value } => call!(
+            client,
+            set_formation_setting,
+            pb::SetFormationSettingRequest {
                 formation: target.formation.clone(),
                 name: setting,
                 value,
-            }).map_err(|e| client_error("setting refused", e))?,
+            }
+        )
+        .map_err(|e| client_error("setting refused", e))?,
     };
     print_result(&target, &reply, None)
 }
@@ -484,9 +510,14 @@ pub async fn set(target: Target, what: SetWhat) -> Result<()> {
 pub async fn drop_node(target: Target, what: DropWhat) -> Result<()> {
     let DropWhat::Node { name } = what;
     let client = connect(&target.monitor)?;
-    let reply = call!(client, drop_node, pb::DropNodeRequest {
+    let reply = call!(
+        client,
+        drop_node,
+        pb::DropNodeRequest {
             formation: target.formation.clone(),
             node: name,
-        }).map_err(|e| client_error("drop refused", e))?;
+        }
+    )
+    .map_err(|e| client_error("drop refused", e))?;
     print_result(&target, &reply, None).context("cannot print the result")
 }

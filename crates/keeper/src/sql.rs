@@ -84,9 +84,8 @@ pub async fn confirm_synchronous(s: &Settings, names: &str, timeout: Duration) -
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let cancel = c.cancel_token();
-    let commit = c.batch_execute(
-        "BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT",
-    );
+    let commit =
+        c.batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT");
     match tokio::time::timeout_at(deadline, commit).await {
         Ok(r) => r.map_err(|e| KeeperError::sql("confirming synchronous replication", e)),
         Err(_) => {
@@ -308,7 +307,11 @@ pub async fn checkpoint_if_timeline_lags(c: &Client) -> Result<()> {
         .map_err(e)?;
     let (control, current): (i32, i32) = (row.get(0), row.get(1));
     if control != current {
-        tracing::info!(control, current, "checkpoint so that pg_control names the new timeline");
+        tracing::info!(
+            control,
+            current,
+            "checkpoint so that pg_control names the new timeline"
+        );
         c.batch_execute("CHECKPOINT").await.map_err(e)?;
     }
     Ok(())

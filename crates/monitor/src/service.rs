@@ -379,7 +379,9 @@ impl Monitor for MonitorService {
             fwd.metadata_mut().insert(HOPS_HEADER, hops.into());
             match tokio::time::timeout(FORWARD_READ_TIMEOUT, client.get_state(fwd)).await {
                 Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(s)) => tracing::debug!(error = %s, "leader did not answer GetState; local view"),
+                Ok(Err(s)) => {
+                    tracing::debug!(error = %s, "leader did not answer GetState; local view")
+                }
                 Err(_) => tracing::debug!("leader did not answer GetState in time; local view"),
             }
         }

@@ -61,7 +61,12 @@ async fn gap(w: &Writer, t0: Instant) -> f64 {
 
 async fn missing_on_primary(c: &Cluster, acked: &BTreeSet<i64>) -> usize {
     let p = c.primary().await.expect("a primary");
-    let client = c.node(&p).spec.connect().await.expect("connect to the primary");
+    let client = c
+        .node(&p)
+        .spec
+        .connect()
+        .await
+        .expect("connect to the primary");
     let have: BTreeSet<i64> = client
         .query("SELECT n FROM acked", &[])
         .await
@@ -141,7 +146,11 @@ fn write_doc(path: &str, section: &str) {
                 .unwrap_or(old.len());
             format!("{}{}{}", &old[..start], section, &old[end..])
         }
-        None => format!("{}\n{}", old.trim_end_matches('\n').to_owned() + "\n", section),
+        None => format!(
+            "{}\n{}",
+            old.trim_end_matches('\n').to_owned() + "\n",
+            section
+        ),
     };
     std::fs::write(path, new).expect("write the benchmarks document");
 }
