@@ -1,6 +1,7 @@
 //! Both standbys lost. With on_quorum_loss = block (the default) the primary keeps its
 //! synchronous standby names, so commits wait rather than being acknowledged without a
-//! copy; once a standby is back, writes resume. No acknowledged row is ever lost.
+//! copy; once a standby is back, writes resume. With on_quorum_loss = continue the
+//! primary goes on alone. No acknowledged row is ever lost.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use pgquorum_tests::cluster::{primary_of, Cluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn both_standbys_lost_blocks_then_resumes() {
+async fn both_standbys_lost_blocks_or_continues_as_configured() {
     let mut c = Cluster::start(3).await;
     let primary = c.primary().await.expect("a primary");
     assert_eq!(primary, "node1");
@@ -42,6 +43,19 @@ async fn both_standbys_lost_blocks_then_resumes() {
     c.start_keeper("node3");
     let ns = c.wait_healthy(2).await;
     assert_eq!(primary_of(&ns).as_deref(), Some("node1"));
+
+    // on_quorum_loss = continue: the primary goes on alone once the monitor has
+    // dropped its synchronous standby names.
+    let (ok, out) = c.cli(&["set", "formation", "on-quorum-loss", "continue"]);
+    assert!(ok, "{out}");
+    c.kill_node("node2").await;
+    c.kill_node("node3").await;
+    w.wait_progress(100, "alone, with on_quorum_loss = continue").await;
+    c.start_keeper("node2");
+    c.start_keeper("node3");
+    let ns = c.wait_healthy(2).await;
+    assert_eq!(primary_of(&ns).as_deref(), Some("node1"));
+    w.wait_progress(100, "with both standbys back").await;
     let acked = w.stop().await;
     for n in ["node1", "node2", "node3"] {
         c.assert_rows_on(n, &acked).await;
