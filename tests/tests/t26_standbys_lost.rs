@@ -50,7 +50,8 @@ async fn both_standbys_lost_blocks_or_continues_as_configured() {
     assert!(ok, "{out}");
     c.kill_node("node2").await;
     c.kill_node("node3").await;
-    w.wait_progress(100, "alone, with on_quorum_loss = continue").await;
+    w.wait_progress(100, "alone, with on_quorum_loss = continue")
+        .await;
     c.start_keeper("node2");
     c.start_keeper("node3");
     let ns = c.wait_healthy(2).await;

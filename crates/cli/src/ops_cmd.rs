@@ -393,33 +393,71 @@ fn print_result(
     Ok(())
 }
 
+/// Runs `f` again while the monitor refuses only because the primary is between two
+/// states (e.g. applying a new synchronous_standby_names right after a standby joined),
+/// which passes by itself within a heartbeat or two; other refusals are returned at once.
+async fn while_in_transition<T, F, Fut>(
+    target: &Target,
+    timeout: u64,
+    mut f: F,
+) -> std::result::Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, ClientError>>,
+{
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        match f().await {
+            Err(ClientError::Status(s))
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("is still moving to")
+                    && start.elapsed() < Duration::from_secs(timeout) =>
+            {
+                if !said && !target.json {
+                    eprintln!("  ({}; waiting)", s.message());
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
     let client = connect(&target.monitor)?;
     let before = get_state(&client, &target.formation).await?;
     let old_primary = primary_of(&before.nodes).map(|n| n.name.clone());
     let (reply, wait, candidate) = match what {
         PerformWhat::Switchover { candidate, wait } => {
-            let r = call!(
-                client,
-                perform_switchover,
-                pb::PerformSwitchoverRequest {
-                    formation: target.formation.clone(),
-                    group_id: wait.group,
-                    candidate: candidate.clone().unwrap_or_default(),
-                }
-            )
+            let r = while_in_transition(&target, wait.timeout, || async {
+                call!(
+                    client,
+                    perform_switchover,
+                    pb::PerformSwitchoverRequest {
+                        formation: target.formation.clone(),
+                        group_id: wait.group,
+                        candidate: candidate.clone().unwrap_or_default(),
+                    }
+                )
+            })
+            .await
             .map_err(|e| client_error("switchover refused", e))?;
             (r, wait, candidate)
         }
         PerformWhat::Failover { wait } => {
-            let r = call!(
-                client,
-                perform_failover,
-                pb::PerformFailoverRequest {
-                    formation: target.formation.clone(),
-                    group_id: wait.group,
-                }
-            )
+            let r = while_in_transition(&target, wait.timeout, || async {
+                call!(
+                    client,
+                    perform_failover,
+                    pb::PerformFailoverRequest {
+                        formation: target.formation.clone(),
+                        group_id: wait.group,
+                    }
+                )
+            })
+            .await
             .map_err(|e| client_error("failover refused", e))?;
             (r, wait, None)
         }
@@ -445,15 +483,18 @@ pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
 pub async fn maintenance(target: Target, what: ToggleWhat, enable: bool) -> Result<()> {
     let ToggleWhat::Maintenance { node, wait } = what;
     let client = connect(&target.monitor)?;
-    let reply = call!(
-        client,
-        set_maintenance,
-        pb::SetMaintenanceRequest {
-            formation: target.formation.clone(),
-            node: node.clone(),
-            enable,
-        }
-    )
+    let reply = while_in_transition(&target, wait.timeout, || async {
+        call!(
+            client,
+            set_maintenance,
+            pb::SetMaintenanceRequest {
+                formation: target.formation.clone(),
+                node: node.clone(),
+                enable,
+            }
+        )
+    })
+    .await
     .map_err(|e| client_error("maintenance change refused", e))?;
     if wait.no_wait {
         return print_result(&target, &reply, None);
