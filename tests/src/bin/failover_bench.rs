@@ -3,7 +3,7 @@
 //! through the multi-host read-write address; and acknowledged rows lost (must be 0).
 //!
 //! Build and run (release):
-//!   cargo build --release -p pgquorum -p pgquorum-tests --bin failover-bench
+//!   cargo build --release -p pgquorum && cargo build --release -p pgquorum-tests --bin failover-bench
 //!   target/release/failover-bench --runs 5 --write-doc docs/benchmarks.md
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -207,7 +207,7 @@ async fn main() {
     let section = format!(
         "## Failover (end to end)\n\n\
          Measured by `target/release/failover-bench --runs {runs} --write-doc docs/benchmarks.md` \
-         (after `cargo build --release -p pgquorum -p pgquorum-tests --bin failover-bench`): \
+         (after `cargo build --release -p pgquorum && cargo build --release -p pgquorum-tests --bin failover-bench`): \
          3 monitor members, 3 nodes (keeper + PostgreSQL 15) on loopback, default settings, \
          release build, {cores} cores shared with other work. A client commits numbered rows \
          one at a time through the multi-host address (target_session_attrs=read-write, \
