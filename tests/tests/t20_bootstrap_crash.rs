@@ -22,6 +22,21 @@ async fn bootstrap_then_postmaster_crash_restarts_in_place() {
     for n in nodes {
         assert_eq!(n["health"], "healthy", "{out}");
     }
+    // Asked of each member in turn (followers too), node health is the leader's.
+    for (id, m) in &c.monitors.members {
+        let mut raw = c.monitors.client_of(*id).raw(&m.addr).unwrap();
+        let st = raw
+            .get_state(pgquorum_api::pb::monitor::GetStateRequest {
+                formation: String::new(),
+                linearizable: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for n in &st.nodes {
+            assert_eq!(n.health, "healthy", "member {id} says {n:?}");
+        }
+    }
     let (ok, out) = c.cli(&["show", "uri"]);
     assert!(
         ok && out.contains("target_session_attrs=read-write"),

@@ -10,7 +10,9 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_server::Monitor;
-use pgquorum_api::{node_status, settings, status_from_core, NodeActive, HOPS_HEADER};
+use pgquorum_api::{
+    node_status, settings, status_from_core, NodeActive, HOPS_HEADER, LOCAL_READ_HEADER,
+};
 use pgquorum_core::{assignment, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION};
 use tonic::{Request, Response, Status};
 
@@ -371,6 +373,8 @@ impl Monitor for MonitorService {
         if request.get_ref().linearizable {
             forward!(self, request, get_state);
             self.m.ensure_linearizable().await?;
+        } else if request.metadata().get(LOCAL_READ_HEADER).is_some() {
+            // Asked for this member's own view.
         } else if let Ok(Route::Forward(mut client, hops)) = self.m.route(&request) {
             // Only the leader hears heartbeats, so only its answer carries node health:
             // ask it, and fall back to this member's view (health unknown) when it does
