@@ -508,6 +508,7 @@ mod tests {
         let f = Formation {
             name: "default".into(),
             settings: FormationSettings::default(),
+            groups: Default::default(),
         };
         for s in settings(&f, &[]) {
             let c = Command::try_from(pb::SetFormationSettingRequest {
