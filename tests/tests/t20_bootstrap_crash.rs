@@ -69,12 +69,15 @@ async fn bootstrap_then_postmaster_crash_restarts_in_place() {
     let old_pid = c.kill_postmaster(&primary);
     w.wait_progress(100, "after the postmaster crash").await;
     let acked = w.stop().await;
-    let ns = c.state().await.unwrap();
+    // No failover: the same node is primary, still on the first timeline.
+    let ns = c.wait_healthy(2).await;
     assert_eq!(
         primary_of(&ns).as_deref(),
         Some(primary.as_str()),
         "no failover"
     );
+    let p = ns.iter().find(|n| n.name == primary).unwrap();
+    assert_eq!(p.timeline, 1, "a promotion happened: {p:?}");
     let new_pid = c.node(&primary).spec.postmaster_pid().expect("restarted");
     assert_ne!(new_pid, old_pid);
     for n in c

@@ -147,6 +147,11 @@ impl Instance {
     pub async fn reach(&mut self, a: &Assignment) -> Result<()> {
         let t = target(a);
         let following_changed = match &t {
+            // The fast-forward source is a standby on this node's timeline and ahead of
+            // it: following it never needs a rewind, and stopping postgres for one made
+            // the chosen candidate look unhealthy mid-switchover, so that another node
+            // was promoted instead of the one the operator asked for (found end to end).
+            _ if a.goal_state == NodeState::FastForward => false,
             Target::Standby {
                 upstream: Some(p), ..
             } => self.state.following.as_deref() != Some(p.name.as_str()),
