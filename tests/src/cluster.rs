@@ -207,8 +207,13 @@ impl Cluster {
         .await
     }
 
-    pub async fn primary(&self) -> Option<String> {
-        self.state().await.and_then(|ns| primary_of(&ns))
+    /// The primary, once there is exactly one at its goal (a primary between two
+    /// states, e.g. applying new synchronous_standby_names, is waited for).
+    pub async fn primary(&self) -> String {
+        let ns = self
+            .wait_state("a primary", |ns| primary_of(ns).is_some())
+            .await;
+        primary_of(&ns).unwrap()
     }
 
     /// `pgquorum ARGS... --monitor LIST`: (success, output).

@@ -16,7 +16,7 @@ async fn maintenance_and_candidate_priority() {
         }
     })
     .await;
-    let first = c.primary().await.expect("a primary");
+    let first = c.primary().await;
     assert_eq!(first, "node1");
     let w = c.writer();
     w.wait_progress(100, "before maintenance").await;

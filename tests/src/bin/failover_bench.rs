@@ -60,7 +60,7 @@ async fn gap(w: &Writer, t0: Instant) -> f64 {
 }
 
 async fn missing_on_primary(c: &Cluster, acked: &BTreeSet<i64>) -> usize {
-    let p = c.primary().await.expect("a primary");
+    let p = c.primary().await;
     let client = c
         .node(&p)
         .spec
@@ -83,7 +83,7 @@ async fn run(s: Scenario, runs: usize) -> Figures {
     w.wait_progress(100, "warm-up").await;
     let mut gaps = Vec::new();
     for i in 0..runs {
-        let primary = c.primary().await.expect("a primary");
+        let primary = c.primary().await;
         let t0 = Instant::now();
         match s {
             Scenario::NodeLoss => c.kill_node(&primary).await,
