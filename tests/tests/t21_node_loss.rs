@@ -1,6 +1,7 @@
 //! The primary's node vanishes (keeper and postgres SIGKILLed together): a standby is
 //! promoted, the client resumes through the multi-host address, every acknowledged row
-//! is there; the old node, restarted, rejoins as a standby by pg_rewind.
+//! is there; the old node, restarted, rejoins as a standby by pg_rewind. Then the
+//! same again with the new primary.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -27,6 +28,19 @@ async fn node_loss_fails_over_and_the_old_primary_rejoins() {
     c.start_keeper(&old);
     c.wait_healthy(2).await;
     w.wait_progress(100, "after the rejoin").await;
+
+    // A second node loss: the standbys now follow a promoted timeline, and must be
+    // reported on it when their WAL receivers stop (a candidate reported on the old
+    // timeline was never promoted).
+    c.kill_node(&new).await;
+    c.wait_state("a third primary", |ns| {
+        pgquorum_tests::cluster::primary_of(ns).is_some_and(|p| p != new)
+    })
+    .await;
+    w.wait_progress(100, "after the second failover").await;
+    c.start_keeper(&new);
+    c.wait_healthy(2).await;
+    w.wait_progress(100, "after the second rejoin").await;
     let acked = w.stop().await;
     for n in ["node1", "node2", "node3"] {
         c.assert_rows_on(n, &acked).await;

@@ -152,6 +152,23 @@ pub async fn observe(c: &Client) -> Result<Observation> {
         o.lag_bytes = end.saturating_sub(o.replayed_lsn);
         if let Some(tli) = row.get::<_, Option<i32>>(4) {
             o.timeline = tli as u32;
+        } else {
+            // No WAL receiver (report_lsn, or between connections): pg_control names the
+            // timeline of the last restartpoint, which can predate the switch to the
+            // primary's timeline, and a candidate reported on the old timeline was never
+            // promoted (found by the failover benchmark: a second node loss stalled).
+            // The newest history file is the timeline this standby follows.
+            let row = c
+                .query_one(
+                    "SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) \
+                     FROM pg_ls_waldir() WHERE name LIKE '%.history'",
+                    &[],
+                )
+                .await
+                .map_err(e)?;
+            if let Some(tli) = row.get::<_, Option<i32>>(0) {
+                o.timeline = o.timeline.max(tli as u32);
+            }
         }
     } else {
         let row = c

@@ -46,7 +46,7 @@ struct Figures {
 
 /// From `t0` to the first acknowledgement after the writer's first failure after `t0`
 /// (an acknowledgement of a commit already under way at the fault does not count).
-async fn gap(w: &Writer, t0: Instant) -> f64 {
+async fn gap(c: &Cluster, w: &Writer, t0: Instant) -> f64 {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(e) = w.first_error_after(t0) {
@@ -54,7 +54,15 @@ async fn gap(w: &Writer, t0: Instant) -> f64 {
                 return (a - t0).as_secs_f64();
             }
         }
-        assert!(Instant::now() < deadline, "the writer never recovered");
+        if Instant::now() > deadline {
+            let st = c.state().await.unwrap_or_default();
+            let (_, events) = c.cli(&["show", "events", "--limit", "40"]);
+            let (_, state) = c.cli(&["show", "state"]);
+            panic!(
+                "the writer never recovered; state: {}\n{state}\n{events}",
+                pgquorum_tests::cluster::describe(&st),
+            );
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -105,7 +113,7 @@ async fn run(s: Scenario, runs: usize) -> Figures {
                     .expect("switchover accepted");
             }
         }
-        let g = gap(&w, t0).await;
+        let g = gap(&c, &w, t0).await;
         eprintln!("{}: run {}: {g:.3} s", s.label(), i + 1);
         gaps.push(g);
         if matches!(s, Scenario::NodeLoss) {
