@@ -1,5 +1,6 @@
 //! End-to-end tests live in tests/tests/; this library holds the harnesses they share
-//! (and the benchmarks use): a monitor group of real `pgquorum` processes.
+//! (and the benchmarks use): a monitor group of real `pgquorum` processes, and whole clusters with a writer.
 
+pub mod cluster;
 pub mod haproxy;
 pub mod monitor_group;

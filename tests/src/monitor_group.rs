@@ -170,18 +170,19 @@ impl MonitorGroup {
         (seen.len() == 1 && running.contains(&l)).then_some(l)
     }
 
-    /// The formation names a member has applied (a local, non-linearizable read).
+    /// The formation names a member has applied (its own view: not forwarded to the leader).
     pub async fn formations_on(&self, id: u64) -> Option<BTreeSet<String>> {
         let c = self.client_of(id);
         let mut raw = c.raw(&self.addr(id)).ok()?;
-        let r = raw
-            .get_state(pb::GetStateRequest {
-                formation: String::new(),
-                linearizable: false,
-            })
-            .await
-            .ok()?
-            .into_inner();
+        let mut req = tonic::Request::new(pb::GetStateRequest {
+            formation: String::new(),
+            linearizable: false,
+        });
+        req.metadata_mut().insert(
+            pgquorum_api::LOCAL_READ_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        let r = raw.get_state(req).await.ok()?.into_inner();
         Some(r.formations.into_iter().map(|f| f.name).collect())
     }
 

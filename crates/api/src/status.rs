@@ -5,6 +5,9 @@ use tonic::{Code, Status};
 
 /// Request metadata: how many times a request has been forwarded between members.
 pub const HOPS_HEADER: &str = "x-pgquorum-hops";
+/// Request metadata on a non-linearizable GetState: answer from this member's own
+/// applied state instead of asking the leader (tests checking what a member applied).
+pub const LOCAL_READ_HEADER: &str = "x-pgquorum-local-read";
 /// Error metadata: the leader's address (`HOST:PORT`), when this member knows it.
 pub const LEADER_HEADER: &str = "x-pgquorum-leader";
 /// A request is forwarded at most this many times; more means members disagree on

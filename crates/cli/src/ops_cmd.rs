@@ -6,10 +6,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use pgquorum_api::client::{ClientError, MonitorClient};
 use pgquorum_api::pb::monitor as pb;
-use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
 use serde_json::json;
-use tonic::transport::Channel;
 
 #[derive(clap::Args, Clone)]
 pub struct Target {
@@ -102,32 +101,33 @@ pub enum DropWhat {
     Node { name: String },
 }
 
-pub async fn connect(endpoints: &[String]) -> Result<MonitorClient<Channel>> {
+/// A client over every given member: follows leader hints and retries members that
+/// answer UNAVAILABLE (an election, a member down) for a few seconds.
+pub fn connect(endpoints: &[String]) -> Result<MonitorClient> {
     if endpoints.is_empty() {
         bail!("no monitor given: use --monitor HOST:PORT,HOST:PORT,... or set PGQUORUM_MONITOR");
     }
-    let mut errors = Vec::new();
-    for ep in endpoints {
-        let uri = if ep.contains("://") {
-            ep.clone()
-        } else {
-            format!("http://{ep}")
-        };
-        let endpoint = match tonic::transport::Endpoint::from_shared(uri) {
-            Ok(e) => e,
-            Err(e) => bail!("invalid monitor address {ep:?}: {e}"),
-        };
-        match endpoint
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(10))
-            .connect()
+    Ok(MonitorClient::new(endpoints.iter().cloned())?.retry_for(Duration::from_secs(10)))
+}
+
+/// One call through [`MonitorClient::call`]: `$req` is cloned for each attempt.
+macro_rules! call {
+    ($client:expr, $method:ident, $req:expr) => {{
+        let req = $req;
+        $client
+            .call(|mut raw| {
+                let req = req.clone();
+                async move { raw.$method(req).await }
+            })
             .await
-        {
-            Ok(channel) => return Ok(MonitorClient::new(channel)),
-            Err(e) => errors.push(format!("{ep}: {e}")),
-        }
+    }};
+}
+
+fn client_error(what: &str, e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Status(s) => status_error(what, s),
+        other => anyhow::anyhow!("{what}: {other}"),
     }
-    bail!("no monitor member reachable ({})", errors.join("; "))
 }
 
 fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
@@ -140,18 +140,16 @@ fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{what}: {}{leader}", s.message())
 }
 
-pub async fn get_state(
-    client: &mut MonitorClient<Channel>,
-    formation: &str,
-) -> Result<pb::GetStateReply> {
-    client
-        .get_state(pb::GetStateRequest {
+pub async fn get_state(client: &MonitorClient, formation: &str) -> Result<pb::GetStateReply> {
+    call!(
+        client,
+        get_state,
+        pb::GetStateRequest {
             formation: formation.to_string(),
             linearizable: false,
-        })
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|s| status_error("cannot read the cluster state", s))
+        }
+    )
+    .map_err(|e| client_error("cannot read the cluster state", e))
 }
 
 fn role(n: &pb::NodeStatus) -> &'static str {
@@ -200,10 +198,10 @@ pub fn print_state(nodes: &[pb::NodeStatus]) {
 }
 
 pub async fn show(target: Target, what: ShowWhat) -> Result<()> {
-    let mut client = connect(&target.monitor).await?;
+    let client = connect(&target.monitor)?;
     match what {
         ShowWhat::State => {
-            let state = get_state(&mut client, &target.formation).await?;
+            let state = get_state(&client, &target.formation).await?;
             if target.json {
                 let nodes: Vec<_> = state.nodes.iter().map(node_json).collect();
                 println!(
@@ -215,15 +213,16 @@ pub async fn show(target: Target, what: ShowWhat) -> Result<()> {
             }
         }
         ShowWhat::Events { limit } => {
-            let events = client
-                .get_events(pb::GetEventsRequest {
+            let events = call!(
+                client,
+                get_events,
+                pb::GetEventsRequest {
                     formation: target.formation.clone(),
                     limit,
-                })
-                .await
-                .map_err(|s| status_error("cannot read events", s))?
-                .into_inner()
-                .events;
+                }
+            )
+            .map_err(|e| client_error("cannot read events", e))?
+            .events;
             if target.json {
                 let v: Vec<_> = events
                     .iter()
@@ -247,7 +246,7 @@ pub async fn show(target: Target, what: ShowWhat) -> Result<()> {
             }
         }
         ShowWhat::Uri { dbname, user } => {
-            let state = get_state(&mut client, &target.formation).await?;
+            let state = get_state(&client, &target.formation).await?;
             let hosts: Vec<String> = state
                 .nodes
                 .iter()
@@ -271,14 +270,15 @@ pub async fn show(target: Target, what: ShowWhat) -> Result<()> {
             }
         }
         ShowWhat::Settings => {
-            let settings = client
-                .get_settings(pb::GetSettingsRequest {
+            let settings = call!(
+                client,
+                get_settings,
+                pb::GetSettingsRequest {
                     formation: target.formation.clone(),
-                })
-                .await
-                .map_err(|s| status_error("cannot read settings", s))?
-                .into_inner()
-                .settings;
+                }
+            )
+            .map_err(|e| client_error("cannot read settings", e))?
+            .settings;
             if target.json {
                 let v: Vec<_> = settings
                     .iter()
@@ -322,7 +322,7 @@ fn settled(nodes: &[pb::NodeStatus]) -> bool {
 /// Wait until `done` holds for the state, printing each change; on timeout, say what
 /// is still pending.
 async fn wait_for(
-    client: &mut MonitorClient<Channel>,
+    client: &MonitorClient,
     target: &Target,
     timeout: u64,
     what: &str,
@@ -393,31 +393,73 @@ fn print_result(
     Ok(())
 }
 
+/// Runs `f` again while the monitor refuses only because the primary is between two
+/// states (e.g. applying a new synchronous_standby_names right after a standby joined),
+/// which passes by itself within a heartbeat or two; other refusals are returned at once.
+async fn while_in_transition<T, F, Fut>(
+    target: &Target,
+    timeout: u64,
+    mut f: F,
+) -> std::result::Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, ClientError>>,
+{
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        match f().await {
+            Err(ClientError::Status(s))
+                if s.code() == tonic::Code::FailedPrecondition
+                    && s.message().contains("is still moving to")
+                    && start.elapsed() < Duration::from_secs(timeout) =>
+            {
+                if !said && !target.json {
+                    eprintln!("  ({}; waiting)", s.message());
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
-    let mut client = connect(&target.monitor).await?;
-    let before = get_state(&mut client, &target.formation).await?;
+    let client = connect(&target.monitor)?;
+    let before = get_state(&client, &target.formation).await?;
     let old_primary = primary_of(&before.nodes).map(|n| n.name.clone());
     let (reply, wait, candidate) = match what {
         PerformWhat::Switchover { candidate, wait } => {
-            let r = client
-                .perform_switchover(pb::PerformSwitchoverRequest {
-                    formation: target.formation.clone(),
-                    group_id: wait.group,
-                    candidate: candidate.clone().unwrap_or_default(),
-                })
-                .await
-                .map_err(|s| status_error("switchover refused", s))?;
-            (r.into_inner(), wait, candidate)
+            let r = while_in_transition(&target, wait.timeout, || async {
+                call!(
+                    client,
+                    perform_switchover,
+                    pb::PerformSwitchoverRequest {
+                        formation: target.formation.clone(),
+                        group_id: wait.group,
+                        candidate: candidate.clone().unwrap_or_default(),
+                    }
+                )
+            })
+            .await
+            .map_err(|e| client_error("switchover refused", e))?;
+            (r, wait, candidate)
         }
         PerformWhat::Failover { wait } => {
-            let r = client
-                .perform_failover(pb::PerformFailoverRequest {
-                    formation: target.formation.clone(),
-                    group_id: wait.group,
-                })
-                .await
-                .map_err(|s| status_error("failover refused", s))?;
-            (r.into_inner(), wait, None)
+            let r = while_in_transition(&target, wait.timeout, || async {
+                call!(
+                    client,
+                    perform_failover,
+                    pb::PerformFailoverRequest {
+                        formation: target.formation.clone(),
+                        group_id: wait.group,
+                    }
+                )
+            })
+            .await
+            .map_err(|e| client_error("failover refused", e))?;
+            (r, wait, None)
         }
     };
     if wait.no_wait {
@@ -426,42 +468,40 @@ pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
     if !target.json {
         eprintln!("{}; waiting for a new primary...", reply.description);
     }
-    let nodes = wait_for(
-        &mut client,
-        &target,
-        wait.timeout,
-        "a new primary",
-        |nodes| {
-            let Some(p) = primary_of(nodes) else {
-                return false;
-            };
-            let moved = Some(&p.name) != old_primary.as_ref();
-            let right = candidate.as_ref().is_none_or(|c| &p.name == c);
-            moved && right && settled(nodes)
-        },
-    )
+    let nodes = wait_for(&client, &target, wait.timeout, "a new primary", |nodes| {
+        let Some(p) = primary_of(nodes) else {
+            return false;
+        };
+        let moved = Some(&p.name) != old_primary.as_ref();
+        let right = candidate.as_ref().is_none_or(|c| &p.name == c);
+        moved && right && settled(nodes)
+    })
     .await?;
     print_result(&target, &reply, Some(&nodes))
 }
 
 pub async fn maintenance(target: Target, what: ToggleWhat, enable: bool) -> Result<()> {
     let ToggleWhat::Maintenance { node, wait } = what;
-    let mut client = connect(&target.monitor).await?;
-    let reply = client
-        .set_maintenance(pb::SetMaintenanceRequest {
-            formation: target.formation.clone(),
-            node: node.clone(),
-            enable,
-        })
-        .await
-        .map_err(|s| status_error("maintenance change refused", s))?
-        .into_inner();
+    let client = connect(&target.monitor)?;
+    let reply = while_in_transition(&target, wait.timeout, || async {
+        call!(
+            client,
+            set_maintenance,
+            pb::SetMaintenanceRequest {
+                formation: target.formation.clone(),
+                node: node.clone(),
+                enable,
+            }
+        )
+    })
+    .await
+    .map_err(|e| client_error("maintenance change refused", e))?;
     if wait.no_wait {
         return print_result(&target, &reply, None);
     }
     let goal = if enable { "maintenance" } else { "secondary" };
     let nodes = wait_for(
-        &mut client,
+        &client,
         &target,
         wait.timeout,
         &format!("{node} to reach {goal}"),
@@ -477,43 +517,48 @@ pub async fn maintenance(target: Target, what: ToggleWhat, enable: bool) -> Resu
 }
 
 pub async fn set(target: Target, what: SetWhat) -> Result<()> {
-    let mut client = connect(&target.monitor).await?;
+    let client = connect(&target.monitor)?;
     let reply = match what {
         SetWhat::Node {
             name,
             setting,
             value,
-        } => client
-            .set_node_setting(pb::SetNodeSettingRequest {
+        } => call!(
+            client,
+            set_node_setting,
+            pb::SetNodeSettingRequest {
                 formation: target.formation.clone(),
                 node: name,
                 name: setting,
                 value,
-            })
-            .await
-            .map_err(|s| status_error("setting refused", s))?,
-        SetWhat::Formation { setting, value } => client
-            .set_formation_setting(pb::SetFormationSettingRequest {
+            }
+        )
+        .map_err(|e| client_error("setting refused", e))?,
+        SetWhat::Formation { setting, value } => call!(
+            client,
+            set_formation_setting,
+            pb::SetFormationSettingRequest {
                 formation: target.formation.clone(),
                 name: setting,
                 value,
-            })
-            .await
-            .map_err(|s| status_error("setting refused", s))?,
+            }
+        )
+        .map_err(|e| client_error("setting refused", e))?,
     };
-    print_result(&target, &reply.into_inner(), None)
+    print_result(&target, &reply, None)
 }
 
 pub async fn drop_node(target: Target, what: DropWhat) -> Result<()> {
     let DropWhat::Node { name } = what;
-    let mut client = connect(&target.monitor).await?;
-    let reply = client
-        .drop_node(pb::DropNodeRequest {
+    let client = connect(&target.monitor)?;
+    let reply = call!(
+        client,
+        drop_node,
+        pb::DropNodeRequest {
             formation: target.formation.clone(),
             node: name,
-        })
-        .await
-        .map_err(|s| status_error("drop refused", s))?
-        .into_inner();
+        }
+    )
+    .map_err(|e| client_error("drop refused", e))?;
     print_result(&target, &reply, None).context("cannot print the result")
 }

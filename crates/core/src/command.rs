@@ -44,6 +44,11 @@ pub enum Command {
         node_id: NodeId,
         goal: NodeState,
         reason: String,
+        /// The node's goal when the decision was made: the command is refused if it
+        /// changed since (an operator command applied in between, e.g. maintenance,
+        /// must not be overwritten by a decision taken without it). None: no check.
+        #[serde(default)]
+        expected: Option<NodeState>,
     },
     SetNodeSetting {
         formation: String,
@@ -224,9 +229,18 @@ impl ClusterState {
                 node_id,
                 goal,
                 reason,
+                expected,
             } => {
-                if !self.nodes.contains_key(node_id) {
+                let Some(n) = self.nodes.get(node_id) else {
                     return Err(CoreError::UnknownNode(node_id.to_string()));
+                };
+                if let Some(e) = expected {
+                    if n.goal_state != *e {
+                        return Err(CoreError::NotAllowed(format!(
+                            "stale decision for node {}: its goal changed from {e} to {} since",
+                            n.name, n.goal_state
+                        )));
+                    }
                 }
                 if *goal == NodeState::Dropped {
                     return Err(CoreError::NotAllowed(
@@ -1127,7 +1141,14 @@ impl ClusterState {
                     && x.reported_state == NodeState::Secondary
                     && x.goal_state == NodeState::Secondary
             });
-            if !has_candidate || n.reported_state != n.goal_state {
+            if n.reported_state != n.goal_state {
+                // Same wording as a switchover's: the CLI waits while the primary moves.
+                return Err(CoreError::NotAllowed(format!(
+                    "primary {node} is still moving to {} (it reports {})",
+                    n.goal_state, n.reported_state
+                )));
+            }
+            if !has_candidate {
                 return Err(CoreError::NotAllowed(format!(
                     "maintenance on the primary {node} needs a healthy secondary with candidate priority above 0 to take over"
                 )));

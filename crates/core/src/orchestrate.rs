@@ -132,6 +132,7 @@ fn assign(out: &mut Vec<Command>, n: &Node, goal: NodeState, reason: String) {
             node_id: n.id,
             goal,
             reason,
+            expected: Some(n.goal_state),
         });
     }
 }
@@ -622,6 +623,7 @@ impl<'a> Ctx<'a> {
                         "a more advanced standby reported: fetch WAL up to {}",
                         fmt_lsn(target)
                     ),
+                    expected: Some(c.goal_state),
                 });
             } else if c.goal_state != NodeState::FastForward {
                 let src = fast_forward_source(self.state, self.formation, self.group_id)

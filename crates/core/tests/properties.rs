@@ -91,6 +91,7 @@ fn to_command(state: &ClusterState, op: &Op) -> Command {
             node_id: id(*n),
             goal: *s,
             reason: "random".into(),
+            expected: None,
         },
         Op::Switchover(c) => Command::PerformSwitchover {
             formation: f,

@@ -233,6 +233,7 @@ fn waiting_standby_catches_up_once_the_primary_accepts_it() {
         node_id: c.id("a"),
         goal: WaitPrimary,
         reason: "t".into(),
+        expected: None,
     })
     .unwrap();
     c.beat("a", WaitPrimary, 10);
@@ -593,6 +594,73 @@ fn maintenance_on_the_primary_fails_over_first() {
     );
 }
 
+/// The orchestrator decides from a snapshot, and an operator command can be applied
+/// between that decision and its proposal (found end to end: maintenance on the primary
+/// was overwritten by a stale apply_settings, and the primary never went into
+/// maintenance). A decision names the goal it was taken against and is refused if the
+/// goal moved since.
+#[test]
+fn a_stale_orchestrator_decision_does_not_undo_maintenance() {
+    let mut c = Cluster::three();
+    let a = c.id("a");
+    // Decided while a's goal was primary...
+    let stale = Command::AssignGoal {
+        node_id: a,
+        goal: ApplySettings,
+        reason: "synchronous_standby_names must change".into(),
+        expected: Some(Primary),
+    };
+    // ...applied after the operator's maintenance request.
+    c.apply(Command::SetMaintenance {
+        formation: "".into(),
+        node: "a".into(),
+        enable: true,
+    })
+    .unwrap();
+    let e = refused(&mut c, stale);
+    assert!(e.to_string().contains("stale"), "{e}");
+    assert_eq!(c.node("a").goal_state, PrepareMaintenance);
+    // Every decision the orchestrator makes carries the goal it was taken against.
+    c.beat_full("a", PrepareMaintenance, false, 100, 1, &[]);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    let cmds = orchestrate(&c.state, &c.health, c.now);
+    assert!(!cmds.is_empty());
+    for cmd in cmds {
+        if let Command::AssignGoal {
+            node_id, expected, ..
+        } = cmd
+        {
+            assert_eq!(expected, Some(c.state.nodes[&node_id].goal_state));
+        }
+    }
+}
+
+/// A primary between two states refuses maintenance with the same "still moving"
+/// wording as a switchover, which the CLI waits out (a plain "needs a healthy
+/// secondary" made it fail right after a standby joined).
+#[test]
+fn maintenance_on_a_primary_in_transition_says_it_is_moving() {
+    let mut c = Cluster::three();
+    let a = c.id("a");
+    c.apply(Command::AssignGoal {
+        node_id: a,
+        goal: ApplySettings,
+        reason: "t".into(),
+        expected: None,
+    })
+    .unwrap();
+    let e = refused(
+        &mut c,
+        Command::SetMaintenance {
+            formation: "".into(),
+            node: "a".into(),
+            enable: true,
+        },
+    );
+    assert!(e.to_string().contains("is still moving to"), "{e}");
+}
+
 #[test]
 fn dropping_a_standby_removes_it_once_its_keeper_confirms() {
     let mut c = Cluster::three();
@@ -866,6 +934,7 @@ fn a_second_primary_is_refused_whatever_the_proposal() {
             node_id: b,
             goal: WaitPrimary,
             reason: "stale proposal".into(),
+            expected: None,
         },
     );
     assert!(e.to_string().contains("already the primary"), "{e}");
@@ -875,6 +944,7 @@ fn a_second_primary_is_refused_whatever_the_proposal() {
         node_id: a,
         goal: Draining,
         reason: "t".into(),
+        expected: None,
     })
     .unwrap();
     let e = refused(
@@ -883,6 +953,7 @@ fn a_second_primary_is_refused_whatever_the_proposal() {
             node_id: b,
             goal: WaitPrimary,
             reason: "too early".into(),
+            expected: None,
         },
     );
     assert!(e.to_string().contains("may still accept writes"), "{e}");

@@ -20,8 +20,11 @@ const HBA_END: &str = "# END pgquorum";
 pub enum Upstream {
     /// A primary (or a standby whose promotion is pending): no primary_conninfo.
     None,
-    /// Stream from this node.
+    /// Stream from this node (the primary), through this node's slot there.
     Stream(PeerNode),
+    /// Stream from another standby (fast_forward) without a slot: only primaries keep
+    /// slots for their peers, and a slot that does not exist stops streaming.
+    StreamNoSlot(PeerNode),
 }
 
 /// A postgresql.conf string literal.
@@ -93,6 +96,13 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
                 conf_quote(&primary_conninfo(s, p, true)),
             );
             set("primary_slot_name", conf_quote(&s.slot_name()));
+        }
+        Upstream::StreamNoSlot(p) => {
+            set(
+                "primary_conninfo",
+                conf_quote(&primary_conninfo(s, p, true)),
+            );
+            set("primary_slot_name", "''".into());
         }
     }
     for (k, v) in &s.pg_params {
@@ -235,6 +245,9 @@ mod tests {
         let mut s = Settings::new("n1", "/d", 5433);
         s.socket_dir = "/run/pg".into();
         s.pg_params.push(("work_mem".into(), "7MB".into()));
+        let t = render(&s, "", &Upstream::StreamNoSlot(peer("a", "10.0.0.1")));
+        assert!(t.contains("primary_slot_name = ''"), "{t}");
+        assert!(t.contains("host=10.0.0.1") || t.contains("10.0.0.1"), "{t}");
         let t = render(&s, "", &Upstream::Stream(peer("a", "10.0.0.1")));
         for line in [
             "port = 5433",

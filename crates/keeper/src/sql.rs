@@ -44,8 +44,57 @@ pub async fn connect_local(s: &Settings, timeout: Duration) -> Result<Client> {
         .user(&s.superuser)
         .dbname("postgres")
         .application_name("pgquorum-keeper")
+        // The keeper's own writes (role, slots) must never wait for a synchronous
+        // standby: right after a promotion the standbys named in
+        // synchronous_standby_names cannot connect until this very work is done.
+        // confirm_synchronous() asks for synchronous_commit = on explicitly.
+        .options("-c synchronous_commit=local")
         .connect_timeout(timeout);
     connect(c, timeout, "local postgres").await
+}
+
+/// The core's contract for primary, join_primary and apply_settings: a commit issued
+/// after `names` took effect has been acknowledged by the synchronous standbys (which
+/// proves every earlier commit is on them too). Checks in fresh sessions that the reload
+/// applied `names`, then commits with synchronous_commit = on; gives up after `timeout`
+/// (cancelling the wait) so that the caller retries on its next beat instead of
+/// blocking.
+pub async fn confirm_synchronous(s: &Settings, names: &str, timeout: Duration) -> Result<()> {
+    if names.is_empty() {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    // A reload is asynchronous: new sessions see the new value once the postmaster
+    // has processed SIGHUP.
+    let c = loop {
+        let c = connect_local(s, timeout).await?;
+        let shown: String = c
+            .query_one("SHOW synchronous_standby_names", &[])
+            .await
+            .map_err(|e| KeeperError::sql("reading synchronous_standby_names", e))?
+            .get(0);
+        if shown == names {
+            break c;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(KeeperError::Timeout(format!(
+                "synchronous_standby_names is {shown:?}, not {names:?}, after a reload"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let cancel = c.cancel_token();
+    let commit =
+        c.batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT");
+    match tokio::time::timeout_at(deadline, commit).await {
+        Ok(r) => r.map_err(|e| KeeperError::sql("confirming synchronous replication", e)),
+        Err(_) => {
+            let _ = cancel.cancel_query(NoTls).await;
+            Err(KeeperError::Timeout(format!(
+                "no synchronous standby of {names:?} acknowledged a commit"
+            )))
+        }
+    }
 }
 
 async fn connect(c: Config, timeout: Duration, what: &str) -> Result<Client> {
@@ -103,6 +152,23 @@ pub async fn observe(c: &Client) -> Result<Observation> {
         o.lag_bytes = end.saturating_sub(o.replayed_lsn);
         if let Some(tli) = row.get::<_, Option<i32>>(4) {
             o.timeline = tli as u32;
+        } else {
+            // No WAL receiver (report_lsn, or between connections): pg_control names the
+            // timeline of the last restartpoint, which can predate the switch to the
+            // primary's timeline, and a candidate reported on the old timeline was never
+            // promoted (found by the failover benchmark: a second node loss stalled).
+            // The newest history file is the timeline this standby follows.
+            let row = c
+                .query_one(
+                    "SELECT max(('x' || substr(name, 1, 8))::bit(32)::int) \
+                     FROM pg_ls_waldir() WHERE name LIKE '%.history'",
+                    &[],
+                )
+                .await
+                .map_err(e)?;
+            if let Some(tli) = row.get::<_, Option<i32>>(0) {
+                o.timeline = o.timeline.max(tli as u32);
+            }
         }
     } else {
         let row = c
@@ -237,6 +303,33 @@ pub async fn promote(c: &Client) -> Result<()> {
             goal: "primary".into(),
             reason: "pg_promote() returned but postgres is still in recovery".into(),
         });
+    }
+    Ok(())
+}
+
+/// After a promotion the end-of-recovery checkpoint runs in the background, and until
+/// it completes pg_control still names the old timeline. pg_rewind reads the source's
+/// timeline from pg_control: a former primary rewound against us before that checkpoint
+/// is told "no rewind required" and then cannot follow us (found by the node-loss
+/// end-to-end test). Checkpoints when pg_control lags the timeline being written.
+pub async fn checkpoint_if_timeline_lags(c: &Client) -> Result<()> {
+    let e = |err| KeeperError::sql("checkpointing after promotion", err);
+    let row = c
+        .query_one(
+            "SELECT (SELECT timeline_id FROM pg_control_checkpoint()), \
+                    ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int",
+            &[],
+        )
+        .await
+        .map_err(e)?;
+    let (control, current): (i32, i32) = (row.get(0), row.get(1));
+    if control != current {
+        tracing::info!(
+            control,
+            current,
+            "checkpoint so that pg_control names the new timeline"
+        );
+        c.batch_execute("CHECKPOINT").await.map_err(e)?;
     }
     Ok(())
 }

@@ -17,6 +17,10 @@ use crate::pgconf::{self, Upstream};
 use crate::settings::slot_name;
 use crate::sql;
 
+/// How long a transition to primary waits for a synchronous standby to acknowledge
+/// its confirmation commit before failing (and being retried on the next beat).
+const SYNC_CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The shape of postgres a goal state asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -143,6 +147,11 @@ impl Instance {
     pub async fn reach(&mut self, a: &Assignment) -> Result<()> {
         let t = target(a);
         let following_changed = match &t {
+            // The fast-forward source is a standby on this node's timeline and ahead of
+            // it: following it never needs a rewind, and stopping postgres for one made
+            // the chosen candidate look unhealthy mid-switchover, so that another node
+            // was promoted instead of the one the operator asked for (found end to end).
+            _ if a.goal_state == NodeState::FastForward => false,
             Target::Standby {
                 upstream: Some(p), ..
             } => self.state.following.as_deref() != Some(p.name.as_str()),
@@ -281,6 +290,7 @@ impl Instance {
         if changed {
             sql::reload(&c).await?;
         }
+        sql::checkpoint_if_timeline_lags(&c).await?;
         sql::ensure_replication_role(&c, &self.settings).await?;
         let slots: Vec<String> = a
             .peers
@@ -299,6 +309,17 @@ impl Instance {
                 goal: a.goal_state.to_string(),
                 reason: "postgres is still in recovery".into(),
             });
+        }
+        if matches!(
+            a.goal_state,
+            NodeState::Primary | NodeState::JoinPrimary | NodeState::ApplySettings
+        ) {
+            sql::confirm_synchronous(
+                &self.settings,
+                &a.synchronous_standby_names,
+                SYNC_CONFIRM_TIMEOUT,
+            )
+            .await?;
         }
         self.state.system_identifier = Some(cd.system_identifier);
         self.state.following = None;
@@ -348,6 +369,8 @@ impl Instance {
         }
         let cd = self.check_identity().await?;
         let up = match upstream {
+            // The fast-forward source is a standby, which keeps no slot for us.
+            Some(p) if a.goal_state == NodeState::FastForward => Upstream::StreamNoSlot(p.clone()),
             Some(p) => Upstream::Stream(p.clone()),
             None => Upstream::None,
         };

@@ -10,7 +10,9 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_server::Monitor;
-use pgquorum_api::{node_status, settings, status_from_core, NodeActive, HOPS_HEADER};
+use pgquorum_api::{
+    node_status, settings, status_from_core, NodeActive, HOPS_HEADER, LOCAL_READ_HEADER,
+};
 use pgquorum_core::{assignment, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION};
 use tonic::{Request, Response, Status};
 
@@ -19,6 +21,8 @@ use crate::types::NodeId;
 
 /// How long AddMember waits for the new member to catch up before giving up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a follower waits for the leader's answer to a read before answering itself.
+const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct MonitorService {
     pub m: Arc<Member>,
@@ -369,6 +373,21 @@ impl Monitor for MonitorService {
         if request.get_ref().linearizable {
             forward!(self, request, get_state);
             self.m.ensure_linearizable().await?;
+        } else if request.metadata().get(LOCAL_READ_HEADER).is_some() {
+            // Asked for this member's own view.
+        } else if let Ok(Route::Forward(mut client, hops)) = self.m.route(&request) {
+            // Only the leader hears heartbeats, so only its answer carries node health:
+            // ask it, and fall back to this member's view (health unknown) when it does
+            // not answer.
+            let mut fwd = Request::new(request.get_ref().clone());
+            fwd.metadata_mut().insert(HOPS_HEADER, hops.into());
+            match tokio::time::timeout(FORWARD_READ_TIMEOUT, client.get_state(fwd)).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(s)) => {
+                    tracing::debug!(error = %s, "leader did not answer GetState; local view")
+                }
+                Err(_) => tracing::debug!("leader did not answer GetState in time; local view"),
+            }
         }
         let formation = request.into_inner().formation;
         let is_leader = self.m.raft.metrics().borrow().state == ServerState::Leader;

@@ -256,6 +256,7 @@ impl Sim {
                     node_id,
                     goal,
                     reason,
+                    ..
                 } = cmd
                 {
                     let name = self

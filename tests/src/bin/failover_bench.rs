@@ -1,0 +1,230 @@
+//! Write unavailability seen by a client, end to end: from a fault (node loss,
+//! postmaster crash, planned switchover) to the client's first acknowledged commit
+//! through the multi-host read-write address; and acknowledged rows lost (must be 0).
+//!
+//! Build and run (release):
+//!   cargo build --release -p pgquorum && cargo build --release -p pgquorum-tests --bin failover-bench
+//!   target/release/failover-bench --runs 5 --write-doc docs/benchmarks.md
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use pgquorum_api::pb::monitor as pb;
+use pgquorum_tests::cluster::{Cluster, Writer};
+
+#[derive(Clone, Copy, Debug)]
+enum Scenario {
+    NodeLoss,
+    PostmasterCrash,
+    Switchover,
+}
+
+impl Scenario {
+    fn label(self) -> &'static str {
+        match self {
+            Scenario::NodeLoss => "node loss (keeper + postgres SIGKILL)",
+            Scenario::PostmasterCrash => "postmaster crash (SIGKILL)",
+            Scenario::Switchover => "planned switchover",
+        }
+    }
+    fn target(self) -> f64 {
+        match self {
+            Scenario::NodeLoss => 3.0,
+            Scenario::PostmasterCrash => 1.5,
+            Scenario::Switchover => 1.0,
+        }
+    }
+}
+
+struct Figures {
+    gaps: Vec<f64>,
+    lost: usize,
+    acked: usize,
+}
+
+/// From `t0` to the first acknowledgement after the writer's first failure after `t0`
+/// (an acknowledgement of a commit already under way at the fault does not count).
+async fn gap(c: &Cluster, w: &Writer, t0: Instant) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(e) = w.first_error_after(t0) {
+            if let Some(a) = w.first_ack_after(e) {
+                return (a - t0).as_secs_f64();
+            }
+        }
+        if Instant::now() > deadline {
+            let st = c.state().await.unwrap_or_default();
+            let (_, events) = c.cli(&["show", "events", "--limit", "40"]);
+            let (_, state) = c.cli(&["show", "state"]);
+            panic!(
+                "the writer never recovered; state: {}\n{state}\n{events}",
+                pgquorum_tests::cluster::describe(&st),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn missing_on_primary(c: &Cluster, acked: &BTreeSet<i64>) -> usize {
+    let p = c.primary().await;
+    let client = c
+        .node(&p)
+        .spec
+        .connect()
+        .await
+        .expect("connect to the primary");
+    let have: BTreeSet<i64> = client
+        .query("SELECT n FROM acked", &[])
+        .await
+        .expect("read rows")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    acked.difference(&have).count()
+}
+
+async fn run(s: Scenario, runs: usize) -> Figures {
+    let mut c = Cluster::start(3).await;
+    let w = c.writer();
+    w.wait_progress(100, "warm-up").await;
+    let mut gaps = Vec::new();
+    for i in 0..runs {
+        let primary = c.primary().await;
+        let t0 = Instant::now();
+        match s {
+            Scenario::NodeLoss => c.kill_node(&primary).await,
+            Scenario::PostmasterCrash => {
+                c.kill_postmaster(&primary);
+            }
+            Scenario::Switchover => {
+                let client = c.monitors.client();
+                client
+                    .call(|mut raw| async move {
+                        raw.perform_switchover(pb::PerformSwitchoverRequest {
+                            formation: "default".into(),
+                            group_id: 0,
+                            candidate: String::new(),
+                        })
+                        .await
+                    })
+                    .await
+                    .expect("switchover accepted");
+            }
+        }
+        let g = gap(&c, &w, t0).await;
+        eprintln!("{}: run {}: {g:.3} s", s.label(), i + 1);
+        gaps.push(g);
+        if matches!(s, Scenario::NodeLoss) {
+            c.start_keeper(&primary);
+        }
+        c.wait_healthy(2).await;
+        w.wait_progress(50, "between runs").await;
+    }
+    let acked = w.stop().await;
+    let lost = missing_on_primary(&c, &acked).await;
+    Figures {
+        gaps,
+        lost,
+        acked: acked.len(),
+    }
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let median = if s.len() % 2 == 1 {
+        s[s.len() / 2]
+    } else {
+        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
+    };
+    (median, s[0], s[s.len() - 1])
+}
+
+fn write_doc(path: &str, section: &str) {
+    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
+    let heading = "## Failover (end to end)";
+    let new = match old.find(heading) {
+        Some(start) => {
+            let rest = &old[start + heading.len()..];
+            let end = rest
+                .find("\n## ")
+                .map(|e| start + heading.len() + e + 1)
+                .unwrap_or(old.len());
+            format!("{}{}{}", &old[..start], section, &old[end..])
+        }
+        None => format!(
+            "{}\n{}",
+            old.trim_end_matches('\n').to_owned() + "\n",
+            section
+        ),
+    };
+    std::fs::write(path, new).expect("write the benchmarks document");
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mut runs = 5;
+    let mut doc = None;
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--runs" => {
+                runs = args[i + 1].parse().expect("--runs N");
+                i += 1;
+            }
+            "--write-doc" => {
+                doc = Some(args[i + 1].clone());
+                i += 1;
+            }
+            other => panic!("unknown argument {other}"),
+        }
+        i += 1;
+    }
+    eprintln!(
+        "pgquorum binary: {}",
+        pgquorum_testkit::pgquorum_bin().display()
+    );
+    let mut table = String::from(
+        "| scenario | runs | median (s) | min (s) | max (s) | target (s) | acknowledged rows | lost |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for s in [
+        Scenario::NodeLoss,
+        Scenario::PostmasterCrash,
+        Scenario::Switchover,
+    ] {
+        let f = run(s, runs).await;
+        let (med, min, max) = stats(&f.gaps);
+        let line = format!(
+            "| {} | {} | {med:.2} | {min:.2} | {max:.2} | {:.1} | {} | {} |\n",
+            s.label(),
+            f.gaps.len(),
+            s.target(),
+            f.acked,
+            f.lost
+        );
+        eprint!("{line}");
+        table.push_str(&line);
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let section = format!(
+        "## Failover (end to end)\n\n\
+         Measured by `target/release/failover-bench --runs {runs} --write-doc docs/benchmarks.md` \
+         (after `cargo build --release -p pgquorum && cargo build --release -p pgquorum-tests --bin failover-bench`): \
+         3 monitor members, 3 nodes (keeper + PostgreSQL 15) on loopback, default settings, \
+         release build, {cores} cores shared with other work. A client commits numbered rows \
+         one at a time through the multi-host address (target_session_attrs=read-write, \
+         connect_timeout 1 s, commit timeout 2 s, reconnect at once on error). Unavailability \
+         is from the fault to the first acknowledged commit after the client's first \
+         failure. Lost = acknowledged numbers missing on the final primary.\n\n{table}"
+    );
+    if let Some(p) = doc {
+        write_doc(&p, &section);
+    }
+    println!("{section}");
+}

@@ -1,0 +1,53 @@
+//! The primary's node vanishes (keeper and postgres SIGKILLed together): a standby is
+//! promoted, the client resumes through the multi-host address, every acknowledged row
+//! is there; the old node, restarted, rejoins as a standby by pg_rewind. Then the
+//! same again with the new primary.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use pgquorum_tests::cluster::Cluster;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_loss_fails_over_and_the_old_primary_rejoins() {
+    let mut c = Cluster::start(3).await;
+    let old = c.primary().await;
+    let w = c.writer();
+    w.wait_progress(200, "before the fault").await;
+
+    c.kill_node(&old).await;
+    let ns = c
+        .wait_state("a new primary", |ns| {
+            pgquorum_tests::cluster::primary_of(ns).is_some_and(|p| p != old)
+        })
+        .await;
+    let new = pgquorum_tests::cluster::primary_of(&ns).unwrap();
+    w.wait_progress(100, "after the failover").await;
+    c.assert_rows_on(&new, &w.acked()).await;
+
+    // The old primary comes back: it must be rewound and follow the new primary.
+    c.start_keeper(&old);
+    c.wait_healthy(2).await;
+    w.wait_progress(100, "after the rejoin").await;
+
+    // A second node loss: the standbys now follow a promoted timeline, and must be
+    // reported on it when their WAL receivers stop (a candidate reported on the old
+    // timeline was never promoted).
+    c.kill_node(&new).await;
+    c.wait_state("a third primary", |ns| {
+        pgquorum_tests::cluster::primary_of(ns).is_some_and(|p| p != new)
+    })
+    .await;
+    w.wait_progress(100, "after the second failover").await;
+    c.start_keeper(&new);
+    c.wait_healthy(2).await;
+    w.wait_progress(100, "after the second rejoin").await;
+    let acked = w.stop().await;
+    for n in ["node1", "node2", "node3"] {
+        c.assert_rows_on(n, &acked).await;
+    }
+    let log = c.node(&old).keeper.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("rewind"),
+        "the old primary did not go through pg_rewind:\n{log}"
+    );
+}
