@@ -454,7 +454,6 @@ async fn rw_port_leads_to_the_primary_ro_to_standbys_and_pgbouncer_pools_through
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "on this branch the switchover times out: the promoted standby never leaves prepare_promotion (goal wait_primary; the keeper's own writes block on synchronous replication after promotion); re-enable with the keeper fix"]
 async fn commits_through_haproxy_survive_a_switchover_and_a_primary_kill() {
     let mut c = Cluster::start().await;
     let old = c.primary(SETTLE).await;
