@@ -38,6 +38,8 @@ fi
 if ! command -v kubernetes-validate >/dev/null; then
   python3 -m pip install -q 'kubernetes-validate>=1.30' ||
     die "pip install kubernetes-validate failed"
+  # Under pyenv a new console script is reachable only after a rehash of the shims.
+  if command -v pyenv >/dev/null; then pyenv rehash || true; fi
 fi
 command -v kubernetes-validate >/dev/null || die "kubernetes-validate is not on PATH after pip install"
 command -v haproxy >/dev/null || apt_install haproxy
