@@ -1,6 +1,7 @@
 //! End-to-end tests live in tests/tests/; this library holds the harnesses they share
 //! (and the benchmarks use): a monitor group of real `pgquorum` processes, and whole clusters with a writer.
 
+pub mod bench_doc;
 pub mod cluster;
 pub mod haproxy;
 pub mod monitor_group;

@@ -142,27 +142,6 @@ fn stats(v: &[f64]) -> (f64, f64, f64) {
     (median, s[0], s[s.len() - 1])
 }
 
-fn write_doc(path: &str, section: &str) {
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-    let heading = "## Failover (end to end)";
-    let new = match old.find(heading) {
-        Some(start) => {
-            let rest = &old[start + heading.len()..];
-            let end = rest
-                .find("\n## ")
-                .map(|e| start + heading.len() + e + 1)
-                .unwrap_or(old.len());
-            format!("{}{}{}", &old[..start], section, &old[end..])
-        }
-        None => format!(
-            "{}\n{}",
-            old.trim_end_matches('\n').to_owned() + "\n",
-            section
-        ),
-    };
-    std::fs::write(path, new).expect("write the benchmarks document");
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -224,7 +203,8 @@ async fn main() {
          failure. Lost = acknowledged numbers missing on the final primary.\n\n{table}"
     );
     if let Some(p) = doc {
-        write_doc(&p, &section);
+        pgquorum_tests::bench_doc::write_section(&p, "## Failover (end to end)", &section)
+            .expect("write the benchmarks document");
     }
     println!("{section}");
 }

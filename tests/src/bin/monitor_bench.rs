@@ -238,27 +238,6 @@ fn loadavg() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn write_doc(path: &str, section: &str) {
-    let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".to_owned());
-    let heading = "## Monitor group";
-    let new = match old.find(heading) {
-        Some(start) => {
-            let rest = &old[start + heading.len()..];
-            let end = rest
-                .find("\n## ")
-                .map(|e| start + heading.len() + e + 1)
-                .unwrap_or(old.len());
-            format!("{}{}{}", &old[..start], section, &old[end..])
-        }
-        None => format!(
-            "{}\n{}",
-            old.trim_end_matches('\n').to_owned() + "\n",
-            section
-        ),
-    };
-    std::fs::write(path, new).expect("write the benchmarks document");
-}
-
 #[tokio::main]
 async fn main() {
     let a = args();
@@ -340,7 +319,8 @@ async fn main() {
     );
     println!("{s}");
     if let Some(p) = a.write_doc {
-        write_doc(&p, &s);
+        pgquorum_tests::bench_doc::write_section(&p, "## Monitor group", &s)
+            .expect("write the benchmarks document");
         eprintln!("written to {p}");
     }
 }
