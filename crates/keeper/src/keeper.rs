@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_core::{Assignment, NodeState};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
 
 use crate::error::{KeeperError, Result};
@@ -70,7 +70,9 @@ pub async fn run(
     }
     let (tx, mut rx) = watch::channel::<Option<Assignment>>(None);
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
+    let beat_now = Arc::new(Notify::new());
     let hb = Heartbeat {
+        beat_now: beat_now.clone(),
         settings: settings.clone(),
         shared: shared.clone(),
         tx,
@@ -109,9 +111,15 @@ pub async fn run(
         };
         tick = Duration::from_millis(a.heartbeat_interval_ms.clamp(20, 1000));
         if applied.as_ref() != Some(&a) || inst.state.current_state != a.goal_state {
+            let before = inst.state.current_state;
             match inst.reach(&a).await {
                 Ok(()) => {
                     applied = Some(a.clone());
+                    // The monitor decides the next step of a failover only once it hears
+                    // the reached state: tell it now rather than at the next interval.
+                    if inst.state.current_state != before {
+                        beat_now.notify_one();
+                    }
                     if a.goal_state == NodeState::Dropped {
                         tracing::info!(node = %settings.name, "node dropped; keeper exits");
                         break Ok(());
@@ -204,6 +212,8 @@ struct Heartbeat {
     tx: watch::Sender<Option<Assignment>>,
     /// Set when the monitor group refuses this node: the keeper stops.
     fatal: watch::Sender<Option<String>>,
+    /// Signalled when a transition completed: beat at once instead of at the interval.
+    beat_now: Arc<Notify>,
     pg_major: u32,
     system_identifier: Option<u64>,
     node_id: Option<u64>,
@@ -338,7 +348,10 @@ impl Heartbeat {
                             }
                         }
                     }
-                    tokio::time::sleep_until((sent_at + interval).into()).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep_until((sent_at + interval).into()) => {}
+                        _ = self.beat_now.notified() => {}
+                    }
                 }
             }
         }
