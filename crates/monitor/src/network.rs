@@ -107,6 +107,23 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, Status> {
     serde_json::to_vec(v).map_err(|e| Status::internal(format!("encode: {e}")))
 }
 
+/// A request that cannot be encoded is reported to openraft as a network error.
+fn encode_rpc<T: Serialize, E: std::error::Error>(v: &T) -> Result<Vec<u8>, RpcErr<E>> {
+    encode(v).map_err(|s| RPCError::Network(NetworkError::new(&Msg(s.message().into()))))
+}
+
+/// An AppendEntries or Vote request as it travels: openraft's JSON in `data`.
+fn payload<T: Serialize>(rpc: &T, option: &RPCOption) -> Result<Request<pb::RaftPayload>, RpcErr> {
+    let data = encode_rpc(rpc)?;
+    Ok(with_timeout(
+        pb::RaftPayload {
+            data,
+            error: vec![],
+        },
+        option,
+    ))
+}
+
 fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(b).map_err(|e| Status::invalid_argument(format!("decode: {e}")))
 }
@@ -162,17 +179,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        let data = encode(&rpc)
-            .map_err(|s| RPCError::Network(NetworkError::new(&Msg(s.message().into()))))?;
+        let req = payload(&rpc, &option)?;
         let reply = self
             .client()?
-            .append_entries(with_timeout(
-                pb::RaftPayload {
-                    data,
-                    error: vec![],
-                },
-                &option,
-            ))
+            .append_entries(req)
             .await
             .map_err(|s| self.transport_error(s))?;
         self.answer(reply.into_inner())
@@ -183,10 +193,9 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        let enc = |s: Status| RPCError::Network(NetworkError::new(&Msg(s.message().into())));
         let chunk = pb::SnapshotChunk {
-            vote: encode(&rpc.vote).map_err(enc)?,
-            meta: encode(&rpc.meta).map_err(enc)?,
+            vote: encode_rpc(&rpc.vote)?,
+            meta: encode_rpc(&rpc.meta)?,
             offset: rpc.offset,
             data: rpc.data,
             done: rpc.done,
@@ -204,17 +213,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RpcErr> {
-        let data = encode(&rpc)
-            .map_err(|s| RPCError::Network(NetworkError::new(&Msg(s.message().into()))))?;
+        let req = payload(&rpc, &option)?;
         let reply = self
             .client()?
-            .vote(with_timeout(
-                pb::RaftPayload {
-                    data,
-                    error: vec![],
-                },
-                &option,
-            ))
+            .vote(req)
             .await
             .map_err(|s| self.transport_error(s))?;
         self.answer(reply.into_inner())
