@@ -254,16 +254,7 @@ impl Instance {
             "--progress".into(),
             "--verbose".into(),
         ];
-        let pw = self
-            .settings
-            .replication_password
-            .clone()
-            .unwrap_or_default();
-        let env: Vec<(&str, &str)> = if pw.is_empty() {
-            vec![]
-        } else {
-            vec![("PGPASSWORD", pw.as_str())]
-        };
+        let env = self.password_env();
         if let Err(e) = self.bin.run("pg_basebackup", &args, &env).await {
             let _ = remove_dir(&new);
             return Err(e);
@@ -283,6 +274,15 @@ impl Instance {
         Ok(())
     }
 
+    /// The replication password for libpq tools, through the environment so that it
+    /// never shows in the process list.
+    fn password_env(&self) -> Vec<(&'static str, &str)> {
+        match self.settings.replication_password.as_deref() {
+            Some(pw) if !pw.is_empty() => vec![("PGPASSWORD", pw)],
+            _ => Vec::new(),
+        }
+    }
+
     /// pg_rewind against `host:port`. postgres must be stopped.
     pub async fn rewind(&mut self, host: &str, port: u16) -> Result<()> {
         self.stop(StopMode::Fast).await;
@@ -298,16 +298,7 @@ impl Instance {
             source.into(),
             "--progress".into(),
         ];
-        let pw = self
-            .settings
-            .replication_password
-            .clone()
-            .unwrap_or_default();
-        let env: Vec<(&str, &str)> = if pw.is_empty() {
-            vec![]
-        } else {
-            vec![("PGPASSWORD", pw.as_str())]
-        };
+        let env = self.password_env();
         let out = self.bin.run("pg_rewind", &args, &env).await?;
         tracing::info!(step = "rewind", "pg_rewind done: {}", out.trim());
         Ok(())
