@@ -5,3 +5,4 @@ pub mod bench_doc;
 pub mod cluster;
 pub mod haproxy;
 pub mod monitor_group;
+pub mod peers;
