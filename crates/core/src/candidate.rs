@@ -9,7 +9,8 @@ use crate::model::{ClusterState, Failover, GroupId, Lsn, Node, NodeId};
 /// everything it ever held. The report must have been recorded after the old primary
 /// was fenced: an older one may describe a state the keeper has since left without the
 /// monitor hearing of it (a lost heartbeat), streaming again. And the node must be on
-/// the old primary's timeline.
+/// the old primary's timeline. And it must know its position: a keeper whose PostgreSQL
+/// is down after a crash reports 0 ("unknown"), which says nothing of what it holds.
 pub fn witnesses<'a>(
     state: &'a ClusterState,
     formation: &'a str,
@@ -31,6 +32,7 @@ pub fn witnesses<'a>(
             && !n.is_dropping()
             && n.reported_state.reports_lsn()
             && n.goal_state.reports_lsn()
+            && n.reported_lsn != 0
     })
 }
 

@@ -503,7 +503,13 @@ impl ClusterState {
         let changed = node.reported_state != state;
         node.reported_state = state;
         node.reported_lsn = lsn;
-        node.timeline = timeline;
+        // 0 is "unknown" (PostgreSQL down after a crash, or never started): the last
+        // known timeline stays, so that a crashed old primary still tells which standbys
+        // share its history. An LSN of 0 stays 0: a stale position could pass for a
+        // final one.
+        if timeline != 0 {
+            node.timeline = timeline;
+        }
         node.pg_running = pg_running;
         node.lsn_at = now;
         let goal = node.goal_state;
@@ -511,6 +517,16 @@ impl ClusterState {
             (node.formation.clone(), node.group_id, node.name.clone());
         let goal_sync_seq = node.goal_sync_seq;
 
+        // A primary restarted in place without a known position reports its first
+        // (running, or from a clean shutdown): everything it acknowledged lies below it.
+        if lsn != 0 {
+            if let Some(g) = self.group_mut(&formation, group_id) {
+                if g.floor_unknown == Some(node_id) {
+                    g.lsn_floor = g.lsn_floor.max(lsn);
+                    g.floor_unknown = None;
+                }
+            }
+        }
         if state == NodeState::Dropped && goal == NodeState::Dropped {
             self.remove_node(node_id, now, "its keeper confirmed it left");
             return Ok(Outcome::Done {
@@ -585,6 +601,10 @@ impl ClusterState {
             if empty {
                 f.groups.remove(&node.group_id);
             } else if let Some(g) = f.groups.get_mut(&node.group_id) {
+                // Dropping it is the operator's choice to give up what only it held.
+                if g.floor_unknown == Some(node_id) {
+                    g.floor_unknown = None;
+                }
                 if g.failover
                     .as_ref()
                     .is_some_and(|fo| fo.old_primary == node_id)
@@ -658,7 +678,24 @@ impl ClusterState {
                     )));
                 }
             }
-            if node.reported_lsn < group.lsn_floor {
+            // The old primary restarted in place may not know its position (0: it
+            // crashed); its data directory held the floor when it was promoted and a
+            // primary only appends.
+            let restart_in_place = group
+                .failover
+                .as_ref()
+                .is_some_and(|f| f.old_primary == node_id)
+                && node.reported_lsn == 0;
+            if let Some(holder) = group.floor_unknown.filter(|h| *h != node_id) {
+                let holder = self
+                    .nodes
+                    .get(&holder)
+                    .map_or_else(|| holder.to_string(), |h| h.name.clone());
+                return Err(CoreError::NotAllowed(format!(
+                    "node {holder} restarted as primary without a known position: until it reports one, no other node is known to hold every acknowledged commit"
+                )));
+            }
+            if node.reported_lsn < group.lsn_floor && !restart_in_place {
                 return Err(CoreError::NotAllowed(format!(
                     "node {name} has lsn {} but acknowledged commits may reach {}",
                     fmt_lsn(node.reported_lsn),
@@ -677,10 +714,13 @@ impl ClusterState {
                 crate::candidate::witnesses(self, &formation, group_id, fo).collect();
             let ids: Vec<NodeId> = wit.iter().map(|n| n.id).collect();
             let target = wit.iter().map(|n| n.reported_lsn).max();
-            match (crate::sync::requirement(&group.sync_history, &ids), target) {
+            let proven = match (crate::sync::requirement(&group.sync_history, &ids), target) {
                 (crate::sync::Requirement::Met, Some(t)) => t,
-                _ => node.reported_lsn,
-            }
+                _ => 0,
+            };
+            // Its own WAL counts too: the old primary restarted in place holds commits it
+            // acknowledged without a synchronous standby, above any witness.
+            proven.max(node.reported_lsn)
         };
         // Fast-forward source: the most advanced witness (lowest id among equals).
         let ff_source = if goal == NodeState::FastForward {
@@ -743,6 +783,7 @@ impl ClusterState {
                 g.lsn_floor = g.lsn_floor.max(promoted_lsn);
                 g.promoted_at_lsn = own_lsn;
                 g.promoted_at_timeline = own_timeline;
+                g.floor_unknown = (own_lsn == 0).then_some(node_id);
             }
         }
         self.refresh_sync(&formation, group_id, now);

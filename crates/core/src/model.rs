@@ -235,6 +235,12 @@ pub struct Group {
     pub promoted_at_lsn: Lsn,
     #[serde(default)]
     pub promoted_at_timeline: u32,
+    /// An old primary restarted in place without knowing its position (it had crashed):
+    /// its end of WAL is the floor, unknown until it reports a running position. Until
+    /// then no other node may be promoted: it alone may hold commits acknowledged
+    /// without a synchronous standby.
+    #[serde(default)]
+    pub floor_unknown: Option<NodeId>,
 }
 
 /// An entry of the bounded event history: what changed and why.

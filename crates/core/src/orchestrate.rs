@@ -74,7 +74,7 @@ pub fn on_heartbeat(
                 && failover.is_some_and(|f| f.old_primary == node.id)));
     if node.reported_state == report.current_state
         && node.pg_running == report.pg_running
-        && node.timeline == report.timeline
+        && (node.timeline == report.timeline || report.timeline == 0)
         && !stale_lsn
         && !lsn_moved
     {
@@ -502,9 +502,14 @@ impl<'a> Ctx<'a> {
         let ids: Vec<NodeId> = wit.iter().map(|n| n.id).collect();
         // An old primary found stopped on the timeline and at the LSN it had when it
         // was made primary never took a write: its epoch holds no acknowledged commit,
-        // and everything older lies at or below the group's floor.
+        // and everything older lies at or below the group's floor. Only a known position
+        // proves that: a keeper reports 0 for "unknown" (PostgreSQL crashed, or the
+        // first primary, promoted before it ever ran), and 0 <= anything.
         let epoch_empty = old.is_some_and(|o| {
             o.reported_state.is_stopped()
+                && o.reported_lsn != 0
+                && o.timeline != 0
+                && self.group.promoted_at_timeline != 0
                 && o.lsn_at >= fenced_at
                 && o.timeline == self.group.promoted_at_timeline
                 && o.reported_lsn <= self.group.promoted_at_lsn
@@ -515,7 +520,10 @@ impl<'a> Ctx<'a> {
             requirement(&self.group.sync_history, &ids)
         };
         let target = wit.iter().map(|n| n.reported_lsn).max().unwrap_or(0);
-        let safe = req == Requirement::Met && !wit.is_empty() && target >= self.group.lsn_floor;
+        let safe = req == Requirement::Met
+            && !wit.is_empty()
+            && target >= self.group.lsn_floor
+            && self.group.floor_unknown.is_none();
         if safe && self.choose(f, &wit, target, out) {
             return;
         }
@@ -523,10 +531,12 @@ impl<'a> Ctx<'a> {
         // commit it acknowledged, so this is always safe for data.
         if let Some(o) = old {
             let waited = self.now.saturating_sub(fenced_at) >= self.settings.lease_ms;
+            // Its data directory held the floor when it was promoted and a primary only
+            // appends, so an unknown position (0: it crashed) is no reason to wait.
             if waited
                 && o.reported_state == NodeState::Demoted
                 && o.goal_state == NodeState::Demoted
-                && o.reported_lsn >= self.group.lsn_floor
+                && (o.reported_lsn >= self.group.lsn_floor || o.reported_lsn == 0)
                 && self.alive(o)
                 && !wit
                     .iter()

@@ -1032,3 +1032,101 @@ fn ending_maintenance_of_a_primary_still_handing_over_is_refused() {
     );
     assert!(e.to_string().contains("handing over"), "{e}");
 }
+
+#[test]
+fn a_switchover_from_an_old_primary_of_unknown_position_waits_for_every_report() {
+    // The first primary was made single before it ever ran (promoted at 0/0), and a
+    // keeper reports 0/0 ("unknown") while PostgreSQL is down: that must not read as
+    // "stopped where it started, never took a write" (t60 lost rows that way).
+    let mut c = Cluster::three();
+    c.apply(Command::PerformSwitchover {
+        formation: "".into(),
+        group_id: 0,
+        candidate: None,
+    })
+    .unwrap();
+    c.beat_full("a", Draining, false, 0, 0, &[]);
+    c.orchestrate();
+    c.beat("c", ReportLsn, 150);
+    assert_eq!(
+        c.orchestrate(),
+        vec![],
+        "ANY 1 (b, c): b may hold the only copy of the last commit"
+    );
+    c.beat("b", ReportLsn, 160);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("b", PreparePromotion)])
+    );
+}
+
+#[test]
+fn a_standby_that_does_not_know_its_position_is_no_witness() {
+    let mut c = Cluster::three();
+    c.advance(10_000);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    c.orchestrate();
+    c.beat("b", ReportLsn, 100);
+    // c's PostgreSQL crashed: its keeper reports report_lsn with no position.
+    c.beat_full("c", ReportLsn, false, 0, 0, &[]);
+    assert_eq!(c.orchestrate(), vec![]);
+    c.beat("c", ReportLsn, 130);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", PreparePromotion)])
+    );
+}
+
+#[test]
+fn a_crashed_old_primary_restarts_in_place_and_nobody_else_is_promoted_until_it_reports() {
+    let mut c = Cluster::three();
+    // a's machine is gone for a while; c died too, so ANY 1 (b, c) is never met.
+    c.advance(10_000);
+    c.beat("b", Secondary, 100);
+    c.orchestrate();
+    c.beat("b", ReportLsn, 100);
+    assert_eq!(c.orchestrate(), vec![]);
+    // a comes back with PostgreSQL down after a crash: position unknown.
+    c.beat_full("a", Demoted, false, 0, 0, &[]);
+    let lease = c.state.formations[DEFAULT_FORMATION].settings.lease_ms;
+    c.advance(lease);
+    c.beat_full("a", Demoted, false, 0, 0, &[]);
+    c.beat("b", ReportLsn, 100);
+    let got = c.orchestrate();
+    assert!(got.contains(&("a".into(), WaitPrimary)), "{got:?}");
+    assert_eq!(c.node("a").timeline, 1, "the last known timeline is kept");
+    // a dies again before reporting any position; c is back. b and c together would
+    // satisfy ANY 1 (b, c), but a alone may hold what it acknowledged meanwhile.
+    c.advance(10_000);
+    c.beat("b", ReportLsn, 100);
+    c.beat("c", ReportLsn, 100);
+    let got = c.orchestrate();
+    assert!(
+        !got.iter()
+            .any(|(_, g)| matches!(g, PreparePromotion | WaitPrimary)),
+        "{got:?}"
+    );
+    let refused = c
+        .apply(Command::AssignGoal {
+            node_id: c.id("b"),
+            goal: WaitPrimary,
+            reason: "test".into(),
+            expected: None,
+        })
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("without a known position"),
+        "{refused}"
+    );
+    // Its first known position becomes the floor: b and c are behind it.
+    c.beat_full("a", Demoted, false, 180, 1, &[]);
+    c.beat("b", ReportLsn, 100);
+    c.beat("c", ReportLsn, 100);
+    let got = c.orchestrate();
+    assert!(
+        !got.iter()
+            .any(|(n, g)| n != "a" && matches!(g, PreparePromotion | WaitPrimary)),
+        "{got:?}"
+    );
+}

@@ -60,6 +60,10 @@ struct Pg {
     timeline: u32,
     /// The data directory was last used in recovery: starting as primary is a promotion.
     in_recovery: bool,
+    /// PostgreSQL was stopped by a shutdown, not killed: pg_control names the end of its
+    /// WAL, so a real keeper can report LSN and timeline while it is down. After a crash
+    /// it reports neither (0, unknown), and the core must not read that as "no writes".
+    clean_stop: bool,
 }
 
 struct Keeper {
@@ -179,6 +183,7 @@ impl Sim {
                     pending: Vec::new(),
                     timeline: 1,
                     in_recovery: false,
+                    clean_stop: false,
                 },
             })
             .collect();
@@ -387,7 +392,13 @@ impl Sim {
         }
         let k = &mut self.keepers[i];
         k.seq += 1;
-        let lsn = k.pg.wal.as_ref().map_or(0, |w| w.len() as u64);
+        // What a real keeper can know: a running server's position, a cleanly stopped
+        // one's from pg_control, nothing (zeros) otherwise or before initdb.
+        let known = k.pg.running.is_some() || k.pg.clean_stop;
+        let (lsn, timeline) = match &k.pg.wal {
+            Some(w) if known => (w.len() as u64, k.pg.timeline),
+            _ => (0, 0),
+        };
         NodeReport {
             node_id: k.id,
             current_state: k.state,
@@ -396,7 +407,7 @@ impl Sim {
             current_lsn: lsn,
             received_lsn: lsn,
             replayed_lsn: lsn,
-            timeline: k.pg.timeline,
+            timeline,
             system_identifier: 1,
             replication,
             sequence: k.seq,
@@ -416,6 +427,7 @@ impl Sim {
         self.crashes += 1;
         k.restart_at = now + down_for;
         k.pg.running = None;
+        k.pg.clean_stop = false;
         k.pg.following = None;
         k.pg.pending.clear();
         k.lease_until = 0;
@@ -558,11 +570,15 @@ impl Sim {
                 }
                 let k = &mut self.keepers[i];
                 k.pg.running = None;
+                k.pg.clean_stop = true;
                 k.pg.pending.clear();
                 true
             }
             DemoteTimeout | Demoted | Maintenance | Dropped => {
                 let k = &mut self.keepers[i];
+                if k.pg.running.is_some() {
+                    k.pg.clean_stop = true;
+                }
                 k.pg.running = None;
                 k.pg.pending.clear();
                 k.pg.following = None;
@@ -809,6 +825,7 @@ impl Sim {
                     };
                     let k = &mut self.keepers[i];
                     k.pg.running = None;
+                    k.pg.clean_stop = false;
                     k.pg.pending.clear();
                     k.pg_broken_until = now + broken;
                     self.pg_crashes += 1;
@@ -915,6 +932,7 @@ impl Sim {
                 && self.keepers[i].lease_until <= now
             {
                 self.keepers[i].pg.running = None;
+                self.keepers[i].pg.clean_stop = true;
                 self.keepers[i].pg.pending.clear();
                 let name = self.keepers[i].name.clone();
                 self.note(format!("{name} lease expired: PostgreSQL stopped"));
