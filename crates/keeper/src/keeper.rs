@@ -78,6 +78,7 @@ pub async fn run(
         tx,
         fatal: fatal_tx,
         pg_major: inst.bin.major,
+        bin: inst.bin.clone(),
         system_identifier: inst.state.system_identifier,
         node_id: inst.state.node_id,
     };
@@ -215,9 +216,14 @@ struct Heartbeat {
     /// Signalled when a transition completed: beat at once instead of at the interval.
     beat_now: Arc<Notify>,
     pg_major: u32,
+    bin: crate::pg::PgBin,
     system_identifier: Option<u64>,
     node_id: Option<u64>,
 }
+
+/// pg_control's modification time and what it said: pg_controldata runs again only when
+/// the file changed.
+type ControlCache = Option<(std::time::SystemTime, Option<(u64, u32)>)>;
 
 impl Heartbeat {
     async fn run(self, source: Source) {
@@ -249,6 +255,7 @@ impl Heartbeat {
                     .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
                     .unwrap_or(0);
                 let mut failures = 0u64;
+                let mut control: ControlCache = None;
                 loop {
                     let sent_at = Instant::now();
                     let status = self.shared.status();
@@ -280,7 +287,15 @@ impl Heartbeat {
                         }
                         Some(id) => {
                             sequence += 1;
-                            let o = obs.clone().unwrap_or_default();
+                            let mut o = obs.clone().unwrap_or_default();
+                            if obs.is_none() {
+                                // PostgreSQL is down: after a clean shutdown pg_control
+                                // says where its WAL ends; otherwise 0 means "unknown".
+                                if let Some((lsn, tl)) = self.stopped_position(&mut control).await {
+                                    o.current_lsn = lsn;
+                                    o.timeline = tl;
+                                }
+                            }
                             let req = pb::NodeActiveRequest {
                                 node_id: id,
                                 formation: self.settings.formation.clone(),
@@ -358,6 +373,29 @@ impl Heartbeat {
     }
 
     /// Asks the local postgres about itself; None when it does not answer.
+    /// The position a stopped data directory is known to end at (see
+    /// [`crate::pg::ControlData::final_position`]), or None.
+    async fn stopped_position(&self, cache: &mut ControlCache) -> Option<(u64, u32)> {
+        let pgdata = &self.settings.pgdata;
+        let mtime = std::fs::metadata(pgdata.join("global").join("pg_control"))
+            .and_then(|m| m.modified())
+            .ok()?;
+        if let Some((at, pos)) = cache {
+            if *at == mtime {
+                return *pos;
+            }
+        }
+        let pos = match self.bin.controldata(pgdata).await {
+            Ok(cd) => cd.final_position(),
+            Err(e) => {
+                tracing::debug!(error = %e, "pg_controldata failed: position unknown");
+                None
+            }
+        };
+        *cache = Some((mtime, pos));
+        pos
+    }
+
     async fn observe(&self, client: &mut Option<Client>) -> Option<sql::Observation> {
         let hands_off = self
             .shared

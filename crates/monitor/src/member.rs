@@ -10,7 +10,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
 use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
 use pgquorum_api::{no_leader, status_from_core, HOPS_HEADER, MAX_FORWARD_HOPS};
-use pgquorum_core::{Command, HealthTable, Outcome};
+use pgquorum_core::{orchestrate, Command, HealthTable, Outcome};
 use tonic::transport::Channel;
 use tonic::Status;
 
@@ -33,6 +33,10 @@ pub struct Member {
     pub write_timeout: Duration,
     /// The leader's view of keepers: (term it was created in, table). Never replicated.
     pub health: Mutex<Option<(u64, HealthTable)>>,
+    /// Taken while deciding and proposing decisions, so that the periodic tick and
+    /// concurrent heartbeats do not each propose the same decision (apply would refuse
+    /// the stale copy by its `expected` goal, but only after a wasted Raft write).
+    orchestrating: tokio::sync::Mutex<()>,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
@@ -69,6 +73,7 @@ impl Member {
             reach,
             write_timeout,
             health: Mutex::new(None),
+            orchestrating: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -251,5 +256,39 @@ impl Member {
             Some((_, table)) => f(table),
             None => f(&mut HealthTable::new(now_ms())),
         }
+    }
+
+    /// Lets the core decide and proposes what it decided, again while a round's
+    /// decisions were applied (one decision often enables the next, e.g. the last
+    /// candidate's report_lsn lets the winner be told to prepare_promotion), at most
+    /// `rounds` times. In steady state the core decides nothing, so nothing is proposed.
+    /// Err only when the member cannot write at all (no quorum, not the leader).
+    pub async fn orchestrate_rounds(&self, rounds: usize) -> Result<(), Status> {
+        let _turn = self.orchestrating.lock().await;
+        for _ in 0..rounds {
+            let now = now_ms();
+            let cmds = {
+                let a = self.read();
+                self.with_health(|h| orchestrate(&a.state, h, now))
+            };
+            if cmds.is_empty() {
+                break;
+            }
+            let mut applied_any = false;
+            for cmd in cmds {
+                match self.propose(cmd).await {
+                    Ok(_) => applied_any = true,
+                    Err(s) if s.code() == tonic::Code::Unavailable => return Err(s),
+                    Err(s) => {
+                        tracing::warn!(error = %s.message(), "orchestrator proposal refused")
+                    }
+                }
+            }
+            // Refused decisions would only be decided and refused again.
+            if !applied_any {
+                break;
+            }
+        }
+        Ok(())
     }
 }

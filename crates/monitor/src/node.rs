@@ -11,11 +11,11 @@ use std::time::Duration;
 use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use pgquorum_api::pb::monitor::monitor_server::MonitorServer;
 use pgquorum_api::pb::raft::raft_transport_server::RaftTransportServer;
-use pgquorum_core::{orchestrate, DEFAULT_FORMATION};
+use pgquorum_core::DEFAULT_FORMATION;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
-use crate::member::{now_ms, Member};
+use crate::member::Member;
 use crate::network::{Network, Reachability, TransportService, MAX_MESSAGE_BYTES};
 use crate::service::MonitorService;
 use crate::store::{self, StoreError};
@@ -281,15 +281,8 @@ async fn orchestrator_loop(m: Arc<Member>) {
         if m.raft.metrics().borrow().state != ServerState::Leader {
             continue;
         }
-        let now = now_ms();
-        let cmds = {
-            let a = m.read();
-            m.with_health(|h| orchestrate(&a.state, h, now))
-        };
-        for cmd in cmds {
-            if let Err(s) = m.propose(cmd).await {
-                tracing::warn!(error = %s.message(), "orchestrator proposal refused");
-            }
+        if let Err(s) = m.orchestrate_rounds(1).await {
+            tracing::warn!(error = %s.message(), "orchestrator proposal refused");
         }
     }
 }

@@ -360,6 +360,13 @@ impl Monitor for MonitorService {
                 tracing::warn!(node = node_id, error = %s.message(), "heartbeat change refused");
             }
         }
+        // Decide at once on what this report changed, so that the keeper learns its next
+        // goal in this reply instead of one orchestrator tick and one heartbeat later.
+        // A failed decision is left to the periodic tick: the heartbeat itself was heard,
+        // and the keeper's current assignment is still the right answer.
+        if let Err(s) = self.m.orchestrate_rounds(3).await {
+            tracing::debug!(node = node_id, error = %s.message(), "decision after heartbeat not proposed");
+        }
         let a = assignment(&self.m.read().state, node_id, now).map_err(|e| status_from_core(&e))?;
         Ok(Response::new(pb::NodeActiveReply {
             assignment: Some(a.into()),

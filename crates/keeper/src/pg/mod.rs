@@ -211,6 +211,26 @@ pub struct ControlData {
     pub timeline: u32,
     /// e.g. "in production", "shut down", "shut down in recovery", "in archive recovery".
     pub cluster_state: String,
+    /// Where the latest checkpoint record starts. After a clean shutdown of a primary
+    /// ("shut down") that record is the last one written: every commit lies below it.
+    pub checkpoint_lsn: u64,
+}
+
+impl ControlData {
+    /// The WAL position and timeline a stopped data directory is known to end at, or
+    /// None when pg_control cannot tell: after a crash the WAL goes on past the last
+    /// checkpoint, and a standby's restartpoint lags what it received.
+    pub fn final_position(&self) -> Option<(u64, u32)> {
+        (self.cluster_state == "shut down").then_some((self.checkpoint_lsn, self.timeline))
+    }
+}
+
+/// "16/B374D848" -> 0x16_B374_D848
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    (hi <= u64::from(u32::MAX) && lo <= u64::from(u32::MAX)).then_some((hi << 32) | lo)
 }
 
 impl ControlData {
@@ -224,6 +244,7 @@ impl ControlData {
             system_identifier: field("Database system identifier")?.parse().ok()?,
             timeline: field("Latest checkpoint's TimeLineID")?.parse().ok()?,
             cluster_state: field("Database cluster state")?,
+            checkpoint_lsn: parse_lsn(&field("Latest checkpoint location")?)?,
         })
     }
 }
@@ -252,10 +273,30 @@ mod tests {
         let out = "pg_control version number:            1300\n\
                    Database system identifier:           7311234567890123456\n\
                    Database cluster state:               shut down in recovery\n\
+                   Latest checkpoint location:           0/3000060\n\
                    Latest checkpoint's TimeLineID:       3\n";
         let cd = ControlData::parse(out).unwrap();
         assert_eq!(cd.system_identifier, 7311234567890123456);
         assert_eq!(cd.timeline, 3);
         assert_eq!(cd.cluster_state, "shut down in recovery");
+        assert_eq!(cd.checkpoint_lsn, 0x300_0060);
+        assert_eq!(
+            cd.final_position(),
+            None,
+            "a standby's restartpoint is no end"
+        );
+        let primary = ControlData {
+            cluster_state: "shut down".into(),
+            ..cd.clone()
+        };
+        assert_eq!(primary.final_position(), Some((0x300_0060, 3)));
+        let crashed = ControlData {
+            cluster_state: "in production".into(),
+            ..cd
+        };
+        assert_eq!(crashed.final_position(), None);
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(parse_lsn("x/1"), None);
+        assert_eq!(parse_lsn("1/100000000"), None);
     }
 }
