@@ -36,7 +36,9 @@ impl Scenario {
     }
 }
 
-/// One look at one node: is it a primary, and does it have a synchronous standby.
+/// One look at one node: is it a primary, and do its commits wait for a synchronous
+/// standby (synchronous_standby_names set: a commit is acknowledged only once it is on
+/// a second node — with it empty, commits are acknowledged from one node alone).
 struct Sample {
     at: Instant,
     node: String,
@@ -74,7 +76,7 @@ fn sample(
                 let Some(c) = &clients[i] else { continue };
                 let q = c.query_one(
                     "SELECT NOT pg_is_in_recovery(), \
-                     (SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync') > 0",
+                     current_setting('synchronous_standby_names') <> ''",
                     &[],
                 );
                 match tokio::time::timeout(Duration::from_millis(500), q).await {
@@ -124,6 +126,9 @@ async fn run(sys: &mut Patroni, w: &Writer, s: Scenario) -> Outcome {
         })
         .collect();
     let old = sys.primary(SETTLE).await;
+    let (c0, r0) = (w.acked_count(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rate = (w.acked_count() - c0) as f64 / r0.elapsed().as_secs_f64();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let sampler = sample(names, stopped);
     let t0 = Instant::now();
@@ -153,7 +158,8 @@ async fn run(sys: &mut Patroni, w: &Writer, s: Scenario) -> Outcome {
     let _ = stop.send(true);
     let samples = sampler.await.expect("sampler");
     // The primary that took the writes after the failure: from its first look as a
-    // primary after the writer's first error, until its first look with a sync standby.
+    // primary after the writer's first error, until its first look with commits
+    // waiting for a standby.
     let new = sys.primary(SETTLE).await;
     let as_primary: Vec<&Sample> = samples
         .iter()
@@ -168,7 +174,7 @@ async fn run(sys: &mut Patroni, w: &Writer, s: Scenario) -> Outcome {
     let acked = w.acked();
     let lost = lost(sys, &acked).await;
     eprintln!(
-        "{}: {old} -> {new}: gap {gap:.3} s, acknowledged without a sync standby for {unsynced:.3} s, {lost} of {} acknowledged rows lost",
+        "{}: {old} -> {new} (writer at {rate:.0} commits/s before): gap {gap:.3} s, acknowledged without a sync standby for {unsynced:.3} s, {lost} of {} acknowledged rows lost",
         s.label(),
         acked.len()
     );
