@@ -219,7 +219,10 @@ fn healthy(apis: &[(String, SocketAddr)]) -> Result<(), String> {
         .map(|(_, a)| *a)
         .ok_or("leader unknown")?;
     let status = get_json(api, "/patroni").ok_or("leader's /patroni unanswered")?;
-    let repl = status["replication"].as_array().cloned().unwrap_or_default();
+    let repl = status["replication"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     let streaming = repl.iter().filter(|r| r["state"] == "streaming").count();
     let sync = repl.iter().filter(|r| r["sync_state"] == "sync").count();
     if streaming != 2 || sync != 1 {
