@@ -57,18 +57,18 @@ remove_data_directory_on_rewind_failure on, so a lost primary can rejoin.";
 
 const FAST_WHY: &str = "ttl 20 s, loop_wait 1 s, retry_timeout 9 s, synchronous_mode: true, \
 synchronous_mode_strict: true; everything else at defaults (primary_start_timeout 300 s: a \
-crashed primary is restarted in place, which needs no promotion). Why safe: 20 s and 1 s are \
-the smallest ttl and loop_wait Patroni documents (newer Patroni raises smaller values to \
-them), and loop_wait + 2 × retry_timeout = 19 ≤ ttl is the rule Patroni's docs require: a \
-primary that cannot renew its leader key retries for at most retry_timeout and demotes \
-itself within loop_wait + 2 × retry_timeout, before the key expires and another node may \
-take it — so there are never two primaries. synchronous_mode_strict keeps \
-synchronous_standby_names set when no standby is there, so no commit is acknowledged \
-before it is on a second node, and only the synchronous standby may be promoted (writes \
-block instead while no standby streams). A shorter loop_wait costs only more DCS traffic. \
-PostgreSQL's wal_retrieve_retry_interval 500 ms (default 5 s): a standby whose connection to \
-a new primary fails (its replication slot not created yet) retries after 0.5 s instead of 5 s; \
-it paces retries only.";
+crashed primary is recovered and restarted in place rather than failed over). Why safe: \
+20 s and 1 s are the smallest ttl and loop_wait Patroni documents (since 3.2, which also \
+raises smaller values to them), and loop_wait + 2 × retry_timeout = 19 ≤ ttl is the rule its \
+docs require: a primary that cannot renew its leader key gives up after retry_timeout and \
+demotes itself before the key expires and another node may take it, so there are never two \
+primaries. synchronous_mode already lets only the synchronous standby be promoted; \
+synchronous_mode_strict adds that synchronous_standby_names stays set when no standby is \
+there, so no commit is acknowledged before it is on a second node (writes block instead, \
+e.g. after a promotion until a standby streams from the new primary). A shorter loop_wait \
+costs only more DCS traffic. PostgreSQL's wal_retrieve_retry_interval 500 ms (default 5 s): \
+a standby whose connection to a new primary fails (its replication slot is not created yet) \
+retries after 0.5 s instead of 5 s; it paces retries only.";
 
 /// How long Patroni's bootstrap, a failover or a rejoin may take before we give up.
 const SETTLE: Duration = Duration::from_secs(120);
