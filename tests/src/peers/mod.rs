@@ -6,6 +6,8 @@
 //!
 //! Implementations own every process they start and kill them all on drop (by PID).
 
+pub mod patroni;
+
 use std::time::Duration;
 
 /// One HA system with three nodes, started and ready (a primary and two streaming
