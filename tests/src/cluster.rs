@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgquorum_api::pb::monitor as pb;
-use pgquorum_testkit::postgres::{Keeper, NodeSpec, PgDir};
+use pgquorum_testkit::postgres::{kill9, port_free, Keeper, NodeSpec, PgDir};
 use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::NoTls;
 
@@ -300,17 +300,6 @@ fn postgres_log(spec: &NodeSpec) -> PathBuf {
     let mut p = spec.pgdata().into_os_string();
     p.push(".postgres.log");
     PathBuf::from(p)
-}
-
-fn kill9(pid: i32) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-}
-
-fn port_free(port: u16) -> bool {
-    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
 pub fn primary_of(ns: &[pb::NodeStatus]) -> Option<String> {

@@ -62,7 +62,7 @@ impl Default for PgDir {
     }
 }
 
-pub use crate::process::{free_port, pgquorum_bin};
+pub use crate::process::{free_port, kill9, pgquorum_bin, port_free};
 
 /// Polls `f` until it returns Some, or panics with `what` at the deadline.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T
@@ -102,9 +102,29 @@ pub async fn connect(
 
 /// One plain HTTP/1.0 GET: (status code, body).
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_request(addr, "GET", path, None, Duration::from_secs(5))
+}
+
+/// One HTTP/1.0 request with an optional JSON body, waiting up to `read_timeout` for
+/// the whole answer: (status code, body).
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    json: Option<&str>,
+    read_timeout: Duration,
+) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    s.set_read_timeout(Some(read_timeout)).ok()?;
+    match json {
+        Some(body) => write!(
+            s,
+            "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+        None => write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n"),
+    }
+    .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;

@@ -20,6 +20,16 @@ pub fn free_port() -> u16 {
 }
 
 /// `127.0.0.1:PORT` with a free port.
+/// SIGKILL by PID, ignoring a process that is already gone.
+pub fn kill9(pid: i32) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+/// Nothing listens on 127.0.0.1:`port` (a killed postmaster released it).
+pub fn port_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
