@@ -28,7 +28,8 @@ pub use health::{Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDO
 pub use lease::{lease_base, lease_surely_expired, lease_surely_expired_at};
 pub use model::*;
 pub use orchestrate::{
-    assignment, on_heartbeat, orchestrate, unhealthy_after, Assignment, PeerNode, CATCHUP_LAG_BYTES,
+    assignment, on_heartbeat, orchestrate, orchestrate_group, unhealthy_after, Assignment,
+    PeerNode, CATCHUP_LAG_BYTES,
 };
 pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement};
 pub use transitions::{

@@ -98,21 +98,53 @@ pub fn unhealthy_after(settings: &FormationSettings) -> Millis {
 pub fn orchestrate(state: &ClusterState, health: &HealthTable, now: Millis) -> Vec<Command> {
     let mut out = Vec::new();
     for (fname, formation) in &state.formations {
-        for (gid, group) in &formation.groups {
-            let ctx = Ctx {
-                state,
-                health,
-                now,
-                formation: fname,
-                group_id: *gid,
-                group,
-                settings: &formation.settings,
-                ua: unhealthy_after(&formation.settings),
-            };
-            ctx.run(&mut out);
+        for gid in formation.groups.keys() {
+            decide_group(state, health, now, fname, *gid, &mut out);
         }
     }
     out
+}
+
+/// The same decisions for one group only: what a heartbeat from one of its nodes may
+/// have made necessary. Deciding on every heartbeat over the whole fleet would cost
+/// O(nodes) per beat; one group is a handful of nodes.
+pub fn orchestrate_group(
+    state: &ClusterState,
+    health: &HealthTable,
+    now: Millis,
+    formation: &str,
+    group_id: GroupId,
+) -> Vec<Command> {
+    let mut out = Vec::new();
+    decide_group(state, health, now, formation, group_id, &mut out);
+    out
+}
+
+fn decide_group(
+    state: &ClusterState,
+    health: &HealthTable,
+    now: Millis,
+    formation: &str,
+    group_id: GroupId,
+    out: &mut Vec<Command>,
+) {
+    let Some(f) = state.formations.get(formation) else {
+        return;
+    };
+    let Some(group) = f.groups.get(&group_id) else {
+        return;
+    };
+    let ctx = Ctx {
+        state,
+        health,
+        now,
+        formation,
+        group_id,
+        group,
+        settings: &f.settings,
+        ua: unhealthy_after(&f.settings),
+    };
+    ctx.run(out);
 }
 
 struct Ctx<'a> {

@@ -1130,3 +1130,19 @@ fn a_crashed_old_primary_restarts_in_place_and_nobody_else_is_promoted_until_it_
         "{got:?}"
     );
 }
+
+#[test]
+fn deciding_for_one_group_decides_what_the_whole_run_decides_for_it() {
+    let mut c = Cluster::three();
+    c.advance(10_000);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    let all = orchestrate(&c.state, &c.health, c.now);
+    assert!(!all.is_empty(), "the silent primary must be failed over");
+    assert_eq!(
+        orchestrate_group(&c.state, &c.health, c.now, DEFAULT_FORMATION, 0),
+        all
+    );
+    assert!(orchestrate_group(&c.state, &c.health, c.now, DEFAULT_FORMATION, 7).is_empty());
+    assert!(orchestrate_group(&c.state, &c.health, c.now, "nope", 0).is_empty());
+}

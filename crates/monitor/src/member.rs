@@ -10,7 +10,7 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
 use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
 use pgquorum_api::{no_leader, status_from_core, HOPS_HEADER, MAX_FORWARD_HOPS};
-use pgquorum_core::{orchestrate, Command, HealthTable, Outcome};
+use pgquorum_core::{orchestrate, orchestrate_group, Command, GroupId, HealthTable, Outcome};
 use tonic::transport::Channel;
 use tonic::Status;
 
@@ -258,19 +258,32 @@ impl Member {
         }
     }
 
-    /// Lets the core decide and proposes what it decided, again while a round's
-    /// decisions were applied (one decision often enables the next, e.g. the last
-    /// candidate's report_lsn lets the winner be told to prepare_promotion), at most
-    /// `rounds` times. In steady state the core decides nothing, so nothing is proposed.
+    /// Lets the core decide (for one group, or for all with `scope` None) and proposes
+    /// what it decided, again while a round's decisions were applied (one decision often
+    /// enables the next, e.g. the last candidate's report_lsn lets the winner be told to
+    /// prepare_promotion), at most `rounds` times. In steady state the core decides
+    /// nothing, so nothing is proposed and no turn is waited for.
     /// Err only when the member cannot write at all (no quorum, not the leader).
-    pub async fn orchestrate_rounds(&self, rounds: usize) -> Result<(), Status> {
+    pub async fn orchestrate_rounds(
+        &self,
+        scope: Option<(&str, GroupId)>,
+        rounds: usize,
+    ) -> Result<(), Status> {
+        let decide = || {
+            let now = now_ms();
+            let a = self.read();
+            self.with_health(|h| match scope {
+                Some((formation, group)) => orchestrate_group(&a.state, h, now, formation, group),
+                None => orchestrate(&a.state, h, now),
+            })
+        };
+        if decide().is_empty() {
+            return Ok(());
+        }
         let _turn = self.orchestrating.lock().await;
         for _ in 0..rounds {
-            let now = now_ms();
-            let cmds = {
-                let a = self.read();
-                self.with_health(|h| orchestrate(&a.state, h, now))
-            };
+            // Decided again under the turn: the previous holder may have changed things.
+            let cmds = decide();
             if cmds.is_empty() {
                 break;
             }

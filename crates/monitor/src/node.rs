@@ -281,7 +281,7 @@ async fn orchestrator_loop(m: Arc<Member>) {
         if m.raft.metrics().borrow().state != ServerState::Leader {
             continue;
         }
-        if let Err(s) = m.orchestrate_rounds(1).await {
+        if let Err(s) = m.orchestrate_rounds(None, 1).await {
             tracing::warn!(error = %s.message(), "orchestrator proposal refused");
         }
     }

@@ -339,17 +339,19 @@ impl Monitor for MonitorService {
         let report = active.report;
         let node_id = report.node_id;
         let now = now_ms();
-        let cmds = {
+        let (cmds, formation, group) = {
             let applied = self.m.read();
-            if !applied.state.nodes.contains_key(&node_id) {
+            let Some(node) = applied.state.nodes.get(&node_id) else {
                 return Err(Status::not_found(format!(
                     "node {node_id} is not registered (was it dropped?); register it again"
                 )));
-            }
-            self.m.with_health(|h| {
+            };
+            let (formation, group) = (node.formation.clone(), node.group_id);
+            let cmds = self.m.with_health(|h| {
                 h.observe(report.clone(), now);
                 on_heartbeat(&applied.state, h, &report, now)
-            })
+            });
+            (cmds, formation, group)
         };
         // Only changes cost a Raft write; a steady heartbeat proposes nothing.
         for cmd in cmds {
@@ -363,8 +365,13 @@ impl Monitor for MonitorService {
         // Decide at once on what this report changed, so that the keeper learns its next
         // goal in this reply instead of one orchestrator tick and one heartbeat later.
         // A failed decision is left to the periodic tick: the heartbeat itself was heard,
-        // and the keeper's current assignment is still the right answer.
-        if let Err(s) = self.m.orchestrate_rounds(3).await {
+        // and the keeper's current assignment is still the right answer. Only this node's
+        // group: the periodic tick covers the rest.
+        if let Err(s) = self
+            .m
+            .orchestrate_rounds(Some((&formation, group)), 3)
+            .await
+        {
             tracing::debug!(node = node_id, error = %s.message(), "decision after heartbeat not proposed");
         }
         let a = assignment(&self.m.read().state, node_id, now).map_err(|e| status_from_core(&e))?;
