@@ -466,6 +466,7 @@ impl ClusterState {
                 goal_sync_seq: 0,
             },
         );
+        self.index_node(formation, group_id, id);
         if first {
             if let Some(g) = self.group_mut(formation, group_id) {
                 *g = Group::default();
@@ -586,6 +587,7 @@ impl ClusterState {
         let Some(node) = self.nodes.remove(&node_id) else {
             return;
         };
+        self.unindex_node(&node.formation, node.group_id, node_id);
         self.push_event(
             now,
             &node.formation,

@@ -266,13 +266,53 @@ pub struct Formation {
 /// The whole replicated state. Plain data: cloning and serialising it is how the
 /// monitor takes snapshots.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredState")]
 pub struct ClusterState {
     pub formations: BTreeMap<String, Formation>,
+    /// Added by registration and removed by [`ClusterState::apply`] only (a node never
+    /// changes formation or group): the group index below follows these two.
     pub nodes: BTreeMap<NodeId, Node>,
     pub next_node_id: NodeId,
     /// Bounded: the oldest entries are dropped.
     pub events: std::collections::VecDeque<Event>,
     pub next_event_id: u64,
+    /// Derived, never stored: each group's node ids in ascending order, so that finding
+    /// a group's nodes does not scan the whole fleet (a decision pass over every group
+    /// would otherwise cost O(groups x nodes)). Rebuilt when a state is read back.
+    #[serde(skip)]
+    by_group: BTreeMap<String, BTreeMap<GroupId, Vec<NodeId>>>,
+}
+
+/// The stored form of [`ClusterState`]: everything but the derived index.
+#[derive(Deserialize)]
+struct StoredState {
+    formations: BTreeMap<String, Formation>,
+    nodes: BTreeMap<NodeId, Node>,
+    next_node_id: NodeId,
+    events: std::collections::VecDeque<Event>,
+    next_event_id: u64,
+}
+
+impl From<StoredState> for ClusterState {
+    fn from(s: StoredState) -> Self {
+        let mut state = ClusterState {
+            formations: s.formations,
+            nodes: s.nodes,
+            next_node_id: s.next_node_id,
+            events: s.events,
+            next_event_id: s.next_event_id,
+            by_group: BTreeMap::new(),
+        };
+        let ids: Vec<(String, GroupId, NodeId)> = state
+            .nodes
+            .values()
+            .map(|n| (n.formation.clone(), n.group_id, n.id))
+            .collect();
+        for (f, g, id) in ids {
+            state.index_node(&f, g, id);
+        }
+        state
+    }
 }
 
 /// How many events the history keeps.
@@ -336,9 +376,40 @@ impl ClusterState {
         formation: &'a str,
         group_id: GroupId,
     ) -> impl Iterator<Item = &'a Node> + 'a {
-        self.nodes
-            .values()
-            .filter(move |n| n.group_id == group_id && n.formation == formation)
+        self.by_group
+            .get(formation)
+            .and_then(|groups| groups.get(&group_id))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.nodes.get(id))
+    }
+
+    /// Records a node just inserted into `nodes` in the group index.
+    pub(crate) fn index_node(&mut self, formation: &str, group_id: GroupId, id: NodeId) {
+        let ids = self
+            .by_group
+            .entry(formation.to_string())
+            .or_default()
+            .entry(group_id)
+            .or_default();
+        if let Err(at) = ids.binary_search(&id) {
+            ids.insert(at, id);
+        }
+    }
+
+    /// Forgets a node just removed from `nodes`.
+    pub(crate) fn unindex_node(&mut self, formation: &str, group_id: GroupId, id: NodeId) {
+        if let Some(groups) = self.by_group.get_mut(formation) {
+            if let Some(ids) = groups.get_mut(&group_id) {
+                ids.retain(|x| *x != id);
+                if ids.is_empty() {
+                    groups.remove(&group_id);
+                }
+            }
+            if groups.is_empty() {
+                self.by_group.remove(formation);
+            }
+        }
     }
 
     /// The node of a group that holds a writable goal (there is at most one).

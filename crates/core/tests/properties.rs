@@ -159,6 +159,17 @@ proptest! {
                 }
             }
             if s.events.len() > MAX_EVENTS { prop_assert!(false, "events unbounded"); }
+            // The derived group index agrees with a scan, and is rebuilt when read back.
+            for n in s.nodes.values() {
+                let scanned: Vec<NodeId> = s.nodes.values()
+                    .filter(|m| m.formation == n.formation && m.group_id == n.group_id)
+                    .map(|m| m.id)
+                    .collect();
+                let indexed: Vec<NodeId> = s.group_nodes(&n.formation, n.group_id).map(|m| m.id).collect();
+                prop_assert_eq!(scanned, indexed);
+            }
+            let back: ClusterState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+            prop_assert_eq!(&back, &s);
         }
     }
 }
