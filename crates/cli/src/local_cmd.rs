@@ -543,6 +543,12 @@ fn pid_is_ours(pid: i32) -> bool {
 }
 
 fn local_down(dir: &Path) -> Result<()> {
+    if !dir.join("local.json").exists() {
+        bail!(
+            "no local cluster is running in {} (no local.json there): nothing to stop",
+            dir.display()
+        );
+    }
     let pids = read_pid_file(dir)?;
     let order = ["keeper", "monitor"];
     for role in order {

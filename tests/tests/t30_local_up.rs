@@ -1,0 +1,269 @@
+//! `pgquorum local up`, the first command README gives, run as a user runs it: it
+//! prints a read-write URI that takes commits, the rows reach the standbys, Ctrl-C
+//! (SIGINT) stops every process it started; started again on the same directory it
+//! comes back with the data; SIGKILLed, it leaves its cluster behind, and
+//! `pgquorum local down --dir` stops that.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use pgquorum_testkit::postgres::port_free;
+use pgquorum_testkit::{free_port, pgquorum_bin, temp_dir, wait_until, Proc};
+use tokio_postgres::NoTls;
+
+/// A base port whose 9 derived ports (monitors +1.., PostgreSQL +11.., HTTP +21..) are
+/// all free now.
+fn free_base() -> u16 {
+    for _ in 0..200 {
+        let b = free_port();
+        if b > 60_000 {
+            continue;
+        }
+        let all = [1, 2, 3, 11, 12, 13, 21, 22, 23];
+        if all.iter().all(|o| port_free(b + o)) {
+            return b;
+        }
+    }
+    panic!("no free block of ports found");
+}
+
+struct LocalUp {
+    proc: Option<Proc>,
+    dir: PathBuf,
+    base: u16,
+    log: PathBuf,
+}
+
+impl LocalUp {
+    fn start(dir: &Path, base: u16, log: &Path) -> LocalUp {
+        let args: Vec<String> = vec![
+            "local".into(),
+            "up".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--base-port".into(),
+            base.to_string(),
+        ];
+        let proc = Proc::spawn("local up", &pgquorum_bin(), &args, log).unwrap();
+        LocalUp {
+            proc: Some(proc),
+            dir: dir.to_path_buf(),
+            base,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The read-write URI, once the command announced the cluster up.
+    fn wait_up(&self, seen: usize) -> String {
+        let r = wait_until(
+            Duration::from_secs(240),
+            "local up to announce the cluster",
+            || self.output().matches("The cluster is up").count() > seen,
+        );
+        if let Err(e) = r {
+            panic!("{e}\n{}\n{}", self.output(), self.logs());
+        }
+        let out = self.output();
+        out.lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("read-write: "))
+            .expect("a read-write URI")
+            .to_string()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.join("logs")) {
+            for e in rd.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                s.push_str(&format!("---- {} ----\n", e.path().display()));
+                for l in tail.into_iter().rev() {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+
+    fn ports(&self) -> Vec<u16> {
+        [1, 2, 3, 11, 12, 13, 21, 22, 23]
+            .iter()
+            .map(|o| self.base + o)
+            .collect()
+    }
+
+    fn signal(&self, sig: Signal) {
+        if let Some(p) = &self.proc {
+            let _ = kill(Pid::from_raw(p.pid() as i32), sig);
+        }
+    }
+
+    fn down(&self) -> (bool, String) {
+        let out = std::process::Command::new(pgquorum_bin())
+            .args(["local", "down", "--dir"])
+            .arg(&self.dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+impl Drop for LocalUp {
+    fn drop(&mut self) {
+        // Whatever happened, nothing it started may outlive the test.
+        self.signal(Signal::SIGINT);
+        if let Some(mut p) = self.proc.take() {
+            let _ = wait_until(Duration::from_secs(60), "local up to stop", || {
+                !p.is_running()
+            });
+            p.kill();
+        }
+        if self.dir.join("local.json").exists() {
+            let _ = self.down();
+        }
+    }
+}
+
+async fn connect(uri: &str) -> tokio_postgres::Client {
+    let (c, conn) = uri
+        .parse::<tokio_postgres::Config>()
+        .unwrap()
+        .connect(NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {uri}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    c
+}
+
+/// Waits until PostgreSQL on `port` (a standby) shows `n` rows in `t30`.
+async fn wait_rows_on(port: u16, n: i64) {
+    let uri = format!("postgresql://postgres@127.0.0.1:{port}/postgres?connect_timeout=2");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((c, conn)) = uri
+            .parse::<tokio_postgres::Config>()
+            .unwrap()
+            .connect(NoTls)
+            .await
+        {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            if let Ok(row) = c.query_one("SELECT count(*) FROM t30", &[]).await {
+                if row.get::<_, i64>(0) == n {
+                    return;
+                }
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node on port {port} never showed {n} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_up() {
+    let tmp = temp_dir("pgquorum-t30-");
+    // The keepers run as `postgres`: it must be able to reach the cluster directory.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = tmp.path().join("cluster");
+    let base = free_base();
+    let log = tmp.path().join("local-up.out");
+    let mut up = LocalUp::start(&dir, base, &log);
+    let uri = up.wait_up(0);
+    assert!(uri.contains("target_session_attrs=read-write"), "{uri}");
+
+    // The printed URI takes commits, and they reach both standbys.
+    let c = connect(&uri).await;
+    c.batch_execute("CREATE TABLE t30 (n int PRIMARY KEY)")
+        .await
+        .unwrap();
+    for n in 1..=20 {
+        c.execute("INSERT INTO t30 VALUES ($1)", &[&n])
+            .await
+            .unwrap();
+    }
+    let primary_port = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get::<_, i32>(0);
+    drop(c);
+    for port in [base + 11, base + 12, base + 13] {
+        if i32::from(port) != primary_port {
+            wait_rows_on(port, 20).await;
+        }
+    }
+
+    // Ctrl-C: a clean stop of everything, exit status 0, every port released.
+    up.signal(Signal::SIGINT);
+    let mut p = up.proc.take().unwrap();
+    wait_until(
+        Duration::from_secs(90),
+        "local up to exit after SIGINT",
+        || !p.is_running(),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", up.output()));
+    assert_eq!(p.exit_code(), Some(0), "{}", up.output());
+    assert!(up.output().contains("Stopped."), "{}", up.output());
+    wait_until(Duration::from_secs(30), "every port to be released", || {
+        up.ports().iter().all(|p| port_free(*p))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", up.output()));
+    assert!(!dir.join("local.json").exists());
+
+    // Started again on the same directory: same data, nothing initialised anew.
+    let log2 = tmp.path().join("local-up-2.out");
+    up = LocalUp::start(&dir, base, &log2);
+    let uri = up.wait_up(0);
+    let c = connect(&uri).await;
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM t30", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 20, "rows committed before the restart");
+    drop(c);
+
+    // SIGKILLed, it cannot stop its cluster: `local down` does.
+    let mut p = up.proc.take().unwrap();
+    p.kill();
+    assert!(
+        up.ports().iter().any(|p| !port_free(*p)),
+        "the cluster is expected to outlive a SIGKILLed local up"
+    );
+    let (ok, out) = up.down();
+    assert!(ok, "local down failed: {out}");
+    wait_until(Duration::from_secs(30), "every port to be released", || {
+        up.ports().iter().all(|p| port_free(*p))
+    })
+    .unwrap_or_else(|e| panic!("{e}\nlocal down said: {out}"));
+    assert!(!dir.join("local.json").exists());
+
+    // Nothing is left to stop: `local down` says so instead of pretending.
+    let (ok, out) = up.down();
+    assert!(!ok, "local down on a stopped cluster should fail: {out}");
+    assert!(out.contains("nothing to stop"), "{out}");
+}
