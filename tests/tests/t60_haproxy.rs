@@ -14,104 +14,40 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgquorum_testkit::postgres::{wait_for, Keeper, NodeSpec, PgDir};
+use pgquorum_testkit::postgres::wait_for;
+use pgquorum_tests::cluster::Cluster;
 use pgquorum_tests::haproxy::{Haproxy, Pgbouncer};
-use pgquorum_tests::monitor_group::MonitorGroup;
 
-const START: Duration = Duration::from_secs(180);
 const SETTLE: Duration = Duration::from_secs(90);
 
-struct Cluster {
-    // Field order is drop order: HAProxy, keepers (each SIGKILLed; its postgres gets
-    // the keeper's death signal), then the monitor group and the directory.
+/// The shared cluster harness with HAProxy (the shipped configuration) in front of it.
+/// Field order is drop order: HAProxy before the cluster it points at.
+struct Fronted {
     haproxy: Option<Haproxy>,
-    keepers: Vec<Keeper>,
-    specs: Vec<NodeSpec>,
-    group: MonitorGroup,
-    _dir: PgDir,
+    c: Cluster,
 }
 
-impl Cluster {
-    async fn start() -> Cluster {
-        let mut group = MonitorGroup::new(3);
-        for id in [1, 2, 3] {
-            group.start(id);
-        }
-        group.wait_leader(Duration::from_secs(30)).await;
-        let dir = PgDir::new();
-        let specs: Vec<NodeSpec> = (1..=3)
-            .map(|i| NodeSpec::new(&format!("node{i}"), dir.path()))
-            .collect();
-        let monitors = [1, 2, 3]
+impl Fronted {
+    async fn start() -> Fronted {
+        let c = Cluster::start(3).await;
+        let nodes: Vec<(u16, u16)> = c
+            .nodes
             .iter()
-            .map(|id| group.addr(*id))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut c = Cluster {
-            haproxy: None,
-            keepers: Vec::new(),
-            specs,
-            group,
-            _dir: dir,
-        };
-        for i in 0..3 {
-            c.start_keeper(i, &monitors);
-            if i == 0 {
-                // The first node bootstraps as primary before the others join.
-                let s = c.specs[0].clone();
-                c.wait_http(&s, "/primary", START).await;
-            }
-        }
-        for i in 1..3 {
-            let s = c.specs[i].clone();
-            c.wait_http(&s, "/replica", START).await;
-        }
-        c.wait_settled(START).await;
-        let nodes: Vec<(u16, u16)> = c.specs.iter().map(|s| (s.pg_port, s.http.port())).collect();
-        c.haproxy = Some(Haproxy::start(c._dir.path(), &nodes));
-        c
-    }
-
-    fn start_keeper(&mut self, i: usize, monitors: &str) {
-        let s = &self.specs[i];
-        let mut args = s.args();
-        args.extend([
-            "--monitor".to_string(),
-            monitors.to_string(),
-            "--pg-hba".to_string(),
-            "host all all 127.0.0.1/32 trust".to_string(),
-        ]);
-        self.keepers
-            .push(Keeper::spawn("run", &args, &s.keeper_log()));
+            .map(|n| (n.spec.pg_port, n.spec.http.port()))
+            .collect();
+        let haproxy = Some(Haproxy::start(c.dir.path(), &nodes));
+        Fronted { haproxy, c }
     }
 
     fn haproxy(&self) -> &Haproxy {
         self.haproxy.as_ref().unwrap()
     }
 
-    async fn wait_http(&self, s: &NodeSpec, path: &str, timeout: Duration) {
-        let what = format!("{} to answer 200 on {path}", s.name);
-        let s2 = s.clone();
-        let p = path.to_string();
-        let ok = tokio::time::timeout(
-            timeout,
-            wait_for(&what, timeout, || {
-                let s = s2.clone();
-                let p = p.clone();
-                async move { (s.http_get(&p).map(|r| r.0) == Some(200)).then_some(()) }
-            }),
-        )
-        .await;
-        if ok.is_err() {
-            panic!("timed out waiting for {what}\n{}", self.logs());
-        }
-    }
-
-    /// Waits until HAProxy's read-write side has exactly node `i` up (a freshly
+    /// Waits until HAProxy's read-write side has exactly `primary` up (a freshly
     /// started HAProxy counts every server up until its first checks fail).
-    async fn wait_rw_on(&self, i: usize) {
+    async fn wait_rw_on(&self, primary: &str) {
         let h = self.haproxy();
-        let want = vec![format!("node{}", i + 1)];
+        let want = vec![primary.to_string()];
         wait_for(
             "HAProxy to route read-write to the primary only",
             SETTLE,
@@ -120,64 +56,15 @@ impl Cluster {
         .await;
     }
 
-    /// Waits until the monitor group sees every running node at its goal, one of them
-    /// `primary` and the others `secondary` (operations are refused while a node is
-    /// in transition).
-    async fn wait_settled(&self, timeout: Duration) {
-        let running: Vec<String> = self
-            .specs
-            .iter()
-            .zip(&self.keepers)
-            .filter(|(_, k)| k.pid().is_some())
-            .map(|(s, _)| s.name.clone())
-            .collect();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let (ok, out) = self.cli(&["show", "state", "--json"]);
-            let states: Option<Vec<String>> = ok
-                .then(|| serde_json::from_str::<serde_json::Value>(&out).ok())
-                .flatten()
-                .and_then(|v| {
-                    v.get("nodes")?
-                        .as_array()?
-                        .iter()
-                        .filter(|n| {
-                            running
-                                .iter()
-                                .any(|r| Some(r.as_str()) == n["name"].as_str())
-                        })
-                        .map(|n| {
-                            let rep = n["reported_state"].as_str()?;
-                            (Some(rep) == n["goal_state"].as_str()).then(|| rep.to_string())
-                        })
-                        .collect()
-                });
-            if let Some(st) = states {
-                let primaries = st.iter().filter(|s| *s == "primary").count();
-                let secondaries = st.iter().filter(|s| *s == "secondary").count();
-                if st.len() == running.len()
-                    && primaries == 1
-                    && primaries + secondaries == st.len()
-                {
-                    return;
-                }
-            }
-            if tokio::time::Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for one primary and settled secondaries: {out}\n{}",
-                    self.logs()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-
-    /// Waits until HAProxy's read-only side has exactly the nodes other than `p` up.
-    async fn wait_ro_without(&self, p: usize) {
+    /// Waits until HAProxy's read-only side has exactly the nodes other than `primary` up.
+    async fn wait_ro_without(&self, primary: &str) {
         let h = self.haproxy();
-        let want: Vec<String> = (0..self.specs.len())
-            .filter(|i| *i != p)
-            .map(|i| format!("node{}", i + 1))
+        let want: Vec<String> = self
+            .c
+            .nodes
+            .iter()
+            .map(|n| n.spec.name.clone())
+            .filter(|n| n != primary)
             .collect();
         wait_for(
             "HAProxy to route read-only to the standbys only",
@@ -187,48 +74,16 @@ impl Cluster {
         .await;
     }
 
-    /// Index of the node whose keeper answers /primary, once exactly one does.
-    async fn primary(&self, timeout: Duration) -> usize {
-        let specs = self.specs.clone();
-        wait_for("exactly one node answering /primary", timeout, || {
-            let specs = specs.clone();
-            async move {
-                let up: Vec<usize> = (0..specs.len())
-                    .filter(|i| specs[*i].http_get("/primary").map(|r| r.0) == Some(200))
-                    .collect();
-                (up.len() == 1).then(|| up[0])
-            }
-        })
-        .await
-    }
-
-    fn cli(&self, args: &[&str]) -> (bool, String) {
-        let monitors = [1, 2, 3]
-            .iter()
-            .map(|id| self.group.addr(*id))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--monitor", &monitors]);
-        self.group.cli(&all)
+    fn pg_port(&self, name: &str) -> i32 {
+        i32::from(self.c.node(name).spec.pg_port)
     }
 
     fn logs(&self) -> String {
-        let mut s = String::new();
-        for (k, spec) in self.keepers.iter().zip(&self.specs) {
-            let text = k.log_text();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            s.push_str(&format!("---- keeper {} (last lines) ----\n", spec.name));
-            for l in tail.into_iter().rev() {
-                s.push_str(l);
-                s.push('\n');
-            }
-        }
+        let mut s = self.c.logs();
         if let Some(h) = &self.haproxy {
             s.push_str("---- haproxy ----\n");
             s.push_str(&h.log());
         }
-        s.push_str(&self.group.logs());
         s
     }
 }
@@ -310,7 +165,7 @@ impl Writer {
     }
 
     /// Waits until `more` commits beyond `from` have been acknowledged.
-    async fn wait_more(&self, from: usize, more: usize, what: &str, c: &Cluster) {
+    async fn wait_more(&self, from: usize, more: usize, what: &str, c: &Fronted) {
         let deadline = tokio::time::Instant::now() + SETTLE;
         while self.count() < from + more {
             if tokio::time::Instant::now() > deadline {
@@ -342,7 +197,7 @@ async fn server_port(h: &Haproxy, rw: bool) -> (i32, bool) {
     (row.get(0), row.get(1))
 }
 
-async fn assert_all_present(c: &Cluster, table: &str, acked: &[i64]) {
+async fn assert_all_present(c: &Fronted, table: &str, acked: &[i64]) {
     let h = c.haproxy();
     let client = wait_for(
         "a connection through the read-write port",
@@ -383,11 +238,11 @@ async fn create_table(h: &Haproxy) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rw_port_leads_to_the_primary_ro_to_standbys_and_pgbouncer_pools_through_it() {
-    let c = Cluster::start().await;
-    let h = c.haproxy();
-    let p = c.primary(SETTLE).await;
-    c.wait_rw_on(p).await;
-    c.wait_ro_without(p).await;
+    let f = Fronted::start().await;
+    let h = f.haproxy();
+    let p = f.c.primary().await;
+    f.wait_rw_on(&p).await;
+    f.wait_ro_without(&p).await;
     let (port, in_recovery) = wait_for("HAProxy's read-write port", SETTLE, || async {
         match h.connect(true).await {
             Ok(_) => Some(server_port(h, true).await),
@@ -395,11 +250,7 @@ async fn rw_port_leads_to_the_primary_ro_to_standbys_and_pgbouncer_pools_through
         }
     })
     .await;
-    assert_eq!(
-        port,
-        i32::from(c.specs[p].pg_port),
-        "rw port reached a standby"
-    );
+    assert_eq!(port, f.pg_port(&p), "rw port reached a standby");
     assert!(!in_recovery);
     create_table(h).await;
     for _ in 0..4 {
@@ -411,23 +262,23 @@ async fn rw_port_leads_to_the_primary_ro_to_standbys_and_pgbouncer_pools_through
         })
         .await;
         assert!(in_recovery, "ro port reached the primary");
-        assert_ne!(port, i32::from(c.specs[p].pg_port));
+        assert_ne!(port, f.pg_port(&p));
     }
     let w = Writer::start(h.ports.rw, "t60");
-    let bouncer = Pgbouncer::start(c._dir.path(), h.ports.rw);
+    let bouncer = Pgbouncer::start(f.c.dir.path(), h.ports.rw);
     let wb = Writer::start(bouncer.port, "t60_bouncer");
-    w.wait_more(0, 100, "steady state", &c).await;
-    wb.wait_more(0, 100, "steady state through PgBouncer", &c)
+    w.wait_more(0, 100, "steady state", &f).await;
+    wb.wait_more(0, 100, "steady state through PgBouncer", &f)
         .await;
     let acked = w.finish().await;
     let acked_b = wb.finish().await;
-    assert_all_present(&c, "t60", &acked).await;
-    assert_all_present(&c, "t60_bouncer", &acked_b).await;
+    assert_all_present(&f, "t60", &acked).await;
+    assert_all_present(&f, "t60_bouncer", &acked_b).await;
 
     // The leader's /metrics tells what Prometheus alerts on: nodes by state and
     // how long ago each keeper was heard.
-    let leader = c.group.wait_leader(SETTLE).await;
-    let addr: std::net::SocketAddr = c.group.addr(leader).parse().unwrap();
+    let leader = f.c.monitors.wait_leader(SETTLE).await;
+    let addr: std::net::SocketAddr = f.c.monitors.addr(leader).parse().unwrap();
     let (code, metrics) = pgquorum_testkit::postgres::http_get(addr, "/metrics").unwrap();
     assert_eq!(code, 200);
     let has = |needle: &str| metrics.lines().any(|l| l.contains(needle));
@@ -455,15 +306,15 @@ async fn rw_port_leads_to_the_primary_ro_to_standbys_and_pgbouncer_pools_through
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_through_haproxy_survive_a_switchover_and_a_primary_kill() {
-    let mut c = Cluster::start().await;
-    let old = c.primary(SETTLE).await;
-    c.wait_rw_on(old).await;
-    create_table(c.haproxy()).await;
-    let w = Writer::start(c.haproxy().ports.rw, "t60");
-    let bouncer = Pgbouncer::start(c._dir.path(), c.haproxy().ports.rw);
+    let mut f = Fronted::start().await;
+    let old = f.c.primary().await;
+    f.wait_rw_on(&old).await;
+    create_table(f.haproxy()).await;
+    let w = Writer::start(f.haproxy().ports.rw, "t60");
+    let bouncer = Pgbouncer::start(f.c.dir.path(), f.haproxy().ports.rw);
     let wb = Writer::start(bouncer.port, "t60_bouncer");
-    w.wait_more(0, 50, "before the switchover", &c).await;
-    wb.wait_more(0, 50, "before the switchover, through PgBouncer", &c)
+    w.wait_more(0, 50, "before the switchover", &f).await;
+    wb.wait_more(0, 50, "before the switchover, through PgBouncer", &f)
         .await;
 
     // Planned switchover through the operator's command.
@@ -471,61 +322,52 @@ async fn commits_through_haproxy_survive_a_switchover_and_a_primary_kill() {
     // such as apply_settings, right after the cluster looked settled): retry those.
     let deadline = tokio::time::Instant::now() + SETTLE;
     let out = loop {
-        let (ok, out) = c.cli(&["perform", "switchover", "--timeout", "90"]);
+        let (ok, out) = f.c.cli(&["perform", "switchover", "--timeout", "90"]);
         if ok {
             break out;
         }
         assert!(
             out.contains("not allowed now") && tokio::time::Instant::now() < deadline,
             "perform switchover failed: {out}\n{}",
-            c.logs()
+            f.logs()
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     eprintln!("perform switchover: {out}");
-    let new = c.primary(SETTLE).await;
+    let new = f.c.primary().await;
     assert_ne!(new, old, "the switchover kept the same primary");
     let (n, nb) = (w.count(), wb.count());
-    w.wait_more(n, 50, "after the switchover", &c).await;
-    wb.wait_more(nb, 50, "after the switchover, through PgBouncer", &c)
+    w.wait_more(n, 50, "after the switchover", &f).await;
+    wb.wait_more(nb, 50, "after the switchover, through PgBouncer", &f)
         .await;
-    let (port, _) = server_port(c.haproxy(), true).await;
-    assert_eq!(port, i32::from(c.specs[new].pg_port));
-    c.wait_settled(SETTLE).await;
+    let (port, _) = server_port(f.haproxy(), true).await;
+    assert_eq!(port, f.pg_port(&new));
+    f.c.wait_healthy(2).await;
 
     // The primary's keeper and postmaster die at once (SIGKILL by the PIDs we know).
-    let pm = c.specs[new].postmaster_pid();
-    c.keepers[new].kill();
-    if let Some(pid) = pm {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    f.c.kill_node(&new).await;
     let (n, nb) = (w.count(), wb.count());
-    let third = wait_for("a new primary after the kill", SETTLE, || {
-        let specs = c.specs.clone();
-        async move {
-            (0..specs.len())
-                .find(|i| *i != new && specs[*i].http_get("/primary").map(|r| r.0) == Some(200))
-        }
-    })
-    .await;
-    w.wait_more(n, 50, "after the primary was killed", &c).await;
+    let ns =
+        f.c.wait_state("a new primary after the kill", |ns| {
+            pgquorum_tests::cluster::primary_of(ns).is_some_and(|p| p != new)
+        })
+        .await;
+    let third = pgquorum_tests::cluster::primary_of(&ns).unwrap();
+    w.wait_more(n, 50, "after the primary was killed", &f).await;
     wb.wait_more(
         nb,
         50,
         "after the primary was killed, through PgBouncer",
-        &c,
+        &f,
     )
     .await;
-    let (port, _) = server_port(c.haproxy(), true).await;
-    assert_eq!(port, i32::from(c.specs[third].pg_port));
+    let (port, _) = server_port(f.haproxy(), true).await;
+    assert_eq!(port, f.pg_port(&third));
 
     let acked = w.finish().await;
     let acked_b = wb.finish().await;
-    assert_all_present(&c, "t60", &acked).await;
-    assert_all_present(&c, "t60_bouncer", &acked_b).await;
+    assert_all_present(&f, "t60", &acked).await;
+    assert_all_present(&f, "t60_bouncer", &acked_b).await;
     drop(bouncer);
-    c.haproxy = None;
+    f.haproxy = None;
 }
