@@ -6,6 +6,9 @@
 //!
 //! Implementations own every process they start and kill them all on drop (by PID).
 
+pub mod pg_auto_failover;
+pub mod pgquorum;
+
 use std::time::Duration;
 
 /// One HA system with three nodes, started and ready (a primary and two streaming
