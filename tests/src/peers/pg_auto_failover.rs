@@ -151,11 +151,11 @@ impl PgAutoFailover {
                 ]);
                 let c = connect(n.port).await.expect("connect to a node");
                 c.batch_execute(&format!(
-                    "ALTER SYSTEM SET wal_retrieve_retry_interval = '{FAST_WAL_RETRIEVE_RETRY_INTERVAL}'; \
-                     SELECT pg_reload_conf()"
+                    "ALTER SYSTEM SET wal_retrieve_retry_interval = '{FAST_WAL_RETRIEVE_RETRY_INTERVAL}'"
                 ))
                 .await
                 .unwrap();
+                c.batch_execute("SELECT pg_reload_conf()").await.unwrap();
             }
         }
         let p = s.primary(SETTLE).await;
