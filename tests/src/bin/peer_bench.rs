@@ -391,23 +391,26 @@ fn install_missing(systems: &[String]) {
     }
 }
 
-fn machine() -> String {
-    let cores = std::thread::available_parallelism()
+fn cores() -> usize {
+    std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(1);
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default();
-    format!("{cores} cores, load average {load}")
+        .unwrap_or(1)
 }
 
-fn render(outcomes: &[Outcome], command: &str, machine_start: &str, machine_end: &str) -> String {
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn render(outcomes: &[Outcome], command: &str, load_start: &str, load_end: &str) -> String {
     let mut s = String::from("## Side by side\n\n");
     let _ = write!(
         s,
         "Measured by `{command}` (after `cargo build --release -p pgquorum && cargo build \
          --release -p pgquorum-tests --bin peer-bench`), the systems one after another on one \
-         machine ({machine_start} at the start, {machine_end} at the end; other work shared it). \
+         machine ({} cores; load average {load_start} at the start, {load_end} at the end: other \
+         work shared it). \
          Each system runs 3 PostgreSQL 15 nodes on loopback with synchronous replication. One \
          client for all: it commits numbered rows one at a time through the libpq multi-host \
          address (target_session_attrs=read-write, connect_timeout 1 s, commit timeout 2 s, \
@@ -420,7 +423,8 @@ fn render(outcomes: &[Outcome], command: &str, machine_start: &str, machine_end:
          failure. Lost = acknowledged numbers missing on the final primary. No-sync acks \
          = seconds after the fault during which acknowledged commits had no synchronous \
          standby (median / max per run, and the count of such commits). Between runs every \
-         system is back to a primary with two streaming standbys.\n\n"
+         system is back to a primary with two streaming standbys.\n\n",
+        cores()
     );
     s.push_str(
         "| system | settings | scenario | runs | median (s) | min (s) | max (s) | rows lost | no-sync acks: s median / max (commits) |\n\
@@ -559,7 +563,7 @@ fn main() {
         "pgquorum binary: {}",
         pgquorum_testkit::pgquorum_bin().display()
     );
-    let machine_start = machine();
+    let load_start = load();
     let mut outcomes: Vec<Outcome> = Vec::new();
     for system in &systems {
         // pgquorum's defaults are its fast settings: measured once.
@@ -593,15 +597,40 @@ fn main() {
                 other => panic!("unknown system {other} (pgquorum, pg_auto_failover, patroni)"),
             };
             outcomes.push(o);
-            let section = render(&outcomes, &command, &machine_start, &machine());
+            let section = render(&outcomes, &command, &load_start, &load());
             if let Some(p) = &doc {
                 pgquorum_tests::bench_doc::write_section(p, "## Side by side", &section)
                     .expect("write the benchmarks document");
             }
         }
     }
-    println!(
-        "{}",
-        render(&outcomes, &command, &machine_start, &machine())
-    );
+    println!("{}", render(&outcomes, &command, &load_start, &load()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::unprotected_span;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn an_unprotected_episode_lasts_until_the_next_protected_ack() {
+        let t = Instant::now();
+        let at = |ms: u64| t + Duration::from_millis(ms);
+        let acks = vec![
+            (at(0), false),
+            (at(100), true),
+            (at(300), true),
+            (at(1100), false),
+            (at(2000), true),
+            (at(2500), false),
+        ];
+        // Fault at 50 ms: one episode from 100 ms to the protected ack at 1100 ms, then
+        // one at 2000 ms still open when the window ends at 2200 ms (counted up to its
+        // last unprotected ack: 0 s).
+        let (s, n) = unprotected_span(&acks, at(50), Some(at(2200)));
+        assert_eq!(n, 3);
+        assert!((s - 1.0).abs() < 1e-9, "{s}");
+        // No unprotected acknowledgement: nothing to report.
+        assert_eq!(unprotected_span(&acks, at(1000), Some(at(1500))), (0.0, 0));
+    }
 }

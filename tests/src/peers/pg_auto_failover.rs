@@ -382,7 +382,8 @@ impl HaSystem for PgAutoFailover {
             DEFAULT_SETTINGS
         };
         format!(
-            "{base}. Observed synchronous_standby_names: `{}`.",
+            "{}. Observed synchronous_standby_names: `{}`.",
+            base.trim_end_matches('.'),
             self.sync_names
         )
     }
