@@ -517,6 +517,18 @@ impl Writer {
             .find(|at| *at > t)
     }
 
+    /// The failed attempts after `t` so far.
+    pub fn errors_after(&self, t: Instant) -> Vec<(Instant, String)> {
+        self.log
+            .lock()
+            .unwrap()
+            .errors
+            .iter()
+            .filter(|e| e.0 > t)
+            .cloned()
+            .collect()
+    }
+
     /// The first failed attempt after `t`, if any yet.
     pub fn first_error_after(&self, t: Instant) -> Option<Instant> {
         self.log

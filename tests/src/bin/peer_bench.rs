@@ -230,6 +230,7 @@ async fn bench<S: HaSystem>(
         for i in 0..runs {
             let primary = sys.primary(RECOVERY).await;
             let t0 = Instant::now();
+            let wall = time_of_day();
             faults.push(t0);
             match s {
                 Scenario::NodeLoss => sys.kill_node(&primary).await,
@@ -239,10 +240,14 @@ async fn bench<S: HaSystem>(
             match gap(&w, t0).await {
                 Some(g) => {
                     eprintln!(
-                        "{system} ({settings}) {}: run {}: {g:.3} s",
+                        "{system} ({settings}) {}: run {}: {g:.3} s (fault at {wall} UTC)",
                         s.label(),
                         i + 1
                     );
+                    // What the client saw, to tell where the time went.
+                    for (at, e) in w.errors_after(t0).iter().take(4) {
+                        eprintln!("    +{:.3} s: {e}", (*at - t0).as_secs_f64());
+                    }
                     gaps.push(g);
                 }
                 None => {
@@ -334,6 +339,21 @@ where
     }
 }
 
+/// Wall-clock time of day (UTC, HH:MM:SS.mmm), to match the systems' own logs.
+fn time_of_day() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let s = d.as_secs() % 86_400;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        d.subsec_millis()
+    )
+}
+
 fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
     if v.is_empty() {
         return None;
@@ -423,7 +443,8 @@ fn render(outcomes: &[Outcome], command: &str, load_start: &str, load_end: &str)
          failure. Lost = acknowledged numbers missing on the final primary. No-sync acks \
          = seconds after the fault during which acknowledged commits had no synchronous \
          standby (median / max per run, and the count of such commits). Between runs every \
-         system is back to a primary with two streaming standbys.\n\n",
+         system is back to a primary with two streaming standbys, both in its \
+         synchronous_standby_names.\n\n",
         cores()
     );
     s.push_str(

@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgquorum_api::pb::monitor as pb;
 
@@ -61,22 +61,78 @@ impl HaSystem for Pgquorum {
     }
 
     async fn switchover(&self) {
+        // wait_healthy leaves nothing pending, so this is accepted at once; should the
+        // monitor still refuse ("not allowed now"), the retries count against pgquorum's
+        // figure, not for it.
         let client = self.cluster.monitors.client();
-        client
-            .call(|mut raw| async move {
-                raw.perform_switchover(pb::PerformSwitchoverRequest {
-                    formation: "default".into(),
-                    group_id: 0,
-                    candidate: String::new(),
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let r = client
+                .call(|mut raw| async move {
+                    raw.perform_switchover(pb::PerformSwitchoverRequest {
+                        formation: "default".into(),
+                        group_id: 0,
+                        candidate: String::new(),
+                    })
+                    .await
                 })
-                .await
-            })
-            .await
-            .expect("switchover accepted");
+                .await;
+            match r {
+                Ok(_) => return,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("pgquorum: switchover refused, retrying: {e:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("switchover refused: {e:?}"),
+            }
+        }
     }
 
-    async fn wait_healthy(&self, _within: Duration) {
-        self.cluster.wait_healthy(2).await;
+    /// The monitor's view healthy (a primary and two secondaries, each at its goal),
+    /// and the primary already applying the final synchronous_standby_names that names
+    /// both standbys: right after a rejoin the monitor still has to move the primary
+    /// through apply_settings, and a switchover asked before that is refused.
+    async fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            self.cluster.wait_healthy(2).await;
+            let p = self.cluster.primary().await;
+            let others: Vec<String> = self
+                .cluster
+                .nodes
+                .iter()
+                .map(|n| n.spec.name.clone())
+                .filter(|n| *n != p)
+                .collect();
+            if let Ok(c) = self.cluster.node(&p).spec.connect().await {
+                if let Ok(r) = c
+                    .query_one(
+                        "SELECT current_setting('synchronous_standby_names'), \
+                                (SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming')",
+                        &[],
+                    )
+                    .await
+                {
+                    let names: String = r.get(0);
+                    let streaming: i64 = r.get(1);
+                    if streaming == 2
+                        && others.iter().all(|o| names.contains(o.as_str()))
+                        && crate::cluster::healthy(
+                            &self.cluster.state().await.unwrap_or_default(),
+                            2,
+                        )
+                    {
+                        return;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "pgquorum: the primary never named both standbys synchronous\n{}",
+                self.cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn agent_pids(&self) -> Vec<u32> {
