@@ -342,6 +342,9 @@ pub struct Log {
     pub acked: Vec<(i64, Instant)>,
     /// Failed or unanswered attempts.
     pub errors: Vec<(Instant, String)>,
+    /// Only from [`Writer::start_checked`]: for each acknowledgement, whether the
+    /// commit was made with no synchronous standby to wait for.
+    pub unprotected: Vec<(Instant, bool)>,
 }
 
 /// Commits `INSERT INTO acked VALUES (n)` for n = 1, 2, ... through a multi-host
@@ -371,6 +374,18 @@ pub fn multi_host_config(hosts: &[(String, u16)]) -> tokio_postgres::Config {
 
 impl Writer {
     pub fn start(hosts: Vec<(String, u16)>) -> Writer {
+        Writer::start_with(hosts, false)
+    }
+
+    /// Same, but each commit is one transaction that also reads whether the primary had
+    /// a synchronous standby to wait for (`synchronous_standby_names` not empty and
+    /// `synchronous_commit` neither `local` nor `off`), recorded in [`Log::unprotected`]
+    /// for each acknowledgement. One round trip, as the plain writer.
+    pub fn start_checked(hosts: Vec<(String, u16)>) -> Writer {
+        Writer::start_with(hosts, true)
+    }
+
+    fn start_with(hosts: Vec<(String, u16)>, checked: bool) -> Writer {
         let log = Arc::new(Mutex::new(Log::default()));
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let l = log.clone();
@@ -412,13 +427,25 @@ impl Writer {
                 }
                 let Some(c) = &client else { continue };
                 n += 1;
-                let r = tokio::time::timeout(
-                    COMMIT_TIMEOUT,
-                    c.execute("INSERT INTO acked VALUES ($1)", &[&n]),
-                )
-                .await;
+                let r = if checked {
+                    tokio::time::timeout(COMMIT_TIMEOUT, checked_commit(c, n)).await
+                } else {
+                    tokio::time::timeout(
+                        COMMIT_TIMEOUT,
+                        c.execute("INSERT INTO acked VALUES ($1)", &[&n]),
+                    )
+                    .await
+                    .map(|r| r.map(|_| false))
+                };
                 match r {
-                    Ok(Ok(_)) => l.lock().unwrap().acked.push((n, Instant::now())),
+                    Ok(Ok(unprotected)) => {
+                        let now = Instant::now();
+                        let mut log = l.lock().unwrap();
+                        log.acked.push((n, now));
+                        if checked {
+                            log.unprotected.push((now, unprotected));
+                        }
+                    }
                     Ok(Err(e)) => {
                         l.lock()
                             .unwrap()
@@ -443,6 +470,23 @@ impl Writer {
         }
     }
 
+    /// The acknowledgements' times and whether each was made with no synchronous
+    /// standby (empty unless started with [`Writer::start_checked`]).
+    pub fn unprotected(&self) -> Vec<(Instant, bool)> {
+        self.log.lock().unwrap().unprotected.clone()
+    }
+
+    /// The highest acknowledged number so far (0 before the first).
+    pub fn last_acked(&self) -> i64 {
+        self.log
+            .lock()
+            .unwrap()
+            .acked
+            .last()
+            .map(|a| a.0)
+            .unwrap_or(0)
+    }
+
     pub fn acked(&self) -> BTreeSet<i64> {
         self.log.lock().unwrap().acked.iter().map(|a| a.0).collect()
     }
@@ -460,6 +504,18 @@ impl Writer {
             .iter()
             .map(|a| a.1)
             .find(|at| *at > t)
+    }
+
+    /// The failed attempts after `t` so far.
+    pub fn errors_after(&self, t: Instant) -> Vec<(Instant, String)> {
+        self.log
+            .lock()
+            .unwrap()
+            .errors
+            .iter()
+            .filter(|e| e.0 > t)
+            .cloned()
+            .collect()
     }
 
     /// The first failed attempt after `t`, if any yet.
@@ -511,6 +567,24 @@ impl Drop for Writer {
             t.abort();
         }
     }
+}
+
+/// Inserts `n` and reads, in the same transaction, whether the commit will wait for a
+/// synchronous standby; Ok(true) when it will not (the acknowledgement then only
+/// means the row is on the primary's disk).
+async fn checked_commit(c: &tokio_postgres::Client, n: i64) -> Result<bool, tokio_postgres::Error> {
+    let msgs = c
+        .simple_query(&format!(
+            "BEGIN; INSERT INTO acked VALUES ({n}); \
+             SELECT current_setting('synchronous_standby_names') = '' \
+                 OR current_setting('synchronous_commit') IN ('off', 'local'); \
+             COMMIT"
+        ))
+        .await?;
+    Ok(msgs.iter().any(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("t"),
+        _ => false,
+    }))
 }
 
 /// A short pause between failed connection attempts, cut short by stop.

@@ -7,6 +7,8 @@
 //! Implementations own every process they start and kill them all on drop (by PID).
 
 pub mod patroni;
+pub mod pg_auto_failover;
+pub mod pgquorum;
 
 use std::time::Duration;
 
