@@ -264,13 +264,38 @@ type Probe = (
     Arc<Mutex<Vec<(Instant, NodeState)>>>,
 );
 
+/// A few channels to every member, shared by all keepers (HTTP/2 multiplexes them).
+struct Conns {
+    addrs: Vec<String>,
+    chans: Vec<Vec<Raw>>,
+}
+
+impl Conns {
+    fn new(addrs: Vec<String>, per_member: usize) -> Conns {
+        let chans = addrs
+            .iter()
+            .map(|a| {
+                (0..per_member)
+                    .map(|_| MonitorClient::new([a.clone()]).unwrap().raw(a).unwrap())
+                    .collect()
+            })
+            .collect();
+        Conns { addrs, chans }
+    }
+}
+
+/// As the keeper: each request times out after 500 ms.
+const REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// One simulated keeper.
 struct Keeper {
     node_id: u64,
     formation: String,
     idx: usize,
     group: Arc<Mutex<SimGroup>>,
-    client: Raw,
+    conns: Arc<Conns>,
+    /// Which of the shared channels to each member this keeper uses.
+    slot: usize,
     phase: Duration,
     /// Set to silence this keeper (simulated node loss).
     silent: Arc<AtomicBool>,
@@ -286,6 +311,9 @@ async fn keeper(k: Keeper, sh: Arc<Shared>, start: tokio::time::Instant) {
     let mut seq = now_ms();
     let mut steady = false;
     let mut last_goal: Option<NodeState> = None;
+    // Like the keeper: stay with the member that answered, follow a leader hint after a
+    // failure, else try the next member.
+    let mut cur = 0usize;
     loop {
         iv.tick().await;
         if sh.stop_all.load(Ordering::Relaxed) {
@@ -304,7 +332,24 @@ async fn keeper(k: Keeper, sh: Arc<Shared>, start: tokio::time::Instant) {
                 .report(k.idx, k.node_id, &k.formation, seq);
             let sent = Instant::now();
             *k.last_sent.lock().unwrap() = Some(sent);
-            let r = k.client.clone().node_active(req).await;
+            let mut r = Err(tonic::Status::unavailable("not sent"));
+            for _ in 0..k.conns.addrs.len() {
+                let mut treq = tonic::Request::new(req.clone());
+                treq.set_timeout(REQUEST_TIMEOUT);
+                r = k.conns.chans[cur][k.slot].clone().node_active(treq).await;
+                match &r {
+                    Ok(_) => break,
+                    Err(s) => {
+                        let n = sh.errors.fetch_add(1, Ordering::Relaxed);
+                        if n < 5 {
+                            eprintln!("heartbeat of node {} failed: {s}", k.node_id);
+                        }
+                        let hint = pgquorum_api::leader_hint(s)
+                            .and_then(|h| k.conns.addrs.iter().position(|a| *a == h));
+                        cur = hint.unwrap_or((cur + 1) % k.conns.addrs.len());
+                    }
+                }
+            }
             let took = sent.elapsed();
             sh.beats.fetch_add(1, Ordering::Relaxed);
             let goal = match r {
@@ -312,13 +357,7 @@ async fn keeper(k: Keeper, sh: Arc<Shared>, start: tokio::time::Instant) {
                     .into_inner()
                     .assignment
                     .and_then(|a| NodeState::parse(&a.goal_state)),
-                Err(s) => {
-                    let n = sh.errors.fetch_add(1, Ordering::Relaxed);
-                    if n < 5 {
-                        eprintln!("heartbeat of node {} failed: {s}", k.node_id);
-                    }
-                    None
-                }
+                Err(_) => None,
             };
             let Some(goal) = goal else { break };
             if sh.measuring.load(Ordering::Relaxed) {
@@ -520,14 +559,15 @@ async fn one_run(a: &Args, n: usize, failover: bool) -> RunResult {
     );
 
     // The keepers, spread evenly over the second, on a few shared channels.
-    let clients: Vec<Raw> = (0..a.channels)
-        .map(|_| {
-            MonitorClient::new([leader_addr.clone()])
-                .unwrap()
-                .raw(&leader_addr)
-                .unwrap()
-        })
-        .collect();
+    // Every keeper starts with the leader, as keepers that have been running a while do.
+    let mut addrs: Vec<String> = vec![leader_addr.clone()];
+    addrs.extend(
+        g.members
+            .values()
+            .map(|m| m.addr.clone())
+            .filter(|x| *x != leader_addr),
+    );
+    let conns = Arc::new(Conns::new(addrs, a.channels));
     let sh = Arc::new(Shared {
         measuring: AtomicBool::new(false),
         stop_all: AtomicBool::new(false),
@@ -551,7 +591,8 @@ async fn one_run(a: &Args, n: usize, failover: bool) -> RunResult {
                 formation: formation.clone(),
                 idx,
                 group: group.clone(),
-                client: clients[k % clients.len()].clone(),
+                conns: conns.clone(),
+                slot: k % a.channels,
                 phase: BEAT.mul_f64(k as f64 / n as f64),
                 silent: probe.0.clone(),
                 last_sent: probe.1.clone(),
@@ -579,7 +620,21 @@ async fn one_run(a: &Args, n: usize, failover: bool) -> RunResult {
     }
     let steady_s = t_start.elapsed().as_secs_f64();
     eprintln!("N={n}: all nodes steady after {steady_s:.1} s");
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Steady state: no Raft write for 3 s (the last reports and goals applied), at
+    // most 60 s more.
+    let quiet_by = Instant::now() + Duration::from_secs(60);
+    let mut leader = g.wait_leader(WAIT).await;
+    let mut last = leader_applied(&g, leader).await;
+    let mut quiet_since = Instant::now();
+    while quiet_since.elapsed() < Duration::from_secs(3) && Instant::now() < quiet_by {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        leader = g.wait_leader(WAIT).await;
+        let now = leader_applied(&g, leader).await;
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
 
     // The measurement window.
     let pids: Vec<(u64, String)> = g
@@ -653,6 +708,13 @@ async fn one_run(a: &Args, n: usize, failover: bool) -> RunResult {
         if r.leader_changed { " (LEADER CHANGED)" } else { "" }
     );
 
+    if let Ok(dir) = std::env::var("SCALE_BENCH_LOGS") {
+        let d = std::path::Path::new(&dir).join(format!("n{n}-{}", now_ms()));
+        let _ = std::fs::create_dir_all(&d);
+        for id in g.members.keys() {
+            let _ = std::fs::write(d.join(format!("m{id}.log")), g.log(*id));
+        }
+    }
     if failover {
         r.failover =
             Some(silence_one_primary(&g, leader_now, &formations[0].1 .0, &probes[0]).await);
