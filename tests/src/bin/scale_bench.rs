@@ -802,6 +802,116 @@ async fn silence_one_primary(
     f
 }
 
+// ---------------------------------------------------------------- in-process costs
+
+/// What the leader's decisions cost at `n` nodes, measured in this process on a
+/// synthetic state of the same shape (steady groups of 3): one orchestrator pass, one
+/// heartbeat's answer (`assignment`), one applied `ReportState`.
+struct CoreCosts {
+    orchestrate_ms: f64,
+    assignment_us: f64,
+    apply_us: f64,
+}
+
+fn core_costs(n: usize) -> CoreCosts {
+    use pgquorum_core::{
+        assignment, orchestrate, ClusterState, Command, HealthTable, NodeReport, Outcome,
+    };
+    let now = now_ms();
+    let mut st = ClusterState::default();
+    let mut ids = Vec::new();
+    for f in 0..n.div_ceil(3) {
+        let name = format!("f{f}");
+        st.apply(
+            &Command::CreateFormation {
+                name: name.clone(),
+                number_sync_standbys: None,
+            },
+            now,
+        )
+        .unwrap();
+        for i in 0..(n - f * 3).min(3) {
+            let cmd = Command::RegisterNode {
+                formation: name.clone(),
+                name: format!("n{i}"),
+                host: "127.0.0.1".into(),
+                port: 5432,
+                candidate_priority: 50,
+                replication_quorum: true,
+                system_identifier: 0,
+                pg_major_version: 15,
+                current_state: NodeState::Init,
+            };
+            if let Outcome::Registered { node_id, .. } = st.apply(&cmd, now).unwrap() {
+                ids.push((node_id, i));
+            }
+        }
+    }
+    let mut h = HealthTable::new(now);
+    for (id, i) in &ids {
+        let s = if *i == 0 {
+            NodeState::Primary
+        } else {
+            NodeState::Secondary
+        };
+        let node = st.nodes.get_mut(id).unwrap();
+        node.reported_state = s;
+        node.goal_state = s;
+        node.pg_running = true;
+        h.observe(
+            NodeReport {
+                node_id: *id,
+                current_state: s,
+                pg_running: true,
+                pg_in_recovery: *i != 0,
+                current_lsn: 1,
+                received_lsn: 1,
+                replayed_lsn: 1,
+                timeline: 1,
+                system_identifier: 1,
+                replication: Vec::new(),
+                sequence: 1,
+            },
+            now,
+        );
+    }
+    let t = Instant::now();
+    for _ in 0..5 {
+        std::hint::black_box(orchestrate(&st, &h, now));
+    }
+    let orchestrate_ms = t.elapsed().as_secs_f64() * 1000.0 / 5.0;
+    let t = Instant::now();
+    for (id, _) in &ids {
+        std::hint::black_box(assignment(&st, *id, now).ok());
+    }
+    let assignment_us = t.elapsed().as_secs_f64() * 1e6 / ids.len() as f64;
+    let t = Instant::now();
+    for (id, i) in &ids {
+        let s = if *i == 0 {
+            NodeState::Primary
+        } else {
+            NodeState::Secondary
+        };
+        std::hint::black_box(st.apply(
+            &Command::ReportState {
+                node_id: *id,
+                state: s,
+                lsn: 2,
+                timeline: 1,
+                pg_running: true,
+            },
+            now,
+        ))
+        .ok();
+    }
+    let apply_us = t.elapsed().as_secs_f64() * 1e6 / ids.len() as f64;
+    CoreCosts {
+        orchestrate_ms,
+        assignment_us,
+        apply_us,
+    }
+}
+
 // ---------------------------------------------------------------- report
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -834,6 +944,13 @@ async fn main() {
         pgquorum_testkit::pgquorum_bin().display()
     );
     let load_before = loadavg();
+    let costs: Vec<(usize, CoreCosts)> = a.nodes.iter().map(|&n| (n, core_costs(n))).collect();
+    for (n, c) in &costs {
+        eprintln!(
+            "N={n}: orchestrator pass {:.2} ms, assignment {:.1} µs, apply ReportState {:.1} µs (in-process)",
+            c.orchestrate_ms, c.assignment_us, c.apply_us
+        );
+    }
     let mut all: Vec<Vec<RunResult>> = Vec::new();
     for &n in &a.nodes {
         let mut runs = Vec::new();
@@ -934,6 +1051,28 @@ async fn main() {
             LEASE_MS + 300,
         ));
     }
+    s.push_str(
+        "\n### Where the leader's time goes\n\n\
+         The leader's own decisions, timed in the benchmark process on a synthetic state of the same shape \
+         (single-threaded, same machine, so as noisy as the rest): one orchestrator pass (the leader runs one every \
+         200 ms), one heartbeat's answer (`assignment`, once per heartbeat), one applied `ReportState`.\n\n\
+         | nodes | orchestrator pass | share of a core at 5 passes/s | `assignment` per heartbeat | share of a core at N beats/s | apply `ReportState` |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for (n, c) in &costs {
+        s.push_str(&format!(
+            "| {n} | {:.2} ms | {:.2} | {:.1} µs | {:.2} | {:.1} µs |\n",
+            c.orchestrate_ms,
+            c.orchestrate_ms * 5.0 / 1000.0,
+            c.assignment_us,
+            c.assignment_us * *n as f64 / 1e6,
+            c.apply_us
+        ));
+    }
+    s.push_str(
+        "\nAll three grow with N per call because the core finds a group's nodes by scanning every node \
+         (`ClusterState::group_nodes`), so a pass over all groups is O(groups × nodes), quadratic in N.\n",
+    );
     let at_1000 = all.iter().find(|r| r[0].n == 1000);
     if let Some(runs) = at_1000 {
         let p99 = median(runs.iter().map(|r| r.p99_ms).collect());
