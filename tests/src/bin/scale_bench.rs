@@ -44,6 +44,9 @@ struct Args {
     channels: usize,
     /// Silence one primary at these N (default: the largest N).
     failover_at: Vec<usize>,
+    /// Creates an empty `default` formation with this heartbeat interval: the leader's
+    /// orchestrator runs one pass per `default` heartbeat interval (200 ms without one).
+    orchestrator_ms: Option<u64>,
     write_doc: Option<String>,
 }
 
@@ -54,6 +57,7 @@ fn args() -> Args {
         seconds: 30,
         channels: 16,
         failover_at: Vec::new(),
+        orchestrator_ms: None,
         write_doc: None,
     };
     let list = |v: &str| -> Vec<usize> {
@@ -70,6 +74,7 @@ fn args() -> Args {
             "--seconds" => a.seconds = v.parse().expect("--seconds N"),
             "--channels" => a.channels = v.parse().expect("--channels N"),
             "--failover-at" => a.failover_at = list(&v),
+            "--orchestrator-ms" => a.orchestrator_ms = Some(v.parse().expect("--orchestrator-ms N")),
             "--write-doc" => a.write_doc = Some(v),
             _ => panic!(
                 "unknown argument {k}; use --nodes 100,1000,5000 --runs N --seconds N --channels N --failover-at 5000 --write-doc FILE"
@@ -526,6 +531,11 @@ async fn one_run(a: &Args, n: usize, failover: bool) -> RunResult {
         .unwrap()
         .retry_for(Duration::from_secs(30));
     let admin = Arc::new(admin);
+    if let Some(ms) = a.orchestrator_ms {
+        create_formation(&admin, "default").await.unwrap();
+        set_formation(&admin, "default", "lease-ms", (2 * ms).max(1500)).await;
+        set_formation(&admin, "default", "heartbeat-interval-ms", ms).await;
+    }
 
     // Formations of 3 (the last one takes the remainder), set up by 32 workers.
     let t_setup = Instant::now();
@@ -980,7 +990,7 @@ async fn main() {
     let mut s = String::new();
     s.push_str("## Monitor scale\n\n");
     s.push_str(&format!(
-        "Measured by `target/release/scale-bench --nodes {} --runs {} --seconds {} --channels {} --write-doc docs/benchmarks.md` \
+        "Measured by `target/release/scale-bench --nodes {} --runs {} --seconds {} --channels {}{} --write-doc docs/benchmarks.md` \
          (after `cargo build --release -p pgquorum && cargo build --release -p pgquorum-tests --bin scale-bench`): \
          a real group of 3 `pgquorum monitor run` processes (release build, default Raft settings) and N simulated \
          keepers in one load-generator process, on {cores} cores shared by all of them (and by other work on the \
@@ -997,6 +1007,9 @@ async fn main() {
         a.runs,
         a.seconds,
         a.channels,
+        a.orchestrator_ms
+            .map(|ms| format!(" --orchestrator-ms {ms}"))
+            .unwrap_or_default(),
         a.channels,
         a.seconds,
         a.runs,
@@ -1051,8 +1064,7 @@ async fn main() {
              | {} | {} | {} | {} |\n\n\
              Settings in force: lease {LEASE_MS} ms + the default margin 300 ms (the monitor declares a primary lost only once \
              its lease has surely expired: {} ms after the last heartbeat it received), heartbeats every {HEARTBEAT_MS} ms, \
-             the leader's orchestrator pass every 200 ms (the default formation's heartbeat interval; there is no `default` \
-             formation here). The standbys move at their own 1 s heartbeat pace: each promotion step waits for the \
+             the leader's orchestrator pass every {} ms (the `default` formation's heartbeat interval{}). The standbys move at their own 1 s heartbeat pace: each promotion step waits for the \
              candidate's next beat.\n",
             runs[0].n,
             fo.len(),
@@ -1061,6 +1073,12 @@ async fn main() {
             median_opt(fo.iter().map(|f| f.heard_ms).collect()),
             median_opt(fo.iter().map(|f| f.promoted_ms).collect()),
             LEASE_MS + 300,
+            a.orchestrator_ms.unwrap_or(200),
+            if a.orchestrator_ms.is_some() {
+                ", set by --orchestrator-ms"
+            } else {
+                "; there is no `default` formation here, so 200 ms"
+            },
         ));
     }
     s.push_str(
