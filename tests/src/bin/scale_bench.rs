@@ -1128,11 +1128,20 @@ async fn main() {
     s.push_str(
         "\nThe core finds a group's nodes by scanning every node (`ClusterState::group_nodes`), so a pass over all \
          groups of the whole state is O(groups × nodes), quadratic in N: about 50 ms at 5,000 nodes, five times a \
-         second. It gave heartbeats at 5,000 keepers a p99 of 130-300 ms (a pass every second instead, \
-         `--orchestrator-ms 1000`, brought it to 3 ms). The monitor now cuts the state per formation before a pass \
-         (each decision reads only its own group's nodes, so the commands are the same; a unit test in \
-         crates/monitor/src/node.rs checks it) and runs the pass off its async workers. `assignment` and each applied \
-         command still scan every node (O(N) per heartbeat).\n",
+         second, and it ran on the monitor's async workers holding the health lock and the state read lock. The monitor \
+         now copies what a pass reads, runs the pass off its async workers, and cuts the state per formation first (each \
+         decision reads only its own group's nodes, so the commands are the same; a unit test in \
+         crates/monitor/src/node.rs checks it). `assignment` and each applied command still scan every node (O(N) per \
+         heartbeat).\n\n\
+         Analysis of the 5,000-keeper rows (runs of 2026-11-21 on this shared machine, before and after those changes): \
+         before them, one cold start of 5,000 nodes took 369 s with dozens of monitor elections (load ~10); after, \
+         39-66 s (165 s once, at load 11). The cut lowered the leader's CPU at 5,000 keepers from 0.51-0.57 to 0.39-0.41 core, but not the \
+         heartbeat p99 (130-300 ms before the cut, 93-260 ms after). The tail follows the pass *frequency*, not its \
+         cost: with one pass per second (`--orchestrator-ms 1000`, which creates a `default` formation with that \
+         heartbeat interval) p99 was 3 ms (2 runs, whole-state pass) and 21 ms (1 run, per-formation pass), at the price \
+         of up to 0.8 s slower detection. Not explained yet: the leader's log shows its Raft heartbeats to its followers \
+         timing out during these runs, which suggests the whole leader process stalls rather than one lock; a profile \
+         on a quiet machine is the next step.\n",
     );
     let at_1000 = all.iter().find(|r| r[0].n == 1000);
     if let Some(runs) = at_1000 {
