@@ -42,6 +42,21 @@ async fn three_members_form_a_group_in_any_order_and_a_follower_takes_writes() {
         g.wait_applied(id, &names, WAIT).await;
     }
 
+    // A forwarded answer names the leader, so that keepers pinned to a follower move.
+    let mut raw = c.raw(&g.addr(follower)).unwrap();
+    let answer = raw
+        .create_formation(pgquorum_api::pb::monitor::CreateFormationRequest {
+            name: "sales-hint".into(),
+            number_sync_standbys: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("write to follower {follower}: {e}"));
+    assert_eq!(
+        pgquorum_api::leader_hint_in(answer.metadata()),
+        Some(g.addr(leader)),
+        "a follower's forwarded answer must name the leader"
+    );
+
     // A read that must be current, sent to a follower, is answered via the leader.
     let state = c
         .call(|mut raw| async move {

@@ -21,6 +21,6 @@ mod status;
 
 pub use convert::{node_status, settings, ConvertError, NodeActive};
 pub use status::{
-    leader_hint, no_leader, status_from_core, HOPS_HEADER, LEADER_HEADER, LOCAL_READ_HEADER,
-    MAX_FORWARD_HOPS,
+    leader_hint, leader_hint_in, no_leader, status_from_core, HOPS_HEADER, LEADER_HEADER,
+    LOCAL_READ_HEADER, MAX_FORWARD_HOPS,
 };

@@ -43,10 +43,16 @@ pub fn no_leader(message: impl Into<String>, leader: Option<(u64, &str)>) -> Sta
 
 /// The leader address a member put into an error, if any.
 pub fn leader_hint(status: &Status) -> Option<String> {
-    status
-        .metadata()
+    leader_hint_in(status.metadata())
+}
+
+/// The leader address in an error's or an answer's metadata (a follower that forwarded
+/// a request names the leader in the answer), if any.
+pub fn leader_hint_in(metadata: &tonic::metadata::MetadataMap) -> Option<String> {
+    metadata
         .get(LEADER_HEADER)
         .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty())
         .map(str::to_owned)
 }
 

@@ -60,24 +60,21 @@ impl Monitors {
 
     /// After a failure: go to the hinted leader if there is one, else the next member.
     fn next(&mut self, status: Option<&tonic::Status>) {
-        let hint = status
-            .and_then(|s| s.metadata().get("x-pgquorum-leader"))
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-            .filter(|h| !h.is_empty());
-        match hint {
-            Some(h) => {
-                let i = match self.endpoints.iter().position(|e| *e == h) {
-                    Some(i) => i,
-                    None => {
-                        self.endpoints.push(h);
-                        self.endpoints.len() - 1
-                    }
-                };
-                self.current = i;
-            }
+        match status.and_then(pgquorum_api::leader_hint) {
+            Some(h) => self.prefer(h),
             None => self.current = (self.current + 1) % self.endpoints.len(),
         }
+    }
+
+    /// Talk to `leader` from now on (added to the endpoints if it was not listed).
+    fn prefer(&mut self, leader: String) {
+        self.current = match self.endpoints.iter().position(|e| *e == leader) {
+            Some(i) => i,
+            None => {
+                self.endpoints.push(leader);
+                self.endpoints.len() - 1
+            }
+        };
     }
 
     pub async fn register(
@@ -111,7 +108,14 @@ impl Monitors {
         for _ in 0..self.endpoints.len() {
             let (ep, mut c) = self.client()?;
             match c.node_active(req.clone()).await {
-                Ok(r) => return Ok(r.into_inner()),
+                Ok(r) => {
+                    // Answered through a follower: beat to the leader directly from
+                    // now on instead of costing two members every beat.
+                    if let Some(h) = pgquorum_api::leader_hint_in(r.metadata()) {
+                        self.prefer(h);
+                    }
+                    return Ok(r.into_inner());
+                }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     return Err(KeeperError::UnknownNode(req.node_id));
                 }

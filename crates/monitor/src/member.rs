@@ -105,6 +105,16 @@ impl Member {
         Some((id, addr))
     }
 
+    /// Adds the leader's address to an answer this follower forwarded from it.
+    pub fn with_leader_hint<T>(&self, mut r: tonic::Response<T>) -> tonic::Response<T> {
+        if let Some((_, addr)) = self.leader() {
+            if let Ok(v) = addr.parse() {
+                r.metadata_mut().insert(pgquorum_api::LEADER_HEADER, v);
+            }
+        }
+        r
+    }
+
     /// "only 1 of 3 monitor members reachable": what this member can see of a quorum.
     fn reachable_summary(&self) -> (usize, usize) {
         let voters = self.voters();

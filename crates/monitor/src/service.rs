@@ -35,9 +35,13 @@ macro_rules! forward {
             Route::Forward(mut client, hops) => {
                 let mut fwd = Request::new($req.into_inner());
                 fwd.metadata_mut().insert(HOPS_HEADER, hops.into());
+                // A forwarded answer names the leader, so that a client pinned to this
+                // follower (a keeper beating every 200 ms) can go there directly and
+                // stop costing two members per request.
                 return client
                     .$method(fwd)
                     .await
+                    .map(|r| $self.m.with_leader_hint(r))
                     .map_err(|s| $self.m.forward_failed(s));
             }
         }

@@ -343,7 +343,15 @@ async fn keeper(k: Keeper, sh: Arc<Shared>, start: tokio::time::Instant) {
                 treq.set_timeout(REQUEST_TIMEOUT);
                 r = k.conns.chans[cur][k.slot].clone().node_active(treq).await;
                 match &r {
-                    Ok(_) => break,
+                    Ok(answer) => {
+                        // Like the keeper: answered through a follower, go to the leader.
+                        if let Some(i) = pgquorum_api::leader_hint_in(answer.metadata())
+                            .and_then(|h| k.conns.addrs.iter().position(|a| *a == h))
+                        {
+                            cur = i;
+                        }
+                        break;
+                    }
                     Err(s) => {
                         let n = sh.errors.fetch_add(1, Ordering::Relaxed);
                         if n < 5 {
