@@ -11,7 +11,14 @@ pub fn replace_section(doc: &str, heading: &str, section: &str) -> String {
                 .find("\n## ")
                 .map(|e| start + heading.len() + e + 1)
                 .unwrap_or(doc.len());
-            format!("{}{}{}", &doc[..start], section, &doc[end..])
+            // Always a blank line before the next section, however `section` ends.
+            let rest = &doc[end..];
+            let gap = if rest.is_empty() { "\n" } else { "\n\n" };
+            format!(
+                "{}{}{gap}{rest}",
+                &doc[..start],
+                section.trim_end_matches('\n')
+            )
         }
         None => format!("{}\n\n{}", doc.trim_end_matches('\n'), section),
     }
@@ -32,6 +39,8 @@ mod tests {
         let doc = "# B\n\n## A\nold a\n\n## M\nold m\n\n## Z\nz\n";
         let new = replace_section(doc, "## M", "## M\nnew m\n\n");
         assert_eq!(new, "# B\n\n## A\nold a\n\n## M\nnew m\n\n## Z\nz\n");
+        let tight = replace_section(doc, "## M", "## M\nnew m\n");
+        assert_eq!(tight, new, "a section is always followed by a blank line");
         let appended = replace_section("# B\n", "## N", "## N\nn\n");
         assert_eq!(appended, "# B\n\n## N\nn\n");
     }
