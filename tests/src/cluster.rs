@@ -518,6 +518,24 @@ impl Writer {
             .collect()
     }
 
+    /// Write unavailability after a fault at `t0`, once it is over: from `t0` to the first
+    /// acknowledgement after the first failure after `t0` (an acknowledgement of a commit
+    /// already under way at the fault does not count), waiting up to `within`.
+    pub async fn unavailability(&self, t0: Instant, within: Duration) -> Option<Duration> {
+        let deadline = t0 + within;
+        loop {
+            if let Some(e) = self.first_error_after(t0) {
+                if let Some(a) = self.first_ack_after(e) {
+                    return Some(a - t0);
+                }
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// The first failed attempt after `t`, if any yet.
     pub fn first_error_after(&self, t: Instant) -> Option<Instant> {
         self.log

@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use pgquorum_api::pb::monitor as pb;
+use pgquorum_tests::bench_doc::{cores, summary};
 use pgquorum_tests::cluster::{Cluster, Writer};
 
 #[derive(Clone, Copy, Debug)]
@@ -44,17 +45,12 @@ struct Figures {
     acked: usize,
 }
 
-/// From `t0` to the first acknowledgement after the writer's first failure after `t0`
-/// (an acknowledgement of a commit already under way at the fault does not count).
+/// The writer's unavailability after a fault at `t0`; a run that never recovers stops
+/// the benchmark with what the monitor saw.
 async fn gap(c: &Cluster, w: &Writer, t0: Instant) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(e) = w.first_error_after(t0) {
-            if let Some(a) = w.first_ack_after(e) {
-                return (a - t0).as_secs_f64();
-            }
-        }
-        if Instant::now() > deadline {
+    match w.unavailability(t0, Duration::from_secs(60)).await {
+        Some(g) => g.as_secs_f64(),
+        None => {
             let st = c.state().await.unwrap_or_default();
             let (_, events) = c.cli(&["show", "events", "--limit", "40"]);
             let (_, state) = c.cli(&["show", "state"]);
@@ -63,7 +59,6 @@ async fn gap(c: &Cluster, w: &Writer, t0: Instant) -> f64 {
                 pgquorum_tests::cluster::describe(&st),
             );
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -131,17 +126,6 @@ async fn run(s: Scenario, runs: usize) -> Figures {
     }
 }
 
-fn stats(v: &[f64]) -> (f64, f64, f64) {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let median = if s.len() % 2 == 1 {
-        s[s.len() / 2]
-    } else {
-        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-    };
-    (median, s[0], s[s.len() - 1])
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -176,7 +160,7 @@ async fn main() {
         Scenario::Switchover,
     ] {
         let f = run(s, runs).await;
-        let (med, min, max) = stats(&f.gaps);
+        let (med, min, max) = summary(&f.gaps).expect("at least one run");
         let line = format!(
             "| {} | {} | {med:.2} | {min:.2} | {max:.2} | {:.1} | {} | {} |\n",
             s.label(),
@@ -188,9 +172,7 @@ async fn main() {
         eprint!("{line}");
         table.push_str(&line);
     }
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let cores = cores();
     let section = format!(
         "## Failover (end to end)\n\n\
          Measured by `target/release/failover-bench --runs {runs} --write-doc docs/benchmarks.md` \

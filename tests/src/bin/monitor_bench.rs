@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgquorum_api::client::MonitorClient;
+use pgquorum_tests::bench_doc::{cores, load_average_1m};
 use pgquorum_tests::monitor_group::{create_formation, drop_formation, MonitorGroup};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -231,17 +232,10 @@ fn table(loads: &[Load]) -> String {
     s
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
-}
-
 #[tokio::main]
 async fn main() {
     let a = args();
-    let load_before = loadavg();
+    let load_before = load_average_1m();
     eprintln!(
         "pgquorum binary: {}",
         pgquorum_testkit::pgquorum_bin().display()
@@ -258,11 +252,9 @@ async fn main() {
         Some(load_table(&a, &a.also_member_args, Workload::Grow).await)
     };
     let steady = load_table(&a, &a.member_args, Workload::Steady).await;
-    let load_after = loadavg();
+    let load_after = load_average_1m();
 
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = cores();
     let mut s = String::new();
     s.push_str("## Monitor group\n\n");
     s.push_str(&format!(

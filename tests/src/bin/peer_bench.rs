@@ -22,6 +22,7 @@ use std::fmt::Write as _;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+use pgquorum_tests::bench_doc::{cores, load_average, summary};
 use pgquorum_tests::cluster::{multi_host_config, Writer};
 use pgquorum_tests::peers::pg_auto_failover::PgAutoFailover;
 use pgquorum_tests::peers::pgquorum::Pgquorum;
@@ -87,23 +88,6 @@ struct Outcome {
     settings_text: String,
     rows: Vec<Row>,
     agent: Option<Agent>,
-}
-
-/// From `t0` to the first acknowledgement after the writer's first failure after `t0`
-/// (an acknowledgement of a commit already under way at the fault does not count).
-async fn gap(w: &Writer, t0: Instant) -> Option<f64> {
-    let deadline = t0 + RECOVERY;
-    loop {
-        if let Some(e) = w.first_error_after(t0) {
-            if let Some(a) = w.first_ack_after(e) {
-                return Some((a - t0).as_secs_f64());
-            }
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Seconds in `[from, to)` during which acknowledged commits had no synchronous
@@ -237,7 +221,11 @@ async fn bench<S: HaSystem>(
                 Scenario::PostmasterCrash => sys.kill_postmaster(&primary),
                 Scenario::Switchover => sys.switchover().await,
             }
-            match gap(&w, t0).await {
+            match w
+                .unavailability(t0, RECOVERY)
+                .await
+                .map(|g| g.as_secs_f64())
+            {
                 Some(g) => {
                     eprintln!(
                         "{system} ({settings}) {}: run {}: {g:.3} s (fault at {wall} UTC)",
@@ -354,22 +342,8 @@ fn time_of_day() -> String {
     )
 }
 
-fn stats(v: &[f64]) -> Option<(f64, f64, f64)> {
-    if v.is_empty() {
-        return None;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let median = if s.len() % 2 == 1 {
-        s[s.len() / 2]
-    } else {
-        (s[s.len() / 2 - 1] + s[s.len() / 2]) / 2.0
-    };
-    Some((median, s[0], s[s.len() - 1]))
-}
-
 fn median(v: &[f64]) -> Option<f64> {
-    stats(v).map(|s| s.0)
+    summary(v).map(|s| s.0)
 }
 
 /// Installs the Debian packages the chosen systems need, when missing.
@@ -409,18 +383,6 @@ fn install_missing(systems: &[String]) {
         assert!(apt(&["update"]), "apt-get update failed");
         assert!(apt(&install), "apt-get install {pkgs:?} failed");
     }
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-fn load() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn render(outcomes: &[Outcome], command: &str, load_start: &str, load_end: &str) -> String {
@@ -465,11 +427,11 @@ fn render(outcomes: &[Outcome], command: &str, load_start: &str, load_end: &str)
             } else {
                 r.gaps.len().to_string()
             };
-            let (med, min, max) = match stats(&r.gaps) {
+            let (med, min, max) = match summary(&r.gaps) {
                 Some((a, b, c)) => (format!("{a:.2}"), format!("{b:.2}"), format!("{c:.2}")),
                 None => ("—".into(), "—".into(), "—".into()),
             };
-            let (um, ux) = stats(&r.unprotected)
+            let (um, ux) = summary(&r.unprotected)
                 .map(|(m, _, x)| (m, x))
                 .unwrap_or((0.0, 0.0));
             let _ = writeln!(
@@ -584,7 +546,7 @@ fn main() {
         "pgquorum binary: {}",
         pgquorum_testkit::pgquorum_bin().display()
     );
-    let load_start = load();
+    let load_start = load_average();
     let mut outcomes: Vec<Outcome> = Vec::new();
     for system in &systems {
         // pgquorum's defaults are its fast settings: measured once.
@@ -612,14 +574,17 @@ fn main() {
                 other => panic!("unknown system {other} (pgquorum, pg_auto_failover, patroni)"),
             };
             outcomes.push(o);
-            let section = render(&outcomes, &command, &load_start, &load());
+            let section = render(&outcomes, &command, &load_start, &load_average());
             if let Some(p) = &doc {
                 pgquorum_tests::bench_doc::write_section(p, "## Side by side", &section)
                     .expect("write the benchmarks document");
             }
         }
     }
-    println!("{}", render(&outcomes, &command, &load_start, &load()));
+    println!(
+        "{}",
+        render(&outcomes, &command, &load_start, &load_average())
+    );
 }
 
 #[cfg(test)]

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use pgquorum_api::client::{MonitorClient, Raw};
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_core::{next_step, NodeState};
+use pgquorum_tests::bench_doc::{cores, load_average_1m};
 use pgquorum_tests::monitor_group::{create_formation, MonitorGroup};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -117,13 +118,6 @@ fn rss_mb(pid: &str) -> f64 {
         .and_then(|kb| kb.parse::<f64>().ok())
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }
 
 fn now_ms() -> u64 {
@@ -677,7 +671,7 @@ async fn one_run(a: &Args, n: usize, failover: bool) -> RunResult {
     let gen1 = cpu_ticks("self");
     let beats = sh.beats.load(Ordering::Relaxed) - beats0;
     let errors = sh.errors.load(Ordering::Relaxed) - errors0;
-    let load = loadavg();
+    let load = load_average_1m();
     let leader_now = g.wait_leader(WAIT).await;
     let term1 = g.status(leader_now).await.map(|s| s.term).unwrap_or(0);
     let frac = |t0: u64, t1: u64| (t1.saturating_sub(t0)) as f64 / tck / window;
@@ -982,7 +976,7 @@ async fn main() {
         "pgquorum binary: {}",
         pgquorum_testkit::pgquorum_bin().display()
     );
-    let load_before = loadavg();
+    let load_before = load_average_1m();
     let costs: Vec<(usize, CoreCosts)> = a.nodes.iter().map(|&n| (n, core_costs(n))).collect();
     for (n, c) in &costs {
         eprintln!(
@@ -999,11 +993,9 @@ async fn main() {
         }
         all.push(runs);
     }
-    let load_after = loadavg();
+    let load_after = load_average_1m();
 
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let cores = cores();
     let mut s = String::new();
     s.push_str("## Monitor scale\n\n");
     s.push_str(&format!(
