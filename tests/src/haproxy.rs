@@ -5,7 +5,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use pgquorum_testkit::{free_port, Proc};
 
@@ -129,17 +128,11 @@ impl Haproxy {
 
     /// Connects through the read-write (`rw = true`) or read-only port.
     pub async fn connect(&self, rw: bool) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(if rw { self.ports.rw } else { self.ports.ro })
-            .user("postgres")
-            .dbname("postgres")
-            .connect_timeout(Duration::from_secs(2));
-        let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(client)
+        pgquorum_testkit::postgres::connect_tcp(
+            if rw { self.ports.rw } else { self.ports.ro },
+            "postgres",
+        )
+        .await
     }
 
     /// Servers of `listen` (`pgquorum_rw`, `pgquorum_ro`) HAProxy sends connections to, from

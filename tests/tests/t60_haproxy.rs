@@ -109,19 +109,8 @@ impl Writer {
             let mut next: i64 = 1;
             while !st.load(Ordering::SeqCst) {
                 if client.is_none() {
-                    let mut c = tokio_postgres::Config::new();
-                    c.host("127.0.0.1")
-                        .port(port)
-                        .user("postgres")
-                        .dbname("postgres")
-                        .connect_timeout(Duration::from_secs(2));
-                    match c.connect(tokio_postgres::NoTls).await {
-                        Ok((cl, conn)) => {
-                            tokio::spawn(async move {
-                                let _ = conn.await;
-                            });
-                            client = Some(cl);
-                        }
+                    match pgquorum_testkit::postgres::connect_tcp(port, "postgres").await {
+                        Ok(cl) => client = Some(cl),
                         Err(_) => {
                             e.fetch_add(1, Ordering::SeqCst);
                             // Back off while no primary is reachable.

@@ -88,10 +88,27 @@ pub async fn connect(
     port: u16,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let mut c = tokio_postgres::Config::new();
-    c.host_path(socket_dir)
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
+    c.host_path(socket_dir).port(port);
+    open(c, "postgres").await
+}
+
+/// Connects as `postgres` to database `dbname` on 127.0.0.1:`port` (a node, HAProxy,
+/// PgBouncer, another system's monitor).
+pub async fn connect_tcp(
+    port: u16,
+    dbname: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut c = tokio_postgres::Config::new();
+    c.host("127.0.0.1").port(port);
+    open(c, dbname).await
+}
+
+async fn open(
+    mut c: tokio_postgres::Config,
+    dbname: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    c.user("postgres")
+        .dbname(dbname)
         .connect_timeout(Duration::from_secs(2));
     let (client, conn) = c.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pgquorum_testkit::postgres::{postgres_ids, PgDir, PG_BINDIR};
+use pgquorum_testkit::postgres::{connect_tcp, postgres_ids, PgDir, PG_BINDIR};
 
 use super::HaSystem;
 
@@ -272,17 +272,9 @@ impl PgAutoFailover {
     }
 
     async fn monitor_client(&self) -> Option<tokio_postgres::Client> {
-        let mut c = tokio_postgres::Config::new();
-        c.host("127.0.0.1")
-            .port(self.monitor_port)
-            .user("postgres")
-            .dbname("pg_auto_failover")
-            .connect_timeout(Duration::from_secs(2));
-        let (client, conn) = c.connect(tokio_postgres::NoTls).await.ok()?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Some(client)
+        connect_tcp(self.monitor_port, "pg_auto_failover")
+            .await
+            .ok()
     }
 
     async fn monitor_query(&self, sql: &str) -> Option<Vec<tokio_postgres::Row>> {
@@ -537,17 +529,7 @@ struct NodeState {
 }
 
 async fn connect(port: u16) -> Option<tokio_postgres::Client> {
-    let mut c = tokio_postgres::Config::new();
-    c.host("127.0.0.1")
-        .port(port)
-        .user("postgres")
-        .dbname("postgres")
-        .connect_timeout(Duration::from_secs(2));
-    let (client, conn) = c.connect(tokio_postgres::NoTls).await.ok()?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Some(client)
+    connect_tcp(port, "postgres").await.ok()
 }
 
 /// Two standbys streaming from the primary on `port`, and synchronous replication on.
