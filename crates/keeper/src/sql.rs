@@ -285,20 +285,22 @@ pub async fn ensure_slots(c: &Client, wanted: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// pg_is_in_recovery(): the server is a standby (or still ending recovery).
+pub async fn in_recovery(c: &Client) -> Result<bool> {
+    Ok(c.query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(|e| KeeperError::sql("checking recovery", e))?
+        .get(0))
+}
+
 /// Promotes and waits for the end of recovery; then checks pg_is_in_recovery().
 pub async fn promote(c: &Client) -> Result<()> {
-    let e = |err| KeeperError::sql("promoting", err);
     let done: bool = c
         .query_one("SELECT pg_promote(true, 60)", &[])
         .await
-        .map_err(e)?
+        .map_err(|err| KeeperError::sql("promoting", err))?
         .get(0);
-    let in_recovery: bool = c
-        .query_one("SELECT pg_is_in_recovery()", &[])
-        .await
-        .map_err(e)?
-        .get(0);
-    if !done || in_recovery {
+    if !done || in_recovery(c).await? {
         return Err(KeeperError::Unreachable {
             goal: "primary".into(),
             reason: "pg_promote() returned but postgres is still in recovery".into(),

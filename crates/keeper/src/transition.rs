@@ -276,11 +276,7 @@ impl Instance {
             self.reload();
         }
         let c = self.connect().await?;
-        let in_recovery: bool = c
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|e| KeeperError::sql("checking recovery", e))?
-            .get(0);
+        let in_recovery: bool = sql::in_recovery(&c).await?;
         if in_recovery || standby {
             tracing::info!(step = "promote", node = %self.settings.name, "promoting");
             sql::promote(&c).await?;
@@ -299,11 +295,7 @@ impl Instance {
             .map(|p| slot_name(&p.name))
             .collect();
         sql::ensure_slots(&c, &slots).await?;
-        let still: bool = c
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|e| KeeperError::sql("checking recovery", e))?
-            .get(0);
+        let still: bool = sql::in_recovery(&c).await?;
         if still {
             return Err(KeeperError::Unreachable {
                 goal: a.goal_state.to_string(),
@@ -386,11 +378,7 @@ impl Instance {
         }
         self.shared.set_writable(false);
         let c = self.connect().await?;
-        let in_recovery: bool = c
-            .query_one("SELECT pg_is_in_recovery()", &[])
-            .await
-            .map_err(|e| KeeperError::sql("checking recovery", e))?
-            .get(0);
+        let in_recovery: bool = sql::in_recovery(&c).await?;
         if !in_recovery {
             return Err(KeeperError::Unreachable {
                 goal: a.goal_state.to_string(),
