@@ -32,7 +32,7 @@ pub fn witnesses<'a>(
             && !n.is_dropping()
             && n.reported_state.reports_lsn()
             && n.goal_state.reports_lsn()
-            && n.reported_lsn != 0
+            && n.position_known()
     })
 }
 

@@ -687,7 +687,7 @@ impl ClusterState {
                 .failover
                 .as_ref()
                 .is_some_and(|f| f.old_primary == node_id)
-                && node.reported_lsn == 0;
+                && !node.position_known();
             if let Some(holder) = group.floor_unknown.filter(|h| *h != node_id) {
                 let holder = self
                     .nodes
@@ -706,7 +706,8 @@ impl ClusterState {
             }
         }
         let next_seq = group.sync_history.last().map(|c| c.seq).unwrap_or(0);
-        let (own_lsn, own_timeline) = (node.reported_lsn, node.timeline);
+        let (own_lsn, own_timeline, own_known) =
+            (node.reported_lsn, node.timeline, node.position_known());
         // Every acknowledged commit of the ending epoch lies at or below: the most
         // advanced witness when enough of them reported, else the new primary's own
         // LSN (the old primary restarted in place: nothing else is known).
@@ -785,7 +786,7 @@ impl ClusterState {
                 g.lsn_floor = g.lsn_floor.max(promoted_lsn);
                 g.promoted_at_lsn = own_lsn;
                 g.promoted_at_timeline = own_timeline;
-                g.floor_unknown = (own_lsn == 0).then_some(node_id);
+                g.floor_unknown = (!own_known).then_some(node_id);
             }
         }
         self.refresh_sync(&formation, group_id, now);

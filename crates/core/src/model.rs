@@ -174,6 +174,13 @@ pub struct Node {
 }
 
 impl Node {
+    /// Whether the last report said where this node's WAL ends. A keeper reports LSN 0
+    /// when it cannot know (PostgreSQL down after a crash, or never started): that is
+    /// "unknown", never a position, and proves nothing.
+    pub fn position_known(&self) -> bool {
+        self.reported_lsn != 0
+    }
+
     pub fn is_dropping(&self) -> bool {
         self.goal_state == NodeState::Dropped
     }

@@ -539,7 +539,7 @@ impl<'a> Ctx<'a> {
         // first primary, promoted before it ever ran), and 0 <= anything.
         let epoch_empty = old.is_some_and(|o| {
             o.reported_state.is_stopped()
-                && o.reported_lsn != 0
+                && o.position_known()
                 && o.timeline != 0
                 && self.group.promoted_at_timeline != 0
                 && o.lsn_at >= fenced_at
@@ -568,7 +568,7 @@ impl<'a> Ctx<'a> {
             if waited
                 && o.reported_state == NodeState::Demoted
                 && o.goal_state == NodeState::Demoted
-                && (o.reported_lsn >= self.group.lsn_floor || o.reported_lsn == 0)
+                && (o.reported_lsn >= self.group.lsn_floor || !o.position_known())
                 && self.alive(o)
                 && !wit
                     .iter()
