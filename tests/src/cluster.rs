@@ -159,6 +159,23 @@ impl Cluster {
         pid
     }
 
+    /// Asks the monitor group for a planned switchover of the default formation (any
+    /// candidate); returns once it is accepted or refused, not done.
+    pub async fn request_switchover(&self) -> Result<(), pgquorum_api::client::ClientError> {
+        self.monitors
+            .client()
+            .call(|mut raw| async move {
+                raw.perform_switchover(pb::PerformSwitchoverRequest {
+                    formation: "default".into(),
+                    group_id: 0,
+                    candidate: String::new(),
+                })
+                .await
+            })
+            .await
+            .map(|_| ())
+    }
+
     pub async fn state(&self) -> Option<Vec<pb::NodeStatus>> {
         let c = self.monitors.client();
         c.call(|mut raw| async move {

@@ -11,7 +11,6 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use pgquorum_api::pb::monitor as pb;
 use pgquorum_tests::bench_doc::{cores, summary};
 use pgquorum_tests::cluster::{Cluster, Writer};
 
@@ -94,18 +93,7 @@ async fn run(s: Scenario, runs: usize) -> Figures {
                 c.kill_postmaster(&primary);
             }
             Scenario::Switchover => {
-                let client = c.monitors.client();
-                client
-                    .call(|mut raw| async move {
-                        raw.perform_switchover(pb::PerformSwitchoverRequest {
-                            formation: "default".into(),
-                            group_id: 0,
-                            candidate: String::new(),
-                        })
-                        .await
-                    })
-                    .await
-                    .expect("switchover accepted");
+                c.request_switchover().await.expect("switchover accepted");
             }
         }
         let g = gap(&c, &w, t0).await;

@@ -5,8 +5,6 @@
 
 use std::time::{Duration, Instant};
 
-use pgquorum_api::pb::monitor as pb;
-
 use super::HaSystem;
 use crate::cluster::Cluster;
 
@@ -64,20 +62,9 @@ impl HaSystem for Pgquorum {
         // wait_healthy leaves nothing pending, so this is accepted at once; should the
         // monitor still refuse ("not allowed now"), the retries count against pgquorum's
         // figure, not for it.
-        let client = self.cluster.monitors.client();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let r = client
-                .call(|mut raw| async move {
-                    raw.perform_switchover(pb::PerformSwitchoverRequest {
-                        formation: "default".into(),
-                        group_id: 0,
-                        candidate: String::new(),
-                    })
-                    .await
-                })
-                .await;
-            match r {
+            match self.cluster.request_switchover().await {
                 Ok(_) => return,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("pgquorum: switchover refused, retrying: {e:?}");
