@@ -24,6 +24,13 @@ enum KeeperCommand {
     /// Drive postgres to one goal state without a monitor, then keep supervising it
     /// (standalone use and tests; no lease: never for a production primary).
     Apply(ApplyArgs),
+    /// Internal: the fence guard the keeper starts beside itself (reads lease deadlines
+    /// on stdin, stops postgres when one passes).
+    #[command(hide = true)]
+    Guard {
+        #[arg(long)]
+        pgdata: PathBuf,
+    },
 }
 
 /// Every setting can also come from `--config FILE` (`name = value` lines, the names of
@@ -116,6 +123,9 @@ pub fn run(args: KeeperArgs) -> anyhow::Result<()> {
         return Err(pgquorum_keeper::KeeperError::RunAsRoot.into());
     }
     let (node, source) = match *args.command {
+        KeeperCommand::Guard { pgdata } => {
+            return pgquorum_keeper::guard::run(&pgdata).map_err(Into::into);
+        }
         KeeperCommand::Run(n) => {
             let s = settings(&n)?;
             if s.monitors.is_empty() {

@@ -154,12 +154,15 @@ impl Instance {
     }
 
     pub async fn stop(&mut self, mode: StopMode) {
-        self.shared.set_writable(false);
+        // Writability (and with it the fence guard's deadline) ends when postgres has
+        // exited, not when the stop begins: a keeper paused in between must still be
+        // fenced.
         if let Some(pm) = self.postmaster.take() {
             if pm.is_running() {
                 pm.stop(mode, Duration::from_secs(30)).await;
             }
         }
+        self.shared.set_writable(false);
         self.shared.set_postmaster(None);
     }
 
@@ -168,7 +171,13 @@ impl Instance {
         if self.postmaster.as_ref().is_some_and(|p| !p.is_running()) {
             self.postmaster = None;
             self.shared.set_postmaster(None);
-            self.shared.set_writable(false);
+            // The fence guard may have stopped it before the fence task ran (the
+            // keeper was paused): counted as a fence all the same.
+            if self.shared.take_writable() && !self.shared.lease_valid(Instant::now()) {
+                self.shared
+                    .fences
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             return true;
         }
         false

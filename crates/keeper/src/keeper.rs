@@ -82,8 +82,19 @@ pub async fn run(
         system_identifier: inst.state.system_identifier,
         node_id: inst.state.node_id,
     };
+    // The guard is up before the main loop can make postgres writable.
+    match crate::guard::Link::spawn(&crate::guard::own_exe(), &settings.pgdata).await {
+        Ok(link) => shared.set_guard(link),
+        Err(e) => {
+            tracing::error!(node = %settings.name, error = %e, "cannot start the fence guard")
+        }
+    }
     let hb_task = tokio::spawn(hb.run(source));
-    let fence_task = tokio::spawn(fence(shared.clone(), settings.name.clone()));
+    let fence_task = tokio::spawn(fence(
+        shared.clone(),
+        settings.name.clone(),
+        settings.pgdata.clone(),
+    ));
 
     tokio::pin!(shutdown);
     let mut applied: Option<Assignment> = None;
@@ -177,11 +188,27 @@ async fn postmaster_exit(w: Option<watch::Receiver<Option<std::process::ExitStat
 /// writable is stopped (fast shutdown: new connections are refused and every session is
 /// terminated at once). The monitor waits the lease plus a margin before promoting
 /// another node, counting from when it answered; the keeper counts from before it sent.
-async fn fence(shared: Arc<Shared>, name: String) {
+///
+/// This task is the first line; the fence guard (a separate process, see
+/// [`crate::guard`]) is the one that holds when the keeper is not scheduled. This task
+/// also restarts a guard that exited.
+async fn fence(shared: Arc<Shared>, name: String, pgdata: std::path::PathBuf) {
+    let mut guard_retry = Instant::now();
     loop {
+        if !shared.guard_running() && Instant::now() >= guard_retry {
+            match crate::guard::Link::spawn(&crate::guard::own_exe(), &pgdata).await {
+                Ok(link) => {
+                    tracing::info!(node = %name, pid = link.child.pid, "fence guard started");
+                    shared.set_guard(link);
+                }
+                Err(e) => {
+                    tracing::error!(node = %name, error = %e, "cannot start the fence guard");
+                    guard_retry = Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
         let left = shared.lease_left(Instant::now());
-        if left.is_zero() && shared.writable() {
-            shared.set_writable(false);
+        if left.is_zero() && shared.take_writable() {
             if let Some(pid) = shared.postmaster_pid() {
                 tracing::error!(node = %name, pid, "lease expired: stopping postgres so it takes no writes");
                 if let Ok(p) = i32::try_from(pid) {

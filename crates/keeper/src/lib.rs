@@ -10,6 +10,7 @@
 //! the data directory belongs to another cluster.
 
 pub mod error;
+pub mod guard;
 pub mod http;
 pub mod instance;
 pub mod keeper;

@@ -39,6 +39,9 @@ pub struct Shared {
     lease_forever: AtomicBool,
     status: Mutex<Status>,
     transitions: Mutex<BTreeMap<String, TransitionStats>>,
+    /// The fence guard process (see [`crate::guard`]), told of every change of the
+    /// lease and of writability before postgres can act on it.
+    guard: Mutex<Option<crate::guard::Link>>,
     pub postgres_restarts: AtomicU64,
     pub fences: AtomicU64,
     pub heartbeat_failures: AtomicU64,
@@ -62,9 +65,14 @@ impl Shared {
     /// A heartbeat sent at `sent_at` was answered with a lease of `lease`.
     pub fn renew_lease(&self, sent_at: Instant, lease: Duration) {
         let until = sent_at + lease;
-        let mut l = lock(&self.lease_until);
-        if l.is_none_or(|cur| cur < until) {
-            *l = Some(until);
+        {
+            let mut l = lock(&self.lease_until);
+            if l.is_none_or(|cur| cur < until) {
+                *l = Some(until);
+            }
+        }
+        if self.writable() {
+            self.feed_guard();
         }
     }
 
@@ -95,6 +103,53 @@ impl Shared {
 
     pub fn set_writable(&self, on: bool) {
         self.writable.store(on, Ordering::SeqCst);
+        self.feed_guard();
+    }
+
+    /// Clears writability; true if it was set (one caller counts a fence once).
+    pub fn take_writable(&self) -> bool {
+        let was = self.writable.swap(false, Ordering::SeqCst);
+        self.feed_guard();
+        was
+    }
+
+    /// Installs a (new) fence guard and tells it the current state.
+    pub fn set_guard(&self, link: crate::guard::Link) {
+        *lock(&self.guard) = Some(link);
+        self.feed_guard();
+    }
+
+    /// The running guard, if any: None when it was never started or has exited.
+    pub fn guard_running(&self) -> bool {
+        lock(&self.guard)
+            .as_ref()
+            .is_some_and(|l| !l.child.has_exited())
+    }
+
+    /// What the guard must enforce now: the lease deadline while postgres may be
+    /// writable, nothing otherwise (a lease held forever has no deadline).
+    fn guard_msg(&self) -> crate::guard::Msg {
+        use crate::guard::Msg;
+        if !self.writable() || self.lease_forever.load(Ordering::SeqCst) {
+            return Msg::Disarm;
+        }
+        match *lock(&self.lease_until) {
+            Some(until) => Msg::Arm(crate::guard::instant_to_ns(until)),
+            None => Msg::Arm(0),
+        }
+    }
+
+    fn feed_guard(&self) {
+        // The message is computed under the guard's lock: two feeds cannot reach the
+        // guard in the opposite order of the states they describe.
+        let mut g = lock(&self.guard);
+        let m = self.guard_msg();
+        if let Some(link) = g.as_mut() {
+            if !link.send(m) {
+                tracing::error!("the fence guard is gone; the keeper starts a new one");
+                *g = None;
+            }
+        }
     }
 
     pub fn writable(&self) -> bool {

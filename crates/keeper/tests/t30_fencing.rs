@@ -431,3 +431,89 @@ async fn refusal_stops_the_keeper_and_unknown_ids_register_again() {
     assert!(k.log_text().contains("registering again"));
     write(&a, "still-primary").await.unwrap();
 }
+
+/// A keeper that is not scheduled (SIGSTOP) cannot run its own fence: its guard process
+/// stops postgres at the lease deadline all the same, sessions opened before the pause
+/// included. Resumed, the keeper takes the lease again and postgres takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_keeper_is_fenced_by_its_guard() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+
+    let dir = PgDir::new();
+    let a = NodeSpec::new("a", dir.path());
+    let m = FakeMonitor::new(None);
+    let addr = serve(m.clone()).await;
+    let mut k = run_keeper(&a, &addr);
+    wait_state(&a, &mut k, "single").await;
+    write(&a, "before").await.unwrap();
+    // A session opened while the lease is held: fencing must end it too, not only
+    // refuse new ones.
+    let old = a.connect().await.unwrap();
+    old.batch_execute("SET synchronous_commit = local; INSERT INTO t VALUES ('old-1')")
+        .await
+        .unwrap();
+
+    let keeper = Pid::from_raw(i32::try_from(k.pid().unwrap()).unwrap());
+    // Whatever happens below, the keeper must not stay stopped.
+    struct Resume(Pid);
+    impl Drop for Resume {
+        fn drop(&mut self) {
+            let _ = kill(self.0, Signal::SIGCONT);
+        }
+    }
+    // The monitor stops answering too, so that the lease cannot be renewed by a beat
+    // already under way when the keeper stops.
+    m.down.store(true, Ordering::SeqCst);
+    kill(keeper, Signal::SIGSTOP).unwrap();
+    let _resume = Resume(keeper);
+    let last = m.last_answer.lock().unwrap().unwrap();
+    let fenced_by = last + Duration::from_millis(LEASE_MS + 300);
+    let mut last_ok = None;
+    while Instant::now() < fenced_by {
+        if write(&a, "during").await.is_ok() {
+            last_ok = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(t) = last_ok {
+        eprintln!(
+            "last write accepted {} ms after the last lease grant",
+            (t - last).as_millis()
+        );
+    }
+    // The keeper is still stopped here: only the guard can have acted.
+    let stat = std::fs::read_to_string(format!("/proc/{keeper}/stat")).unwrap();
+    assert!(
+        stat.split(") ").nth(1).is_some_and(|s| s.starts_with('T')),
+        "the keeper should still be stopped: {stat}"
+    );
+    let r = old
+        .batch_execute("SET synchronous_commit = local; INSERT INTO t VALUES ('old-2')")
+        .await;
+    assert!(r.is_err(), "a session opened before the pause kept writing");
+    assert!(
+        write(&a, "after").await.is_err(),
+        "postgres took a write after the lease of its paused keeper ran out"
+    );
+    assert!(
+        k.log_text().contains("fence guard: the lease ran out"),
+        "{}",
+        k.log_text()
+    );
+
+    // Resumed with the monitor back: the lease is renewed and writes come back.
+    drop(_resume);
+    m.down.store(false, Ordering::SeqCst);
+    wait_for(
+        "writes after the keeper resumed",
+        Duration::from_secs(30),
+        || async { write(&a, "again").await.ok() },
+    )
+    .await;
+    let metrics = a.http_get("/metrics").unwrap().1;
+    assert!(
+        metrics.contains("pgquorum_keeper_fences_total 1"),
+        "{metrics}"
+    );
+}

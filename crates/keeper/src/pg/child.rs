@@ -50,8 +50,9 @@ impl Child {
     }
 }
 
-/// The pipes of a child started with piped stdout/stderr.
+/// The pipes of a child started with piped stdin/stdout/stderr.
 pub struct Pipes {
+    pub stdin: Option<std::process::ChildStdin>,
     pub stdout: Option<std::process::ChildStdout>,
     pub stderr: Option<std::process::ChildStderr>,
 }
@@ -70,6 +71,7 @@ pub async fn spawn(mut cmd: Command, death_signal: Signal, what: &str) -> Result
             }
             Ok(mut child) => {
                 let pipes = Pipes {
+                    stdin: child.stdin.take(),
                     stdout: child.stdout.take(),
                     stderr: child.stderr.take(),
                 };
