@@ -5,4 +5,5 @@ pub mod bench_doc;
 pub mod cluster;
 pub mod haproxy;
 pub mod monitor_group;
+pub mod oracle;
 pub mod peers;

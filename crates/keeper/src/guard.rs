@@ -205,6 +205,10 @@ fn signal(pid: i32, sig: Signal) {
 
 /// `pgquorum keeper guard`: runs until its input ends.
 pub fn run(pgdata: &Path) -> Result<()> {
+    // Executed as /proc/self/exe, the process would be listed as "exe".
+    if let Ok(name) = std::ffi::CString::new("pgquorum-guard") {
+        let _ = nix::sys::prctl::set_name(&name);
+    }
     let pgdata = std::fs::canonicalize(pgdata)
         .map_err(|e| KeeperError::io(format!("resolving {}", pgdata.display()), e))?;
     let stdin = std::io::stdin();
@@ -313,6 +317,7 @@ impl Link {
     /// Starts `pgquorum keeper guard --pgdata DIR` from the keeper's own executable.
     pub async fn spawn(exe: &Path, pgdata: &Path) -> Result<Link> {
         let mut cmd = std::process::Command::new(exe);
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "pgquorum");
         cmd.arg("keeper")
             .arg("guard")
             .arg("--pgdata")
