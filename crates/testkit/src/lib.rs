@@ -5,6 +5,7 @@
 //! conditions with deadlines, and clean up on drop. It must never be used outside
 //! tests and benchmarks, never kill a process by name, never sleep as synchronisation.
 
+pub mod netns;
 pub mod postgres;
 pub mod process;
 
