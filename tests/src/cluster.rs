@@ -28,12 +28,16 @@ pub struct Node {
     pub spec: NodeSpec,
     pub keeper: Option<Keeper>,
     pub extra_args: Vec<String>,
+    /// Command prefix the keeper is started through (a network namespace), or empty.
+    pub prefix: Vec<String>,
 }
 
 pub struct Cluster {
     pub monitors: MonitorGroup,
     pub nodes: Vec<Node>,
     pub dir: PgDir,
+    /// The pg_hba line that lets the test's clients in.
+    pub hba: String,
     _one: tokio::sync::MutexGuard<'static, ()>,
 }
 
@@ -50,30 +54,57 @@ impl Cluster {
     /// Same, with extra `keeper run` arguments per node index.
     pub async fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
         let one = ONE_CLUSTER.lock().await;
-        let mut monitors = MonitorGroup::new(3);
-        for id in 1..=3 {
-            monitors.start(id);
-        }
-        monitors.wait_leader(Duration::from_secs(30)).await;
+        let monitors = MonitorGroup::new(3);
         let dir = PgDir::new();
         let nodes = (0..n)
             .map(|i| Node {
                 spec: NodeSpec::new(&format!("node{}", i + 1), dir.path()),
                 keeper: None,
                 extra_args: extra(i),
+                prefix: Vec::new(),
             })
             .collect();
+        Cluster::start_on(one, monitors, dir, nodes, "host all all 127.0.0.1/32 trust").await
+    }
+
+    /// A cluster of given monitor members (not started yet) and nodes, e.g. each in a
+    /// network namespace; `hba` lets the test's clients in.
+    pub async fn start_custom(
+        monitors: MonitorGroup,
+        dir: PgDir,
+        nodes: Vec<Node>,
+        hba: &str,
+    ) -> Cluster {
+        let one = ONE_CLUSTER.lock().await;
+        Cluster::start_on(one, monitors, dir, nodes, hba).await
+    }
+
+    async fn start_on(
+        one: tokio::sync::MutexGuard<'static, ()>,
+        mut monitors: MonitorGroup,
+        dir: PgDir,
+        nodes: Vec<Node>,
+        hba: &str,
+    ) -> Cluster {
+        let n = nodes.len();
+        let ids: Vec<u64> = monitors.members.keys().copied().collect();
+        for id in ids {
+            monitors.start(id);
+        }
+        monitors.wait_leader(Duration::from_secs(30)).await;
         let mut c = Cluster {
             monitors,
             nodes,
             dir,
+            hba: hba.to_string(),
             _one: one,
         };
         // The first node bootstraps as the primary before the others ask to join.
-        c.start_keeper("node1");
-        c.wait_state("node1 to be a single primary", |ns| {
+        let first = c.nodes[0].spec.name.clone();
+        c.start_keeper(&first);
+        c.wait_state(&format!("{first} to be a single primary"), |ns| {
             ns.iter()
-                .any(|n| n.name == "node1" && n.reported_state == "single")
+                .any(|n| n.name == first && n.reported_state == "single")
         })
         .await;
         for i in 1..n {
@@ -110,16 +141,13 @@ impl Cluster {
     /// Starts (or restarts) the keeper of `name`; its postgres comes with it.
     pub fn start_keeper(&mut self, name: &str) {
         let monitors = self.monitor_list();
+        let hba = self.hba.clone();
         let node = self.node_mut(name);
         let mut args = node.spec.args();
-        args.extend([
-            "--monitor".to_string(),
-            monitors,
-            "--pg-hba".into(),
-            "host all all 127.0.0.1/32 trust".into(),
-        ]);
+        args.extend(["--monitor".to_string(), monitors, "--pg-hba".into(), hba]);
         args.extend(node.extra_args.iter().cloned());
-        node.keeper = Some(Keeper::spawn_with(
+        node.keeper = Some(Keeper::spawn_in(
+            &node.prefix,
             &pgquorum_testkit::pgquorum_bin(),
             "run",
             &args,
@@ -245,7 +273,7 @@ impl Cluster {
     pub fn hosts(&self) -> Vec<(String, u16)> {
         self.nodes
             .iter()
-            .map(|n| ("127.0.0.1".to_string(), n.spec.pg_port))
+            .map(|n| (n.spec.host.to_string(), n.spec.pg_port))
             .collect()
     }
 

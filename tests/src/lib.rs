@@ -5,5 +5,6 @@ pub mod bench_doc;
 pub mod cluster;
 pub mod haproxy;
 pub mod monitor_group;
+pub mod netcluster;
 pub mod oracle;
 pub mod peers;

@@ -16,6 +16,8 @@ pub struct Member {
     pub addr: String,
     pub data_dir: PathBuf,
     pub proc: Option<Proc>,
+    /// Command prefix the member is started through (a network namespace), or empty.
+    pub prefix: Vec<String>,
 }
 
 pub struct MonitorGroup {
@@ -56,8 +58,24 @@ impl MonitorGroup {
                 addr: free_addr(),
                 data_dir,
                 proc: None,
+                prefix: Vec::new(),
             },
         );
+    }
+
+    /// `addrs.len()` members at the given HOST:PORT addresses, each started through its
+    /// command prefix (e.g. `ip netns exec NS`); none started yet.
+    pub fn new_at(addrs: &[(String, Vec<String>)]) -> Self {
+        let mut g = MonitorGroup::new(0);
+        for (i, (addr, prefix)) in addrs.iter().enumerate() {
+            let id = i as u64 + 1;
+            g.add_slot(id);
+            let m = g.members.get_mut(&id).expect("member slot");
+            m.addr = addr.clone();
+            m.prefix = prefix.clone();
+            g.peers.insert(id, addr.clone());
+        }
+        g
     }
 
     fn spawn(&mut self, id: u64, join: bool) {
@@ -82,8 +100,22 @@ impl MonitorGroup {
         }
         args.extend(self.extra_args.iter().cloned());
         let log = self.dir.path().join(format!("m{id}.log"));
-        let p =
-            Proc::spawn(&format!("monitor-{id}"), &self.bin, &args, &log).expect("spawn pgquorum");
+        let prefix = self.members[&id].prefix.clone();
+        let p = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut a: Vec<String> = rest.to_vec();
+                a.push(self.bin.display().to_string());
+                a.extend(args);
+                Proc::spawn(
+                    &format!("monitor-{id}"),
+                    std::path::Path::new(program),
+                    &a,
+                    &log,
+                )
+            }
+            None => Proc::spawn(&format!("monitor-{id}"), &self.bin, &args, &log),
+        }
+        .expect("spawn pgquorum");
         self.members.get_mut(&id).expect("member slot").proc = Some(p);
     }
 

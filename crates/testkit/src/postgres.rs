@@ -159,16 +159,24 @@ pub struct NodeSpec {
     pub dir: PathBuf,
     pub pg_port: u16,
     pub http: std::net::SocketAddr,
+    /// The address postgres listens on and peers use (loopback unless in a namespace).
+    pub host: std::net::IpAddr,
 }
 
 impl NodeSpec {
     pub fn new(name: &str, dir: &Path) -> NodeSpec {
+        NodeSpec::at(name, dir, std::net::Ipv4Addr::LOCALHOST.into())
+    }
+
+    /// A node whose postgres and HTTP endpoint listen on `host` (a namespace's address).
+    pub fn at(name: &str, dir: &Path, host: std::net::IpAddr) -> NodeSpec {
         let http_port = free_port();
         NodeSpec {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             pg_port: free_port(),
-            http: std::net::SocketAddr::from(([127, 0, 0, 1], http_port)),
+            http: std::net::SocketAddr::new(host, http_port),
+            host,
         }
     }
 
@@ -180,9 +188,9 @@ impl NodeSpec {
         self.dir.clone()
     }
 
-    /// NAME=127.0.0.1:PORT, as `--primary` / `--peer` take it.
+    /// NAME=HOST:PORT, as `--primary` / `--peer` take it.
     pub fn peer_arg(&self) -> String {
-        format!("{}=127.0.0.1:{}", self.name, self.pg_port)
+        format!("{}={}:{}", self.name, self.host, self.pg_port)
     }
 
     pub fn keeper_log(&self) -> PathBuf {
@@ -199,9 +207,9 @@ impl NodeSpec {
             "--pg-port".into(),
             self.pg_port.to_string(),
             "--pg-host".into(),
-            "127.0.0.1".into(),
+            self.host.to_string(),
             "--listen-addresses".into(),
-            "127.0.0.1".into(),
+            self.host.to_string(),
             "--socket-dir".into(),
             self.socket_dir().display().to_string(),
             "--http".into(),
@@ -245,6 +253,19 @@ impl Keeper {
 
     /// Same with a given `pgquorum` binary (benchmarks use the release build).
     pub fn spawn_with(bin: &Path, sub: &str, args: &[String], log: &Path) -> Keeper {
+        Keeper::spawn_in(&[], bin, sub, args, log)
+    }
+
+    /// Same, started through `prefix` (e.g. [`crate::netns::Net::prefix_as_postgres`]),
+    /// which must exec the program as `postgres` without forking; an empty prefix
+    /// switches to `postgres` itself.
+    pub fn spawn_in(
+        prefix: &[String],
+        bin: &Path,
+        sub: &str,
+        args: &[String],
+        log: &Path,
+    ) -> Keeper {
         let (u, g) = postgres_ids();
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -252,7 +273,19 @@ impl Keeper {
             .open(log)
             .unwrap_or_else(|e| panic!("log {}: {e}", log.display()));
         let err = out.try_clone().unwrap_or_else(|e| panic!("dup: {e}"));
-        let mut cmd = Command::new(bin);
+        let mut cmd = match prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => {
+                let mut c = Command::new(bin);
+                std::os::unix::process::CommandExt::uid(&mut c, u.as_raw());
+                std::os::unix::process::CommandExt::gid(&mut c, g.as_raw());
+                c
+            }
+        };
         cmd.arg("keeper")
             .arg(sub)
             .args(args)
@@ -262,8 +295,6 @@ impl Keeper {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        std::os::unix::process::CommandExt::uid(&mut cmd, u.as_raw());
-        std::os::unix::process::CommandExt::gid(&mut cmd, g.as_raw());
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawning pgquorum: {e}"));

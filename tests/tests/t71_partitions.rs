@@ -1,0 +1,110 @@
+//! Partitions in network namespaces (issue 13): every monitor member and every node on
+//! its own host of a bridge, the test's writer (multi-host URI) and probe (direct
+//! `synchronous_commit = local` writes to each node) on the bridge, so they reach every
+//! node whatever the cut. The oracle, in each test: every acknowledged row is on the
+//! final primary; no two nodes accepted writes at overlapping times; the cluster heals.
+//! Skipped, loudly, where `ip netns add` is not permitted.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use pgquorum_testkit::netns::skip_without_netns;
+use pgquorum_tests::cluster::{primary_of, Writer};
+use pgquorum_tests::netcluster::NetCluster;
+use pgquorum_tests::oracle::{describe, longest_overlap, Probe};
+
+/// After the fault: the cluster heals, the writer commits again, and the oracle holds.
+async fn heal_and_check(nc: &NetCluster, w: Writer, probe: Probe, t0: Instant, what: &str) {
+    let ns = nc.c.wait_healthy(nc.c.nodes.len() - 1).await;
+    let healed = t0.elapsed();
+    let primary = primary_of(&ns).unwrap();
+    w.wait_progress(50, "after the heal").await;
+    let unprotected = w.unprotected().iter().filter(|u| u.1).count();
+    let acked = w.stop().await;
+    let seen = probe.stop().await;
+    let (overlap, why) = longest_overlap(&seen);
+    eprintln!(
+        "{what}: healed {} ms after the fault began; final primary {primary}; {} rows \
+         acknowledged, {unprotected} without a synchronous standby; longest two-writer \
+         overlap {} ms; probe: {}",
+        healed.as_millis(),
+        acked.len(),
+        overlap.as_millis(),
+        describe(&seen, t0)
+    );
+    assert_eq!(
+        overlap,
+        Duration::ZERO,
+        "{what}: two nodes accepted writes at overlapping times: {why}\nprobe: {}\n{}",
+        describe(&seen, t0),
+        nc.c.logs()
+    );
+    nc.c.assert_rows_on(&primary, &acked).await;
+}
+
+async fn start_load(nc: &NetCluster) -> (Writer, Probe, String) {
+    let old = nc.c.primary().await;
+    let w = Writer::start_checked(nc.c.hosts());
+    w.wait_progress(50, "before the fault").await;
+    let probe = Probe::start(nc.probe_targets());
+    let p = &probe;
+    let o = old.clone();
+    pgquorum_testkit::wait_until_async(
+        Duration::from_secs(20),
+        "a probe write on the primary",
+        || {
+            let ok = p.last_accepted(&o).is_some();
+            async move { ok }
+        },
+    )
+    .await
+    .unwrap();
+    (w, probe, old)
+}
+
+/// Issue 13 item 1: the primary's node and the monitor leader are cut off together from
+/// the other two members and the standbys for 20 s (the test's clients still reach
+/// every node). The majority must promote a standby only once the old primary is
+/// fenced: an isolated leader must stop granting it leases.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_and_monitor_leader_cut_off_together() {
+    if skip_without_netns("primary_and_monitor_leader_cut_off_together") {
+        return;
+    }
+    let nc = NetCluster::start(3).await;
+    let leader = nc.c.monitors.wait_leader(Duration::from_secs(30)).await;
+    let (w, probe, old) = start_load(&nc).await;
+    let leader_host = NetCluster::member_host(leader);
+    let minority = [old.as_str(), leader_host.as_str()];
+    let majority: Vec<String> = nc
+        .net
+        .hosts
+        .iter()
+        .map(|h| h.name.clone())
+        .filter(|h| !minority.contains(&h.as_str()))
+        .collect();
+    let majority: Vec<&str> = majority.iter().map(String::as_str).collect();
+    nc.net.partition(&minority, &majority).unwrap();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    nc.net.heal_all().unwrap();
+    heal_and_check(&nc, w, probe, t0, "primary + leader cut off 20 s").await;
+}
+
+/// The primary's host vanishes (its link goes down: no process is killed) for 20 s: a
+/// standby is promoted, and the old primary, back, rejoins without having taken a write
+/// alongside the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_host_vanishes() {
+    if skip_without_netns("primary_host_vanishes") {
+        return;
+    }
+    let nc = NetCluster::start(3).await;
+    let (w, probe, old) = start_load(&nc).await;
+    nc.net.set_link(&old, false).unwrap();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    nc.net.set_link(&old, true).unwrap();
+    heal_and_check(&nc, w, probe, t0, "primary host link down 20 s").await;
+}
