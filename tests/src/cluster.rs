@@ -142,8 +142,17 @@ impl Cluster {
     pub fn start_keeper(&mut self, name: &str) {
         let monitors = self.monitor_list();
         let hba = self.hba.clone();
+        let certs = self.monitors.certs.clone();
+        let dir = self.dir.path().to_path_buf();
         let node = self.node_mut(name);
         let mut args = node.spec.args();
+        match &certs {
+            Some(c) => {
+                let own = c.keeper_dir(&node.spec.name, &dir);
+                args.extend(["--certs-dir".to_string(), own.display().to_string()]);
+            }
+            None => args.push("--insecure".into()),
+        }
         args.extend(["--monitor".to_string(), monitors, "--pg-hba".into(), hba]);
         args.extend(node.extra_args.iter().cloned());
         node.keeper = Some(Keeper::spawn_in(

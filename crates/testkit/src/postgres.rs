@@ -292,6 +292,7 @@ impl Keeper {
             .env("PGQUORUM_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("PGQUORUM_MONITOR")
+            .env_remove("PGQUORUM_CERTS_DIR")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
