@@ -1,0 +1,358 @@
+//! A randomized fault campaign against one cluster in network namespaces (3 monitor
+//! members and 3 nodes, each on its own host): partitions, vanished hosts, flapping
+//! links and paused keepers, one after the other, each healed before the next, with a
+//! client committing numbered rows through the multi-host address and a probe writing
+//! directly to every node (`synchronous_commit = local`).
+//!
+//!   cargo build -p pgquorum && cargo build -p pgquorum-tests --bin fault-bench
+//!   target/debug/fault-bench --campaign 12 --seed 1 [--write-doc docs/benchmarks.md]
+//!   target/debug/fault-bench --kind primary-and-leader-cut --secs 20   (replay one)
+//!
+//! Per fault kind it reports: faults run, write unavailability p50/p99 (from the fault to
+//! the first commit after the first failed one), the longest two-writer overlap, commits
+//! acknowledged without a synchronous standby, and faults that did not heal; at the end,
+//! acknowledged rows and rows missing on the final primary. Needs root (`ip netns`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use pgquorum_testkit::netns::{skip_without_netns, Paused};
+use pgquorum_tests::bench_doc::{cores, load_average};
+use pgquorum_tests::cluster::{healthy, primary_of, Writer};
+use pgquorum_tests::netcluster::NetCluster;
+use pgquorum_tests::oracle::{longest_overlap, Accepted, Probe};
+
+const KINDS: [&str; 8] = [
+    "pause-primary-keeper",
+    "primary-host-vanishes",
+    "primary-cut-from-monitors",
+    "primary-and-leader-cut",
+    "primary-with-standby-minority",
+    "standby-isolated",
+    "leader-isolated",
+    "primary-link-flap",
+];
+
+/// splitmix64: a seeded sequence, so a campaign is repeatable.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[derive(Default)]
+struct Stats {
+    runs: u32,
+    unavailable_ms: Vec<f64>,
+    overlap_ms: u128,
+    unprotected: usize,
+    not_healed: u32,
+    heal_ms: Vec<f64>,
+}
+
+fn percentile(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let i = ((p / 100.0) * (s.len() as f64 - 1.0)).round() as usize;
+    Some(s[i.min(s.len() - 1)])
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into())
+}
+
+/// Runs fault `kind` for `secs` and heals it.
+async fn inject(nc: &NetCluster, kind: &str, secs: u64, rng: &mut Rng) {
+    let d = Duration::from_secs(secs);
+    let primary = nc.c.primary().await;
+    let leader = nc.c.monitors.wait_leader(Duration::from_secs(30)).await;
+    let leader_host = NetCluster::member_host(leader);
+    let standbys: Vec<String> =
+        nc.c.nodes
+            .iter()
+            .map(|n| n.spec.name.clone())
+            .filter(|n| *n != primary)
+            .collect();
+    let all: Vec<String> = nc.net.hosts.iter().map(|h| h.name.clone()).collect();
+    let rest = |minority: &[&str]| -> Vec<String> {
+        all.iter()
+            .filter(|h| !minority.contains(&h.as_str()))
+            .cloned()
+            .collect()
+    };
+    let cut = |minority: &[&str]| {
+        let r = rest(minority);
+        let r: Vec<&str> = r.iter().map(String::as_str).collect();
+        nc.net.partition(minority, &r).unwrap();
+    };
+    match kind {
+        "pause-primary-keeper" => {
+            let pid = nc.c.node(&primary).keeper.as_ref().unwrap().pid().unwrap();
+            let p = Paused::new(pid).unwrap();
+            tokio::time::sleep(d).await;
+            drop(p);
+        }
+        "primary-host-vanishes" => {
+            nc.net.set_link(&primary, false).unwrap();
+            tokio::time::sleep(d).await;
+            nc.net.set_link(&primary, true).unwrap();
+        }
+        "primary-cut-from-monitors" => {
+            nc.net.partition(&[&primary], &["m1", "m2", "m3"]).unwrap();
+            tokio::time::sleep(d).await;
+        }
+        "primary-and-leader-cut" => {
+            cut(&[&primary, &leader_host]);
+            tokio::time::sleep(d).await;
+        }
+        "primary-with-standby-minority" => {
+            let s = &standbys[rng.below(standbys.len() as u64) as usize];
+            cut(&[&primary, s]);
+            tokio::time::sleep(d).await;
+        }
+        "standby-isolated" => {
+            let s = &standbys[rng.below(standbys.len() as u64) as usize];
+            nc.net.isolate(s).unwrap();
+            tokio::time::sleep(d).await;
+        }
+        "leader-isolated" => {
+            nc.net.isolate(&leader_host).unwrap();
+            tokio::time::sleep(d).await;
+        }
+        "primary-link-flap" => {
+            nc.net
+                .flap(
+                    &primary,
+                    secs.div_ceil(2) as u32,
+                    Duration::from_millis(1000),
+                    Duration::from_millis(1000),
+                )
+                .await
+                .unwrap();
+        }
+        other => panic!("unknown fault kind {other}; known: {KINDS:?}"),
+    }
+    nc.net.heal_all().unwrap();
+}
+
+/// Only the probe writes sent in [from, to].
+fn window(
+    seen: &BTreeMap<String, Vec<Accepted>>,
+    from: Instant,
+    to: Instant,
+) -> BTreeMap<String, Vec<Accepted>> {
+    seen.iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.iter()
+                    .filter(|a| a.sent >= from && a.sent <= to)
+                    .copied()
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .filter(|(_, v)| !v.is_empty())
+        .collect()
+}
+
+async fn wait_healthy(nc: &NetCluster, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(ns) = nc.c.state().await {
+            if healthy(&ns, nc.c.nodes.len() - 1) {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mut campaign = 10u32;
+    let mut seed = 1u64;
+    let mut only: Option<String> = None;
+    let mut secs: Option<u64> = None;
+    let mut doc: Option<String> = None;
+    let mut i = 1;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--campaign" => campaign = v.parse().expect("--campaign N"),
+            "--seed" => seed = v.parse().expect("--seed S"),
+            "--kind" => only = Some(v),
+            "--secs" => secs = Some(v.parse().expect("--secs N")),
+            "--write-doc" => doc = Some(v),
+            other => panic!(
+                "unknown argument {other}; usage: fault-bench [--campaign N] [--seed S] \
+                 [--kind KIND --secs N] [--write-doc docs/benchmarks.md]"
+            ),
+        }
+        i += 2;
+    }
+    if let Some(k) = &only {
+        assert!(
+            KINDS.contains(&k.as_str()),
+            "unknown kind {k}; known: {KINDS:?}"
+        );
+        campaign = 1;
+    }
+    if skip_without_netns("fault-bench") {
+        std::process::exit(2);
+    }
+    let nc = NetCluster::start(3).await;
+    let w = Writer::start_checked(nc.c.hosts());
+    w.wait_progress(50, "before the campaign").await;
+    let probe = Probe::start(nc.probe_targets());
+    let mut rng = Rng(seed);
+    let mut stats: BTreeMap<String, Stats> = BTreeMap::new();
+    let mut failures: Vec<String> = Vec::new();
+    let started = Instant::now();
+    for n in 0..campaign {
+        let kind = only
+            .clone()
+            .unwrap_or_else(|| KINDS[rng.below(KINDS.len() as u64) as usize].to_string());
+        let d = secs.unwrap_or(3 + rng.below(13));
+        let replay = format!("fault-bench --kind {kind} --secs {d}");
+        let t0 = Instant::now();
+        inject(&nc, &kind, d, &mut rng).await;
+        let healed_at = Instant::now();
+        let ok = wait_healthy(&nc, Duration::from_secs(90)).await;
+        let heal = healed_at.elapsed();
+        // The writer must commit again before the next fault.
+        let progressed = {
+            let before = w.acked_count();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while w.acked_count() < before + 20 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            w.acked_count() >= before + 20
+        };
+        let end = Instant::now();
+        let unavailable = match w.first_error_after(t0).filter(|e| *e < end) {
+            None => Duration::ZERO,
+            Some(e) => w.first_ack_after(e).map(|a| a - t0).unwrap_or(end - t0),
+        };
+        let seen = window(&probe.accepted(), t0 - Duration::from_secs(2), end);
+        let (overlap, why) = longest_overlap(&seen);
+        let unprotected = w
+            .unprotected()
+            .iter()
+            .filter(|(at, u)| *u && *at >= t0 && *at <= end)
+            .count();
+        let s = stats.entry(kind.clone()).or_default();
+        s.runs += 1;
+        s.unavailable_ms.push(unavailable.as_secs_f64() * 1000.0);
+        s.overlap_ms = s.overlap_ms.max(overlap.as_millis());
+        s.unprotected += unprotected;
+        if ok {
+            s.heal_ms.push(heal.as_secs_f64() * 1000.0);
+        } else {
+            s.not_healed += 1;
+        }
+        let line = format!(
+            "fault {n}: {kind} {d} s: unavailable {} ms, overlap {} ms, {unprotected} unprotected, {}",
+            unavailable.as_millis(),
+            overlap.as_millis(),
+            if ok {
+                format!("healed in {} ms", heal.as_millis())
+            } else {
+                "NOT HEALED".into()
+            }
+        );
+        eprintln!("{line}");
+        if !overlap.is_zero() || unprotected > 0 || !ok || !progressed {
+            failures.push(format!("{line} ({why}); replay: {replay}"));
+        }
+        if !ok || !progressed {
+            eprintln!(
+                "the cluster did not heal: campaign stopped\n{}",
+                nc.c.logs()
+            );
+            break;
+        }
+    }
+    let acked = w.stop().await;
+    let _ = probe.stop().await;
+    let final_primary =
+        nc.c.state()
+            .await
+            .and_then(|ns| primary_of(&ns))
+            .unwrap_or_default();
+    let have: BTreeSet<i64> = match nc.c.node(&final_primary).spec.connect().await {
+        Ok(c) => c
+            .query("SELECT n FROM acked", &[])
+            .await
+            .map(|rows| rows.iter().map(|r| r.get::<_, i64>(0)).collect())
+            .unwrap_or_default(),
+        Err(_) => BTreeSet::new(),
+    };
+    let lost = acked.difference(&have).count();
+    let total: u32 = stats.values().map(|s| s.runs).sum();
+    let mut table = String::from(
+        "| fault | runs | unavailable p50 ms | p99 ms | longest overlap ms | unprotected acks | heal p50 ms | not healed |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for (k, s) in &stats {
+        table.push_str(&format!(
+            "| {k} | {} | {} | {} | {} | {} | {} | {} |\n",
+            s.runs,
+            ms(percentile(&s.unavailable_ms, 50.0)),
+            ms(percentile(&s.unavailable_ms, 99.0)),
+            s.overlap_ms,
+            s.unprotected,
+            ms(percentile(&s.heal_ms, 50.0)),
+            s.not_healed
+        ));
+    }
+    let summary = format!(
+        "{total} faults in {} s (seed {seed}); {} rows acknowledged, {lost} missing on the final primary ({final_primary}).",
+        started.elapsed().as_secs(),
+        acked.len()
+    );
+    println!("{table}\n{summary}");
+    for f in &failures {
+        println!("FAILED: {f}");
+    }
+    if let Some(p) = doc {
+        let mut section = format!(
+            "## Fault campaign\n\n\
+             Each fault lasts 3-15 s (drawn from the seed) and is healed before the next; \
+             3 monitor members and 3 nodes, each in its own network namespace on one bridge, \
+             default settings, debug build, {} cores, load {}. Unavailability runs from the \
+             fault to the first commit after the first failed one (0 when no commit failed); \
+             overlap is how long a node surely took `synchronous_commit = local` writes after \
+             another had taken one (oracle in tests/src/oracle.rs).\n\n{table}\n{summary}\n",
+            cores(),
+            load_average()
+        );
+        for f in &failures {
+            section.push_str(&format!("\n* failed: {f}"));
+        }
+        section.push_str(&format!(
+            "\n\nMeasured by `target/debug/fault-bench --campaign {campaign} --seed {seed} --write-doc docs/benchmarks.md`.\n"
+        ));
+        pgquorum_tests::bench_doc::write_section(&p, "## Fault campaign", &section)
+            .expect("writing the benchmark document");
+    }
+    if !failures.is_empty() || lost > 0 {
+        std::process::exit(1);
+    }
+}
