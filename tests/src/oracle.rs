@@ -18,11 +18,21 @@ pub struct Accepted {
     pub acked: Instant,
 }
 
+/// One probe write, accepted or not (refused, failed, timed out, no connection).
+#[derive(Debug, Clone, Copy)]
+pub struct Attempt {
+    pub sent: Instant,
+    pub done: Instant,
+    pub ok: bool,
+}
+
+type Seen = Arc<Mutex<BTreeMap<String, Vec<Attempt>>>>;
+
 /// Writes to each node in turn, each over its own session (kept open across attempts,
 /// so a session opened before a fault is tested too), and records every acknowledged
 /// write per node.
 pub struct Probe {
-    seen: Arc<Mutex<BTreeMap<String, Vec<Accepted>>>>,
+    seen: Seen,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -48,36 +58,56 @@ impl Probe {
         Probe { seen, stop, tasks }
     }
 
+    /// Every attempt so far, per node.
+    pub fn attempts(&self) -> BTreeMap<String, Vec<Attempt>> {
+        self.seen.lock().unwrap().clone()
+    }
+
     /// What was accepted so far, per node.
     pub fn accepted(&self) -> BTreeMap<String, Vec<Accepted>> {
-        self.seen.lock().unwrap().clone()
+        accepted(&self.attempts())
     }
 
     /// The last write `node` accepted, if any.
     pub fn last_accepted(&self, node: &str) -> Option<Accepted> {
-        self.seen
-            .lock()
-            .unwrap()
-            .get(node)
-            .and_then(|v| v.last().copied())
+        self.accepted().get(node).and_then(|v| v.last().copied())
     }
 
     /// The first write `node` accepted after `t`, if any.
     pub fn first_accepted_after(&self, node: &str, t: Instant) -> Option<Accepted> {
-        self.seen
-            .lock()
-            .unwrap()
+        self.accepted()
             .get(node)
             .and_then(|v| v.iter().find(|a| a.sent > t).copied())
     }
 
-    pub async fn stop(mut self) -> BTreeMap<String, Vec<Accepted>> {
+    /// Stops probing; returns every attempt.
+    pub async fn stop(mut self) -> BTreeMap<String, Vec<Attempt>> {
         let _ = self.stop.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
-        self.accepted()
+        self.attempts()
     }
+}
+
+/// The accepted attempts only.
+pub fn accepted(attempts: &BTreeMap<String, Vec<Attempt>>) -> BTreeMap<String, Vec<Accepted>> {
+    attempts
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.clone(),
+                v.iter()
+                    .filter(|a| a.ok)
+                    .map(|a| Accepted {
+                        sent: a.sent,
+                        acked: a.done,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .filter(|(_, v)| !v.is_empty())
+        .collect()
 }
 
 impl Drop for Probe {
@@ -92,7 +122,7 @@ async fn probe_node(
     name: String,
     host: String,
     port: u16,
-    seen: Arc<Mutex<BTreeMap<String, Vec<Accepted>>>>,
+    seen: Seen,
     mut stopped: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut cfg = tokio_postgres::Config::new();
@@ -128,6 +158,20 @@ async fn probe_node(
                 }
             }
         }
+        let record = |sent: Instant, ok: bool| {
+            seen.lock()
+                .unwrap()
+                .entry(name.clone())
+                .or_default()
+                .push(Attempt {
+                    sent,
+                    done: Instant::now(),
+                    ok,
+                });
+        };
+        if client.is_none() {
+            record(Instant::now(), false);
+        }
         if let Some(c) = &client {
             n += 1;
             let sent = Instant::now();
@@ -137,54 +181,74 @@ async fn probe_node(
             )
             .await;
             match r {
-                Ok(Ok(_)) => {
-                    let acked = Instant::now();
-                    seen.lock()
-                        .unwrap()
-                        .entry(name.clone())
-                        .or_default()
-                        .push(Accepted { sent, acked });
-                }
+                Ok(Ok(_)) => record(sent, true),
                 // A standby refuses (read-only); a fenced or cut-off one errs or times
                 // out: a fresh session next time.
                 Ok(Err(e)) => {
+                    record(sent, false);
                     if !e.as_db_error().is_some_and(|d| {
                         d.code() == &tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION
                     }) {
                         client = None;
                     }
                 }
-                Err(_) => client = None,
+                Err(_) => {
+                    record(sent, false);
+                    client = None;
+                }
             }
         }
         let _ = tokio::time::timeout(PROBE_EVERY, stopped.changed()).await;
     }
 }
 
-/// The longest time two nodes surely both accepted writes: for nodes A and B where A
-/// took writes first, how long A's last accepted write was *sent* after B's first one
-/// was *acknowledged* (so both writes surely happened at overlapping times). Assumes a
-/// node is primary at most once during the observed window (no switchback).
-pub fn longest_overlap(seen: &BTreeMap<String, Vec<Accepted>>) -> (Duration, String) {
+/// Each node's writable periods: runs of accepted probe writes with no failed attempt
+/// on that node in between, as (first accepted, last accepted).
+pub fn periods(attempts: &BTreeMap<String, Vec<Attempt>>) -> Vec<(String, Accepted, Accepted)> {
+    let mut out = Vec::new();
+    for (n, v) in attempts {
+        let mut run: Option<(Accepted, Accepted)> = None;
+        for a in v {
+            let acc = Accepted {
+                sent: a.sent,
+                acked: a.done,
+            };
+            if a.ok {
+                run = Some(match run {
+                    Some((f, _)) => (f, acc),
+                    None => (acc, acc),
+                });
+            } else if let Some((f, l)) = run.take() {
+                out.push((n.clone(), f, l));
+            }
+        }
+        if let Some((f, l)) = run {
+            out.push((n.clone(), f, l));
+        }
+    }
+    out
+}
+
+/// The longest time two nodes surely both took writes: over pairs of writable periods
+/// of different nodes, how long both were surely open at once. A period is surely open
+/// from its first write's acknowledgement to its last write's sending; a switchback
+/// (A, then B, then A again) is not an overlap, since A failed writes in between.
+pub fn longest_overlap(attempts: &BTreeMap<String, Vec<Attempt>>) -> (Duration, String) {
+    let ps = periods(attempts);
     let mut worst = (Duration::ZERO, String::new());
-    for (a, wa) in seen {
-        for (b, wb) in seen {
+    for (i, (a, af, al)) in ps.iter().enumerate() {
+        for (b, bf, bl) in ps.iter().skip(i + 1) {
             if a == b {
                 continue;
             }
-            let (Some(a_first), Some(b_first)) = (wa.first(), wb.first()) else {
-                continue;
-            };
-            if a_first.sent > b_first.sent {
-                continue;
-            }
-            let Some(a_last) = wa.last() else { continue };
-            let o = a_last.sent.saturating_duration_since(b_first.acked);
+            let start = af.acked.max(bf.acked);
+            let end = al.sent.min(bl.sent);
+            let o = end.saturating_duration_since(start);
             if o > worst.0 {
                 worst = (
                     o,
                     format!(
-                        "{a} accepted a write sent {} ms after {b} had acknowledged one",
+                        "{a} and {b} both took writes for {} ms at once",
                         o.as_millis()
                     ),
                 );
@@ -195,8 +259,9 @@ pub fn longest_overlap(seen: &BTreeMap<String, Vec<Accepted>>) -> (Duration, Str
 }
 
 /// A one-line summary per node: how many writes, from when to when (ms after `t0`).
-pub fn describe(seen: &BTreeMap<String, Vec<Accepted>>, t0: Instant) -> String {
-    seen.iter()
+pub fn describe(attempts: &BTreeMap<String, Vec<Attempt>>, t0: Instant) -> String {
+    accepted(attempts)
+        .iter()
         .map(|(n, v)| {
             let ms = |t: Instant| {
                 if t >= t0 {
@@ -220,10 +285,11 @@ pub fn describe(seen: &BTreeMap<String, Vec<Accepted>>, t0: Instant) -> String {
 mod tests {
     use super::*;
 
-    fn at(base: Instant, sent_ms: u64, acked_ms: u64) -> Accepted {
-        Accepted {
+    fn at(base: Instant, sent_ms: u64, done_ms: u64, ok: bool) -> Attempt {
+        Attempt {
             sent: base + Duration::from_millis(sent_ms),
-            acked: base + Duration::from_millis(acked_ms),
+            done: base + Duration::from_millis(done_ms),
+            ok,
         }
     }
 
@@ -231,11 +297,28 @@ mod tests {
     fn overlap_counts_only_writes_that_surely_overlapped() {
         let t = Instant::now();
         let mut s = BTreeMap::new();
-        s.insert("a".to_string(), vec![at(t, 0, 5), at(t, 100, 105)]);
-        s.insert("b".to_string(), vec![at(t, 100, 110), at(t, 200, 205)]);
+        s.insert(
+            "a".to_string(),
+            vec![
+                at(t, 0, 5, true),
+                at(t, 100, 105, true),
+                at(t, 150, 155, false),
+            ],
+        );
+        s.insert(
+            "b".to_string(),
+            vec![at(t, 100, 110, true), at(t, 200, 205, true)],
+        );
         // a's last write was sent before b's first was acknowledged: not sure.
         assert_eq!(longest_overlap(&s).0, Duration::ZERO);
-        s.get_mut("a").unwrap().push(at(t, 300, 305));
-        assert_eq!(longest_overlap(&s).0, Duration::from_millis(190));
+        // A switchback: a failed in between, then took writes again after b failed.
+        s.get_mut("b").unwrap().push(at(t, 250, 255, false));
+        s.get_mut("a").unwrap().push(at(t, 300, 305, true));
+        assert_eq!(longest_overlap(&s).0, Duration::ZERO);
+        // a writable again while b still takes writes: both surely open 305..400.
+        s.get_mut("b").unwrap().push(at(t, 280, 290, true));
+        s.get_mut("b").unwrap().push(at(t, 400, 405, true));
+        s.get_mut("a").unwrap().push(at(t, 450, 455, true));
+        assert_eq!(longest_overlap(&s).0, Duration::from_millis(95));
     }
 }

@@ -75,7 +75,7 @@ async fn paused_primary_keeper_is_fenced_and_a_standby_takes_over() {
         assert!(
             t0.elapsed() < Duration::from_secs(60),
             "no standby took writes within 60 s of the pause; probe: {}\n{}",
-            describe(&probe.accepted(), t0),
+            describe(&probe.attempts(), t0),
             c.logs()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -107,7 +107,7 @@ async fn paused_primary_keeper_is_fenced_and_a_standby_takes_over() {
     assert!(
         last_old.sent < first_new.acked,
         "two writers: {}",
-        describe(&probe.accepted(), t0)
+        describe(&probe.attempts(), t0)
     );
 
     drop(resume);

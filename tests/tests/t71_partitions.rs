@@ -108,3 +108,45 @@ async fn primary_host_vanishes() {
     nc.net.set_link(&old, true).unwrap();
     heal_and_check(&nc, w, probe, t0, "primary host link down 20 s").await;
 }
+
+/// The primary loses the monitor members only (its standbys and clients still reach
+/// it) for 15 s: it cannot renew its lease and must stop taking writes before a standby
+/// is promoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_cut_from_the_monitors_only() {
+    if skip_without_netns("primary_cut_from_the_monitors_only") {
+        return;
+    }
+    let nc = NetCluster::start(3).await;
+    let (w, probe, old) = start_load(&nc).await;
+    nc.net.partition(&[&old], &["m1", "m2", "m3"]).unwrap();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    nc.net.heal_all().unwrap();
+    heal_and_check(&nc, w, probe, t0, "primary cut from the monitors 15 s").await;
+}
+
+/// The monitor leader alone, cut from every other host for 15 s (DESIGN.md invariant 3:
+/// losing a minority of members, the leader included, changes nothing for PostgreSQL):
+/// the primary stays the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_leader_alone() {
+    if skip_without_netns("monitor_leader_alone") {
+        return;
+    }
+    let nc = NetCluster::start(3).await;
+    let leader = nc.c.monitors.wait_leader(Duration::from_secs(30)).await;
+    let (w, probe, old) = start_load(&nc).await;
+    nc.net.isolate(&NetCluster::member_host(leader)).unwrap();
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    nc.net.heal_all().unwrap();
+    let seen = probe.attempts();
+    let others: Vec<String> = probe.accepted().into_keys().filter(|n| *n != old).collect();
+    assert!(
+        others.is_empty(),
+        "a failover for the loss of one monitor member: {}",
+        describe(&seen, t0)
+    );
+    heal_and_check(&nc, w, probe, t0, "monitor leader alone 15 s").await;
+}

@@ -151,6 +151,10 @@ pub async fn run(
                     }
                     applied = None;
                     tick = Duration::from_millis(500);
+                    // A postmaster that exited (fenced, crashed) and is not reaped keeps
+                    // its exit watch ready: the loop would spin on it at full CPU until
+                    // the transition succeeds (seen under partitions, starving the host).
+                    inst.reap();
                     continue;
                 }
             }

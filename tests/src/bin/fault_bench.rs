@@ -22,7 +22,7 @@ use pgquorum_testkit::netns::{skip_without_netns, Paused};
 use pgquorum_tests::bench_doc::{cores, load_average};
 use pgquorum_tests::cluster::{healthy, primary_of, Writer};
 use pgquorum_tests::netcluster::NetCluster;
-use pgquorum_tests::oracle::{longest_overlap, Accepted, Probe};
+use pgquorum_tests::oracle::{longest_overlap, Attempt, Probe};
 
 const KINDS: [&str; 8] = [
     "pause-primary-keeper",
@@ -152,10 +152,10 @@ async fn inject(nc: &NetCluster, kind: &str, secs: u64, rng: &mut Rng) {
 
 /// Only the probe writes sent in [from, to].
 fn window(
-    seen: &BTreeMap<String, Vec<Accepted>>,
+    seen: &BTreeMap<String, Vec<Attempt>>,
     from: Instant,
     to: Instant,
-) -> BTreeMap<String, Vec<Accepted>> {
+) -> BTreeMap<String, Vec<Attempt>> {
     seen.iter()
         .map(|(n, v)| {
             (
@@ -250,7 +250,7 @@ async fn main() {
             None => Duration::ZERO,
             Some(e) => w.first_ack_after(e).map(|a| a - t0).unwrap_or(end - t0),
         };
-        let seen = window(&probe.accepted(), t0 - Duration::from_secs(2), end);
+        let seen = window(&probe.attempts(), t0 - Duration::from_secs(2), end);
         let (overlap, why) = longest_overlap(&seen);
         let unprotected = w
             .unprotected()
@@ -296,13 +296,22 @@ async fn main() {
             .await
             .and_then(|ns| primary_of(&ns))
             .unwrap_or_default();
-    let have: BTreeSet<i64> = match nc.c.node(&final_primary).spec.connect().await {
-        Ok(c) => c
+    let spec =
+        nc.c.nodes
+            .iter()
+            .find(|n| n.spec.name == final_primary)
+            .map(|n| n.spec.clone());
+    let conn = match &spec {
+        Some(s) => s.connect().await.ok(),
+        None => None,
+    };
+    let have: BTreeSet<i64> = match conn {
+        Some(c) => c
             .query("SELECT n FROM acked", &[])
             .await
             .map(|rows| rows.iter().map(|r| r.get::<_, i64>(0)).collect())
             .unwrap_or_default(),
-        Err(_) => BTreeSet::new(),
+        None => BTreeSet::new(),
     };
     let lost = acked.difference(&have).count();
     let total: u32 = stats.values().map(|s| s.runs).sum();
