@@ -347,8 +347,8 @@ async fn main() {
              3 monitor members and 3 nodes, each in its own network namespace on one bridge, \
              default settings, debug build, {} cores, load {}. Unavailability runs from the \
              fault to the first commit after the first failed one (0 when no commit failed); \
-             overlap is how long a node surely took `synchronous_commit = local` writes after \
-             another had taken one (oracle in tests/src/oracle.rs).\n\n{table}\n{summary}\n",
+             overlap is how long two nodes were both surely taking `synchronous_commit = local` \
+             writes (oracle in tests/src/oracle.rs).\n\n{table}\n{summary}\n",
             cores(),
             load_average()
         );
