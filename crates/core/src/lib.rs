@@ -34,7 +34,7 @@ pub use orchestrate::{
     assignment, on_heartbeat, orchestrate, orchestrate_group, unhealthy_after, Assignment,
     PeerNode, CATCHUP_LAG_BYTES,
 };
-pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement};
+pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement, NO_STANDBY};
 pub use transitions::{
     assignable_goals, keeper_path, next_step, reportable_states, transition_allowed,
 };
