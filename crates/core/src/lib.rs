@@ -18,6 +18,7 @@ mod health;
 mod lease;
 mod model;
 mod orchestrate;
+mod order;
 mod sync;
 mod transitions;
 
@@ -34,6 +35,7 @@ pub use orchestrate::{
     assignment, on_heartbeat, orchestrate, orchestrate_group, unhealthy_after, Assignment,
     PeerNode, CATCHUP_LAG_BYTES,
 };
+pub use order::{ReportOrder, ReportStamp, StaleReport};
 pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement, NO_STANDBY};
 pub use transitions::{
     assignable_goals, keeper_path, next_step, reportable_states, transition_allowed,

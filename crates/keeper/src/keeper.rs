@@ -247,13 +247,6 @@ impl Heartbeat {
                 };
                 let mut node_id = self.node_id;
                 let mut interval = Duration::from_millis(200);
-                // The monitor drops beats whose sequence goes backwards (reordered); a
-                // restarted keeper must not start below its previous life, so count from
-                // the wall clock.
-                let mut sequence = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    .unwrap_or(0);
                 let mut failures = 0u64;
                 let mut control: ControlCache = None;
                 loop {
@@ -286,7 +279,6 @@ impl Heartbeat {
                             })
                         }
                         Some(id) => {
-                            sequence += 1;
                             let mut o = obs.clone().unwrap_or_default();
                             if obs.is_none() {
                                 // PostgreSQL is down: after a clean shutdown pg_control
@@ -320,7 +312,8 @@ impl Heartbeat {
                                         replay_lsn: r.replay_lsn,
                                     })
                                     .collect(),
-                                sequence,
+                                // Stamped by `Monitors::node_active`, per attempt.
+                                ..Default::default()
                             };
                             m.node_active(req).await.map(|r| r.assignment)
                         }

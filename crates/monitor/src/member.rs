@@ -12,7 +12,7 @@ use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
 use pgquorum_api::{no_leader, status_from_core, HOPS_HEADER, MAX_FORWARD_HOPS};
 use pgquorum_core::{
     joint_quorum_acked_at, may_grant_lease, orchestrate, orchestrate_group, Command, GroupId,
-    HealthTable, Outcome,
+    HealthTable, Outcome, ReportOrder,
 };
 use tonic::transport::Channel;
 use tonic::Status;
@@ -41,6 +41,9 @@ pub struct Member {
     pub raft_heartbeat: Duration,
     /// The leader's view of keepers: (term it was created in, table). Never replicated.
     pub health: Mutex<Option<(u64, HealthTable)>>,
+    /// The newest report admitted from every keeper process (kept across terms: it is
+    /// about keepers, not about leadership).
+    pub reports: Mutex<ReportOrder>,
     /// Taken while deciding and proposing decisions, so that the periodic tick and
     /// concurrent heartbeats do not each propose the same decision (apply would refuse
     /// the stale copy by its `expected` goal, but only after a wasted Raft write).
@@ -83,6 +86,7 @@ impl Member {
             election_min: Duration::from_millis(crate::node::Timing::default().election_min_ms),
             raft_heartbeat: Duration::from_millis(crate::node::Timing::default().heartbeat_ms),
             health: Mutex::new(None),
+            reports: Mutex::new(ReportOrder::default()),
             orchestrating: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
         }
@@ -349,6 +353,28 @@ impl Member {
             }
             let _ = tokio::time::timeout_at(deadline, next).await;
         }
+    }
+
+    /// Admits a keeper's report unless it is stale (DESIGN.md: a report is never applied
+    /// after a newer one from the same keeper, nor long after it was sent); a stale one is
+    /// refused with ABORTED and changes nothing.
+    pub fn admit_report(
+        &self,
+        node: pgquorum_core::NodeId,
+        stamp: pgquorum_core::ReportStamp,
+        max_delay_ms: u64,
+    ) -> Result<(), Status> {
+        let now = self.reach.now_ms();
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(node, stamp, now, max_delay_ms)
+            .map_err(|e| {
+                tracing::info!(node, error = %e, "stale heartbeat refused");
+                Status::aborted(format!(
+                    "stale heartbeat of node {node} refused, nothing changed: {e}"
+                ))
+            })
     }
 
     /// The leader's health table for the current term, created empty (all "unknown")

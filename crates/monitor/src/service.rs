@@ -359,6 +359,13 @@ impl Monitor for MonitorService {
                 )));
             };
             let (formation, group) = (node.formation.clone(), node.group_id);
+            let lease_ms = applied
+                .state
+                .formations
+                .get(&formation)
+                .map(|f| f.settings.lease_ms)
+                .unwrap_or(1500);
+            self.m.admit_report(node_id, active.stamp, lease_ms)?;
             let cmds = self.m.with_health(|h| {
                 h.observe(report.clone(), now);
                 on_heartbeat(&applied.state, h, &report, now)
