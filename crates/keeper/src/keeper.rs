@@ -69,6 +69,7 @@ pub async fn run(
         });
     }
     let (tx, mut rx) = watch::channel::<Option<Assignment>>(None);
+    inst.assignments = Some(rx.clone());
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
     let beat_now = Arc::new(Notify::new());
     let hb = Heartbeat {
@@ -138,7 +139,12 @@ pub async fn run(
                         break Err(e);
                     }
                     applied = None;
-                    tick = Duration::from_millis(500);
+                    // A transition abandoned for a new goal starts the new one at once.
+                    tick = if matches!(e, KeeperError::GoalChanged { .. }) {
+                        Duration::from_millis(20)
+                    } else {
+                        Duration::from_millis(500)
+                    };
                     continue;
                 }
             }
