@@ -158,6 +158,23 @@ impl MonitorGroup {
         }
     }
 
+    /// SIGSTOP by PID: the member keeps its sockets but answers nothing, as if cut off.
+    pub fn pause(&self, id: u64) {
+        self.signal(id, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT by PID, after [`Self::pause`].
+    pub fn resume(&self, id: u64) {
+        self.signal(id, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, id: u64, sig: nix::sys::signal::Signal) {
+        if let Some(p) = self.members.get(&id).and_then(|m| m.proc.as_ref()) {
+            let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+            nix::sys::signal::kill(pid, sig).expect("signal a member this test started");
+        }
+    }
+
     pub fn wipe(&mut self, id: u64) {
         let d = &self.members[&id].data_dir;
         let _ = std::fs::remove_dir_all(d);
