@@ -13,8 +13,8 @@
 //!
 //! At the deadline the guard stops the postmaster named in `postmaster.pid` of its data
 //! directory: SIGINT (fast shutdown: no new sessions, every session terminated), then
-//! SIGQUIT after [`QUIT_AFTER`], then SIGKILL of the postmaster's process group after
-//! [`KILL_AFTER`]. The pid is checked before each signal: the process must be alive (not
+//! SIGQUIT after [`QUIT_AFTER`], then SIGKILL of the postmaster after [`KILL_AFTER`]
+//! (its backends, each in its own session, exit when they see the postmaster gone). The pid is checked before each signal: the process must be alive (not
 //! a zombie) and run in the data directory (`/proc/PID/cwd`), so a recycled pid is never
 //! signalled. End of input means the keeper is gone (its postgres got the keeper's death
 //! signal): the guard exits, so it can never stop a postgres that a later keeper started
@@ -96,7 +96,8 @@ pub enum Action {
     Fence,
     /// Send SIGQUIT to the postmaster being stopped.
     Quit(i32),
-    /// SIGKILL the process group of the postmaster being stopped.
+    /// SIGKILL the postmaster being stopped (and its process group: helpers that
+    /// stayed in it).
     KillGroup(i32),
 }
 

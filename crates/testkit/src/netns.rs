@@ -374,22 +374,44 @@ impl Drop for Net {
     }
 }
 
-/// A process this test started, SIGSTOPped until this value is dropped (SIGCONT), so a
-/// failing test never leaves it stopped.
-pub struct Paused(Pid);
+/// A process this test started (or its whole process group), SIGSTOPped until this
+/// value is dropped (SIGCONT), so a failing test never leaves it stopped.
+pub struct Paused {
+    pid: Pid,
+    group: bool,
+}
 
 impl Paused {
     pub fn new(pid: u32) -> Result<Paused, NetError> {
+        Paused::start(pid, false)
+    }
+
+    /// Every process of the group `pgid` leads (e.g. a postmaster and its backends).
+    pub fn group(pgid: u32) -> Result<Paused, NetError> {
+        Paused::start(pgid, true)
+    }
+
+    fn start(pid: u32, group: bool) -> Result<Paused, NetError> {
         let pid =
             Pid::from_raw(i32::try_from(pid).map_err(|_| NetError(format!("bad pid {pid}")))?);
-        kill(pid, Signal::SIGSTOP).map_err(|e| NetError(format!("SIGSTOP {pid}: {e}")))?;
-        Ok(Paused(pid))
+        let p = Paused { pid, group };
+        p.signal(Signal::SIGSTOP)
+            .map_err(|e| NetError(format!("SIGSTOP {pid}: {e}")))?;
+        Ok(p)
+    }
+
+    fn signal(&self, sig: Signal) -> nix::Result<()> {
+        if self.group {
+            nix::sys::signal::killpg(self.pid, sig)
+        } else {
+            kill(self.pid, sig)
+        }
     }
 }
 
 impl Drop for Paused {
     fn drop(&mut self) {
-        let _ = kill(self.0, Signal::SIGCONT);
+        let _ = self.signal(Signal::SIGCONT);
     }
 }
 

@@ -24,8 +24,9 @@ use pgquorum_tests::cluster::{healthy, primary_of, Writer};
 use pgquorum_tests::netcluster::NetCluster;
 use pgquorum_tests::oracle::{longest_overlap, Attempt, Probe};
 
-const KINDS: [&str; 8] = [
+const KINDS: [&str; 9] = [
     "pause-primary-keeper",
+    "freeze-primary-postgres",
     "primary-host-vanishes",
     "primary-cut-from-monitors",
     "primary-and-leader-cut",
@@ -107,6 +108,22 @@ async fn inject(nc: &NetCluster, kind: &str, secs: u64, rng: &mut Rng) {
             tokio::time::sleep(d).await;
             drop(p);
         }
+        "freeze-primary-postgres" => {
+            // The postmaster and every backend stopped; the keeper runs on.
+            // Backends are not in the postmaster's process group (each calls setsid):
+            // the postmaster and its children, found by parent pid.
+            let mut paused = Vec::new();
+            if let Some(pm) = nc.c.node(&primary).spec.postmaster_pid() {
+                paused.push(Paused::new(pm as u32).unwrap());
+                for child in children_of(pm) {
+                    if let Ok(p) = Paused::new(child) {
+                        paused.push(p);
+                    }
+                }
+            }
+            tokio::time::sleep(d).await;
+            drop(paused);
+        }
         "primary-host-vanishes" => {
             nc.net.set_link(&primary, false).unwrap();
             tokio::time::sleep(d).await;
@@ -148,6 +165,24 @@ async fn inject(nc: &NetCluster, kind: &str, secs: u64, rng: &mut Rng) {
         other => panic!("unknown fault kind {other}; known: {KINDS:?}"),
     }
     nc.net.heal_all().unwrap();
+}
+
+/// The pids whose parent is `pid`.
+fn children_of(pid: i32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit_once(") ")
+                        .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok())
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 /// Only the probe writes sent in [from, to].
@@ -289,6 +324,8 @@ async fn main() {
             break;
         }
     }
+    // Counted once the cluster has settled: a primary between two states is not one.
+    let settled = wait_healthy(&nc, Duration::from_secs(60)).await;
     let acked = w.stop().await;
     let _ = probe.stop().await;
     let final_primary =
@@ -314,6 +351,9 @@ async fn main() {
         None => BTreeSet::new(),
     };
     let lost = acked.difference(&have).count();
+    if !settled || spec.is_none() {
+        failures.push("no healthy cluster at the end: rows not counted".into());
+    }
     let total: u32 = stats.values().map(|s| s.runs).sum();
     let mut table = String::from(
         "| fault | runs | unavailable p50 ms | p99 ms | longest overlap ms | unprotected acks | heal p50 ms | not healed |\n\
