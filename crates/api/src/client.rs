@@ -11,8 +11,8 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use thiserror::Error;
 use pgquorum_trust::{Dial, Security};
+use thiserror::Error;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use crate::trust_args::{TrustArgs, Who};
+use anyhow::{bail, Context, Result};
 use pgquorum_api::client::{ClientError, MonitorClient};
 use pgquorum_api::pb::monitor as pb;
 use serde_json::json;
@@ -109,8 +109,7 @@ pub fn connect(endpoints: &[String], trust: &TrustArgs) -> Result<MonitorClient>
         bail!("no monitor given: use --monitor HOST:PORT,HOST:PORT,... or set PGQUORUM_MONITOR");
     }
     let security = trust.security(Who::Client)?;
-    Ok(MonitorClient::new(endpoints.iter().cloned(), security)?
-        .retry_for(Duration::from_secs(10)))
+    Ok(MonitorClient::new(endpoints.iter().cloned(), security)?.retry_for(Duration::from_secs(10)))
 }
 
 /// One call through [`MonitorClient::call`]: `$req` is cloned for each attempt.

@@ -15,9 +15,9 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::network::{channel, Reachability};
-use pgquorum_trust::Security;
 use crate::store::Applied;
 use crate::types::{NodeId, Raft, Request};
+use pgquorum_trust::Security;
 
 /// A peer counts as reachable if it answered a Raft RPC this recently (the leader
 /// sends heartbeats every 100 ms, a candidate votes every few hundred).

@@ -170,7 +170,9 @@ fn valid_dns_name(h: &str) -> bool {
                 && label.len() <= 63
                 && !label.starts_with('-')
                 && !label.ends_with('-')
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         })
 }
 
@@ -341,11 +343,10 @@ impl CertsDir {
             return Ok(Vec::new());
         }
         let der = pem_der(&path, &read_pem(&path)?, "X509 CRL")?;
-        let (_, crl) = x509_parser::parse_x509_crl(&der)
-            .map_err(|e| CertError::Pem {
-                path: path.clone(),
-                why: e.to_string(),
-            })?;
+        let (_, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| CertError::Pem {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
         Ok(crl
             .iter_revoked_certificates()
             .map(|r| hex(r.raw_serial()))
@@ -365,11 +366,10 @@ impl CertsDir {
             ));
         }
         let der = pem_der(&cert_path, &read_pem(&cert_path)?, "CERTIFICATE")?;
-        let (_, cert) =
-            x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::Pem {
-                path: cert_path.clone(),
-                why: e.to_string(),
-            })?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::Pem {
+            path: cert_path.clone(),
+            why: e.to_string(),
+        })?;
         let serial = cert.raw_serial().to_vec();
         let mut serials: Vec<Vec<u8>> = self
             .revoked_serials()?
@@ -510,11 +510,24 @@ mod tests {
         certs.create_ca(Validity::days(10), false).unwrap();
         let id = Identity::Member(2);
         certs
-            .create(&id, &["127.0.0.1".into(), "m2.example".into()], Validity::days(1), false)
+            .create(
+                &id,
+                &["127.0.0.1".into(), "m2.example".into()],
+                Validity::days(1),
+                false,
+            )
             .unwrap();
-        let key_mode = fs::metadata(certs.key_path(&id)).unwrap().permissions().mode() & 0o777;
+        let key_mode = fs::metadata(certs.key_path(&id))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(key_mode, 0o600);
-        let ca_key_mode = fs::metadata(certs.path.join(CA_KEY)).unwrap().permissions().mode() & 0o777;
+        let ca_key_mode = fs::metadata(certs.path.join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(ca_key_mode, 0o600);
         let pem = read_pem(&certs.cert_path(&id)).unwrap();
         let der = pem_der(&certs.cert_path(&id), &pem, "CERTIFICATE").unwrap();
@@ -522,7 +535,10 @@ mod tests {
         let list = certs.list().unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].role, "ca");
-        assert_eq!(list[1].hosts, vec!["127.0.0.1".to_string(), "m2.example".into()]);
+        assert_eq!(
+            list[1].hosts,
+            vec!["127.0.0.1".to_string(), "m2.example".into()]
+        );
         // A second create without --overwrite changes nothing.
         assert!(matches!(
             certs.create(&id, &["127.0.0.1".into()], Validity::days(1), false),
@@ -539,7 +555,12 @@ mod tests {
         for bad in ["a b", "x\n", "-x.example", "", "a..b"] {
             assert!(
                 certs
-                    .create(&Identity::Member(1), &[bad.into()], Validity::days(1), false)
+                    .create(
+                        &Identity::Member(1),
+                        &[bad.into()],
+                        Validity::days(1),
+                        false
+                    )
                     .is_err(),
                 "{bad:?} accepted"
             );
@@ -565,7 +586,10 @@ mod tests {
         certs.revoke(&a).unwrap();
         certs.revoke(&b).unwrap();
         let list = certs.list().unwrap();
-        assert!(list.iter().filter(|c| c.role == "operator").all(|c| c.revoked));
+        assert!(list
+            .iter()
+            .filter(|c| c.role == "operator")
+            .all(|c| c.revoked));
         assert_eq!(certs.revoked_serials().unwrap().len(), 2);
     }
 }

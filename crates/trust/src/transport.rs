@@ -130,10 +130,12 @@ pub fn channel(addr: &str, security: &Security, dial: &Dial) -> Result<Channel, 
         timeout: dial.connect_timeout,
         expect: dial.expect.clone(),
     };
-    Ok(ep.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-        let c = connector.clone();
-        async move { c.connect().await.map(TokioIo::new) }
-    })))
+    Ok(
+        ep.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let c = connector.clone();
+            async move { c.connect().await.map(TokioIo::new) }
+        })),
+    )
 }
 
 #[derive(Clone)]
@@ -427,7 +429,11 @@ impl AsyncRead for ServerConn {
 }
 
 impl AsyncWrite for ServerConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
