@@ -27,7 +27,10 @@ async fn renewing_every_certificate_under_load_costs_no_lease() {
     let nodes: Vec<String> = c.nodes.iter().map(|n| n.spec.name.clone()).collect();
     ids.extend(nodes.iter().map(|n| Identity::Keeper(n.clone())));
     ids.push(Identity::Operator("admin".into()));
-    let old: Vec<Vec<u8>> = ids.iter().map(|id| certs.dir.serial_of(id).unwrap()).collect();
+    let old: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| certs.dir.serial_of(id).unwrap())
+        .collect();
     for id in &ids {
         certs.reissue(id, Validity::days(60));
     }

@@ -154,7 +154,9 @@ impl MonitorClient {
             msg = format!("{addr}: {msg}");
         }
         if matches!(self.security, Security::Insecure) && msg.contains("h2 protocol error") {
-            msg.push_str(" (the monitor seems to require TLS: give --certs-dir DIR or PGQUORUM_CERTS_DIR)");
+            msg.push_str(
+                " (the monitor seems to require TLS: give --certs-dir DIR or PGQUORUM_CERTS_DIR)",
+            );
         }
         Status::new(s.code(), msg)
     }
