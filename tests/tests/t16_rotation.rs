@@ -14,11 +14,38 @@ use pgquorum_trust::{Identity, Validity};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewing_every_certificate_under_load_costs_no_lease() {
-    let mut c = Cluster::start(3).await;
-    let Some(certs) = c.monitors.certs.clone() else {
+    if pgquorum_testkit::insecure_requested() {
         eprintln!("SKIPPED t16_rotation: PGQUORUM_TEST_INSECURE=1 runs the cluster without TLS");
         return;
+    }
+    // node3 serves its health endpoints over HTTPS with its keeper certificate.
+    let mut c = Cluster::start_with(3, |i| {
+        if i == 2 {
+            vec!["--http-tls".into()]
+        } else {
+            Vec::new()
+        }
+    })
+    .await;
+    let certs = c.monitors.certs.clone().expect("TLS cluster");
+    let https = |c: &Cluster| -> (String, String) {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(certs.dir.ca_cert_path())
+            .args(["-w", "\n%{http_code}"])
+            .arg(format!("https://{}/health", c.node("node3").spec.http))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text, String::from_utf8_lossy(&out.stderr).into_owned())
     };
+    let (before, err) = https(&c);
+    assert!(before.contains("\n200"), "HTTPS /health: {before} {err}");
+    let plain = c.node("node3").spec.http_get("/health");
+    assert!(
+        plain.as_ref().is_none_or(|(code, _)| *code != 200),
+        "node3 still answers plain HTTP: {plain:?}"
+    );
     let primary = c.primary().await;
     let w = c.writer();
     w.wait_progress(50, "before the renewal").await;
@@ -72,6 +99,12 @@ async fn renewing_every_certificate_under_load_costs_no_lease() {
         Some(primary.as_str()),
         "the primary changed: a lease was lost during the rotation\n{}",
         c.logs()
+    );
+    // node3's HTTPS endpoint answers with its renewed certificate.
+    let (after, err) = https(&c);
+    assert!(
+        after.contains("\n200"),
+        "HTTPS /health after the renewal: {after} {err}"
     );
     // The operator's renewed certificate works from a new process.
     let (ok, out) = c.cli(&["show", "state"]);

@@ -36,7 +36,8 @@ struct RunArgs {
     /// This member's id (a positive integer, unique in the group).
     #[arg(long)]
     node_id: u64,
-    /// Address to serve the Monitor API, the Raft transport and /metrics on.
+    /// Address to serve the Monitor API and the Raft transport on (gRPC, TLS with
+    /// --certs-dir); /metrics is on --metrics-listen.
     #[arg(long)]
     listen: String,
     /// Directory of this member's Raft log and state (created if missing).

@@ -39,11 +39,9 @@ pub const CA_CRL: &str = "ca.crl";
 
 #[derive(Debug, Error)]
 pub enum CertError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // The cause is in the message, not a `source`, so that it is printed once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{0} already exists; give --overwrite to replace it (renewal)")]
     Exists(PathBuf),
     #[error("no CA in {0}: create one with `pgquorum cert create-ca --certs-dir {0}`")]
@@ -54,10 +52,10 @@ pub enum CertError {
     BadHost(String),
     #[error("a {0} certificate needs at least one --host (the name or address others dial)")]
     NoHost(&'static str),
-    #[error("{0}")]
+    #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
     #[error("{path}: not a PEM certificate or key ({why})")]
     Pem { path: PathBuf, why: String },
     #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
@@ -120,10 +118,16 @@ pub fn create_hint(id: &Identity, dir: &Path) -> String {
     }
 }
 
+impl From<rcgen::Error> for CertError {
+    fn from(e: rcgen::Error) -> Self {
+        CertError::Generate(e)
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
-    move |source| CertError::Io {
+    move |err| CertError::Io {
         path: path.to_owned(),
-        source,
+        err,
     }
 }
 
