@@ -4,7 +4,7 @@
 
 use pgquorum_core::{
     Assignment, Command, Event, Formation, FormationSetting, Health, Node, NodeReport, NodeSetting,
-    NodeState, PeerNode, QuorumLossPolicy, ReplicationPeer, DEFAULT_FORMATION,
+    NodeState, PeerNode, QuorumLossPolicy, ReplicationPeer, ReportStamp, DEFAULT_FORMATION,
 };
 use thiserror::Error;
 
@@ -223,6 +223,8 @@ pub struct NodeActive {
     pub formation: String,
     pub name: String,
     pub report: NodeReport,
+    /// Which keeper process sent it, and when by that process's clock.
+    pub stamp: ReportStamp,
 }
 
 impl TryFrom<pb::NodeActiveRequest> for NodeActive {
@@ -258,6 +260,11 @@ impl TryFrom<pb::NodeActiveRequest> for NodeActive {
                     .collect(),
                 sequence: r.sequence,
             },
+            stamp: ReportStamp {
+                instance: r.keeper_instance,
+                sequence: r.sequence,
+                sent_ms: r.sent_ms,
+            },
         })
     }
 }
@@ -290,6 +297,8 @@ impl From<NodeActive> for pb::NodeActiveRequest {
                 })
                 .collect(),
             sequence: r.sequence,
+            keeper_instance: a.stamp.instance,
+            sent_ms: a.stamp.sent_ms,
         }
     }
 }
@@ -559,6 +568,11 @@ mod tests {
                     replay_lsn: 3,
                 }],
                 sequence: 9,
+            },
+            stamp: ReportStamp {
+                instance: 77,
+                sequence: 9,
+                sent_ms: 12_345,
             },
         };
         let wire = pb::NodeActiveRequest::from(a.clone());

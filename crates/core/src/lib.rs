@@ -18,6 +18,7 @@ mod health;
 mod lease;
 mod model;
 mod orchestrate;
+mod order;
 mod sync;
 mod transitions;
 
@@ -25,13 +26,17 @@ pub use candidate::{fast_forward_source, target_lsn, witnesses};
 pub use command::{fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_SYNC_STANDBYS};
 pub use error::{CoreError, ErrorKind};
 pub use health::{Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
-pub use lease::{lease_base, lease_surely_expired, lease_surely_expired_at};
+pub use lease::{
+    joint_quorum_acked_at, lease_base, lease_surely_expired, lease_surely_expired_at,
+    may_grant_lease, quorum_acked_at,
+};
 pub use model::*;
 pub use orchestrate::{
     assignment, on_heartbeat, orchestrate, orchestrate_group, unhealthy_after, Assignment,
     PeerNode, CATCHUP_LAG_BYTES,
 };
-pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement};
+pub use order::{ReportOrder, ReportStamp, StaleReport};
+pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement, NO_STANDBY};
 pub use transitions::{
     assignable_goals, keeper_path, next_step, reportable_states, transition_allowed,
 };
