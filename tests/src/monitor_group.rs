@@ -17,6 +17,8 @@ use pgquorum_trust::{Identity, Security};
 pub struct Member {
     pub id: u64,
     pub addr: String,
+    /// Where its /metrics is served (plain HTTP).
+    pub metrics: String,
     pub data_dir: PathBuf,
     pub proc: Option<Proc>,
     /// Command prefix the member is started through (a network namespace), or empty.
@@ -70,6 +72,7 @@ impl MonitorGroup {
             Member {
                 id,
                 addr: free_addr(),
+                metrics: free_addr(),
                 data_dir,
                 proc: None,
                 prefix: Vec::new(),
@@ -104,6 +107,8 @@ impl MonitorGroup {
             m.addr.clone(),
             "--data-dir".into(),
             m.data_dir.display().to_string(),
+            "--metrics-listen".into(),
+            m.metrics.clone(),
         ];
         if join {
             args.push("--join".into());
@@ -217,6 +222,24 @@ impl MonitorGroup {
     /// A client that talks to one member only, as the operator `admin`.
     pub fn client_of(&self, id: u64) -> MonitorClient {
         MonitorClient::new([self.addr(id)], self.admin()).unwrap()
+    }
+
+    /// A client acting as the keeper of node `name` (registers and beats as that node).
+    pub fn keeper_client(&self, name: &str) -> MonitorClient {
+        MonitorClient::new(
+            self.members.values().map(|m| m.addr.clone()),
+            self.security(Identity::Keeper(name.to_owned())),
+        )
+        .unwrap()
+    }
+
+    /// Same, talking to member `id` only.
+    pub fn keeper_client_of(&self, id: u64, name: &str) -> MonitorClient {
+        MonitorClient::new(
+            [self.addr(id)],
+            self.security(Identity::Keeper(name.to_owned())),
+        )
+        .unwrap()
     }
 
     /// The arguments that give a `pgquorum` command this group's certificates (or

@@ -27,7 +27,7 @@ struct Beat {
 
 /// One NodeActive to member `id` only (never forwarded elsewhere by the client).
 async fn beat(g: &MonitorGroup, id: u64, node_id: u64, seq: u64) -> Beat {
-    let c = g.client_of(id);
+    let c = g.keeper_client_of(id, "a");
     let mut raw = c.raw(&g.addr(id)).unwrap();
     let mut req = tonic::Request::new(pb::NodeActiveRequest {
         node_id,
@@ -55,7 +55,7 @@ async fn isolated_leader_stops_granting_leases_before_a_new_leader_can_exist() {
     }
     let leader = g.wait_leader(WAIT).await;
     let node_id = g
-        .client()
+        .keeper_client("a")
         .call(|mut raw| {
             let req = pb::RegisterNodeRequest {
                 formation: "default".into(),

@@ -80,8 +80,10 @@ async fn stale_reports_are_refused_and_change_nothing() {
         g.start(id);
     }
     g.wait_leader(WAIT).await;
+    // Reports as the keeper of node "a"; reads as the operator.
+    let k = g.keeper_client("a").retry_for(WAIT);
     let c = g.client().retry_for(WAIT);
-    let node_id = c
+    let node_id = k
         .call(|mut raw| {
             let req = pb::RegisterNodeRequest {
                 formation: "default".into(),
@@ -103,41 +105,41 @@ async fn stale_reports_are_refused_and_change_nothing() {
     // Process 0xA of the keeper, its clock starting at 1 s.
     let started = Instant::now();
     let clock = |base: u64| base + started.elapsed().as_millis() as u64;
-    report(&c, node_id, (0xA, 10, clock(1_000)), true)
+    report(&k, node_id, (0xA, 10, clock(1_000)), true)
         .await
         .unwrap();
     wait_pg_running(&g, &c, true).await;
 
     // Reordered (sent before the one applied), and a retry of the one applied: refused.
     assert_eq!(
-        report(&c, node_id, (0xA, 9, 900), false).await,
+        report(&k, node_id, (0xA, 9, 900), false).await,
         Err(tonic::Code::Aborted)
     );
     assert_eq!(
-        report(&c, node_id, (0xA, 10, 1_000), false).await,
+        report(&k, node_id, (0xA, 10, 1_000), false).await,
         Err(tonic::Code::Aborted)
     );
     // Sent 200 ms after the applied one by the keeper's clock, delivered 2.5 s later:
     // more than the lease (1.5 s) late.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(
-        report(&c, node_id, (0xA, 11, 1_200), false).await,
+        report(&k, node_id, (0xA, 11, 1_200), false).await,
         Err(tonic::Code::Aborted)
     );
     // None of them changed anything.
     assert_eq!(pg_running(&c).await, Some(true));
     // A report on time from the same process is applied.
-    report(&c, node_id, (0xA, 12, clock(1_000)), false)
+    report(&k, node_id, (0xA, 12, clock(1_000)), false)
         .await
         .unwrap();
     wait_pg_running(&g, &c, false).await;
 
     // The keeper restarts: a new process is heard at once, whatever its sequence and
     // clock; the old process's late reports no longer.
-    report(&c, node_id, (0xB, 1, 5), true).await.unwrap();
+    report(&k, node_id, (0xB, 1, 5), true).await.unwrap();
     wait_pg_running(&g, &c, true).await;
     assert_eq!(
-        report(&c, node_id, (0xA, 13, clock(1_000)), false).await,
+        report(&k, node_id, (0xA, 13, clock(1_000)), false).await,
         Err(tonic::Code::Aborted)
     );
     assert_eq!(pg_running(&c).await, Some(true));

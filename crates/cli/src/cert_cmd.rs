@@ -107,14 +107,24 @@ pub fn run(args: CertArgs, trust: &TrustArgs) -> anyhow::Result<()> {
             if id == 0 {
                 anyhow::bail!("--id must be a positive integer (the member's --node-id)");
             }
-            Some(dir.create(&Identity::Member(id), &hosts, Validity::days(days), overwrite)?)
+            Some(dir.create(
+                &Identity::Member(id),
+                &hosts,
+                Validity::days(days),
+                overwrite,
+            )?)
         }
         CertCommand::CreateKeeper {
             name,
             hosts,
             days,
             overwrite,
-        } => Some(dir.create(&Identity::keeper(&name)?, &hosts, Validity::days(days), overwrite)?),
+        } => Some(dir.create(
+            &Identity::keeper(&name)?,
+            &hosts,
+            Validity::days(days),
+            overwrite,
+        )?),
         CertCommand::CreateClient {
             name,
             role,
@@ -125,7 +135,12 @@ pub fn run(args: CertArgs, trust: &TrustArgs) -> anyhow::Result<()> {
                 ClientRoleArg::Operator => ClientRole::Operator,
                 ClientRoleArg::Viewer => ClientRole::Viewer,
             };
-            Some(dir.create(&Identity::client(role, &name)?, &[], Validity::days(days), overwrite)?)
+            Some(dir.create(
+                &Identity::client(role, &name)?,
+                &[],
+                Validity::days(days),
+                overwrite,
+            )?)
         }
         CertCommand::List => {
             let list = dir.list()?;
@@ -147,7 +162,11 @@ pub fn run(args: CertArgs, trust: &TrustArgs) -> anyhow::Result<()> {
                         c.file,
                         c.role,
                         c.identity.unwrap_or_else(|| "-".into()),
-                        if c.hosts.is_empty() { "-".into() } else { c.hosts.join(",") },
+                        if c.hosts.is_empty() {
+                            "-".into()
+                        } else {
+                            c.hosts.join(",")
+                        },
                         c.expires
                     );
                 }

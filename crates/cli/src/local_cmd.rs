@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::trust_args::TrustArgs;
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Pid, User};
-use crate::trust_args::TrustArgs;
-use pgquorum_trust::{CertsDir, Dial, Identity, Security, Tls, Validity, INSECURE_WARNING};
 use pgquorum_api::pb::monitor::{monitor_client::MonitorClient, GetStateRequest, NodeStatus};
+use pgquorum_trust::{CertsDir, Dial, Identity, Security, Tls, Validity, INSECURE_WARNING};
 use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args)]
@@ -185,7 +185,9 @@ fn local_certs(dir: &Path, layout: &Layout, run_as: Option<&User>) -> Result<Pat
             (certs.cert_path(&id), 0o644),
             (certs.key_path(&id), 0o600),
         ] {
-            let Some(file) = from.file_name() else { continue };
+            let Some(file) = from.file_name() else {
+                continue;
+            };
             let to = own.join(file);
             fs::copy(&from, &to)
                 .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;

@@ -106,9 +106,7 @@ fn main() -> std::process::ExitCode {
         Command::Local(args) => local_cmd::run(args, &t),
         Command::Show { target, what } => block_on(ops_cmd::show(target, what, &t)),
         Command::Perform { target, what } => block_on(ops_cmd::perform(target, what, &t)),
-        Command::Enable { target, what } => {
-            block_on(ops_cmd::maintenance(target, what, true, &t))
-        }
+        Command::Enable { target, what } => block_on(ops_cmd::maintenance(target, what, true, &t)),
         Command::Disable { target, what } => {
             block_on(ops_cmd::maintenance(target, what, false, &t))
         }

@@ -5,8 +5,8 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
 use crate::trust_args::{TrustArgs, Who};
+use anyhow::{bail, Context, Result};
 use pgquorum_api::client::{ClientError, MonitorClient};
 use pgquorum_api::pb::monitor as pb;
 use serde_json::json;
@@ -109,8 +109,7 @@ pub fn connect(endpoints: &[String], trust: &TrustArgs) -> Result<MonitorClient>
         bail!("no monitor given: use --monitor HOST:PORT,HOST:PORT,... or set PGQUORUM_MONITOR");
     }
     let security = trust.security(Who::Client)?;
-    Ok(MonitorClient::new(endpoints.iter().cloned(), security)?
-        .retry_for(Duration::from_secs(10)))
+    Ok(MonitorClient::new(endpoints.iter().cloned(), security)?.retry_for(Duration::from_secs(10)))
 }
 
 /// One call through [`MonitorClient::call`]: `$req` is cloned for each attempt.
@@ -232,14 +231,20 @@ pub async fn show(target: Target, what: ShowWhat, trust: &TrustArgs) -> Result<(
                     .map(|e| {
                         json!({"id": e.id, "at_unix_ms": e.at_unix_ms, "formation": e.formation,
                                "group": e.group_id, "node_id": e.node_id, "node": e.node_name,
-                               "description": e.description})
+                               "description": e.description,
+                               "by": (!e.by.is_empty()).then_some(&e.by)})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for e in events {
+                    let by = if e.by.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (by {})", e.by)
+                    };
                     println!(
-                        "{:>6} {} {:<10} {}",
+                        "{:>6} {} {:<10} {}{by}",
                         e.id,
                         fmt_time(e.at_unix_ms),
                         e.node_name,

@@ -122,7 +122,10 @@ impl TrustArgs {
         let id = Identity::from_der(&der).with_context(|| format!("{}", path.display()))?;
         match id {
             Identity::Operator(_) | Identity::Viewer(_) => Ok(id),
-            other => bail!("{} names {other}, not an operator or viewer", path.display()),
+            other => bail!(
+                "{} names {other}, not an operator or viewer",
+                path.display()
+            ),
         }
     }
 }

@@ -18,9 +18,9 @@ use tonic::transport::Channel;
 use tonic::Status;
 
 use crate::network::{channel, Reachability};
-use pgquorum_trust::Security;
 use crate::store::Applied;
 use crate::types::{NodeId, Raft, Request};
+use pgquorum_trust::Security;
 
 /// A peer counts as reachable if it answered a Raft RPC this recently (the leader
 /// sends heartbeats every 100 ms, a candidate votes every few hundred).
@@ -69,6 +69,9 @@ pub enum Route {
 }
 
 impl Member {
+    // Each argument is a distinct piece the starting code already holds; a builder
+    // would only restate them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: NodeId,
         addr: String,

@@ -19,9 +19,9 @@ use openraft::BasicNode;
 use pgquorum_api::pb::raft as pb;
 use pgquorum_api::pb::raft::raft_transport_client::RaftTransportClient;
 use pgquorum_api::pb::raft::raft_transport_server::RaftTransport;
+use pgquorum_trust::{authorize, Caller, Dial, Identity, Need, Security};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use pgquorum_trust::{authorize, Caller, Dial, Identity, Need, Security};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -144,11 +144,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            client: channel(&node.addr, &self.security, Some(target)).ok().map(|c| {
-                RaftTransportClient::new(c)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-            }),
+            client: channel(&node.addr, &self.security, Some(target))
+                .ok()
+                .map(|c| {
+                    RaftTransportClient::new(c)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                }),
             addr: node.addr.clone(),
             reach: self.reach.clone(),
         }

@@ -234,10 +234,9 @@ pub async fn run(
 
     let metrics = match cfg.metrics_listen {
         Some(at) => {
-            let metrics_listener =
-                tokio::net::TcpListener::bind(at)
-                    .await
-                    .map_err(|source| MonitorError::Bind { addr: at, source })?;
+            let metrics_listener = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|source| MonitorError::Bind { addr: at, source })?;
             let metrics_raft = raft.clone();
             let metrics_member = member.clone();
             let router = axum::Router::new().route(

@@ -51,7 +51,9 @@ impl TestCerts {
                 }
                 _ => Vec::new(),
             };
-            self.dir.create(id, &hosts, Validity::days(30), false).unwrap();
+            self.dir
+                .create(id, &hosts, Validity::days(30), false)
+                .unwrap();
         }
     }
 

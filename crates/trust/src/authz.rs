@@ -182,7 +182,9 @@ mod tests {
             tonic::Code::Unauthenticated
         );
         assert_eq!(
-            authorize(&Request::new(()), Need::Read, "x").unwrap_err().code(),
+            authorize(&Request::new(()), Need::Read, "x")
+                .unwrap_err()
+                .code(),
             tonic::Code::Unauthenticated
         );
     }
@@ -212,6 +214,9 @@ mod tests {
     #[test]
     fn insecure_servers_allow_everything() {
         let anon = req(None, false, None);
-        assert_eq!(authorize(&anon, Need::Operate, "x").unwrap(), Caller::Anonymous);
+        assert_eq!(
+            authorize(&anon, Need::Operate, "x").unwrap(),
+            Caller::Anonymous
+        );
     }
 }

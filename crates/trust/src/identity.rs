@@ -47,7 +47,9 @@ impl std::str::FromStr for ClientRole {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum IdentityError {
-    #[error("the certificate names no pgquorum identity (no pgquorum:// subject alternative name)")]
+    #[error(
+        "the certificate names no pgquorum identity (no pgquorum:// subject alternative name)"
+    )]
     Missing,
     #[error("the certificate names {0} pgquorum identities; it must name exactly one")]
     Several(usize),

@@ -130,10 +130,12 @@ pub fn channel(addr: &str, security: &Security, dial: &Dial) -> Result<Channel, 
         timeout: dial.connect_timeout,
         expect: dial.expect.clone(),
     };
-    Ok(ep.connect_with_connector_lazy(tower::service_fn(move |_uri| {
-        let c = connector.clone();
-        async move { c.connect().await.map(TokioIo::new) }
-    })))
+    Ok(
+        ep.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+            let c = connector.clone();
+            async move { c.connect().await.map(TokioIo::new) }
+        })),
+    )
 }
 
 #[derive(Clone)]
@@ -239,6 +241,13 @@ enum ServerIo {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+impl ServerConn {
+    /// The client's address.
+    pub fn remote(&self) -> Option<SocketAddr> {
+        self.info.remote
+    }
+}
+
 impl Connected for ServerConn {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> PeerInfo {
@@ -270,6 +279,25 @@ impl Default for Serve {
 pub fn incoming(
     listener: TcpListener,
     security: Security,
+    limits: Serve,
+) -> ReceiverStream<io::Result<ServerConn>> {
+    accept_loop(listener, security, false, limits)
+}
+
+/// Like [`incoming`], for HTTPS endpoints that load balancers and probes call: the
+/// server presents its certificate and asks for none.
+pub fn https_incoming(
+    listener: TcpListener,
+    tls: Arc<Tls>,
+    limits: Serve,
+) -> ReceiverStream<io::Result<ServerConn>> {
+    accept_loop(listener, Security::Tls(tls), true, limits)
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    security: Security,
+    server_only: bool,
     limits: Serve,
 ) -> ReceiverStream<io::Result<ServerConn>> {
     let (tx, rx) = mpsc::channel::<io::Result<ServerConn>>(64);
@@ -319,7 +347,13 @@ pub fn incoming(
                         _permit: permit,
                     },
                     Security::Tls(tls) => {
-                        let acceptor = TlsAcceptor::from(tls.current().server.clone());
+                        let loaded = tls.current();
+                        let config = if server_only {
+                            loaded.https.clone()
+                        } else {
+                            loaded.server.clone()
+                        };
+                        let acceptor = TlsAcceptor::from(config);
                         let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await
                         {
                             Ok(Ok(s)) => s,
@@ -427,7 +461,11 @@ impl AsyncRead for ServerConn {
 }
 
 impl AsyncWrite for ServerConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -276,10 +276,12 @@ impl Conns {
             .iter()
             .map(|a| {
                 (0..per_member)
-                    .map(|_| MonitorClient::new([a.clone()], Security::Insecure)
-                        .unwrap()
-                        .raw(a)
-                        .unwrap())
+                    .map(|_| {
+                        MonitorClient::new([a.clone()], Security::Insecure)
+                            .unwrap()
+                            .raw(a)
+                            .unwrap()
+                    })
                     .collect()
             })
             .collect();
