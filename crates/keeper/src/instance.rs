@@ -21,6 +21,8 @@ pub struct Instance {
     pub state: RunState,
     pub shared: Arc<Shared>,
     postmaster: Option<Postmaster>,
+    /// The upstream address written into primary_conninfo last (None: by name only).
+    pub(crate) conf_upstream_addr: Option<std::net::IpAddr>,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -64,6 +66,7 @@ impl Instance {
             state,
             shared,
             postmaster: None,
+            conf_upstream_addr: None,
         })
     }
 
