@@ -5,7 +5,8 @@
 #    resources), then validates every resource with kubernetes-validate (PyPI; it
 #    ships the Kubernetes JSON schemas, so this runs offline) in strict mode, against
 #    the newest and an older Kubernetes release;
-#  * HAProxy: `haproxy -c` on both configurations;
+#  * HAProxy: `haproxy -c` on the three configurations;
+#  * compose: `docker-compose config` on deploy/compose (when a compose tool is there);
 #  * Prometheus: `promtool check config`, `promtool check rules` and the rules' unit
 #    tests (`promtool test rules`);
 #  * systemd: `systemd-analyze verify` on both units;
@@ -71,10 +72,24 @@ for dir in base overlays/dev overlays/prod; do
 done
 
 step "HAProxy"
-for cfg in haproxy/haproxy.cfg kubernetes/base/haproxy.cfg; do
+for cfg in haproxy/haproxy.cfg kubernetes/base/haproxy.cfg compose/haproxy.cfg; do
   haproxy -c -q -f "$cfg" || die "haproxy -c $cfg"
   echo "$cfg: valid"
 done
+
+step "Compose file"
+# Interpolated with stand-in secrets: the real ones come from the operator's .env.
+if docker compose version >/dev/null 2>&1; then compose=(docker compose)
+elif command -v docker-compose >/dev/null; then compose=(docker-compose)
+else compose=(); fi
+if [ ${#compose[@]} -gt 0 ]; then
+  (cd compose && PGQUORUM_REPLICATION_PASSWORD=x PGQUORUM_APP_PASSWORD=x "${compose[@]}" -f docker-compose.yml config -q) ||
+    die "deploy/compose/docker-compose.yml is not a valid compose file"
+  echo "compose/docker-compose.yml: valid"
+else
+  echo "no compose tool: compose/docker-compose.yml not checked (install docker-compose to check it)"
+fi
+bash -n docker/build.sh compose/create-role.sh || die "shell syntax"
 
 step "Prometheus"
 promtool check config prometheus/prometheus.yml || die "promtool check config"

@@ -125,6 +125,7 @@ pub async fn lookup(host: &str, port: u16, timeout: Duration) -> Option<IpAddr> 
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[tokio::test]
