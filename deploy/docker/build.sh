@@ -112,12 +112,17 @@ else
   cp "$bin" "$ctx/image/pgquorum"
 fi
 build() { # IMAGE DOCKERFILE CONTEXT
-  local log="$ctx/build-$(echo "$1" | tr ':/' '__').log" start size
+  local log="$ctx/build-$(echo "$1" | tr ':/' '__').log" start size old new
+  old=$(docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true)
   say "docker build $1 (FROM $BASE)"
   start=$(date +%s)
   # The legacy builder: BuildKit needs the buildx plugin, which Debian's docker.io lacks.
   DOCKER_BUILDKIT=0 docker build --build-arg "BASE=$BASE" -f "$2" -t "$1" "$3" > "$log" 2>&1 ||
     { tail -30 "$log" >&2; die "docker build $1 failed (log above)"; }
+  # The image this one replaces would stay behind untagged: remove it (not when a
+  # container still uses it).
+  new=$(docker image inspect -f '{{.Id}}' "$1")
+  if [ -n "$old" ] && [ "$old" != "$new" ]; then docker rmi "$old" >/dev/null 2>&1 || true; fi
   size=$(docker image inspect -f '{{.Size}}' "$1")
   say "$1 built in $(( $(date +%s) - start )) s: $(( size / 1000000 )) MB"
 }
