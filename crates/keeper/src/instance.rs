@@ -24,6 +24,8 @@ pub struct Instance {
     /// The latest assignment, as the heartbeat publishes it: a transition that waits
     /// (for streaming to start) gives up as soon as the goal it serves is replaced.
     pub assignments: Option<tokio::sync::watch::Receiver<Option<pgquorum_core::Assignment>>>,
+    /// The upstream address written into primary_conninfo last (None: by name only).
+    pub(crate) conf_upstream_addr: Option<std::net::IpAddr>,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -68,6 +70,7 @@ impl Instance {
             shared,
             postmaster: None,
             assignments: None,
+            conf_upstream_addr: None,
         })
     }
 

@@ -111,6 +111,11 @@ pub async fn run(
         settings.name.clone(),
         settings.pgdata.clone(),
     ));
+    let addresses_task = tokio::spawn(crate::addresses::follow(
+        shared.clone(),
+        rx.clone(),
+        settings.name.clone(),
+    ));
 
     tokio::pin!(shutdown);
     let mut applied: Option<Assignment> = None;
@@ -190,6 +195,7 @@ pub async fn run(
     };
     hb_task.abort();
     fence_task.abort();
+    addresses_task.abort();
     if !shared.hands_off.load(std::sync::atomic::Ordering::SeqCst) {
         inst.stop(StopMode::Fast).await;
     }

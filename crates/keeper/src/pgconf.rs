@@ -3,6 +3,7 @@
 //! standby.signal. pg_basebackup and pg_rewind copy the source's files over ours, so
 //! everything here is rewritten after them too.
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use pgquorum_core::PeerNode;
@@ -20,11 +21,12 @@ const HBA_END: &str = "# END pgquorum";
 pub enum Upstream {
     /// A primary (or a standby whose promotion is pending): no primary_conninfo.
     None,
-    /// Stream from this node (the primary), through this node's slot there.
-    Stream(PeerNode),
+    /// Stream from this node (the primary), through this node's slot there; at the
+    /// address its name last resolved to, when known ([`crate::addresses`]).
+    Stream(PeerNode, Option<IpAddr>),
     /// Stream from another standby (fast_forward) without a slot: only primaries keep
     /// slots for their peers, and a slot that does not exist stops streaming.
-    StreamNoSlot(PeerNode),
+    StreamNoSlot(PeerNode, Option<IpAddr>),
 }
 
 /// A postgresql.conf string literal.
@@ -37,15 +39,26 @@ fn conninfo_quote(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// The conninfo a standby uses to reach `primary`.
-pub fn primary_conninfo(s: &Settings, primary: &PeerNode, with_password: bool) -> String {
-    let mut c = format!(
-        "host={} port={} user={} application_name={} connect_timeout=2",
-        conninfo_quote(&primary.host),
+/// The conninfo a standby uses to reach `primary`. With `hostaddr` libpq connects to
+/// that address and never resolves `host` (which still names the server to libpq):
+/// the WAL receiver cannot be interrupted inside a name lookup, and a dead host's name
+/// can take the resolver's whole timeout to fail.
+pub fn primary_conninfo(
+    s: &Settings,
+    primary: &PeerNode,
+    hostaddr: Option<IpAddr>,
+    with_password: bool,
+) -> String {
+    let mut c = format!("host={}", conninfo_quote(&primary.host));
+    if let Some(ip) = hostaddr {
+        c.push_str(&format!(" hostaddr={ip}"));
+    }
+    c.push_str(&format!(
+        " port={} user={} application_name={} connect_timeout=2",
         primary.port,
         conninfo_quote(&s.replication_user),
         conninfo_quote(&s.name),
-    );
+    ));
     if with_password {
         if let Some(pw) = &s.replication_password {
             c.push_str(&format!(" password={}", conninfo_quote(pw)));
@@ -90,17 +103,17 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
             set("primary_conninfo", "''".into());
             set("primary_slot_name", "''".into());
         }
-        Upstream::Stream(p) => {
+        Upstream::Stream(p, addr) => {
             set(
                 "primary_conninfo",
-                conf_quote(&primary_conninfo(s, p, true)),
+                conf_quote(&primary_conninfo(s, p, *addr, true)),
             );
             set("primary_slot_name", conf_quote(&s.slot_name()));
         }
-        Upstream::StreamNoSlot(p) => {
+        Upstream::StreamNoSlot(p, addr) => {
             set(
                 "primary_conninfo",
-                conf_quote(&primary_conninfo(s, p, true)),
+                conf_quote(&primary_conninfo(s, p, *addr, true)),
             );
             set("primary_slot_name", "''".into());
         }
@@ -235,7 +248,7 @@ mod tests {
         assert_eq!(conf_quote("a'b\\c"), "'a''b\\\\c'");
         let mut s = Settings::new("n1", "/d", 5432);
         s.replication_password = Some("p'w".into());
-        let c = primary_conninfo(&s, &peer("a", "10.0.0.1"), true);
+        let c = primary_conninfo(&s, &peer("a", "10.0.0.1"), None, true);
         assert!(c.contains("password='p\\'w'"), "{c}");
         assert!(c.contains("application_name='n1'"), "{c}");
     }
@@ -245,10 +258,10 @@ mod tests {
         let mut s = Settings::new("n1", "/d", 5433);
         s.socket_dir = "/run/pg".into();
         s.pg_params.push(("work_mem".into(), "7MB".into()));
-        let t = render(&s, "", &Upstream::StreamNoSlot(peer("a", "10.0.0.1")));
+        let t = render(&s, "", &Upstream::StreamNoSlot(peer("a", "10.0.0.1"), None));
         assert!(t.contains("primary_slot_name = ''"), "{t}");
         assert!(t.contains("host=10.0.0.1") || t.contains("10.0.0.1"), "{t}");
-        let t = render(&s, "", &Upstream::Stream(peer("a", "10.0.0.1")));
+        let t = render(&s, "", &Upstream::Stream(peer("a", "10.0.0.1"), None));
         for line in [
             "port = 5433",
             "unix_socket_directories = '/run/pg'",
@@ -269,6 +282,21 @@ mod tests {
         assert!(p
             .lines()
             .any(|l| l == "synchronous_standby_names = 'ANY 1 (b)'"));
+    }
+
+    #[test]
+    fn a_resolved_upstream_is_reached_by_address() {
+        let s = Settings::new("n1", "/d", 5432);
+        let ip: IpAddr = "172.18.0.4".parse().unwrap();
+        let c = primary_conninfo(&s, &peer("a", "node1"), Some(ip), false);
+        assert!(
+            c.starts_with("host='node1' hostaddr=172.18.0.4 port=5433 "),
+            "{c}"
+        );
+        let t = render(&s, "", &Upstream::Stream(peer("a", "node1"), Some(ip)));
+        assert!(t.contains("hostaddr=172.18.0.4"), "{t}");
+        let t = render(&s, "", &Upstream::Stream(peer("a", "node1"), None));
+        assert!(!t.contains("hostaddr"), "{t}");
     }
 
     #[test]
