@@ -402,6 +402,9 @@ async fn main() {
             .expect("writing the benchmark document");
     }
     if !failures.is_empty() || lost > 0 {
+        // exit() runs no destructors: stop every process and remove the namespaces and
+        // directories first.
+        drop(nc);
         std::process::exit(1);
     }
 }
