@@ -1,6 +1,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
+use crate::input::HostName;
 use crate::model::{
     ClusterState, Event, Failover, Formation, FormationSettings, Group, GroupId, Lsn, Millis, Node,
     NodeId, NodeState, QuorumLossPolicy, DEFAULT_FORMATION, MAX_EVENTS,
@@ -22,7 +23,7 @@ pub enum Command {
     RegisterNode {
         formation: String,
         name: String,
-        host: String,
+        host: HostName,
         port: u16,
         candidate_priority: u8,
         replication_quorum: bool,
@@ -108,11 +109,7 @@ pub enum Outcome {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    crate::input::check_formation_name(name).is_ok()
 }
 
 fn formation_name(name: &str) -> &str {
@@ -369,7 +366,7 @@ impl ClusterState {
         &mut self,
         formation: &str,
         name: &str,
-        host: &str,
+        host: &HostName,
         port: u16,
         candidate_priority: u8,
         replication_quorum: bool,
@@ -378,14 +375,10 @@ impl ClusterState {
         current_state: NodeState,
         now: Millis,
     ) -> Result<Outcome, CoreError> {
-        if !valid_name(name) {
+        crate::input::check_node_name(name).map_err(|e| CoreError::InvalidSetting(e.0))?;
+        if port == 0 {
             return Err(CoreError::InvalidSetting(format!(
-                "node name {name:?}: use 1-63 characters among a-z, 0-9, '-' and '_'"
-            )));
-        }
-        if host.is_empty() || port == 0 {
-            return Err(CoreError::InvalidSetting(format!(
-                "node {name}: host and port are required (got {host:?}:{port})"
+                "node {name}: port 0 is not a TCP port"
             )));
         }
         if candidate_priority > 100 {
@@ -411,7 +404,7 @@ impl ClusterState {
         }
         if let Some(id) = self.node_by_name(formation, name).map(|n| n.id) {
             if let Some(n) = self.nodes.get_mut(&id) {
-                n.host = host.to_string();
+                n.host = host.clone();
                 n.port = port;
                 if system_identifier != 0 {
                     n.system_identifier = system_identifier;
@@ -449,7 +442,7 @@ impl ClusterState {
                 formation: formation.to_string(),
                 group_id,
                 name: name.to_string(),
-                host: host.to_string(),
+                host: host.clone(),
                 port,
                 candidate_priority,
                 replication_quorum,

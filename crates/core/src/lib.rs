@@ -15,6 +15,7 @@ mod candidate;
 mod command;
 mod error;
 mod health;
+mod input;
 mod lease;
 mod model;
 mod orchestrate;
@@ -25,6 +26,10 @@ pub use candidate::{fast_forward_source, target_lsn, witnesses};
 pub use command::{fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_SYNC_STANDBYS};
 pub use error::{CoreError, ErrorKind};
 pub use health::{Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
+pub use input::{
+    check_formation_name, check_node_name, quote_prefix, HostName, InvalidValue,
+    MAX_FORMATION_NAME_LEN, MAX_HOST_LEN, MAX_NODE_NAME_LEN,
+};
 pub use lease::{lease_base, lease_surely_expired, lease_surely_expired_at};
 pub use model::*;
 pub use orchestrate::{

@@ -2,6 +2,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::input::HostName;
+
 /// Milliseconds since the Unix epoch, as passed in by the caller.
 pub type Millis = u64;
 pub type NodeId = u64;
@@ -143,7 +145,7 @@ pub struct Node {
     pub formation: String,
     pub group_id: GroupId,
     pub name: String,
-    pub host: String,
+    pub host: HostName,
     pub port: u16,
     /// 0 = never promote; 1-100.
     pub candidate_priority: u8,

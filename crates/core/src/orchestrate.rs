@@ -7,6 +7,7 @@ use crate::candidate::{fast_forward_source, rank, witnesses};
 use crate::command::{fmt_lsn, Command};
 use crate::error::CoreError;
 use crate::health::{HealthTable, NodeReport};
+use crate::input::HostName;
 use crate::lease::lease_surely_expired;
 use crate::model::{
     ClusterState, FormationSettings, Group, GroupId, Millis, Node, NodeId, NodeState,
@@ -18,7 +19,7 @@ use crate::sync::{render, requirement, Requirement};
 pub struct PeerNode {
     pub node_id: NodeId,
     pub name: String,
-    pub host: String,
+    pub host: HostName,
     pub port: u16,
 }
 

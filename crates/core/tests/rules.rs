@@ -39,7 +39,7 @@ impl Cluster {
                 &Command::RegisterNode {
                     formation: DEFAULT_FORMATION.into(),
                     name: name.into(),
-                    host: "10.0.0.1".into(),
+                    host: "10.0.0.1".parse().unwrap(),
                     port: 5432,
                     candidate_priority: priority,
                     replication_quorum: true,

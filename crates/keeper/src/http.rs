@@ -25,15 +25,15 @@ struct App {
 
 pub fn router(shared: Arc<Shared>, name: String) -> Router {
     let app = App { shared, name };
-    let probe = |f: fn(&Facts, &HashMap<String, String>) -> bool| {
+    let probe = |f: fn(&Facts, &Params) -> bool| {
         get(
             move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
-                answer(&app, |facts| f(facts, &q))
+                answer(&app, &q, f)
             },
         )
         .options(
             move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
-                answer(&app, |facts| f(facts, &q))
+                answer(&app, &q, f)
             },
         )
     };
@@ -113,15 +113,38 @@ fn facts(app: &App) -> Facts {
     }
 }
 
+/// The query parameters a probe understands, checked before any answer is given.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Params {
+    /// `?lag=`: the most lag (bytes) a replica may have and still answer 200.
+    max_lag: Option<u64>,
+}
+
+impl Params {
+    /// A malformed value is the caller's mistake, not an unhealthy node: it gets a 400
+    /// that says what is wrong (a 503 would read as "replica down" in HAProxy).
+    fn parse(q: &HashMap<String, String>) -> Result<Params, String> {
+        let max_lag = match q.get("lag") {
+            None => None,
+            Some(v) => Some(parse_bytes(v).ok_or_else(|| {
+                format!(
+                    "lag={}: expected a number of bytes, optionally with kB, MB or GB",
+                    pgquorum_core::quote_prefix(v)
+                )
+            })?),
+        };
+        Ok(Params { max_lag })
+    }
+}
+
 /// `/replica`: a streaming standby; `?lag=` bounds the lag (bytes, or with kB/MB/GB).
-fn replica_ok(f: &Facts, q: &HashMap<String, String>) -> bool {
+fn replica_ok(f: &Facts, p: &Params) -> bool {
     if !f.streaming {
         return false;
     }
-    match q.get("lag").map(|v| parse_bytes(v)) {
+    match p.max_lag {
         None => true,
-        Some(None) => false,
-        Some(Some(max)) => f.lag_bytes.unwrap_or(u64::MAX) <= max,
+        Some(max) => f.lag_bytes.unwrap_or(u64::MAX) <= max,
     }
 }
 
@@ -140,9 +163,19 @@ pub fn parse_bytes(v: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-fn answer(app: &App, ok: impl Fn(&Facts) -> bool) -> Response {
+fn answer(app: &App, q: &HashMap<String, String>, ok: fn(&Facts, &Params) -> bool) -> Response {
+    let params = match Params::parse(q) {
+        Ok(p) => p,
+        Err(reason) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": reason })),
+            )
+                .into_response()
+        }
+    };
     let f = facts(app);
-    let code = if ok(&f) {
+    let code = if ok(&f, &params) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -254,6 +287,7 @@ async fn metrics(State(app): State<App>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -263,6 +297,17 @@ mod tests {
         assert_eq!(parse_bytes("1kB"), Some(1024));
         assert_eq!(parse_bytes("x"), None);
         assert_eq!(parse_bytes("5 parsecs"), None);
+    }
+
+    #[test]
+    fn bad_queries_are_refused_with_a_reason() {
+        let q = |v: &str| HashMap::from([("lag".to_string(), v.to_string())]);
+        assert_eq!(Params::parse(&q("16MB")).unwrap().max_lag, Some(16 << 20));
+        assert_eq!(Params::parse(&HashMap::new()).unwrap(), Params::default());
+        let e = Params::parse(&q("abc")).unwrap_err();
+        assert!(e.contains("lag=\"abc\""), "{e}");
+        let e = Params::parse(&q(&"9".repeat(100_000))).unwrap_err();
+        assert!(e.len() < 200, "{e}");
     }
 
     #[test]

@@ -330,9 +330,13 @@ impl Instance {
             self.stop(StopMode::Fast).await;
             return Ok(());
         };
-        let remote =
-            sql::remote_system_identifier(&self.settings, &p.host, p.port, Duration::from_secs(5))
-                .await?;
+        let remote = sql::remote_system_identifier(
+            &self.settings,
+            p.host.as_str(),
+            p.port,
+            Duration::from_secs(5),
+        )
+        .await?;
         let local = self.controldata().await?.system_identifier;
         if remote != local {
             return Err(KeeperError::SystemIdentifierMismatch {
@@ -460,6 +464,7 @@ fn upstream_of(t: &Target) -> Result<&PeerNode> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn a(goal: NodeState, primary: bool) -> Assignment {
@@ -468,7 +473,7 @@ mod tests {
             primary: primary.then(|| PeerNode {
                 node_id: 1,
                 name: "a".into(),
-                host: "h".into(),
+                host: "h".parse().unwrap(),
                 port: 1,
             }),
             synchronous_standby_names: String::new(),

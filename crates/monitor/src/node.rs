@@ -232,8 +232,10 @@ pub async fn run(
     );
     let routes = tonic::service::Routes::from(router)
         .add_service(
+            // Sized for the API, not for Raft: a request larger than any valid one is
+            // refused before it is buffered and decoded.
             MonitorServer::new(MonitorService { m: member.clone() })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(pgquorum_api::MAX_REQUEST_BYTES),
         )
         .add_service(
             RaftTransportServer::new(TransportService {

@@ -11,7 +11,8 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_server::Monitor;
 use pgquorum_api::{
-    node_status, settings, status_from_core, NodeActive, HOPS_HEADER, LOCAL_READ_HEADER,
+    check_formation_filter, node_status, settings, status_from_core, NodeActive, HOPS_HEADER,
+    LOCAL_READ_HEADER,
 };
 use pgquorum_core::{assignment, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION};
 use tonic::{Request, Response, Status};
@@ -176,11 +177,12 @@ impl Monitor for MonitorService {
     ) -> Result<Response<pb::MembershipReply>, Status> {
         forward!(self, request, add_member);
         let r = request.into_inner();
-        if r.id == 0 || r.address.trim().is_empty() {
+        if r.id == 0 {
             return Err(Status::invalid_argument(
                 "add-member needs ID=HOST:PORT with a non-zero id",
             ));
         }
+        pgquorum_api::member_address(&r.address)?;
         if let Some(addr) = self.m.nodes().get(&r.id) {
             if self.m.voters().contains(&r.id) {
                 if addr == &r.address {
@@ -388,6 +390,7 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateReply>, Status> {
+        check_formation_filter(&request.get_ref().formation)?;
         if request.get_ref().linearizable {
             forward!(self, request, get_state);
             self.m.ensure_linearizable().await?;
@@ -459,7 +462,13 @@ impl Monitor for MonitorService {
         request: Request<pb::GetEventsRequest>,
     ) -> Result<Response<pb::GetEventsReply>, Status> {
         let r = request.into_inner();
-        let limit = if r.limit == 0 { 50 } else { r.limit as usize };
+        check_formation_filter(&r.formation)?;
+        // The history is bounded anyway; a huge limit is no error, just everything.
+        let limit = if r.limit == 0 {
+            50
+        } else {
+            usize::try_from(r.limit).unwrap_or(usize::MAX)
+        };
         let applied = self.m.read();
         let mut events: Vec<pb::Event> = applied
             .state
@@ -479,6 +488,7 @@ impl Monitor for MonitorService {
         request: Request<pb::GetSettingsRequest>,
     ) -> Result<Response<pb::GetSettingsReply>, Status> {
         let mut formation = request.into_inner().formation;
+        check_formation_filter(&formation)?;
         if formation.is_empty() {
             formation = DEFAULT_FORMATION.into();
         }

@@ -13,6 +13,7 @@
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -78,6 +79,30 @@ impl Header {
     }
 }
 
+/// The data directory and everything in it for the member's own user alone: 0700
+/// directories, 0600 files (also those an older version left readable).
+fn restrict(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let ty = e.file_type()?;
+            if ty.is_dir() {
+                stack.push(e.path());
+            } else if ty.is_file() {
+                std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Opens (or creates) the store in `dir`. An empty store gets a header with
 /// `new_group_id`; an existing one keeps its own (check it with [`Header::check`]).
 pub fn open(
@@ -85,6 +110,10 @@ pub fn open(
     new_group_id: &str,
 ) -> Result<(LogStore, StateMachine, Header), StoreError> {
     let d = dir.display().to_string();
+    restrict(dir).map_err(|e| StoreError::Damaged {
+        dir: d.clone(),
+        reason: format!("cannot make it private (0700): {e}"),
+    })?;
     let db = sled::Config::new()
         .path(dir)
         .flush_every_ms(Some(500))
@@ -143,6 +172,10 @@ pub fn open(
     std::fs::create_dir_all(&snap_dir).map_err(|e| StoreError::Damaged {
         dir: d.clone(),
         reason: format!("cannot create {}: {e}", snap_dir.display()),
+    })?;
+    restrict(dir).map_err(|e| StoreError::Damaged {
+        dir: d.clone(),
+        reason: format!("cannot make its files private (0600): {e}"),
     })?;
     let sm = StateMachine::load(db, meta, snap_dir).map_err(|e| StoreError::Damaged {
         dir: d,
@@ -341,7 +374,12 @@ async fn save_snapshot(
     let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
         let tmp = path.with_extension("tmp");
         {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             std::io::Write::write_all(&mut f, &data)?;
             f.sync_all()?;
         }
