@@ -112,12 +112,7 @@ impl Cluster {
         let monitors = self.monitor_list();
         let node = self.node_mut(name);
         let mut args = node.spec.args();
-        args.extend([
-            "--monitor".to_string(),
-            monitors,
-            "--pg-hba".into(),
-            "host all all 127.0.0.1/32 trust".into(),
-        ]);
+        args.extend(["--monitor".to_string(), monitors]);
         args.extend(node.extra_args.iter().cloned());
         node.keeper = Some(Keeper::spawn_with(
             &pgquorum_testkit::pgquorum_bin(),
