@@ -110,8 +110,17 @@ impl Cluster {
     /// Starts (or restarts) the keeper of `name`; its postgres comes with it.
     pub fn start_keeper(&mut self, name: &str) {
         let monitors = self.monitor_list();
+        let certs = self.monitors.certs.clone();
+        let dir = self.dir.path().to_path_buf();
         let node = self.node_mut(name);
         let mut args = node.spec.args();
+        match &certs {
+            Some(c) => {
+                let own = c.keeper_dir(&node.spec.name, &dir);
+                args.extend(["--certs-dir".to_string(), own.display().to_string()]);
+            }
+            None => args.push("--insecure".into()),
+        }
         args.extend(["--monitor".to_string(), monitors]);
         args.extend(node.extra_args.iter().cloned());
         node.keeper = Some(Keeper::spawn_with(

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use pgquorum_api::client::MonitorClient;
 use pgquorum_api::pb::monitor as pb;
-use pgquorum_testkit::{free_addr, pgquorum_bin, temp_dir, wait_until_async, Proc};
+use pgquorum_testkit::{
+    free_addr, insecure_requested, pgquorum_bin, temp_dir, wait_until_async, Proc, TestCerts,
+};
+use pgquorum_trust::{Identity, Security};
 
 pub struct Member {
     pub id: u64,
@@ -24,18 +27,29 @@ pub struct MonitorGroup {
     /// The --peer list founding members are started with.
     pub peers: BTreeMap<u64, String>,
     pub extra_args: Vec<String>,
+    /// The group's CA and certificates; None when the test runs `--insecure`
+    /// (`PGQUORUM_TEST_INSECURE=1`).
+    pub certs: Option<TestCerts>,
     bin: PathBuf,
 }
 
 impl MonitorGroup {
-    /// `n` members with fresh ports and empty data directories; none started yet.
+    /// `n` members with fresh ports and empty data directories; none started yet. With
+    /// TLS unless `PGQUORUM_TEST_INSECURE=1`.
     pub fn new(n: u64) -> Self {
+        Self::with_tls(n, !insecure_requested())
+    }
+
+    /// Same, with TLS or `--insecure` whatever the environment says.
+    pub fn with_tls(n: u64, tls: bool) -> Self {
         let dir = temp_dir("pgquorum-monitor-");
+        let certs = tls.then(|| TestCerts::new(&dir.path().join("certs")));
         let mut g = MonitorGroup {
             dir,
             members: BTreeMap::new(),
             peers: BTreeMap::new(),
             extra_args: Vec::new(),
+            certs,
             bin: pgquorum_bin(),
         };
         for id in 1..=n {
@@ -79,6 +93,13 @@ impl MonitorGroup {
                 args.push("--peer".into());
                 args.push(format!("{pid}={addr}"));
             }
+        }
+        match &self.certs {
+            Some(c) => {
+                c.issue(&Identity::Member(id));
+                args.extend(c.args());
+            }
+            None => args.push("--insecure".into()),
         }
         args.extend(self.extra_args.iter().cloned());
         let log = self.dir.path().join(format!("m{id}.log"));
@@ -125,14 +146,36 @@ impl MonitorGroup {
         std::fs::read_to_string(self.dir.path().join(format!("m{id}.log"))).unwrap_or_default()
     }
 
-    /// A client over every member's address.
-    pub fn client(&self) -> MonitorClient {
-        MonitorClient::new(self.members.values().map(|m| m.addr.clone())).unwrap()
+    /// How a test client acting as `id` talks to the group.
+    pub fn security(&self, id: Identity) -> Security {
+        match &self.certs {
+            Some(c) => c.security(id),
+            None => Security::Insecure,
+        }
     }
 
-    /// A client that talks to one member only.
+    /// The operator's security (client certificate `admin`).
+    pub fn admin(&self) -> Security {
+        self.security(Identity::Operator("admin".into()))
+    }
+
+    /// A client over every member's address, as the operator `admin`.
+    pub fn client(&self) -> MonitorClient {
+        MonitorClient::new(self.members.values().map(|m| m.addr.clone()), self.admin()).unwrap()
+    }
+
+    /// A client that talks to one member only, as the operator `admin`.
     pub fn client_of(&self, id: u64) -> MonitorClient {
-        MonitorClient::new([self.addr(id)]).unwrap()
+        MonitorClient::new([self.addr(id)], self.admin()).unwrap()
+    }
+
+    /// The arguments that give a `pgquorum` command this group's certificates (or
+    /// `--insecure`).
+    pub fn trust_args(&self) -> Vec<String> {
+        match &self.certs {
+            Some(c) => c.args(),
+            None => vec!["--insecure".into()],
+        }
     }
 
     pub async fn status(&self, id: u64) -> Option<pb::MemberStatusReply> {
@@ -220,6 +263,8 @@ impl MonitorGroup {
     pub fn cli(&self, args: &[&str]) -> (bool, String) {
         let out = std::process::Command::new(&self.bin)
             .args(args)
+            .args(self.trust_args())
+            .env_remove("PGQUORUM_CERTS_DIR")
             .output()
             .expect("run pgquorum");
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();

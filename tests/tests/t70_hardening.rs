@@ -10,8 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use pgquorum_api::pb::monitor as pb;
-use pgquorum_tests::cluster::Cluster;
 use pgquorum_testkit::postgres::REPLICATION_PASSWORD;
+use pgquorum_tests::cluster::Cluster;
 use tonic::Code;
 
 fn register(name: &str, host: &str) -> pb::RegisterNodeRequest {
@@ -137,7 +137,8 @@ async fn hostile_input_changes_nothing_and_secrets_stay_private() {
         let now = hba_lines(&c.node(n).spec.pgdata());
         assert_eq!(now, before[i], "pg_hba.conf of {n} changed");
         assert!(
-            !now.iter().any(|l| l.contains("127.0.0.7") || l.contains("samenet")),
+            !now.iter()
+                .any(|l| l.contains("127.0.0.7") || l.contains("samenet")),
             "{now:?}"
         );
         // Local connections: peer only, never trust.
@@ -148,11 +149,7 @@ async fn hostile_input_changes_nothing_and_secrets_stay_private() {
     }
 
     // 4. A malformed probe query is the caller's error, with a reason.
-    let (code, body) = c
-        .node(standby)
-        .spec
-        .http_get("/replica?lag=abc")
-        .unwrap();
+    let (code, body) = c.node(standby).spec.http_get("/replica?lag=abc").unwrap();
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("lag"), "{body}");
 
@@ -229,7 +226,13 @@ async fn hostile_input_changes_nothing_and_secrets_stay_private() {
         }
         assert_eq!(mode(&spec.pgdata()), 0o700);
         let psql = Command::new("runuser")
-            .args(["-u", "nobody", "--", "/usr/lib/postgresql/15/bin/psql", "-h"])
+            .args([
+                "-u",
+                "nobody",
+                "--",
+                "/usr/lib/postgresql/15/bin/psql",
+                "-h",
+            ])
             .arg(spec.socket_dir())
             .args([
                 "-p",
@@ -248,8 +251,11 @@ async fn hostile_input_changes_nothing_and_secrets_stay_private() {
         assert!(!psql.status.success(), "nobody logged in as postgres");
         assert!(err.contains("Peer authentication failed"), "{err}");
     }
-    std::fs::set_permissions(c.monitors.dir.path(), std::fs::Permissions::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(
+        c.monitors.dir.path(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
     for m in c.monitors.members.values() {
         assert_eq!(mode(&m.data_dir), 0o700, "{}", m.data_dir.display());
         for e in std::fs::read_dir(&m.data_dir).unwrap().flatten() {

@@ -11,8 +11,9 @@ use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use pgquorum_trust::{Dial, Security};
 use thiserror::Error;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::pb::monitor::monitor_client::MonitorClient as RawClient;
@@ -57,19 +58,13 @@ pub struct MonitorClient {
     connect_timeout: Duration,
     request_timeout: Duration,
     retry_for: Duration,
-}
-
-fn uri(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    }
+    security: Security,
 }
 
 impl MonitorClient {
-    /// `endpoints` are `HOST:PORT` of monitor members. No connection is made yet.
-    pub fn new<I, S>(endpoints: I) -> Result<Self, ClientError>
+    /// `endpoints` are `HOST:PORT` of monitor members, dialled with `security` (this
+    /// client's certificate, or none under `--insecure`). No connection is made yet.
+    pub fn new<I, S>(endpoints: I, security: Security) -> Result<Self, ClientError>
     where
         I: IntoIterator<Item = S>,
         S: Into<String>,
@@ -79,7 +74,9 @@ impl MonitorClient {
             return Err(ClientError::NoEndpoints);
         }
         for e in &endpoints {
-            Endpoint::from_shared(uri(e)).map_err(|_| ClientError::BadEndpoint(e.clone()))?;
+            if pgquorum_trust::transport::split_host_port(e).is_none() {
+                return Err(ClientError::BadEndpoint(e.clone()));
+            }
         }
         Ok(MonitorClient {
             endpoints,
@@ -88,6 +85,7 @@ impl MonitorClient {
             connect_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(10),
             retry_for: Duration::from_secs(3),
+            security,
         })
     }
 
@@ -115,12 +113,17 @@ impl MonitorClient {
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
         }
-        let ch = Endpoint::from_shared(uri(addr))
-            .map_err(|_| ClientError::BadEndpoint(addr.to_owned()))?
-            .connect_timeout(self.connect_timeout)
-            .timeout(self.request_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let ch = pgquorum_trust::channel(
+            addr,
+            &self.security,
+            &Dial {
+                connect_timeout: self.connect_timeout,
+                request_timeout: Some(self.request_timeout),
+                keep_alive: None,
+                expect: None,
+            },
+        )
+        .map_err(|_| ClientError::BadEndpoint(addr.to_owned()))?;
         map.insert(addr.to_owned(), ch.clone());
         Ok(ch)
     }
@@ -202,7 +205,7 @@ mod tests {
             vec!["a:1".to_string(), "b:2".into(), "c:3".into()]
         );
         assert!(matches!(
-            MonitorClient::new(Vec::<String>::new()),
+            MonitorClient::new(Vec::<String>::new(), Security::Insecure),
             Err(ClientError::NoEndpoints)
         ));
     }
@@ -210,7 +213,7 @@ mod tests {
     #[tokio::test]
     async fn unreachable_members_give_unavailable_within_the_retry_budget() {
         // Port 1 on loopback refuses connections at once.
-        let c = MonitorClient::new(["127.0.0.1:1"])
+        let c = MonitorClient::new(["127.0.0.1:1"], Security::Insecure)
             .unwrap()
             .retry_for(Duration::from_millis(300));
         let started = std::time::Instant::now();

@@ -563,6 +563,7 @@ impl From<&Event> for pb::Event {
             node_id: e.node_id,
             node_name: e.node_name.clone(),
             description: e.description.clone(),
+            by: e.by.clone(),
         }
     }
 }

@@ -9,6 +9,8 @@ use anyhow::{anyhow, bail, Context};
 use pgquorum_core::{Assignment, NodeState, PeerNode};
 use pgquorum_keeper::{Settings, Source};
 
+use crate::trust_args::{TrustArgs, Who};
+
 #[derive(clap::Args)]
 pub struct KeeperArgs {
     // Boxed: the options are large next to the other subcommands' arguments.
@@ -110,7 +112,7 @@ struct ApplyArgs {
     synchronous_standby_names: String,
 }
 
-pub fn run(args: KeeperArgs) -> anyhow::Result<()> {
+pub fn run(args: KeeperArgs, trust: &TrustArgs) -> anyhow::Result<()> {
     // Checked before anything else: nothing is touched as root.
     if nix::unistd::geteuid().is_root() {
         return Err(pgquorum_keeper::KeeperError::RunAsRoot.into());
@@ -122,7 +124,9 @@ pub fn run(args: KeeperArgs) -> anyhow::Result<()> {
                 bail!("--monitor HOST:PORT,... is required (or PGQUORUM_MONITOR)");
             }
             let m = s.monitors.clone();
-            (s, Source::Monitor(m))
+            // The keeper acts as the node its certificate names, and only as that one.
+            let security = trust.security(Who::Keeper(s.name.clone()))?;
+            (s, Source::Monitor(m, security))
         }
         KeeperCommand::Apply(a) => {
             let s = settings(&a.node)?;

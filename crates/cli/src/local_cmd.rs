@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::trust_args::TrustArgs;
 use anyhow::{bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Pid, User};
 use pgquorum_api::pb::monitor::{monitor_client::MonitorClient, GetStateRequest, NodeStatus};
+use pgquorum_trust::{CertsDir, Dial, Identity, Security, Tls, Validity, INSECURE_WARNING};
 use serde::{Deserialize, Serialize};
 
 #[derive(clap::Args)]
@@ -42,7 +44,8 @@ struct UpArgs {
     /// Number of PostgreSQL nodes.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
     nodes: u16,
-    /// Ports used: monitors BASE+1.., PostgreSQL BASE+11.., keeper HTTP BASE+21...
+    /// Ports used: monitors BASE+1.., PostgreSQL BASE+11.., keeper HTTP BASE+21..,
+    /// monitor /metrics BASE+31...
     #[arg(long, default_value_t = 6400)]
     base_port: u16,
     /// Where the PostgreSQL binaries are (default: `pg_config --bindir`, then PATH).
@@ -71,24 +74,26 @@ struct PidEntry {
     pid: i32,
 }
 
-pub fn run(args: LocalArgs) -> Result<()> {
+pub fn run(args: LocalArgs, trust: &TrustArgs) -> Result<()> {
     match args.command {
-        LocalCommand::Up(up) => local_up(up),
+        LocalCommand::Up(up) => local_up(up, trust),
         LocalCommand::Down(down) => local_down(&down.dir),
     }
 }
 
 struct Layout {
-    monitors: Vec<(u16, u16)>,      // (id, port)
+    monitors: Vec<(u16, u16, u16)>, // (id, port, metrics port)
     nodes: Vec<(String, u16, u16)>, // (name, pg port, http port)
 }
 
 fn layout(args: &UpArgs) -> Result<Layout> {
     let base = args.base_port;
-    if base.checked_add(30).is_none() || base < 1024 {
-        bail!("--base-port {base} leaves no room: choose a port between 1024 and 65500");
+    if base.checked_add(40).is_none() || base < 1024 {
+        bail!("--base-port {base} leaves no room: choose a port between 1024 and 65490");
     }
-    let monitors = (1..=args.monitors).map(|i| (i, base + i)).collect();
+    let monitors = (1..=args.monitors)
+        .map(|i| (i, base + i, base + 30 + i))
+        .collect();
     let nodes = (1..=args.nodes)
         .map(|j| (format!("node{j}"), base + 10 + j, base + 20 + j))
         .collect();
@@ -143,12 +148,71 @@ fn stop_children(children: &mut Vec<(String, Child)>, grace: Duration) {
     children.clear();
 }
 
-fn local_up(args: UpArgs) -> Result<()> {
+/// The certificates of a local cluster: `DIR/certs` holds the CA, the members' and the
+/// clients' certificates (its owner's); each keeper gets `DIR/NODE/certs` with the CA
+/// certificate and its own certificate and key only, owned by the user it runs as (a
+/// keeper never sees another identity's key, as on separate machines). Made once and
+/// reused by later `local up` runs.
+fn local_certs(dir: &Path, layout: &Layout, run_as: Option<&User>) -> Result<PathBuf> {
+    let certs = CertsDir::new(dir.join("certs"));
+    let long = Validity::days(3650);
+    if !certs.ca_cert_path().exists() {
+        certs.create_ca(long, false)?;
+    }
+    let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+    let mut ids: Vec<(Identity, Vec<String>)> = layout
+        .monitors
+        .iter()
+        .map(|(id, _, _)| (Identity::Member(u64::from(*id)), hosts.clone()))
+        .collect();
+    ids.push((Identity::Operator("admin".into()), Vec::new()));
+    ids.push((Identity::Viewer("viewer".into()), Vec::new()));
+    for (name, _, _) in &layout.nodes {
+        ids.push((Identity::keeper(name)?, hosts.clone()));
+    }
+    for (id, h) in &ids {
+        if !certs.cert_path(id).exists() {
+            certs.create(id, h, long, false)?;
+        }
+    }
+    for (name, _, _) in &layout.nodes {
+        let id = Identity::keeper(name)?;
+        let own = dir.join(name).join("certs");
+        fs::create_dir_all(&own)?;
+        fs::set_permissions(&own, fs::Permissions::from_mode(0o700))?;
+        for (from, mode) in [
+            (certs.ca_cert_path(), 0o644),
+            (certs.cert_path(&id), 0o644),
+            (certs.key_path(&id), 0o600),
+        ] {
+            let Some(file) = from.file_name() else {
+                continue;
+            };
+            let to = own.join(file);
+            fs::copy(&from, &to)
+                .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode))?;
+            if let Some(user) = run_as {
+                nix::unistd::chown(&to, Some(user.uid), Some(user.gid))?;
+            }
+        }
+        if let Some(user) = run_as {
+            nix::unistd::chown(&own, Some(user.uid), Some(user.gid))?;
+        }
+    }
+    Ok(certs.path)
+}
+
+fn local_up(args: UpArgs, trust: &TrustArgs) -> Result<()> {
+    if trust.certs_dir.is_some() {
+        bail!("local up makes its own certificates under --dir; do not give --certs-dir (or unset PGQUORUM_CERTS_DIR)");
+    }
     let layout = layout(&args)?;
     for port in layout
         .monitors
         .iter()
         .map(|m| m.1)
+        .chain(layout.monitors.iter().map(|m| m.2))
         .chain(layout.nodes.iter().flat_map(|n| [n.1, n.2]))
     {
         if !port_free(port) {
@@ -209,13 +273,27 @@ fn local_up(args: UpArgs) -> Result<()> {
     let monitor_list: Vec<String> = layout
         .monitors
         .iter()
-        .map(|(_, p)| format!("127.0.0.1:{p}"))
+        .map(|(_, p, _)| format!("127.0.0.1:{p}"))
         .collect();
     let peers: Vec<String> = layout
         .monitors
         .iter()
-        .map(|(id, p)| format!("{id}=127.0.0.1:{p}"))
+        .map(|(id, p, _)| format!("{id}=127.0.0.1:{p}"))
         .collect();
+    for (name, _, _) in &layout.nodes {
+        fs::create_dir_all(dir.join(name))?;
+    }
+    // TLS everywhere unless --insecure: the same setup as a real deployment.
+    let certs_dir = if trust.insecure {
+        println!("WARNING: {INSECURE_WARNING}");
+        None
+    } else {
+        Some(local_certs(&dir, &layout, run_as.as_ref())?)
+    };
+    let watch_security = match &certs_dir {
+        Some(d) => Security::Tls(Tls::load(d.clone(), Identity::Viewer("viewer".into()))?),
+        None => Security::Insecure,
+    };
 
     let replication_password = local_password(&dir)?;
     let mut cluster = Cluster {
@@ -229,7 +307,7 @@ fn local_up(args: UpArgs) -> Result<()> {
         args.nodes,
         dir.display()
     );
-    for (id, port) in &layout.monitors {
+    for (id, port, metrics_port) in &layout.monitors {
         let name = format!("monitor{id}");
         let mut cmd = Command::new(&bin);
         cmd.arg("monitor")
@@ -238,8 +316,14 @@ fn local_up(args: UpArgs) -> Result<()> {
             .arg(id.to_string())
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--data-dir")
             .arg(dir.join(&name));
+        match &certs_dir {
+            Some(d) => cmd.arg("--certs-dir").arg(d),
+            None => cmd.arg("--insecure"),
+        };
         for p in &peers {
             cmd.arg("--peer").arg(p);
         }
@@ -281,6 +365,10 @@ fn local_up(args: UpArgs) -> Result<()> {
             .arg("--pg-hba")
             .arg("host all all 127.0.0.1/32 trust")
             .env("PGQUORUM_REPLICATION_PASSWORD", &replication_password);
+        match &certs_dir {
+            Some(_) => cmd.arg("--certs-dir").arg(node_dir.join("certs")),
+            None => cmd.arg("--insecure"),
+        };
         if let Some(user) = &run_as {
             cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
             cmd.env("HOME", &node_dir).env("USER", "postgres");
@@ -303,7 +391,14 @@ fn local_up(args: UpArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let outcome = rt.block_on(watch(&layout, &monitor_list, &mut cluster, args.timeout));
+    let outcome = rt.block_on(watch(
+        &layout,
+        &monitor_list,
+        &watch_security,
+        certs_dir.as_deref(),
+        &mut cluster,
+        args.timeout,
+    ));
     println!("Stopping the cluster...");
     cluster.stop();
     let _ = fs::remove_file(dir.join("local.json"));
@@ -328,15 +423,18 @@ fn spawn_logged(mut cmd: Command, dir: &Path, name: &str) -> Result<Child> {
     cmd.spawn().with_context(|| format!("cannot start {name}"))
 }
 
-async fn fetch_state(endpoints: &[String]) -> Option<Vec<NodeStatus>> {
+async fn fetch_state(endpoints: &[String], security: &Security) -> Option<Vec<NodeStatus>> {
     for ep in endpoints {
-        let Ok(endpoint) = tonic::transport::Endpoint::from_shared(format!("http://{ep}")) else {
-            continue;
-        };
-        let endpoint = endpoint
-            .connect_timeout(Duration::from_millis(300))
-            .timeout(Duration::from_secs(2));
-        let Ok(channel) = endpoint.connect().await else {
+        let Ok(channel) = pgquorum_trust::channel(
+            ep,
+            security,
+            &Dial {
+                connect_timeout: Duration::from_millis(300),
+                request_timeout: Some(Duration::from_secs(2)),
+                keep_alive: None,
+                expect: None,
+            },
+        ) else {
             continue;
         };
         let mut client = MonitorClient::new(channel);
@@ -382,6 +480,8 @@ fn ready(nodes: &[NodeStatus], expected: usize) -> bool {
 async fn watch(
     layout: &Layout,
     monitors: &[String],
+    security: &Security,
+    certs_dir: Option<&Path>,
     cluster: &mut Cluster,
     timeout_s: u64,
 ) -> Result<()> {
@@ -412,7 +512,7 @@ async fn watch(
                 bail!("{name} exited ({status}); see its log in the logs directory");
             }
         }
-        let Some(nodes) = fetch_state(monitors).await else {
+        let Some(nodes) = fetch_state(monitors, security).await else {
             if !announced && start.elapsed() > Duration::from_secs(timeout_s) {
                 bail!("the monitor group did not answer within {timeout_s} s");
             }
@@ -446,7 +546,16 @@ async fn watch(
                 "  read-only:  postgresql://postgres@{}/postgres?target_session_attrs=prefer-standby&connect_timeout=2",
                 hosts.join(",")
             );
-            println!("  monitor:    --monitor {}", monitors.join(","));
+            println!();
+            println!("For the pgquorum commands, in another shell:");
+            println!("  export PGQUORUM_MONITOR={}", monitors.join(","));
+            match certs_dir {
+                Some(d) => println!(
+                    "  export PGQUORUM_CERTS_DIR={}   # client.admin (operator); --client viewer to only read",
+                    d.display()
+                ),
+                None => println!("  (started with --insecure: add --insecure to every command)"),
+            }
             println!("Showing state changes; press Ctrl-C to stop everything.");
         } else if !announced && start.elapsed() > Duration::from_secs(timeout_s) {
             bail!(

@@ -2,10 +2,12 @@
 //! the operator's commands. This crate parses arguments, sets up logging and calls
 //! into the library crates; logic that anything else needs lives there, not here.
 
+mod cert_cmd;
 mod keeper_cmd;
 mod local_cmd;
 mod monitor_cmd;
 mod ops_cmd;
+mod trust_args;
 
 use clap::{Parser, Subcommand};
 
@@ -18,10 +20,14 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    trust: trust_args::TrustArgs,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Certificates: `cert create-ca|create-member|create-keeper|create-client|list|revoke`.
+    Cert(cert_cmd::CertArgs),
     /// Run or inspect a member of the monitor group.
     Monitor(monitor_cmd::MonitorArgs),
     /// Run the keeper beside one PostgreSQL server.
@@ -96,24 +102,28 @@ fn private_umask() {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
+    let t = cli.trust;
     let result = match cli.command {
+        Command::Cert(args) => cert_cmd::run(args, &t),
         // Whatever a member or a keeper creates (data, state, logs, password file) is
         // for its own user alone; explicit modes on the files that matter say so too.
         Command::Monitor(args) => {
             private_umask();
-            monitor_cmd::run(args)
+            monitor_cmd::run(args, &t)
         }
         Command::Keeper(args) => {
             private_umask();
-            keeper_cmd::run(args)
+            keeper_cmd::run(args, &t)
         }
-        Command::Local(args) => local_cmd::run(args),
-        Command::Show { target, what } => block_on(ops_cmd::show(target, what)),
-        Command::Perform { target, what } => block_on(ops_cmd::perform(target, what)),
-        Command::Enable { target, what } => block_on(ops_cmd::maintenance(target, what, true)),
-        Command::Disable { target, what } => block_on(ops_cmd::maintenance(target, what, false)),
-        Command::Set { target, what } => block_on(ops_cmd::set(target, what)),
-        Command::Drop { target, what } => block_on(ops_cmd::drop_node(target, what)),
+        Command::Local(args) => local_cmd::run(args, &t),
+        Command::Show { target, what } => block_on(ops_cmd::show(target, what, &t)),
+        Command::Perform { target, what } => block_on(ops_cmd::perform(target, what, &t)),
+        Command::Enable { target, what } => block_on(ops_cmd::maintenance(target, what, true, &t)),
+        Command::Disable { target, what } => {
+            block_on(ops_cmd::maintenance(target, what, false, &t))
+        }
+        Command::Set { target, what } => block_on(ops_cmd::set(target, what, &t)),
+        Command::Drop { target, what } => block_on(ops_cmd::drop_node(target, what, &t)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

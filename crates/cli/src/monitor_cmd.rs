@@ -11,6 +11,8 @@ use pgquorum_api::pb::monitor as pb;
 use pgquorum_monitor::{parse_peer, peer_map, MemberConfig, Timing};
 use serde::Serialize;
 
+use crate::trust_args::{TrustArgs, Who};
+
 #[derive(clap::Args)]
 pub struct MonitorArgs {
     #[command(subcommand)]
@@ -56,6 +58,13 @@ struct RunArgs {
     /// the default loses a dead leader in well under a second.
     #[arg(long, default_value_t = 75)]
     raft_heartbeat_ms: u64,
+    /// Where to serve Prometheus /metrics (plain HTTP, read-only), e.g. 0.0.0.0:9187;
+    /// not served when absent. The gRPC port serves only authenticated gRPC.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
+    /// Connections the gRPC server holds at once; more are closed at once.
+    #[arg(long, default_value_t = 2048)]
+    max_connections: usize,
 }
 
 #[derive(clap::Args)]
@@ -91,19 +100,23 @@ struct RemoveArgs {
     endpoints: Endpoints,
 }
 
-pub fn run(args: MonitorArgs) -> anyhow::Result<()> {
+pub fn run(args: MonitorArgs, trust: &TrustArgs) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         match args.command {
-            MonitorCommand::Run(a) => run_member(a).await,
-            MonitorCommand::Status(a) => status(a).await,
-            MonitorCommand::AddMember(a) => add_member(a).await,
-            MonitorCommand::RemoveMember(a) => remove_member(a).await,
+            MonitorCommand::Run(a) => run_member(a, trust).await,
+            MonitorCommand::Status(a) => status(a, trust).await,
+            MonitorCommand::AddMember(a) => add_member(a, trust).await,
+            MonitorCommand::RemoveMember(a) => remove_member(a, trust).await,
         }
     })
 }
 
-async fn run_member(a: RunArgs) -> anyhow::Result<()> {
+async fn run_member(a: RunArgs, trust: &TrustArgs) -> anyhow::Result<()> {
+    if a.node_id == 0 {
+        bail!("--node-id must be a positive integer");
+    }
+    let security = trust.security_watched(Who::Member(a.node_id))?;
     let listen = a
         .listen
         .to_socket_addrs()
@@ -130,6 +143,12 @@ async fn run_member(a: RunArgs) -> anyhow::Result<()> {
             election_max_ms: hb * 6,
         },
         write_timeout: Duration::from_millis(a.write_timeout_ms.max(100)),
+        security,
+        metrics_listen: a.metrics_listen,
+        serve: pgquorum_trust::Serve {
+            max_connections: a.max_connections.max(16),
+            ..Default::default()
+        },
     };
     pgquorum_monitor::run(cfg, shutdown_signal()).await?;
     Ok(())
@@ -150,8 +169,11 @@ async fn shutdown_signal() {
     }
 }
 
-fn client(e: &Endpoints) -> anyhow::Result<MonitorClient> {
-    Ok(MonitorClient::new(parse_endpoints(&e.monitor))?)
+fn client(e: &Endpoints, trust: &TrustArgs) -> anyhow::Result<MonitorClient> {
+    Ok(MonitorClient::new(
+        parse_endpoints(&e.monitor),
+        trust.security(Who::Client)?,
+    )?)
 }
 
 #[derive(Serialize)]
@@ -179,8 +201,8 @@ struct StatusJson {
     members: Vec<MemberRow>,
 }
 
-async fn status(a: StatusArgs) -> anyhow::Result<()> {
-    let c = client(&a.endpoints)?.retry_for(Duration::from_secs(1));
+async fn status(a: StatusArgs, trust: &TrustArgs) -> anyhow::Result<()> {
+    let c = client(&a.endpoints, trust)?.retry_for(Duration::from_secs(1));
     // Learn the membership from whichever member answers, then ask each member.
     let first = c
         .call(|mut raw| async move { raw.member_status(pb::MemberStatusRequest {}).await })
@@ -298,9 +320,9 @@ fn print_members(reply: &pb::MembershipReply) {
     }
 }
 
-async fn add_member(a: AddArgs) -> anyhow::Result<()> {
+async fn add_member(a: AddArgs, trust: &TrustArgs) -> anyhow::Result<()> {
     let (id, address) = a.member;
-    let c = client(&a.endpoints)?.request_timeout(Duration::from_secs(90));
+    let c = client(&a.endpoints, trust)?.request_timeout(Duration::from_secs(90));
     let reply = c
         .call(|mut raw| {
             let req = pb::AddMemberRequest {
@@ -316,9 +338,9 @@ async fn add_member(a: AddArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn remove_member(a: RemoveArgs) -> anyhow::Result<()> {
+async fn remove_member(a: RemoveArgs, trust: &TrustArgs) -> anyhow::Result<()> {
     let id = a.id;
-    let c = client(&a.endpoints)?;
+    let c = client(&a.endpoints, trust)?;
     let reply = c
         .call(|mut raw| async move { raw.remove_member(pb::RemoveMemberRequest { id }).await })
         .await

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::trust_args::{TrustArgs, Who};
 use anyhow::{bail, Context, Result};
 use pgquorum_api::client::{ClientError, MonitorClient};
 use pgquorum_api::pb::monitor as pb;
@@ -103,11 +104,12 @@ pub enum DropWhat {
 
 /// A client over every given member: follows leader hints and retries members that
 /// answer UNAVAILABLE (an election, a member down) for a few seconds.
-pub fn connect(endpoints: &[String]) -> Result<MonitorClient> {
+pub fn connect(endpoints: &[String], trust: &TrustArgs) -> Result<MonitorClient> {
     if endpoints.is_empty() {
         bail!("no monitor given: use --monitor HOST:PORT,HOST:PORT,... or set PGQUORUM_MONITOR");
     }
-    Ok(MonitorClient::new(endpoints.iter().cloned())?.retry_for(Duration::from_secs(10)))
+    let security = trust.security(Who::Client)?;
+    Ok(MonitorClient::new(endpoints.iter().cloned(), security)?.retry_for(Duration::from_secs(10)))
 }
 
 /// One call through [`MonitorClient::call`]: `$req` is cloned for each attempt.
@@ -197,8 +199,8 @@ pub fn print_state(nodes: &[pb::NodeStatus]) {
     }
 }
 
-pub async fn show(target: Target, what: ShowWhat) -> Result<()> {
-    let client = connect(&target.monitor)?;
+pub async fn show(target: Target, what: ShowWhat, trust: &TrustArgs) -> Result<()> {
+    let client = connect(&target.monitor, trust)?;
     match what {
         ShowWhat::State => {
             let state = get_state(&client, &target.formation).await?;
@@ -425,8 +427,8 @@ where
     }
 }
 
-pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
-    let client = connect(&target.monitor)?;
+pub async fn perform(target: Target, what: PerformWhat, trust: &TrustArgs) -> Result<()> {
+    let client = connect(&target.monitor, trust)?;
     let before = get_state(&client, &target.formation).await?;
     let old_primary = primary_of(&before.nodes).map(|n| n.name.clone());
     let (reply, wait, candidate) = match what {
@@ -480,9 +482,14 @@ pub async fn perform(target: Target, what: PerformWhat) -> Result<()> {
     print_result(&target, &reply, Some(&nodes))
 }
 
-pub async fn maintenance(target: Target, what: ToggleWhat, enable: bool) -> Result<()> {
+pub async fn maintenance(
+    target: Target,
+    what: ToggleWhat,
+    enable: bool,
+    trust: &TrustArgs,
+) -> Result<()> {
     let ToggleWhat::Maintenance { node, wait } = what;
-    let client = connect(&target.monitor)?;
+    let client = connect(&target.monitor, trust)?;
     let reply = while_in_transition(&target, wait.timeout, || async {
         call!(
             client,
@@ -516,8 +523,8 @@ pub async fn maintenance(target: Target, what: ToggleWhat, enable: bool) -> Resu
     print_result(&target, &reply, Some(&nodes))
 }
 
-pub async fn set(target: Target, what: SetWhat) -> Result<()> {
-    let client = connect(&target.monitor)?;
+pub async fn set(target: Target, what: SetWhat, trust: &TrustArgs) -> Result<()> {
+    let client = connect(&target.monitor, trust)?;
     let reply = match what {
         SetWhat::Node {
             name,
@@ -548,9 +555,9 @@ pub async fn set(target: Target, what: SetWhat) -> Result<()> {
     print_result(&target, &reply, None)
 }
 
-pub async fn drop_node(target: Target, what: DropWhat) -> Result<()> {
+pub async fn drop_node(target: Target, what: DropWhat, trust: &TrustArgs) -> Result<()> {
     let DropWhat::Node { name } = what;
-    let client = connect(&target.monitor)?;
+    let client = connect(&target.monitor, trust)?;
     let reply = call!(
         client,
         drop_node,

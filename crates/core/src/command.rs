@@ -147,6 +147,27 @@ fn fenced_goal(goal: NodeState) -> bool {
 
 impl ClusterState {
     /// Apply one command. Deterministic; on error the state is unchanged.
+    /// [`ClusterState::apply`], recording in every event the command produces who asked
+    /// for it (the authenticated caller; None for the monitor's own decisions).
+    pub fn apply_by(
+        &mut self,
+        cmd: &Command,
+        now: Millis,
+        by: Option<&str>,
+    ) -> Result<Outcome, CoreError> {
+        let first_new = self.next_event_id + 1;
+        let outcome = self.apply(cmd, now)?;
+        if let Some(by) = by {
+            for e in self.events.iter_mut().rev() {
+                if e.id < first_new {
+                    break;
+                }
+                e.by = by.to_owned();
+            }
+        }
+        Ok(outcome)
+    }
+
     pub fn apply(&mut self, cmd: &Command, now: Millis) -> Result<Outcome, CoreError> {
         // Every command validates before it mutates, so an error leaves nothing behind.
         match cmd {
@@ -300,6 +321,7 @@ impl ClusterState {
             node_id: node.map(|(id, _)| id),
             node_name: node.map(|(_, n)| n.to_string()).unwrap_or_default(),
             description,
+            by: String::new(),
         });
         while self.events.len() > MAX_EVENTS {
             self.events.pop_front();

@@ -262,6 +262,10 @@ pub struct Event {
     pub node_id: Option<NodeId>,
     pub node_name: String,
     pub description: String,
+    /// Who asked for the change (`operator/alice`, `keeper/pg1`); empty for the
+    /// monitor's own decisions and for entries written before this field existed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub by: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -28,8 +28,9 @@ use crate::sql;
 /// Where goal states come from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// The monitor group, HOST:PORT of each member.
-    Monitor(Vec<String>),
+    /// The monitor group, HOST:PORT of each member, dialled with this keeper's
+    /// certificate (or none under `--insecure`).
+    Monitor(Vec<String>, pgquorum_trust::Security),
     /// A fixed assignment and a lease that never expires: running one node without a
     /// monitor (`pgquorum keeper apply`, tests). Never for production primaries.
     Static(Assignment),
@@ -237,8 +238,12 @@ impl Heartbeat {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-            Source::Monitor(endpoints) => {
-                let mut m = match Monitors::new(endpoints, Duration::from_millis(500)) {
+            Source::Monitor(endpoints, security) => {
+                if let pgquorum_trust::Security::Tls(tls) = &security {
+                    // Renewed certificate files are picked up without a restart.
+                    tls.spawn_watcher(Duration::from_secs(5));
+                }
+                let mut m = match Monitors::new(endpoints, Duration::from_millis(500), security) {
                     Ok(m) => m,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot reach the monitor group");

@@ -8,7 +8,8 @@ use std::time::Duration;
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
 use pgquorum_core::Assignment;
-use tonic::transport::{Channel, Endpoint};
+use pgquorum_trust::{Dial, Security};
+use tonic::transport::Channel;
 
 use crate::error::{KeeperError, Result};
 
@@ -17,10 +18,11 @@ pub struct Monitors {
     current: usize,
     channels: HashMap<String, Channel>,
     timeout: Duration,
+    security: Security,
 }
 
 impl Monitors {
-    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Result<Monitors> {
+    pub fn new(endpoints: Vec<String>, timeout: Duration, security: Security) -> Result<Monitors> {
         if endpoints.is_empty() {
             return Err(KeeperError::Config(
                 "--monitor needs at least one HOST:PORT".into(),
@@ -31,23 +33,24 @@ impl Monitors {
             current: 0,
             channels: HashMap::new(),
             timeout,
+            security,
         })
     }
 
     fn client(&mut self) -> Result<(String, MonitorClient<Channel>)> {
         let ep = self.endpoints[self.current % self.endpoints.len()].clone();
         if !self.channels.contains_key(&ep) {
-            let uri = if ep.starts_with("http://") || ep.starts_with("https://") {
-                ep.clone()
-            } else {
-                format!("http://{ep}")
-            };
-            let ch = Endpoint::from_shared(uri)
-                .map_err(|e| KeeperError::Config(format!("monitor address {ep:?}: {e}")))?
-                .connect_timeout(self.timeout)
-                .timeout(self.timeout)
-                .tcp_nodelay(true)
-                .connect_lazy();
+            let ch = pgquorum_trust::channel(
+                &ep,
+                &self.security,
+                &Dial {
+                    connect_timeout: self.timeout,
+                    request_timeout: Some(self.timeout),
+                    keep_alive: None,
+                    expect: None,
+                },
+            )
+            .map_err(|e| KeeperError::Config(format!("monitor address: {e}")))?;
             self.channels.insert(ep.clone(), ch);
         }
         let ch = self

@@ -259,7 +259,12 @@ async fn serve(m: Arc<FakeMonitor>) -> String {
 
 fn run_keeper(spec: &NodeSpec, monitor: &str) -> Keeper {
     let mut args = spec.args();
-    args.extend(["--monitor".to_string(), monitor.to_string()]);
+    // A stand-in monitor of this test, not a monitor group: plain gRPC.
+    args.extend([
+        "--monitor".to_string(),
+        monitor.to_string(),
+        "--insecure".to_string(),
+    ]);
     Keeper::spawn("run", &args, &spec.keeper_log())
 }
 

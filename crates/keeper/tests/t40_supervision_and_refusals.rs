@@ -156,10 +156,7 @@ async fn bad_situations_are_refused_and_change_nothing() {
     assert!(!ok);
     assert!(err.contains("primary_conninfo"), "{err}");
     let mut args = goal(&a, "single");
-    args.extend([
-        "--peer".to_string(),
-        "b=0.0.0.0/0 trust:5432".to_string(),
-    ]);
+    args.extend(["--peer".to_string(), "b=0.0.0.0/0 trust:5432".to_string()]);
     let (ok, err) = run_once(true, &args);
     assert!(!ok);
     assert!(err.contains("host"), "{err}");

@@ -17,6 +17,7 @@ use tonic::Status;
 use crate::network::{channel, Reachability};
 use crate::store::Applied;
 use crate::types::{NodeId, Raft, Request};
+use pgquorum_trust::Security;
 
 /// A peer counts as reachable if it answered a Raft RPC this recently (the leader
 /// sends heartbeats every 100 ms, a candidate votes every few hundred).
@@ -38,6 +39,8 @@ pub struct Member {
     /// the stale copy by its `expected` goal, but only after a wasted Raft write).
     orchestrating: tokio::sync::Mutex<()>,
     channels: Mutex<HashMap<String, Channel>>,
+    /// How this member dials the others (its certificate, or --insecure).
+    pub security: Security,
 }
 
 pub fn now_ms() -> u64 {
@@ -63,6 +66,7 @@ impl Member {
         applied: Arc<RwLock<Applied>>,
         reach: Reachability,
         write_timeout: Duration,
+        security: Security,
     ) -> Self {
         Member {
             id,
@@ -75,6 +79,7 @@ impl Member {
             health: Mutex::new(None),
             orchestrating: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
+            security,
         }
     }
 
@@ -152,7 +157,7 @@ impl Member {
                     ));
                 }
                 Ok(Route::Forward(
-                    MonitorClient::new(self.channel(&addr)?),
+                    MonitorClient::new(self.channel(id, &addr)?),
                     hops + 1,
                 ))
             }
@@ -169,14 +174,15 @@ impl Member {
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, Status> {
+    fn channel(&self, id: NodeId, addr: &str) -> Result<Channel, Status> {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(addr) {
+        let key = format!("{id}@{addr}");
+        if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let c = channel(addr)
+        let c = channel(addr, &self.security, Some(id))
             .map_err(|e| Status::unavailable(format!("bad leader address {addr:?}: {e}")))?;
-        map.insert(addr.to_owned(), c.clone());
+        map.insert(key, c.clone());
         Ok(c)
     }
 
@@ -211,6 +217,16 @@ impl Member {
     /// Proposes `cmd` through Raft (this member must lead) and returns what applying it
     /// produced and its log index. Waits at most `write_timeout`.
     pub async fn propose(&self, cmd: Command) -> Result<(Outcome, u64), Status> {
+        self.propose_as(cmd, None).await
+    }
+
+    /// [`Member::propose`] on behalf of `by` (`ROLE/NAME`), which the command's events
+    /// record.
+    pub async fn propose_as(
+        &self,
+        cmd: Command,
+        by: Option<String>,
+    ) -> Result<(Outcome, u64), Status> {
         let (up, n) = self.reachable_summary();
         let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
         // A leader that has heard from no majority recently would only time out.
@@ -220,6 +236,7 @@ impl Member {
         let req = Request {
             at_ms: now_ms(),
             cmd,
+            by,
         };
         match tokio::time::timeout(self.write_timeout, self.raft.client_write(req)).await {
             Err(_) => {

@@ -1,4 +1,4 @@
-//! `/metrics` in Prometheus text format, served on the member's gRPC port.
+//! `/metrics` in Prometheus text format, served on the member's `--metrics-listen` address (plain HTTP).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;

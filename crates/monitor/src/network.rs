@@ -19,9 +19,10 @@ use openraft::BasicNode;
 use pgquorum_api::pb::raft as pb;
 use pgquorum_api::pb::raft::raft_transport_client::RaftTransportClient;
 use pgquorum_api::pb::raft::raft_transport_server::RaftTransport;
+use pgquorum_trust::{authorize, Caller, Dial, Identity, Need, Security};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::types::{NodeId, Raft, TypeConfig};
@@ -55,22 +56,30 @@ impl Reachability {
     }
 }
 
-pub fn channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    let uri = if addr.starts_with("http") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)?
-        .connect_timeout(Duration::from_millis(300))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .connect_lazy())
+/// A channel to another member at `addr`. With certificates, the server must present
+/// member `expect`'s certificate (None: any member, when the id is not known, as when a
+/// follower forwards to an address it was given).
+pub fn channel(
+    addr: &str,
+    security: &Security,
+    expect: Option<NodeId>,
+) -> Result<Channel, pgquorum_trust::DialError> {
+    pgquorum_trust::channel(
+        addr,
+        security,
+        &Dial {
+            connect_timeout: Duration::from_millis(300),
+            request_timeout: None,
+            keep_alive: Some(Duration::from_secs(5)),
+            expect: expect.map(Identity::Member),
+        },
+    )
 }
 
 #[derive(Clone)]
 pub struct Network {
     pub reach: Reachability,
+    pub security: Security,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -79,11 +88,13 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         PeerClient {
             target,
-            client: channel(&node.addr).ok().map(|c| {
-                RaftTransportClient::new(c)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES)
-            }),
+            client: channel(&node.addr, &self.security, Some(target))
+                .ok()
+                .map(|c| {
+                    RaftTransportClient::new(c)
+                        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+                }),
             addr: node.addr.clone(),
             reach: self.reach.clone(),
         }
@@ -234,6 +245,28 @@ pub struct TransportService {
     pub reach: Reachability,
 }
 
+/// Only members speak Raft, and a member only in its own name: the node id a request
+/// claims to come from (the leader of an AppendEntries, the candidate of a Vote) must
+/// be the one in its certificate, so one compromised member cannot impersonate others.
+fn check_sender<T>(request: &Request<T>, what: &str) -> Result<Option<NodeId>, Status> {
+    match authorize(request, Need::Raft, what)? {
+        Caller::Anonymous => Ok(None),
+        Caller::Id(Identity::Member(id)) => Ok(Some(id)),
+        Caller::Id(other) => Err(Status::permission_denied(format!(
+            "{other} may not {what}: only monitor members speak Raft"
+        ))),
+    }
+}
+
+fn check_claim(cert: Option<NodeId>, claimed: Option<NodeId>, what: &str) -> Result<(), Status> {
+    match (cert, claimed) {
+        (Some(c), Some(claimed)) if c != claimed => Err(Status::permission_denied(format!(
+            "member {c} sent {what} in the name of member {claimed}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn reply<T: Serialize, E: Serialize>(r: Result<T, E>) -> Result<Response<pb::RaftPayload>, Status> {
     Ok(Response::new(match r {
         Ok(v) => pb::RaftPayload {
@@ -253,7 +286,9 @@ impl RaftTransport for TransportService {
         &self,
         request: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
+        let sender = check_sender(&request, "send Raft AppendEntries")?;
         let req: AppendEntriesRequest<TypeConfig> = decode(&request.into_inner().data)?;
+        check_claim(sender, req.vote.leader_id().voted_for(), "AppendEntries")?;
         // A follower sends nothing itself: hearing from the leader is how it knows
         // a majority may be reachable.
         if let Some(id) = req.vote.leader_id().voted_for() {
@@ -266,7 +301,9 @@ impl RaftTransport for TransportService {
         &self,
         request: Request<pb::RaftPayload>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
+        let sender = check_sender(&request, "send a Raft Vote")?;
         let req: VoteRequest<NodeId> = decode(&request.into_inner().data)?;
+        check_claim(sender, req.vote.leader_id().voted_for(), "a Vote")?;
         if let Some(id) = req.vote.leader_id().voted_for() {
             self.reach.ok(id);
         }
@@ -277,9 +314,12 @@ impl RaftTransport for TransportService {
         &self,
         request: Request<pb::SnapshotChunk>,
     ) -> Result<Response<pb::RaftPayload>, Status> {
+        let sender = check_sender(&request, "send a Raft snapshot")?;
         let c = request.into_inner();
+        let vote: openraft::Vote<NodeId> = decode(&c.vote)?;
+        check_claim(sender, vote.leader_id().voted_for(), "a snapshot")?;
         let req = InstallSnapshotRequest::<TypeConfig> {
-            vote: decode(&c.vote)?,
+            vote,
             meta: decode(&c.meta)?,
             offset: c.offset,
             data: c.data,

@@ -12,8 +12,7 @@ use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
 use pgquorum_api::pb::monitor::monitor_server::MonitorServer;
 use pgquorum_api::pb::raft::raft_transport_server::RaftTransportServer;
 use pgquorum_core::DEFAULT_FORMATION;
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
+use pgquorum_trust::{Security, Serve};
 
 use crate::member::Member;
 use crate::network::{Network, Reachability, TransportService, MAX_MESSAGE_BYTES};
@@ -56,6 +55,14 @@ pub struct MemberConfig {
     pub timing: Timing,
     /// How long a write waits for a quorum before it is refused.
     pub write_timeout: Duration,
+    /// This member's certificates (or `--insecure`): the Monitor API and the Raft
+    /// transport are served, and peers dialled, with them.
+    pub security: Security,
+    /// Where to serve Prometheus `/metrics` (plain HTTP, read-only, nothing secret), so
+    /// scrapers need no client certificate. None: not served.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Connection cap and handshake timeout of the gRPC server.
+    pub serve: Serve,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +149,7 @@ pub async fn run(
         Arc::new(config),
         Network {
             reach: reach.clone(),
+            security: cfg.security.clone(),
         },
         log_store,
         sm,
@@ -198,6 +206,7 @@ pub async fn run(
         applied,
         reach,
         cfg.write_timeout,
+        cfg.security.clone(),
     ));
     tracing::info!(node = cfg.node_id, listen = %cfg.listen, group = %header.group_id, data_dir = %cfg.data_dir.display(), "monitor member starting");
 
@@ -220,17 +229,31 @@ pub async fn run(
         }
     }
 
-    let metrics_raft = raft.clone();
-    let metrics_member = member.clone();
-    let router = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let raft = metrics_raft.clone();
-            let member = metrics_member.clone();
-            async move { crate::metrics::render(&raft, &member).await }
-        }),
-    );
-    let routes = tonic::service::Routes::from(router)
+    let metrics = match cfg.metrics_listen {
+        Some(at) => {
+            let metrics_listener = tokio::net::TcpListener::bind(at)
+                .await
+                .map_err(|source| MonitorError::Bind { addr: at, source })?;
+            let metrics_raft = raft.clone();
+            let metrics_member = member.clone();
+            let router = axum::Router::new().route(
+                "/metrics",
+                axum::routing::get(move || {
+                    let raft = metrics_raft.clone();
+                    let member = metrics_member.clone();
+                    async move { crate::metrics::render(&raft, &member).await }
+                }),
+            );
+            tracing::info!(node = cfg.node_id, metrics = %at, "serving /metrics (plain HTTP, read-only)");
+            Some(tokio::spawn(async move {
+                if let Err(e) = axum::serve(metrics_listener, router).await {
+                    tracing::warn!(error = %e, "metrics server stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    let routes = tonic::service::Routes::default()
         .add_service(
             // Sized for the API, not for Raft: a request larger than any valid one is
             // refused before it is buffered and decoded.
@@ -246,19 +269,18 @@ pub async fn run(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
     let orchestrator = tokio::spawn(orchestrator_loop(member.clone()));
-    // tonic's own tcp_nodelay applies only to listeners it binds itself. Without it,
-    // Nagle's algorithm and delayed ACKs add 40 ms to some replies.
-    let incoming = TcpListenerStream::new(listener).map(|s| {
-        let s = s?;
-        s.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(s)
-    });
+    // Every connection goes through the transport module: TLS 1.3 with a client
+    // certificate (or plain TCP under --insecure), TCP_NODELAY (Nagle's algorithm and
+    // delayed ACKs add 40 ms to some replies), a connection cap and a handshake timeout.
+    let incoming = pgquorum_trust::incoming(listener, cfg.security.clone(), cfg.serve.clone());
     let served = tonic::transport::Server::builder()
-        .accept_http1(true)
         .tcp_nodelay(true)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
+    if let Some(m) = metrics {
+        m.abort();
+    }
     orchestrator.abort();
     let _ = raft.shutdown().await;
     tracing::info!(node = cfg.node_id, "monitor member stopped");

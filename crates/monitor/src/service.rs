@@ -17,6 +17,8 @@ use pgquorum_api::{
 use pgquorum_core::{assignment, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION};
 use tonic::{Request, Response, Status};
 
+use pgquorum_trust::{authorize, check_keeper_is, Caller, Dial, Identity, Need, CALLER_HEADER};
+
 use crate::member::{now_ms, Member, Route};
 use crate::types::NodeId;
 
@@ -29,13 +31,17 @@ pub struct MonitorService {
     pub m: Arc<Member>,
 }
 
+/// Forwards the request to the leader unless this member leads. The leader checks the
+/// caller again: the original caller travels in `x-pgquorum-caller`, which the leader
+/// believes only because this member's certificate says it is a member.
 macro_rules! forward {
-    ($self:ident, $req:ident, $method:ident) => {
+    ($self:ident, $req:ident, $method:ident, $caller:expr) => {
         match $self.m.route(&$req)? {
             Route::Local => {}
             Route::Forward(mut client, hops) => {
                 let mut fwd = Request::new($req.into_inner());
                 fwd.metadata_mut().insert(HOPS_HEADER, hops.into());
+                insert_caller(&mut fwd, &$caller)?;
                 // A forwarded answer names the leader, so that a client pinned to this
                 // follower (a keeper beating every 200 ms) can go there directly and
                 // stop costing two members per request.
@@ -47,6 +53,16 @@ macro_rules! forward {
             }
         }
     };
+}
+
+fn insert_caller<T>(req: &mut Request<T>, caller: &Caller) -> Result<(), Status> {
+    if let Some(h) = caller.header() {
+        let v = h
+            .parse()
+            .map_err(|_| Status::internal("caller identity is not valid metadata"))?;
+        req.metadata_mut().insert(CALLER_HEADER, v);
+    }
+    Ok(())
 }
 
 fn description(o: &Outcome) -> String {
@@ -75,8 +91,13 @@ fn membership_error<E: std::fmt::Display>(
 }
 
 impl MonitorService {
-    async fn op(&self, cmd: Command) -> Result<Response<pb::OperationReply>, Status> {
-        let (outcome, log_index) = self.m.propose(cmd).await?;
+    async fn op(
+        &self,
+        cmd: Command,
+        caller: &Caller,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        tracing::info!(caller = %caller.label(), command = ?cmd, "operator command");
+        let (outcome, log_index) = self.m.propose_as(cmd, Some(caller.label())).await?;
         Ok(Response::new(pb::OperationReply {
             log_index,
             description: description(&outcome),
@@ -117,6 +138,37 @@ impl MonitorService {
             .collect()
     }
 
+    /// With certificates, a new member must present member `id`'s certificate at
+    /// `address` before it gets a vote: an operator cannot add a voter our CA did not
+    /// make a member (a rogue voter would hold part of every quorum).
+    async fn check_new_member(&self, id: NodeId, address: &str) -> Result<(), Status> {
+        if !self.m.security.is_tls() {
+            return Ok(());
+        }
+        let ch = pgquorum_trust::channel(
+            address,
+            &self.m.security,
+            &Dial {
+                connect_timeout: Duration::from_secs(2),
+                request_timeout: Some(Duration::from_secs(5)),
+                keep_alive: None,
+                expect: Some(Identity::Member(id)),
+            },
+        )
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut client = pb::monitor_client::MonitorClient::new(ch);
+        client
+            .member_status(pb::MemberStatusRequest {})
+            .await
+            .map_err(|s| {
+                Status::failed_precondition(format!(
+                    "refusing to add member {id}: {address} did not answer as member {id} with a certificate from this group's CA ({}); start it with `pgquorum monitor run --join --node-id {id} --certs-dir DIR` holding member.{id}.crt",
+                    s.message()
+                ))
+            })?;
+        Ok(())
+    }
+
     async fn membership_reply(&self, log_index: u64) -> Response<pb::MembershipReply> {
         Response::new(pb::MembershipReply {
             members: self.members(),
@@ -129,8 +181,9 @@ impl MonitorService {
 impl Monitor for MonitorService {
     async fn member_status(
         &self,
-        _request: Request<pb::MemberStatusRequest>,
+        request: Request<pb::MemberStatusRequest>,
     ) -> Result<Response<pb::MemberStatusReply>, Status> {
+        authorize(&request, Need::Read, "read the member status")?;
         let metrics = self.m.raft.metrics().borrow().clone();
         let committed = self
             .m
@@ -175,7 +228,8 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::AddMemberRequest>,
     ) -> Result<Response<pb::MembershipReply>, Status> {
-        forward!(self, request, add_member);
+        let caller = authorize(&request, Need::Operate, "add a monitor member")?;
+        forward!(self, request, add_member, caller);
         let r = request.into_inner();
         if r.id == 0 {
             return Err(Status::invalid_argument(
@@ -183,6 +237,8 @@ impl Monitor for MonitorService {
             ));
         }
         pgquorum_api::member_address(&r.address)?;
+        self.check_new_member(r.id, &r.address).await?;
+        tracing::info!(caller = %caller.label(), member = r.id, address = %r.address, "adding a monitor member");
         if let Some(addr) = self.m.nodes().get(&r.id) {
             if self.m.voters().contains(&r.id) {
                 if addr == &r.address {
@@ -251,8 +307,10 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::MembershipReply>, Status> {
-        forward!(self, request, remove_member);
+        let caller = authorize(&request, Need::Operate, "remove a monitor member")?;
+        forward!(self, request, remove_member, caller);
         let id = request.into_inner().id;
+        tracing::info!(caller = %caller.label(), member = id, "removing a monitor member");
         let voters = self.m.voters();
         if !voters.contains(&id) {
             if self.m.nodes().contains_key(&id) {
@@ -294,10 +352,14 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::CreateFormationRequest>,
     ) -> Result<Response<pb::FormationReply>, Status> {
-        forward!(self, request, create_formation);
+        let caller = authorize(&request, Need::Operate, "create a formation")?;
+        forward!(self, request, create_formation, caller);
         let r = request.into_inner();
         let name = r.name.clone();
-        let (_, log_index) = self.m.propose(Command::try_from(r)?).await?;
+        let (_, log_index) = self
+            .m
+            .propose_as(Command::try_from(r)?, Some(caller.label()))
+            .await?;
         Ok(Response::new(pb::FormationReply { name, log_index }))
     }
 
@@ -305,10 +367,14 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::DropFormationRequest>,
     ) -> Result<Response<pb::FormationReply>, Status> {
-        forward!(self, request, drop_formation);
+        let caller = authorize(&request, Need::Operate, "drop a formation")?;
+        forward!(self, request, drop_formation, caller);
         let r = request.into_inner();
         let name = r.name.clone();
-        let (_, log_index) = self.m.propose(Command::try_from(r)?).await?;
+        let (_, log_index) = self
+            .m
+            .propose_as(Command::try_from(r)?, Some(caller.label()))
+            .await?;
         Ok(Response::new(pb::FormationReply { name, log_index }))
     }
 
@@ -316,9 +382,14 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::RegisterNodeRequest>,
     ) -> Result<Response<pb::RegisterNodeReply>, Status> {
-        forward!(self, request, register_node);
+        let caller = authorize(&request, Need::Keeper, "register a node")?;
+        // The node's identity is the certificate, not a name in the request: a keeper
+        // registers only the node its certificate names, so nobody can re-register an
+        // existing node at another address.
+        check_keeper_is(&caller, &request.get_ref().name)?;
+        forward!(self, request, register_node, caller);
         let cmd = Command::try_from(request.into_inner())?;
-        let (outcome, _) = self.m.propose(cmd).await?;
+        let (outcome, _) = self.m.propose_as(cmd, Some(caller.label())).await?;
         match outcome {
             Outcome::Registered {
                 node_id, group_id, ..
@@ -340,7 +411,9 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::NodeActiveRequest>,
     ) -> Result<Response<pb::NodeActiveReply>, Status> {
-        forward!(self, request, node_active);
+        let caller = authorize(&request, Need::Keeper, "report a node's state")?;
+        check_keeper_is(&caller, &request.get_ref().name)?;
+        forward!(self, request, node_active, caller);
         let active = NodeActive::try_from(request.into_inner())?;
         let report = active.report;
         let node_id = report.node_id;
@@ -352,6 +425,9 @@ impl Monitor for MonitorService {
                     "node {node_id} is not registered (was it dropped?); register it again"
                 )));
             };
+            // The id in the request must be the certificate's node: a keeper cannot keep
+            // another (dead) node "healthy" by beating with its id.
+            check_keeper_is(&caller, &node.name)?;
             let (formation, group) = (node.formation.clone(), node.group_id);
             let cmds = self.m.with_health(|h| {
                 h.observe(report.clone(), now);
@@ -390,9 +466,10 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateReply>, Status> {
+        let caller = authorize(&request, Need::Read, "read the cluster state")?;
         check_formation_filter(&request.get_ref().formation)?;
         if request.get_ref().linearizable {
-            forward!(self, request, get_state);
+            forward!(self, request, get_state, caller);
             self.m.ensure_linearizable().await?;
         } else if request.metadata().get(LOCAL_READ_HEADER).is_some() {
             // Asked for this member's own view.
@@ -402,6 +479,7 @@ impl Monitor for MonitorService {
             // not answer.
             let mut fwd = Request::new(request.get_ref().clone());
             fwd.metadata_mut().insert(HOPS_HEADER, hops.into());
+            insert_caller(&mut fwd, &caller)?;
             match tokio::time::timeout(FORWARD_READ_TIMEOUT, client.get_state(fwd)).await {
                 Ok(Ok(reply)) => return Ok(reply),
                 Ok(Err(s)) => {
@@ -461,6 +539,7 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::GetEventsRequest>,
     ) -> Result<Response<pb::GetEventsReply>, Status> {
+        authorize(&request, Need::Read, "read the events")?;
         let r = request.into_inner();
         check_formation_filter(&r.formation)?;
         // The history is bounded anyway; a huge limit is no error, just everything.
@@ -487,6 +566,7 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::GetSettingsRequest>,
     ) -> Result<Response<pb::GetSettingsReply>, Status> {
+        authorize(&request, Need::Read, "read the settings")?;
         let mut formation = request.into_inner().formation;
         check_formation_filter(&formation)?;
         if formation.is_empty() {
@@ -512,47 +592,59 @@ impl Monitor for MonitorService {
         &self,
         request: Request<pb::SetNodeSettingRequest>,
     ) -> Result<Response<pb::OperationReply>, Status> {
-        forward!(self, request, set_node_setting);
-        self.op(Command::try_from(request.into_inner())?).await
+        let caller = authorize(&request, Need::Operate, "change a node setting")?;
+        forward!(self, request, set_node_setting, caller);
+        self.op(Command::try_from(request.into_inner())?, &caller)
+            .await
     }
 
     async fn set_formation_setting(
         &self,
         request: Request<pb::SetFormationSettingRequest>,
     ) -> Result<Response<pb::OperationReply>, Status> {
-        forward!(self, request, set_formation_setting);
-        self.op(Command::try_from(request.into_inner())?).await
+        let caller = authorize(&request, Need::Operate, "change a formation setting")?;
+        forward!(self, request, set_formation_setting, caller);
+        self.op(Command::try_from(request.into_inner())?, &caller)
+            .await
     }
 
     async fn perform_switchover(
         &self,
         request: Request<pb::PerformSwitchoverRequest>,
     ) -> Result<Response<pb::OperationReply>, Status> {
-        forward!(self, request, perform_switchover);
-        self.op(Command::try_from(request.into_inner())?).await
+        let caller = authorize(&request, Need::Operate, "perform a switchover")?;
+        forward!(self, request, perform_switchover, caller);
+        self.op(Command::try_from(request.into_inner())?, &caller)
+            .await
     }
 
     async fn perform_failover(
         &self,
         request: Request<pb::PerformFailoverRequest>,
     ) -> Result<Response<pb::OperationReply>, Status> {
-        forward!(self, request, perform_failover);
-        self.op(Command::try_from(request.into_inner())?).await
+        let caller = authorize(&request, Need::Operate, "perform a failover")?;
+        forward!(self, request, perform_failover, caller);
+        self.op(Command::try_from(request.into_inner())?, &caller)
+            .await
     }
 
     async fn set_maintenance(
         &self,
         request: Request<pb::SetMaintenanceRequest>,
     ) -> Result<Response<pb::OperationReply>, Status> {
-        forward!(self, request, set_maintenance);
-        self.op(Command::try_from(request.into_inner())?).await
+        let caller = authorize(&request, Need::Operate, "change maintenance")?;
+        forward!(self, request, set_maintenance, caller);
+        self.op(Command::try_from(request.into_inner())?, &caller)
+            .await
     }
 
     async fn drop_node(
         &self,
         request: Request<pb::DropNodeRequest>,
     ) -> Result<Response<pb::OperationReply>, Status> {
-        forward!(self, request, drop_node);
-        self.op(Command::try_from(request.into_inner())?).await
+        let caller = authorize(&request, Need::Operate, "drop a node")?;
+        forward!(self, request, drop_node, caller);
+        self.op(Command::try_from(request.into_inner())?, &caller)
+            .await
     }
 }

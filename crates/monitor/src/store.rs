@@ -506,7 +506,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             a.last_applied = Some(e.log_id);
             let result = match e.payload {
                 EntryPayload::Blank => None,
-                EntryPayload::Normal(req) => Some(a.state.apply(&req.cmd, req.at_ms)),
+                EntryPayload::Normal(req) => {
+                    Some(a.state.apply_by(&req.cmd, req.at_ms, req.by.as_deref()))
+                }
                 EntryPayload::Membership(m) => {
                     a.last_membership = StoredMembership::new(Some(e.log_id), m);
                     None

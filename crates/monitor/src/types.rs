@@ -12,6 +12,10 @@ use serde::{Deserialize, Serialize};
 pub struct Request {
     pub at_ms: u64,
     pub cmd: Command,
+    /// Who asked (`ROLE/NAME`), recorded in the events the command produces. Absent in
+    /// entries written before authentication existed and in the monitor's own decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// What applying an entry produced. Only ever handed to the local proposer, never

@@ -267,6 +267,7 @@ impl Keeper {
             .env("PGQUORUM_REPLICATION_PASSWORD", REPLICATION_PASSWORD)
             .env("NO_COLOR", "1")
             .env_remove("PGQUORUM_MONITOR")
+            .env_remove("PGQUORUM_CERTS_DIR")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);

@@ -91,7 +91,7 @@ async fn failover_runs(runs: usize, member_args: &[String]) -> Vec<Duration> {
             .filter(|i| *i != leader)
             .map(|i| g.addr(i))
             .collect();
-        let c = MonitorClient::new(others)
+        let c = MonitorClient::new(others, g.admin())
             .unwrap()
             .retry_for(Duration::ZERO)
             .request_timeout(Duration::from_secs(5));
@@ -148,7 +148,7 @@ async fn load(g: &MonitorGroup, clients: usize, seconds: u64, tag: &str, work: W
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..clients {
-        let c = MonitorClient::new([addr.clone()]).unwrap();
+        let c = MonitorClient::new([addr.clone()], g.admin()).unwrap();
         let errors = errors.clone();
         let tag = tag.to_owned();
         tasks.push(tokio::spawn(async move {

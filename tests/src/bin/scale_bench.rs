@@ -30,6 +30,7 @@ use pgquorum_api::pb::monitor as pb;
 use pgquorum_core::{next_step, NodeState};
 use pgquorum_tests::bench_doc::{cores, load_average_1m};
 use pgquorum_tests::monitor_group::{create_formation, MonitorGroup};
+use pgquorum_trust::Security;
 
 const WAIT: Duration = Duration::from_secs(60);
 const BEAT: Duration = Duration::from_secs(1);
@@ -275,7 +276,12 @@ impl Conns {
             .iter()
             .map(|a| {
                 (0..per_member)
-                    .map(|_| MonitorClient::new([a.clone()]).unwrap().raw(a).unwrap())
+                    .map(|_| {
+                        MonitorClient::new([a.clone()], Security::Insecure)
+                            .unwrap()
+                            .raw(a)
+                            .unwrap()
+                    })
                     .collect()
             })
             .collect();
@@ -523,13 +529,16 @@ async fn leader_applied(g: &MonitorGroup, leader: u64) -> u64 {
 
 async fn one_run(a: &Args, n: usize, failover: bool) -> RunResult {
     let tck = clk_tck();
-    let mut g = MonitorGroup::new(3);
+    // Thousands of simulated keepers share a few connections, so they cannot each
+    // present their own keeper certificate: this bench measures the decision path
+    // with --insecure.
+    let mut g = MonitorGroup::with_tls(3, false);
     for id in [1, 2, 3] {
         g.start(id);
     }
     let leader = g.wait_leader(WAIT).await;
     let leader_addr = g.addr(leader);
-    let admin = MonitorClient::new([leader_addr.clone()])
+    let admin = MonitorClient::new([leader_addr.clone()], Security::Insecure)
         .unwrap()
         .retry_for(Duration::from_secs(30));
     let admin = Arc::new(admin);
@@ -754,7 +763,7 @@ async fn silence_one_primary(
     probes: &[Probe],
 ) -> FailoverResult {
     let addr = g.addr(leader);
-    let raw = MonitorClient::new([addr.clone()])
+    let raw = MonitorClient::new([addr.clone()], Security::Insecure)
         .unwrap()
         .raw(&addr)
         .unwrap();
