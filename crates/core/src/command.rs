@@ -78,6 +78,14 @@ pub enum Command {
         formation: String,
         node: String,
     },
+    /// A node reported its PostgreSQL system identifier (proposed by the leader once per
+    /// node, from a heartbeat). The group learns its identifier from the first node that
+    /// reports one while holding a writable goal; after that, a node reporting another
+    /// one is refused (it runs another cluster's data directory).
+    RecordSystemIdentifier {
+        node_id: NodeId,
+        system_identifier: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +115,11 @@ pub enum Outcome {
         description: String,
     },
 }
+
+/// Nodes per group: the primary keeps a replication slot and a WAL sender for each
+/// other node, and the keeper configures 16 of each (with room for a clone and a
+/// rewind running at once). A rogue or left-behind registration costs one of them.
+pub const MAX_GROUP_NODES: usize = 12;
 
 fn valid_name(name: &str) -> bool {
     crate::input::check_formation_name(name).is_ok()
@@ -243,6 +256,10 @@ impl ClusterState {
                 timeline,
                 pg_running,
             } => self.report_state(*node_id, *state, *lsn, *timeline, *pg_running, now),
+            Command::RecordSystemIdentifier {
+                node_id,
+                system_identifier,
+            } => self.record_system_identifier(*node_id, *system_identifier, now),
             Command::AssignGoal {
                 node_id,
                 goal,
@@ -413,10 +430,15 @@ impl ClusterState {
         }
         let group_id: GroupId = 0;
         let other_sysid = self
-            .group_nodes(formation, group_id)
-            .filter(|n| n.name != name)
-            .map(|n| n.system_identifier)
-            .find(|s| *s != 0);
+            .group(formation, group_id)
+            .map(|g| g.system_identifier)
+            .filter(|s| *s != 0)
+            .or_else(|| {
+                self.group_nodes(formation, group_id)
+                    .filter(|n| n.name != name)
+                    .map(|n| n.system_identifier)
+                    .find(|s| *s != 0)
+            });
         if let Some(existing) = other_sysid {
             if system_identifier != 0 && system_identifier != existing {
                 return Err(CoreError::NotAllowed(format!(
@@ -449,7 +471,13 @@ impl ClusterState {
                 },
             );
         }
-        let first = self.group_nodes(formation, group_id).next().is_none();
+        let size = self.group_nodes(formation, group_id).count();
+        if size >= MAX_GROUP_NODES {
+            return Err(CoreError::NotAllowed(format!(
+                "node {name}: the group already has {size} nodes, the most it may have (each standby holds a replication slot and a WAL sender on the primary); drop a node first"
+            )));
+        }
+        let first = size == 0;
         let goal = if first {
             NodeState::Single
         } else {
@@ -502,6 +530,66 @@ impl ClusterState {
                 "node {name} registered as node {id} in group {group_id}, goal {goal}"
             ),
         })
+    }
+
+    fn record_system_identifier(
+        &mut self,
+        node_id: NodeId,
+        sysid: u64,
+        now: Millis,
+    ) -> Result<Outcome, CoreError> {
+        if sysid == 0 {
+            return Err(CoreError::InvalidSetting(
+                "system identifier 0 is unknown, not an identifier".into(),
+            ));
+        }
+        self.check_system_identifier(node_id, sysid)?;
+        let Some(node) = self.nodes.get_mut(&node_id) else {
+            return Err(CoreError::UnknownNode(node_id.to_string()));
+        };
+        node.system_identifier = sysid;
+        let writable = node.goal_state.is_writable();
+        let (formation, group_id, name) =
+            (node.formation.clone(), node.group_id, node.name.clone());
+        let mut learned = false;
+        if writable {
+            if let Some(g) = self.group_mut(&formation, group_id) {
+                if g.system_identifier == 0 {
+                    g.system_identifier = sysid;
+                    learned = true;
+                }
+            }
+        }
+        if learned {
+            self.push_event(
+                now,
+                &formation,
+                group_id,
+                Some((node_id, &name)),
+                format!("the group's PostgreSQL system identifier is {sysid} (from {name})"),
+            );
+        }
+        Ok(Outcome::Done {
+            description: format!("node {name}: system identifier {sysid}"),
+        })
+    }
+
+    /// Refuses a node whose data directory belongs to another cluster than its group's.
+    pub fn check_system_identifier(&self, node_id: NodeId, sysid: u64) -> Result<(), CoreError> {
+        let Some(node) = self.nodes.get(&node_id) else {
+            return Err(CoreError::UnknownNode(node_id.to_string()));
+        };
+        let group = self
+            .group(&node.formation, node.group_id)
+            .map(|g| g.system_identifier)
+            .unwrap_or(0);
+        if sysid != 0 && group != 0 && sysid != group {
+            return Err(CoreError::NotAllowed(format!(
+                "node {}: its data directory belongs to another cluster (system identifier {sysid}, the group's is {group}); remove the data directory so that the node is cloned afresh",
+                node.name
+            )));
+        }
+        Ok(())
     }
 
     fn report_state(

@@ -23,7 +23,9 @@ mod sync;
 mod transitions;
 
 pub use candidate::{fast_forward_source, target_lsn, witnesses};
-pub use command::{fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_SYNC_STANDBYS};
+pub use command::{
+    fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_GROUP_NODES, MAX_SYNC_STANDBYS,
+};
 pub use error::{CoreError, ErrorKind};
 pub use health::{Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
 pub use input::{

@@ -250,6 +250,10 @@ pub struct Group {
     /// without a synchronous standby.
     #[serde(default)]
     pub floor_unknown: Option<NodeId>,
+    /// The PostgreSQL system identifier of the group's cluster, learned from its first
+    /// primary (0 until then). A node reporting another one is refused.
+    #[serde(default)]
+    pub system_identifier: u64,
 }
 
 /// An entry of the bounded event history: what changed and why.

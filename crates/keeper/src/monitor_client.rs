@@ -122,6 +122,11 @@ impl Monitors {
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     return Err(KeeperError::UnknownNode(req.node_id));
                 }
+                // The group refuses this node as it is (another cluster's data
+                // directory): no lease, no assignment; the keeper stops.
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    return Err(KeeperError::Refused(format!("{ep}: {}", s.message())));
+                }
                 Err(s) => {
                     last = format!("{ep}: {} {}", s.code(), s.message());
                     self.next(Some(&s));

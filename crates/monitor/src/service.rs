@@ -425,6 +425,11 @@ impl Monitor for MonitorService {
                     "node {node_id} is not registered (was it dropped?); register it again"
                 )));
             };
+            // Another cluster's data directory gets no lease and no assignment.
+            applied
+                .state
+                .check_system_identifier(node_id, report.system_identifier)
+                .map_err(|e| status_from_core(&e))?;
             // The id in the request must be the certificate's node: a keeper cannot keep
             // another (dead) node "healthy" by beating with its id.
             check_keeper_is(&caller, &node.name)?;
