@@ -9,9 +9,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
+use pgquorum_api::client::MonitorClient;
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_testkit::postgres::REPLICATION_PASSWORD;
 use pgquorum_tests::cluster::Cluster;
+use pgquorum_trust::Identity;
 use tonic::Code;
 
 fn register(name: &str, host: &str) -> pb::RegisterNodeRequest {
@@ -28,9 +30,16 @@ fn register(name: &str, host: &str) -> pb::RegisterNodeRequest {
     }
 }
 
-/// RegisterNode through the client, sent to one member: the refusal's code and message.
+/// RegisterNode as the keeper of `req.name` (a keeper certificate of that name: the
+/// attacker is an authenticated keeper on a compromised host): the refusal's code and
+/// message.
 async fn refused(c: &Cluster, req: pb::RegisterNodeRequest) -> (Code, String) {
-    let client = c.monitors.client();
+    let id = Identity::keeper(&req.name).unwrap();
+    let client = MonitorClient::new(
+        c.monitors.members.values().map(|m| m.addr.clone()),
+        c.monitors.security(id),
+    )
+    .unwrap();
     match client
         .call(|mut raw| {
             let req = req.clone();
@@ -111,9 +120,28 @@ async fn hostile_input_changes_nothing_and_secrets_stay_private() {
         ),
         "{code:?}: {msg}"
     );
-    let (code, msg) = refused(&c, register(&"n".repeat(100_000), "127.0.0.1")).await;
-    assert_eq!(code, Code::InvalidArgument, "{msg}");
-    assert!(msg.len() < 400, "error echoes {} bytes", msg.len());
+    let long = "n".repeat(100_000);
+    let e = c
+        .monitors
+        .client()
+        .call(|mut raw| {
+            let node = long.clone();
+            async move {
+                raw.drop_node(pb::DropNodeRequest {
+                    formation: String::new(),
+                    node,
+                })
+                .await
+            }
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(Code::InvalidArgument), "{e}");
+    assert!(
+        e.to_string().len() < 400,
+        "error echoes {} bytes",
+        e.to_string().len()
+    );
 
     // 3. An out-of-range number is refused, not wrapped (2^32 + 50 became 50).
     let (ok, out) = c.cli(&["set", "node", standby, "candidate-priority", "4294967346"]);

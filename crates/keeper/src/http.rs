@@ -4,10 +4,12 @@
 //! Unlike Patroni's `/primary` (which follows the leader lock even when postgres is
 //! dead), every answer here also requires postgres itself to be up and answering.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -49,6 +51,64 @@ pub fn router(shared: Arc<Shared>, name: String) -> Router {
         .route("/", probe(|f, _| f.primary))
         .route("/metrics", get(metrics))
         .with_state(app)
+}
+
+/// Connections the HTTP server keeps open at once. A probe needs one for a few
+/// milliseconds; when a client holds them all (idle connections by the thousand), the
+/// oldest is closed to make room, so that a new probe is always served.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A connection must deliver a request's headers within this time (an idle keep-alive
+/// connection waiting for its next request included), or it is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer than this, however busy.
+pub const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(60);
+
+/// Serves `router` on `listener` with the bounds above. Accept errors (out of file
+/// descriptors under a flood) are waited out, never fatal: the probes must outlive
+/// the flood.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let open: Arc<Mutex<VecDeque<(u64, oneshot::Sender<()>)>>> = Arc::default();
+    let mut next_id = 0u64;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        next_id += 1;
+        let id = next_id;
+        let (close_tx, close_rx) = oneshot::channel::<()>();
+        if let Ok(mut q) = open.lock() {
+            while q.len() >= MAX_CONNECTIONS {
+                // Dropping the sender wakes the oldest connection's task, which closes it.
+                q.pop_front();
+            }
+            q.push_back((id, close_tx));
+        }
+        let svc = TowerToHyperService::new(router.clone());
+        let open = open.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = close_rx => {}
+                _ = tokio::time::sleep(MAX_CONNECTION_LIFE) => {}
+            }
+            if let Ok(mut q) = open.lock() {
+                q.retain(|(i, _)| *i != id);
+            }
+        });
+    }
 }
 
 /// What the endpoints decide on, computed once per request.

@@ -63,11 +63,7 @@ pub async fn run(
             .await
             .map_err(|e| KeeperError::io(format!("binding --http {addr}"), e))?;
         let router = crate::http::router(shared.clone(), settings.name.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::error!(error = %e, "HTTP server stopped");
-            }
-        });
+        tokio::spawn(crate::http::serve(listener, router));
     }
     let (tx, mut rx) = watch::channel::<Option<Assignment>>(None);
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
