@@ -63,6 +63,9 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// No connection lives longer than this, however busy.
 pub const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(60);
 
+/// The open connections, oldest first: an id, and the sender whose drop closes it.
+type OpenConnections = VecDeque<(u64, oneshot::Sender<()>)>;
+
 /// Serves `router` on `listener` with the bounds above. Accept errors (out of file
 /// descriptors under a flood) are waited out, never fatal: the probes must outlive
 /// the flood.
@@ -70,7 +73,7 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router) {
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::service::TowerToHyperService;
 
-    let open: Arc<Mutex<VecDeque<(u64, oneshot::Sender<()>)>>> = Arc::default();
+    let open: Arc<Mutex<OpenConnections>> = Arc::default();
     let mut next_id = 0u64;
     loop {
         let stream = match listener.accept().await {
