@@ -41,7 +41,10 @@ const K_SNAPSHOT_META: &[u8] = b"snapshot_meta";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the data directory {dir}: {source}")]
+    #[error(
+        "cannot open the data directory {dir}: {source}; if it is damaged, {}",
+        crate::node::REBUILD_HINT
+    )]
     Open { dir: String, source: sled::Error },
     #[error("the data directory {dir} belongs to monitor group {found}, not to this group ({expected}); point --data-dir at this member's own directory, or at an empty one to join with --join")]
     OtherGroup {
@@ -51,7 +54,10 @@ pub enum StoreError {
     },
     #[error("the data directory {dir} has format version {found}; this pgquorum reads version {FORMAT_VERSION}")]
     Version { dir: String, found: u32 },
-    #[error("the data directory {dir} is damaged: {reason}")]
+    #[error(
+        "the data directory {dir} is damaged: {reason}; {}",
+        crate::node::REBUILD_HINT
+    )]
     Damaged { dir: String, reason: String },
     #[error("storage error in {dir}: {source}")]
     Io { dir: String, source: sled::Error },
