@@ -4,7 +4,8 @@
 #    when kubectl is present, `kubectl kustomize`, which must render the same
 #    resources), then validates every resource with kubernetes-validate (PyPI; it
 #    ships the Kubernetes JSON schemas, so this runs offline) in strict mode, against
-#    the newest and an older Kubernetes release;
+#    the newest and an older Kubernetes release; and runs the pods' certificate copy
+#    (kubernetes/base/certs-sync.sh) on a Secret volume laid out as the kubelet does;
 #  * HAProxy: `haproxy -c` on both configurations;
 #  * Prometheus: `promtool check config`, `promtool check rules` and the rules' unit
 #    tests (`promtool test rules`);
@@ -69,6 +70,34 @@ for dir in base overlays/dev overlays/prod; do
   done
   echo "kubernetes/$dir: $n resources valid (strict) against Kubernetes ${K8S_VERSIONS[*]}"
 done
+
+step "Kubernetes certificate copy (base/certs-sync.sh)"
+# A Secret volume as the kubelet lays it out with fsGroup (files 0440 behind ..data
+# symlinks, every pod's pair): the copy must hold only this pod's files, key 0600.
+sh -n kubernetes/base/certs-sync.sh && sh -n kubernetes/certs.sh || die "shell syntax"
+sec="$TMP/secret" cp="$TMP/copy"
+mkdir -p "$sec/..v1" "$cp"
+for f in ca.crt member.1.crt member.1.key member.2.crt member.2.key; do
+  echo "$f" > "$sec/..v1/$f"; chmod 0440 "$sec/..v1/$f"; ln -s "..data/$f" "$sec/$f"
+done
+ln -s ..v1 "$sec/..data"
+sh kubernetes/base/certs-sync.sh "$sec" "$cp" member.2 > /dev/null || die "certs-sync.sh failed"
+[ "$(cd "$cp" && ls | tr '\n' ' ')" = "ca.crt member.2.crt member.2.key " ] ||
+  die "certs-sync.sh copied $(ls "$cp"), not ca.crt and member.2's pair"
+[ "$(stat -c %a "$cp/member.2.key")" = 600 ] || die "certs-sync.sh left the key mode $(stat -c %a "$cp/member.2.key")"
+[ "$(cat "$cp/member.2.key")" = member.2.key ] || die "certs-sync.sh copied the wrong key"
+# A renewal and a new CRL, as the kubelet swaps ..data.
+mkdir "$sec/..v2"
+for f in ca.crt ca.crl member.1.crt member.1.key member.2.crt member.2.key; do
+  echo "$f v2" > "$sec/..v2/$f"; chmod 0440 "$sec/..v2/$f"
+done
+ln -s ..data/ca.crl "$sec/ca.crl"
+ln -sfn ..v2 "$sec/..tmp" && mv -T "$sec/..tmp" "$sec/..data"
+sh kubernetes/base/certs-sync.sh "$sec" "$cp" member.2 > /dev/null || die "certs-sync.sh failed on a renewal"
+[ "$(cat "$cp/member.2.key" "$cp/ca.crl")" = "$(printf 'member.2.key v2\nca.crl v2')" ] ||
+  die "certs-sync.sh did not copy the renewal"
+[ "$(stat -c %a "$cp/member.2.key")" = 600 ] || die "certs-sync.sh left the renewed key mode $(stat -c %a "$cp/member.2.key")"
+echo "kubernetes/base/certs-sync.sh: copies only the pod's own files, key 0600, renewals included"
 
 step "HAProxy"
 for cfg in haproxy/haproxy.cfg kubernetes/base/haproxy.cfg; do

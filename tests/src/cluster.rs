@@ -49,8 +49,18 @@ impl Cluster {
 
     /// Same, with extra `keeper run` arguments per node index.
     pub async fn start_with(n: usize, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
+        Cluster::start_full(n, !pgquorum_testkit::insecure_requested(), extra).await
+    }
+
+    /// With TLS (`tls`) or `--insecure` whatever the environment says (benchmarks
+    /// compare both in one run).
+    pub async fn start_tls(n: usize, tls: bool) -> Cluster {
+        Cluster::start_full(n, tls, |_| Vec::new()).await
+    }
+
+    async fn start_full(n: usize, tls: bool, extra: impl Fn(usize) -> Vec<String>) -> Cluster {
         let one = ONE_CLUSTER.lock().await;
-        let mut monitors = MonitorGroup::new(3);
+        let mut monitors = MonitorGroup::with_tls(3, tls);
         for id in 1..=3 {
             monitors.start(id);
         }

@@ -17,6 +17,8 @@ use pgquorum_trust::{Identity, Security};
 pub struct Member {
     pub id: u64,
     pub addr: String,
+    /// Where its /metrics is served (plain HTTP).
+    pub metrics: String,
     pub data_dir: PathBuf,
     pub proc: Option<Proc>,
 }
@@ -68,6 +70,7 @@ impl MonitorGroup {
             Member {
                 id,
                 addr: free_addr(),
+                metrics: free_addr(),
                 data_dir,
                 proc: None,
             },
@@ -85,6 +88,8 @@ impl MonitorGroup {
             m.addr.clone(),
             "--data-dir".into(),
             m.data_dir.display().to_string(),
+            "--metrics-listen".into(),
+            m.metrics.clone(),
         ];
         if join {
             args.push("--join".into());

@@ -97,8 +97,9 @@ async fn three_members_form_a_group_in_any_order_and_a_follower_takes_writes() {
     assert_eq!(ids, BTreeSet::from([1, 2, 3]));
     assert!(v["members"][0]["address"].is_string());
 
-    // /metrics is served on the same port.
-    let metrics = http_get(&g.addr(leader), "/metrics").await;
+    // /metrics is served on its own plain-HTTP address, so scrapers need no client
+    // certificate.
+    let metrics = http_get(&g.members[&leader].metrics, "/metrics").await;
     assert!(
         metrics.contains("pgquorum_monitor_is_leader{member=\""),
         "{metrics}"

@@ -267,7 +267,7 @@ async fn rw_port_leads_to_the_primary_ro_to_standbys_and_pgbouncer_pools_through
     // The leader's /metrics tells what Prometheus alerts on: nodes by state and
     // how long ago each keeper was heard.
     let leader = f.c.monitors.wait_leader(SETTLE).await;
-    let addr: std::net::SocketAddr = f.c.monitors.addr(leader).parse().unwrap();
+    let addr: std::net::SocketAddr = f.c.monitors.members[&leader].metrics.parse().unwrap();
     let (code, metrics) = pgquorum_testkit::postgres::http_get(addr, "/metrics").unwrap();
     assert_eq!(code, 200);
     let has = |needle: &str| metrics.lines().any(|l| l.contains(needle));

@@ -128,6 +128,39 @@ impl MonitorClient {
         Ok(ch)
     }
 
+    /// Adds what the bare transport error leaves out: the address tried, the cause
+    /// under tonic's "transport error" (refused, timed out, TLS), and the likely
+    /// mismatch when a plain client meets a TLS server.
+    fn explain(&self, addr: &str, s: Status) -> Status {
+        use std::error::Error as _;
+        let transport = matches!(
+            s.code(),
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+        ) && !s.metadata().contains_key("content-type");
+        if !transport {
+            return s;
+        }
+        let mut msg = s.message().to_owned();
+        let mut source = s.source();
+        while let Some(e) = source {
+            let text = e.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
+            source = e.source();
+        }
+        if !msg.contains(addr) {
+            msg = format!("{addr}: {msg}");
+        }
+        if matches!(self.security, Security::Insecure) && msg.contains("h2 protocol error") {
+            msg.push_str(
+                " (the monitor seems to require TLS: give --certs-dir DIR or PGQUORUM_CERTS_DIR)",
+            );
+        }
+        Status::new(s.code(), msg)
+    }
+
     /// A raw client for one member (no failover), e.g. to ask each member its status.
     pub fn raw(&self, addr: &str) -> Result<Raw, ClientError> {
         Ok(RawClient::new(self.channel(addr)?))
@@ -180,13 +213,15 @@ impl MonitorClient {
                         }
                         last = Some(s);
                     }
-                    Err(s) => return Err(ClientError::Status(s)),
+                    Err(s) => return Err(ClientError::Status(self.explain(&addr, s))),
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(ClientError::Status(last.unwrap_or_else(|| {
-                    Status::unavailable("no monitor member answered")
-                })));
+                let tried = tried.join(", ");
+                return Err(ClientError::Status(match last {
+                    Some(s) => self.explain(&tried, s),
+                    None => Status::unavailable(format!("no monitor member answered ({tried})")),
+                }));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -58,6 +58,10 @@ struct NodeArgs {
     /// Address of the health/metrics HTTP endpoint, e.g. 0.0.0.0:8008.
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// Serve --http over HTTPS with this keeper's certificate (from --certs-dir); no
+    /// client certificate is asked for. Default: plain HTTP, as HAProxy checks expect.
+    #[arg(long)]
+    http_tls: bool,
     /// 0 = never promote; 1-100 (default 50).
     #[arg(long)]
     candidate_priority: Option<u8>,
@@ -126,6 +130,15 @@ pub fn run(args: KeeperArgs, trust: &TrustArgs) -> anyhow::Result<()> {
             let m = s.monitors.clone();
             // The keeper acts as the node its certificate names, and only as that one.
             let security = trust.security(Who::Keeper(s.name.clone()))?;
+            let mut s = s;
+            if n.http_tls {
+                match &security {
+                    pgquorum_trust::Security::Tls(t) => s.http_tls = Some(t.clone()),
+                    pgquorum_trust::Security::Insecure => {
+                        bail!("--http-tls needs the keeper's certificate: give --certs-dir")
+                    }
+                }
+            }
             (s, Source::Monitor(m, security))
         }
         KeeperCommand::Apply(a) => {

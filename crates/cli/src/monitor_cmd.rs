@@ -36,7 +36,8 @@ struct RunArgs {
     /// This member's id (a positive integer, unique in the group).
     #[arg(long)]
     node_id: u64,
-    /// Address to serve the Monitor API, the Raft transport and /metrics on.
+    /// Address to serve the Monitor API and the Raft transport on (gRPC, TLS with
+    /// --certs-dir); /metrics is on --metrics-listen.
     #[arg(long)]
     listen: String,
     /// Directory of this member's Raft log and state (created if missing).
@@ -62,8 +63,10 @@ struct RunArgs {
     /// not served when absent. The gRPC port serves only authenticated gRPC.
     #[arg(long)]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Connections the gRPC server holds at once; more are closed at once.
-    #[arg(long, default_value_t = 2048)]
+    /// Connections the gRPC server holds at once (keepers, clients and members); more
+    /// are closed at once. Bounded below the open-file limit, so that a flood of
+    /// connections never leaves the Raft log without a file descriptor.
+    #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
 }
 
@@ -117,6 +120,7 @@ async fn run_member(a: RunArgs, trust: &TrustArgs) -> anyhow::Result<()> {
         bail!("--node-id must be a positive integer");
     }
     let security = trust.security_watched(Who::Member(a.node_id))?;
+    let max_connections = connection_cap(a.max_connections);
     let listen = a
         .listen
         .to_socket_addrs()
@@ -146,12 +150,38 @@ async fn run_member(a: RunArgs, trust: &TrustArgs) -> anyhow::Result<()> {
         security,
         metrics_listen: a.metrics_listen,
         serve: pgquorum_trust::Serve {
-            max_connections: a.max_connections.max(16),
+            max_connections,
             ..Default::default()
         },
     };
     pgquorum_monitor::run(cfg, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one and keeps `wanted` connections
+/// 512 descriptors under it (the store, the log, snapshots, outgoing connections).
+fn connection_cap(wanted: usize) -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(_) => soft,
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => 1024,
+    };
+    let room = usize::try_from(soft.saturating_sub(512))
+        .unwrap_or(usize::MAX)
+        .max(16);
+    if wanted > room {
+        tracing::warn!(
+            wanted,
+            open_file_limit = soft,
+            cap = room,
+            "--max-connections lowered to stay under the open-file limit"
+        );
+    }
+    wanted.clamp(16, room)
 }
 
 async fn shutdown_signal() {

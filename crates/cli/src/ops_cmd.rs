@@ -231,14 +231,20 @@ pub async fn show(target: Target, what: ShowWhat, trust: &TrustArgs) -> Result<(
                     .map(|e| {
                         json!({"id": e.id, "at_unix_ms": e.at_unix_ms, "formation": e.formation,
                                "group": e.group_id, "node_id": e.node_id, "node": e.node_name,
-                               "description": e.description})
+                               "description": e.description,
+                               "by": (!e.by.is_empty()).then_some(&e.by)})
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 for e in events {
+                    let by = if e.by.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (by {})", e.by)
+                    };
                     println!(
-                        "{:>6} {} {:<10} {}",
+                        "{:>6} {} {:<10} {}{by}",
                         e.id,
                         fmt_time(e.at_unix_ms),
                         e.node_name,

@@ -63,7 +63,21 @@ pub async fn run(
             .await
             .map_err(|e| KeeperError::io(format!("binding --http {addr}"), e))?;
         let router = crate::http::router(shared.clone(), settings.name.clone());
-        tokio::spawn(crate::http::serve(listener, router));
+        match settings.http_tls.clone() {
+            None => {
+                tokio::spawn(crate::http::serve(listener, router));
+            }
+            Some(tls) => {
+                tracing::info!(%addr, "serving the HTTP endpoints over HTTPS");
+                let conns =
+                    pgquorum_trust::https_incoming(listener, tls, pgquorum_trust::Serve::default());
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(HttpsListener { conns, addr }, router).await {
+                        tracing::error!(error = %e, "HTTPS server stopped");
+                    }
+                });
+            }
+        }
     }
     let (tx, mut rx) = watch::channel::<Option<Assignment>>(None);
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
@@ -424,5 +438,37 @@ impl Heartbeat {
         }
         self.shared.update_status(|s| s.observation = obs.clone());
         obs
+    }
+}
+
+/// The HTTPS connections of `trust::https_incoming`, as axum's listener.
+struct HttpsListener {
+    conns: tokio_stream::wrappers::ReceiverStream<
+        std::io::Result<pgquorum_trust::transport::ServerConn>,
+    >,
+    addr: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for HttpsListener {
+    type Io = pgquorum_trust::transport::ServerConn;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.conns.next().await {
+                Some(Ok(c)) => {
+                    let from = c.remote().unwrap_or(self.addr);
+                    return (c, from);
+                }
+                Some(Err(_)) => continue,
+                // The acceptor stopped (the process is ending): never accept again.
+                None => std::future::pending::<()>().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.addr)
     }
 }

@@ -35,6 +35,9 @@ pub struct Settings {
     /// Monitor group members, HOST:PORT.
     pub monitors: Vec<String>,
     pub http: Option<SocketAddr>,
+    /// Serve the HTTP endpoints over HTTPS with this certificate (the keeper's own);
+    /// None: plain HTTP, as HAProxy and probes expect by default.
+    pub http_tls: Option<std::sync::Arc<pgquorum_trust::Tls>>,
     /// The keeper's own run-state (current state, node id), kept outside --pgdata so that
     /// replacing the data directory never loses it.
     pub state_file: PathBuf,
@@ -73,6 +76,7 @@ impl Settings {
             replication_quorum: true,
             monitors: Vec::new(),
             http: None,
+            http_tls: None,
             state_file,
             log_file,
             passfile,

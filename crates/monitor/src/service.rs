@@ -24,6 +24,8 @@ use crate::types::NodeId;
 
 /// How long AddMember waits for the new member to catch up before giving up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long AddMember waits for the new member to answer as that member.
+const NEW_MEMBER_WAIT: Duration = Duration::from_secs(5);
 /// How long a follower waits for the leader's answer to a read before answering itself.
 const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -157,16 +159,20 @@ impl MonitorService {
         )
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut client = pb::monitor_client::MonitorClient::new(ch);
-        client
-            .member_status(pb::MemberStatusRequest {})
-            .await
-            .map_err(|s| {
-                Status::failed_precondition(format!(
-                    "refusing to add member {id}: {address} did not answer as member {id} with a certificate from this group's CA ({}); start it with `pgquorum monitor run --join --node-id {id} --certs-dir DIR` holding member.{id}.crt",
-                    s.message()
-                ))
-            })?;
-        Ok(())
+        // The new member may still be starting: give it a few seconds to listen.
+        let deadline = tokio::time::Instant::now() + NEW_MEMBER_WAIT;
+        loop {
+            match client.member_status(pb::MemberStatusRequest {}).await {
+                Ok(_) => return Ok(()),
+                Err(s) if tokio::time::Instant::now() >= deadline => {
+                    return Err(Status::failed_precondition(format!(
+                        "refusing to add member {id}: {address} did not answer as member {id} with a certificate from this group's CA ({}); start it with `pgquorum monitor run --join --node-id {id} --certs-dir DIR` holding member.{id}.crt",
+                        s.message()
+                    )))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     async fn membership_reply(&self, log_index: u64) -> Response<pb::MembershipReply> {

@@ -39,11 +39,9 @@ pub const CA_CRL: &str = "ca.crl";
 
 #[derive(Debug, Error)]
 pub enum CertError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // The cause is in the message, not a `source`, so that it is printed once.
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{0} already exists; give --overwrite to replace it (renewal)")]
     Exists(PathBuf),
     #[error("no CA in {0}: create one with `pgquorum cert create-ca --certs-dir {0}`")]
@@ -54,10 +52,10 @@ pub enum CertError {
     BadHost(String),
     #[error("a {0} certificate needs at least one --host (the name or address others dial)")]
     NoHost(&'static str),
-    #[error("{0}")]
+    #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
+    Generate(rcgen::Error),
     #[error("{path}: not a PEM certificate or key ({why})")]
     Pem { path: PathBuf, why: String },
     #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
@@ -120,10 +118,16 @@ pub fn create_hint(id: &Identity, dir: &Path) -> String {
     }
 }
 
+impl From<rcgen::Error> for CertError {
+    fn from(e: rcgen::Error) -> Self {
+        CertError::Generate(e)
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
-    move |source| CertError::Io {
+    move |err| CertError::Io {
         path: path.to_owned(),
-        source,
+        err,
     }
 }
 
@@ -353,37 +357,47 @@ impl CertsDir {
             .collect())
     }
 
-    /// Revokes the certificate of `id`: adds its serial to `ca.crl` (signed by the CA).
-    /// Members and keepers reload the CRL with their certificates and refuse it from
-    /// then on.
-    pub fn revoke(&self, id: &Identity) -> Result<String, CertError> {
-        let issuer = self.issuer()?;
+    /// The serial number of `id`'s current certificate.
+    pub fn serial_of(&self, id: &Identity) -> Result<Vec<u8>, CertError> {
         let cert_path = self.cert_path(id);
         if !cert_path.exists() {
-            return Err(CertError::Missing(
-                cert_path,
-                create_hint(id, &self.path).to_string(),
-            ));
+            return Err(CertError::Missing(cert_path, create_hint(id, &self.path)));
         }
         let der = pem_der(&cert_path, &read_pem(&cert_path)?, "CERTIFICATE")?;
         let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| CertError::Pem {
             path: cert_path.clone(),
             why: e.to_string(),
         })?;
-        let serial = cert.raw_serial().to_vec();
+        Ok(cert.raw_serial().to_vec())
+    }
+
+    /// Revokes the certificate of `id`: adds its serial to `ca.crl` (signed by the CA).
+    /// Members and keepers reload the CRL with their certificates and refuse it from
+    /// then on.
+    pub fn revoke(&self, id: &Identity) -> Result<String, CertError> {
+        let serial = self.serial_of(id)?;
+        self.revoke_serials(std::slice::from_ref(&serial))?;
+        Ok(hex(&serial))
+    }
+
+    /// Adds serial numbers to `ca.crl` (e.g. the certificates a renewal replaced).
+    pub fn revoke_serials(&self, revoke: &[Vec<u8>]) -> Result<(), CertError> {
+        let issuer = self.issuer()?;
         let mut serials: Vec<Vec<u8>> = self
             .revoked_serials()?
             .iter()
             .filter_map(|h| unhex(h))
             .collect();
-        if !serials.contains(&serial) {
-            serials.push(serial.clone());
+        for s in revoke {
+            if !serials.contains(s) {
+                serials.push(s.clone());
+            }
         }
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - Duration::hours(1),
             next_update: now + Duration::days(3650),
-            crl_number: SerialNumber::from_slice(&now.unix_timestamp().to_be_bytes()),
+            crl_number: SerialNumber::from_slice(&now.unix_timestamp_nanos().to_be_bytes()[4..]),
             issuing_distribution_point: None,
             revoked_certs: serials
                 .iter()
@@ -397,8 +411,7 @@ impl CertsDir {
             key_identifier_method: KeyIdMethod::Sha256,
         };
         let crl = params.signed_by(&issuer)?;
-        write_atomic(&self.crl_path(), crl.pem()?.as_bytes(), 0o644)?;
-        Ok(hex(&serial))
+        write_atomic(&self.crl_path(), crl.pem()?.as_bytes(), 0o644)
     }
 }
 

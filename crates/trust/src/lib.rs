@@ -13,5 +13,5 @@ pub use certs::{CertError, CertInfo, CertsDir, Validity};
 pub use identity::{ClientRole, Identity, IdentityError};
 pub use tls::{Tls, TlsError};
 pub use transport::{
-    channel, incoming, Dial, DialError, PeerInfo, Security, Serve, INSECURE_WARNING,
+    channel, https_incoming, incoming, Dial, DialError, PeerInfo, Security, Serve, INSECURE_WARNING,
 };

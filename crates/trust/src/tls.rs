@@ -23,7 +23,7 @@ use crate::identity::Identity;
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("{0}")]
+    #[error(transparent)]
     Cert(#[from] CertError),
     #[error("{path}: {why}")]
     Bad { path: PathBuf, why: String },
@@ -40,6 +40,9 @@ fn provider() -> Arc<CryptoProvider> {
 /// The configurations built from one reading of the files.
 pub struct Loaded {
     pub server: Arc<ServerConfig>,
+    /// HTTPS for load balancers and probes: this identity's certificate, no client
+    /// certificate asked for (HAProxy and kubelets have none), HTTP/1.1.
+    pub https: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
     /// Expiry of this identity's certificate (seconds since the epoch).
     pub not_after: i64,
@@ -250,6 +253,11 @@ fn build(dir: &CertsDir, id: &Identity) -> Result<Loaded, TlsError> {
         .with_client_cert_verifier(client_verifier)
         .with_single_cert(chain.clone(), key.clone_key())?;
     server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut https = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    https.alpn_protocols = vec![b"http/1.1".to_vec()];
 
     let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .with_crls(crls)
@@ -263,6 +271,7 @@ fn build(dir: &CertsDir, id: &Identity) -> Result<Loaded, TlsError> {
 
     Ok(Loaded {
         server: Arc::new(server),
+        https: Arc::new(https),
         client: Arc::new(client),
         not_after,
     })

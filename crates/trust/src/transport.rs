@@ -241,6 +241,13 @@ enum ServerIo {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+impl ServerConn {
+    /// The client's address.
+    pub fn remote(&self) -> Option<SocketAddr> {
+        self.info.remote
+    }
+}
+
 impl Connected for ServerConn {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> PeerInfo {
@@ -272,6 +279,25 @@ impl Default for Serve {
 pub fn incoming(
     listener: TcpListener,
     security: Security,
+    limits: Serve,
+) -> ReceiverStream<io::Result<ServerConn>> {
+    accept_loop(listener, security, false, limits)
+}
+
+/// Like [`incoming`], for HTTPS endpoints that load balancers and probes call: the
+/// server presents its certificate and asks for none.
+pub fn https_incoming(
+    listener: TcpListener,
+    tls: Arc<Tls>,
+    limits: Serve,
+) -> ReceiverStream<io::Result<ServerConn>> {
+    accept_loop(listener, Security::Tls(tls), true, limits)
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    security: Security,
+    server_only: bool,
     limits: Serve,
 ) -> ReceiverStream<io::Result<ServerConn>> {
     let (tx, rx) = mpsc::channel::<io::Result<ServerConn>>(64);
@@ -321,7 +347,13 @@ pub fn incoming(
                         _permit: permit,
                     },
                     Security::Tls(tls) => {
-                        let acceptor = TlsAcceptor::from(tls.current().server.clone());
+                        let loaded = tls.current();
+                        let config = if server_only {
+                            loaded.https.clone()
+                        } else {
+                            loaded.server.clone()
+                        };
+                        let acceptor = TlsAcceptor::from(config);
                         let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await
                         {
                             Ok(Ok(s)) => s,

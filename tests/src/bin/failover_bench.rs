@@ -79,8 +79,8 @@ async fn missing_on_primary(c: &Cluster, acked: &BTreeSet<i64>) -> usize {
     acked.difference(&have).count()
 }
 
-async fn run(s: Scenario, runs: usize) -> Figures {
-    let mut c = Cluster::start(3).await;
+async fn run(s: Scenario, runs: usize, tls: bool) -> Figures {
+    let mut c = Cluster::start_tls(3, tls).await;
     let w = c.writer();
     w.wait_progress(100, "warm-up").await;
     let mut gaps = Vec::new();
@@ -119,6 +119,9 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mut runs = 5;
     let mut doc = None;
+    // Which security to measure: tls (the default a user gets), insecure, or both side
+    // by side (the TLS cost as a ratio measured in one run).
+    let mut security = "both".to_string();
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -130,6 +133,10 @@ async fn main() {
                 doc = Some(args[i + 1].clone());
                 i += 1;
             }
+            "--security" => {
+                security = args[i + 1].clone();
+                i += 1;
+            }
             other => panic!("unknown argument {other}"),
         }
         i += 1;
@@ -138,32 +145,54 @@ async fn main() {
         "pgquorum binary: {}",
         pgquorum_testkit::pgquorum_bin().display()
     );
+    let modes: Vec<bool> = match security.as_str() {
+        "tls" => vec![true],
+        "insecure" => vec![false],
+        "both" => vec![true, false],
+        other => panic!("--security tls|insecure|both, not {other}"),
+    };
     let mut table = String::from(
-        "| scenario | runs | median (s) | min (s) | max (s) | target (s) | acknowledged rows | lost |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| scenario | security | runs | median (s) | min (s) | max (s) | target (s) | acknowledged rows | lost |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
+    let mut ratios = String::new();
     for s in [
         Scenario::NodeLoss,
         Scenario::PostmasterCrash,
         Scenario::Switchover,
     ] {
-        let f = run(s, runs).await;
-        let (med, min, max) = summary(&f.gaps).expect("at least one run");
-        let line = format!(
-            "| {} | {} | {med:.2} | {min:.2} | {max:.2} | {:.1} | {} | {} |\n",
-            s.label(),
-            f.gaps.len(),
-            s.target(),
-            f.acked,
-            f.lost
-        );
-        eprint!("{line}");
-        table.push_str(&line);
+        let mut medians = Vec::new();
+        for tls in &modes {
+            let f = run(s, runs, *tls).await;
+            let (med, min, max) = summary(&f.gaps).expect("at least one run");
+            medians.push(med);
+            let line = format!(
+                "| {} | {} | {} | {med:.2} | {min:.2} | {max:.2} | {:.1} | {} | {} |\n",
+                s.label(),
+                if *tls { "mutual TLS" } else { "--insecure" },
+                f.gaps.len(),
+                s.target(),
+                f.acked,
+                f.lost
+            );
+            eprint!("{line}");
+            table.push_str(&line);
+        }
+        if let [t, i] = medians[..] {
+            ratios.push_str(&format!(
+                "* {}: TLS / insecure median = {:.2}\n",
+                s.label(),
+                t / i
+            ));
+        }
+    }
+    if !ratios.is_empty() {
+        table.push_str(&format!("\nCost of TLS, as ratios within this run (target: at most 1.10 for node loss and switchover):\n\n{ratios}"));
     }
     let cores = cores();
     let section = format!(
         "## Failover (end to end)\n\n\
-         Measured by `target/release/failover-bench --runs {runs} --write-doc docs/benchmarks.md` \
+         Measured by `target/release/failover-bench --runs {runs} --security {security} --write-doc docs/benchmarks.md` \
          (after `cargo build --release -p pgquorum && cargo build --release -p pgquorum-tests --bin failover-bench`): \
          3 monitor members, 3 nodes (keeper + PostgreSQL 15) on loopback, default settings, \
          release build, {cores} cores shared with other work. A client commits numbered rows \

@@ -29,6 +29,9 @@ struct Args {
     member_args: Vec<String>,
     /// A second throughput table with these `monitor run` arguments.
     also_member_args: Vec<String>,
+    /// Only measure the cost of TLS: leader failover and steady writes, with mutual TLS
+    /// and with --insecure, side by side (its own section of the document).
+    tls_compare: bool,
 }
 
 fn args() -> Args {
@@ -39,6 +42,7 @@ fn args() -> Args {
         write_doc: None,
         member_args: Vec::new(),
         also_member_args: Vec::new(),
+        tls_compare: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -53,6 +57,7 @@ fn args() -> Args {
                     .collect()
             }
             "--write-doc" => a.write_doc = Some(v),
+            "--tls-compare" => a.tls_compare = v == "1" || v == "true",
             "--member-args" => a.member_args = v.split_whitespace().map(str::to_owned).collect(),
             "--also-member-args" => {
                 a.also_member_args = v.split_whitespace().map(str::to_owned).collect()
@@ -77,8 +82,8 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-async fn failover_runs(runs: usize, member_args: &[String]) -> Vec<Duration> {
-    let mut g = MonitorGroup::new(3);
+async fn failover_runs(runs: usize, member_args: &[String], tls: bool) -> Vec<Duration> {
+    let mut g = MonitorGroup::with_tls(3, tls);
     g.extra_args = member_args.to_vec();
     for id in [1, 2, 3] {
         g.start(id);
@@ -190,8 +195,8 @@ async fn load(g: &MonitorGroup, clients: usize, seconds: u64, tag: &str, work: W
     }
 }
 
-async fn load_table(a: &Args, member_args: &[String], work: Workload) -> Vec<Load> {
-    let mut g = MonitorGroup::new(3);
+async fn load_table(a: &Args, member_args: &[String], work: Workload, tls: bool) -> Vec<Load> {
+    let mut g = MonitorGroup::with_tls(3, tls);
     g.extra_args = member_args.to_vec();
     for id in [1, 2, 3] {
         g.start(id);
@@ -232,6 +237,64 @@ fn table(loads: &[Load]) -> String {
     s
 }
 
+/// Leader failover and steady writes with mutual TLS and with --insecure, in one run.
+async fn tls_compare(a: &Args) {
+    let load_before = load_average_1m();
+    let mut rows = String::from(
+        "| security | leader kill → first write, median (runs) | writes/s at 16 clients | p50 | p99 |\n|---|---|---|---|---|\n",
+    );
+    let mut medians = Vec::new();
+    let mut rates = Vec::new();
+    let mut p99s = Vec::new();
+    for tls in [true, false] {
+        let mut fo = failover_runs(a.runs, &a.member_args, tls).await;
+        fo.sort();
+        let one = Args {
+            runs: a.runs,
+            seconds: a.seconds,
+            clients: vec![16],
+            write_doc: None,
+            member_args: a.member_args.clone(),
+            also_member_args: Vec::new(),
+            tls_compare: true,
+        };
+        let loads = load_table(&one, &a.member_args, Workload::Steady, tls).await;
+        let l = &loads[0];
+        rows.push_str(&format!(
+            "| {} | {} ms ({}) | {:.0} | {} ms | {} ms |\n",
+            if tls { "mutual TLS" } else { "--insecure" },
+            ms(pct(&fo, 0.5)),
+            fo.len(),
+            l.per_sec,
+            ms(l.p50),
+            ms(l.p99)
+        ));
+        medians.push(pct(&fo, 0.5).as_secs_f64());
+        rates.push(l.per_sec);
+        p99s.push(l.p99.as_secs_f64());
+    }
+    let s = format!(
+        "## Cost of TLS (monitor group)\n\n\
+         Measured by `target/release/monitor-bench --tls-compare 1 --runs {} --seconds {} --write-doc docs/benchmarks.md`: \
+         the same group and workloads as above (steady workload: each client creates and drops its own formation), \
+         once with mutual TLS 1.3 on every channel (members, clients) and once with `--insecure`, in one run on \
+         {} cores shared with other work; load average before / after: {load_before} / {}.\n\n{rows}\n\
+         Ratios TLS / insecure in this run: leader failover {:.2}, writes/s {:.2}, p99 {:.2}.\n\n",
+        a.runs,
+        a.seconds,
+        cores(),
+        load_average_1m(),
+        medians[0] / medians[1].max(1e-9),
+        rates[0] / rates[1].max(1e-9),
+        p99s[0] / p99s[1].max(1e-9),
+    );
+    println!("{s}");
+    if let Some(p) = &a.write_doc {
+        pgquorum_tests::bench_doc::write_section(p, "## Cost of TLS (monitor group)", &s)
+            .expect("write the benchmarks document");
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let a = args();
@@ -241,17 +304,21 @@ async fn main() {
         pgquorum_testkit::pgquorum_bin().display()
     );
 
-    let mut fo = failover_runs(a.runs, &a.member_args).await;
+    if a.tls_compare {
+        tls_compare(&a).await;
+        return;
+    }
+    let mut fo = failover_runs(a.runs, &a.member_args, true).await;
     fo.sort();
     let median = pct(&fo, 0.5);
 
-    let loads = load_table(&a, &a.member_args, Workload::Grow).await;
+    let loads = load_table(&a, &a.member_args, Workload::Grow, true).await;
     let also = if a.also_member_args.is_empty() {
         None
     } else {
-        Some(load_table(&a, &a.also_member_args, Workload::Grow).await)
+        Some(load_table(&a, &a.also_member_args, Workload::Grow, true).await)
     };
-    let steady = load_table(&a, &a.member_args, Workload::Steady).await;
+    let steady = load_table(&a, &a.member_args, Workload::Steady, true).await;
     let load_after = load_average_1m();
 
     let cores = cores();
