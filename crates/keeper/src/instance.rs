@@ -54,6 +54,13 @@ impl Instance {
             std::fs::rename(&old, &settings.pgdata)
                 .map_err(|e| KeeperError::io(format!("renaming {}", old.display()), e))?;
         }
+        // Refused before the keeper registers, so that a keeper that cannot run leaves
+        // no node (and no replication slot on the primary) behind. A postmaster of this
+        // data directory that is still going down (its keeper just died) holds the port
+        // legitimately; start() waits for it.
+        if postmaster::running_pid(&settings.pgdata).is_none() {
+            postmaster::check_port_free(&settings.listen_addresses, settings.pg_port)?;
+        }
         let state = RunState::load(&settings.state_file)?;
         crate::pgconf::write_passfile(&settings)?;
         shared.update_status(|s| {
