@@ -130,6 +130,23 @@ impl MonitorGroup {
         }
     }
 
+    /// SIGSTOP by PID: the member keeps its sockets but answers nothing, as if cut off.
+    pub fn pause(&self, id: u64) {
+        self.signal(id, nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT by PID, after [`Self::pause`].
+    pub fn resume(&self, id: u64) {
+        self.signal(id, nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, id: u64, sig: nix::sys::signal::Signal) {
+        if let Some(p) = self.members.get(&id).and_then(|m| m.proc.as_ref()) {
+            let pid = nix::unistd::Pid::from_raw(p.pid() as i32);
+            nix::sys::signal::kill(pid, sig).expect("signal a member this test started");
+        }
+    }
+
     pub fn wipe(&mut self, id: u64) {
         let d = &self.members[&id].data_dir;
         let _ = std::fs::remove_dir_all(d);
@@ -172,6 +189,24 @@ impl MonitorGroup {
     /// A client that talks to one member only, as the operator `admin`.
     pub fn client_of(&self, id: u64) -> MonitorClient {
         MonitorClient::new([self.addr(id)], self.admin()).unwrap()
+    }
+
+    /// A client acting as the keeper of node `name` (registers and beats as that node).
+    pub fn keeper_client(&self, name: &str) -> MonitorClient {
+        MonitorClient::new(
+            self.members.values().map(|m| m.addr.clone()),
+            self.security(Identity::Keeper(name.to_owned())),
+        )
+        .unwrap()
+    }
+
+    /// Same, talking to member `id` only.
+    pub fn keeper_client_of(&self, id: u64, name: &str) -> MonitorClient {
+        MonitorClient::new(
+            [self.addr(id)],
+            self.security(Identity::Keeper(name.to_owned())),
+        )
+        .unwrap()
     }
 
     /// The arguments that give a `pgquorum` command this group's certificates (or

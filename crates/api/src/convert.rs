@@ -5,7 +5,7 @@
 use pgquorum_core::{
     check_formation_name, check_node_name, quote_prefix, Assignment, Command, Event, Formation,
     FormationSetting, Health, HostName, Node, NodeReport, NodeSetting, NodeState, PeerNode,
-    QuorumLossPolicy, ReplicationPeer, DEFAULT_FORMATION,
+    QuorumLossPolicy, ReplicationPeer, ReportStamp, DEFAULT_FORMATION,
 };
 use thiserror::Error;
 
@@ -336,6 +336,8 @@ pub struct NodeActive {
     pub formation: String,
     pub name: String,
     pub report: NodeReport,
+    /// Which keeper process sent it, and when by that process's clock.
+    pub stamp: ReportStamp,
 }
 
 impl TryFrom<pb::NodeActiveRequest> for NodeActive {
@@ -393,6 +395,11 @@ impl TryFrom<pb::NodeActiveRequest> for NodeActive {
                     .collect::<Result<_, ConvertError>>()?,
                 sequence: r.sequence,
             },
+            stamp: ReportStamp {
+                instance: r.keeper_instance,
+                sequence: r.sequence,
+                sent_ms: r.sent_ms,
+            },
         })
     }
 }
@@ -425,6 +432,8 @@ impl From<NodeActive> for pb::NodeActiveRequest {
                 })
                 .collect(),
             sequence: r.sequence,
+            keeper_instance: a.stamp.instance,
+            sent_ms: a.stamp.sent_ms,
         }
     }
 }
@@ -935,6 +944,11 @@ mod tests {
                     replay_lsn: 3,
                 }],
                 sequence: 9,
+            },
+            stamp: ReportStamp {
+                instance: 77,
+                sequence: 9,
+                sent_ms: 12_345,
             },
         };
         let wire = pb::NodeActiveRequest::from(a.clone());

@@ -394,6 +394,14 @@ impl ClusterState {
                 "no synchronous standby yet: commits are acknowledged by the primary alone"
                     .to_string()
             }
+        } else if desired.members.is_empty() {
+            format!("synchronous_standby_names now '{names}': no standby may count toward synchronous commit, so commits wait (on_quorum_loss = block) until a quorum standby joins")
+        } else if desired
+            .members
+            .iter()
+            .all(|m| self.nodes.get(m).is_none_or(|n| !n.in_sync_set))
+        {
+            format!("synchronous_standby_names now '{names}': no standby is in sync yet, so commits wait until one of these has joined")
         } else {
             format!("synchronous_standby_names now '{names}'")
         };

@@ -19,6 +19,7 @@ mod input;
 mod lease;
 mod model;
 mod orchestrate;
+mod order;
 mod sync;
 mod transitions;
 
@@ -32,13 +33,17 @@ pub use input::{
     check_formation_name, check_node_name, quote_prefix, HostName, InvalidValue,
     MAX_FORMATION_NAME_LEN, MAX_HOST_LEN, MAX_NODE_NAME_LEN,
 };
-pub use lease::{lease_base, lease_surely_expired, lease_surely_expired_at};
+pub use lease::{
+    joint_quorum_acked_at, lease_base, lease_surely_expired, lease_surely_expired_at,
+    may_grant_lease, quorum_acked_at,
+};
 pub use model::*;
 pub use orchestrate::{
     assignment, on_heartbeat, orchestrate, orchestrate_group, unhealthy_after, Assignment,
     PeerNode, CATCHUP_LAG_BYTES,
 };
-pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement};
+pub use order::{ReportOrder, ReportStamp, StaleReport};
+pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement, NO_STANDBY};
 pub use transitions::{
     assignable_goals, keeper_path, next_step, reportable_states, transition_allowed,
 };

@@ -12,9 +12,14 @@ use crate::model::{ClusterState, GroupId, Node, NodeId, NodeState, QuorumLossPol
 
 /// Whether `n` belongs in the synchronous set of its group's primary `primary`.
 pub fn is_sync_member(n: &Node, primary: NodeId) -> bool {
+    n.in_sync_set && may_be_sync_member(n, primary)
+}
+
+/// Whether `n` is a standby the primary `primary` expects to wait for once it has joined:
+/// a quorum node of the group, not in (or entering) maintenance, not dropped.
+fn may_be_sync_member(n: &Node, primary: NodeId) -> bool {
     n.id != primary
         && n.replication_quorum
-        && n.in_sync_set
         && !matches!(
             n.goal_state,
             NodeState::WaitMaintenance
@@ -32,11 +37,39 @@ pub fn desired_sync(
 ) -> Option<SyncConfig> {
     let primary = state.primary_of(formation, group_id)?;
     let settings = state.formations.get(formation)?.settings.clone();
-    let members: Vec<NodeId> = state
+    let mut members: Vec<NodeId> = state
         .group_nodes(formation, group_id)
         .filter(|n| is_sync_member(n, primary.id))
         .map(|n| n.id)
         .collect();
+    if members.is_empty()
+        && settings.number_sync_standbys > 0
+        && settings.on_quorum_loss == QuorumLossPolicy::Block
+        && primary.goal_state != NodeState::Single
+    {
+        // No standby is in sync yet (a new primary after a failover whose standbys have
+        // not joined, a first primary whose first standby is still catching up). Under
+        // block the count must not silently become 0: name the standbys expected, so
+        // that commits wait until one of them streams and has flushed them.
+        members = state
+            .group_nodes(formation, group_id)
+            .filter(|n| may_be_sync_member(n, primary.id))
+            .map(|n| n.id)
+            .collect();
+        let others = state
+            .group_nodes(formation, group_id)
+            .any(|n| n.id != primary.id && n.goal_state != NodeState::Dropped);
+        if members.is_empty() && others {
+            // Standbys, but none may count toward synchronous commit (the operator took
+            // them out of the quorum): commits wait for a name no standby has.
+            return Some(SyncConfig {
+                seq: 0,
+                number: 1,
+                members: Vec::new(),
+                async_by_choice: false,
+            });
+        }
+    }
     let (number, async_by_choice) = if settings.number_sync_standbys == 0 {
         (0, true)
     } else if primary.goal_state == NodeState::WaitPrimary
@@ -63,9 +96,15 @@ fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// `ANY n ("b", "c")`, or "" when nothing is waited for.
+/// A standby name no node can have (node names are lowercase letters, digits, `-`, `_`):
+/// what a primary waits for under `on_quorum_loss = block` when no standby may count.
+pub const NO_STANDBY: &str = "pgquorum: no quorum standby";
+
+/// `ANY n ("b", "c")`, or "" when nothing is waited for (`number` 0). A configuration
+/// that must wait but names no existing node waits for [`NO_STANDBY`]: the count of
+/// synchronous standbys never silently becomes 0.
 pub fn render(state: &ClusterState, config: &SyncConfig) -> String {
-    if config.number == 0 || config.members.is_empty() {
+    if config.number == 0 {
         return String::new();
     }
     let names: Vec<String> = config
@@ -75,7 +114,7 @@ pub fn render(state: &ClusterState, config: &SyncConfig) -> String {
         .map(|n| quote(&n.name))
         .collect();
     if names.is_empty() {
-        return String::new();
+        return format!("ANY 1 ({})", quote(NO_STANDBY));
     }
     format!(
         "ANY {} ({})",
@@ -125,6 +164,10 @@ pub fn requirement(history: &[SyncConfig], witnesses: &[NodeId]) -> Requirement 
                     members: c.members.clone(),
                 };
             }
+            continue;
+        }
+        if c.members.is_empty() {
+            // Waited for a standby that does not exist: nothing was acknowledged under it.
             continue;
         }
         let k = c.members.len();
@@ -178,6 +221,14 @@ mod tests {
     fn every_config_the_primary_may_run_counts() {
         let h = [cfg(1, &[2, 3]), cfg(1, &[2])];
         assert!(matches!(requirement(&h, &[2]), Requirement::Waiting { .. }));
+    }
+
+    #[test]
+    fn a_configuration_waiting_for_no_existing_standby_protects_nothing_to_wait_for() {
+        assert_eq!(requirement(&[cfg(1, &[])], &[]), Requirement::Met);
+        let h = [cfg(1, &[2, 3]), cfg(1, &[])];
+        assert!(matches!(requirement(&h, &[2]), Requirement::Waiting { .. }));
+        assert_eq!(requirement(&h, &[2, 3]), Requirement::Met);
     }
 
     #[test]

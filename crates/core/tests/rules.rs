@@ -1240,3 +1240,128 @@ fn a_group_has_a_bounded_number_of_nodes() {
     // A node already registered may register again (a keeper restart).
     c.register("n0", 50);
 }
+
+/// The names `name` is told to run.
+fn sync_names(c: &Cluster, name: &str) -> String {
+    assignment(&c.state, c.id(name), c.now)
+        .unwrap()
+        .synchronous_standby_names
+}
+
+#[test]
+fn a_first_primary_waits_for_its_first_standby_under_block() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.beat("a", Single, 10);
+    // Alone, nothing to wait for.
+    assert_eq!(sync_names(&c, "a"), "");
+    c.register("b", 50);
+    c.beat("b", WaitStandby, 0);
+    assert_eq!(c.orchestrate(), Cluster::assigned(&[("a", WaitPrimary)]));
+    // b has not joined yet; commits wait for it rather than being acknowledged alone.
+    assert_eq!(sync_names(&c, "a"), r#"ANY 1 ("b")"#);
+    assert!(c
+        .state
+        .events
+        .iter()
+        .any(|e| e.description.contains("no standby is in sync yet")));
+    c.converge(100);
+    assert_eq!(c.node("a").goal_state, Primary);
+    assert_eq!(sync_names(&c, "a"), r#"ANY 1 ("b")"#);
+}
+
+#[test]
+fn two_failures_in_a_row_never_leave_the_next_primary_without_a_synchronous_standby() {
+    let mut c = Cluster::three();
+    // a's machine dies: b and c report, c is promoted and waits for b.
+    c.apply(Command::SetNodeSetting {
+        formation: "".into(),
+        node: "c".into(),
+        setting: NodeSetting::CandidatePriority(90),
+    })
+    .unwrap();
+    c.advance(10_000);
+    c.beat("b", Secondary, 100);
+    c.beat("c", Secondary, 100);
+    c.orchestrate();
+    c.beat("b", ReportLsn, 120);
+    c.beat("c", ReportLsn, 120);
+    c.orchestrate();
+    c.beat("c", PreparePromotion, 120);
+    assert_eq!(
+        c.orchestrate(),
+        Cluster::assigned(&[("c", WaitPrimary), ("b", JoinSecondary)])
+    );
+    assert_eq!(sync_names(&c, "c"), r#"ANY 1 ("b")"#);
+    // c takes writes on timeline 2 and b streams from it; then c dies right after its
+    // first acknowledged write, before a came back.
+    c.beat_full("c", WaitPrimary, true, 150, 2, &[("b", 150)]);
+    c.beat_full("b", JoinSecondary, true, 150, 2, &[]);
+    c.orchestrate();
+    c.advance(10_000);
+    c.beat_full("b", Secondary, true, 150, 2, &[]);
+    c.orchestrate();
+    c.beat_full("b", ReportLsn, true, 150, 2, &[]);
+    c.orchestrate();
+    c.beat_full("b", PreparePromotion, true, 150, 2, &[]);
+    c.orchestrate();
+    assert!(
+        c.node("b").goal_state.is_writable(),
+        "b should be promoted: {:?}",
+        c.state
+            .nodes
+            .values()
+            .map(|n| (&n.name, n.reported_state, n.goal_state))
+            .collect::<Vec<_>>()
+    );
+    // Neither a nor c is in sync with b: b must still wait for one of them.
+    assert_eq!(sync_names(&c, "b"), r#"ANY 1 ("a", "c")"#);
+    // And once a rejoins and reaches secondary, b waits for a alone.
+    for _ in 0..5 {
+        c.beat_full("a", c.node("a").goal_state, true, 160, 3, &[]);
+        c.beat_full("b", c.node("b").goal_state, true, 160, 3, &[("a", 160)]);
+        c.orchestrate();
+    }
+    assert!(
+        c.node("a").in_sync_set,
+        "a should be in sync: {:?}",
+        c.node("a")
+    );
+    assert_eq!(sync_names(&c, "b"), r#"ANY 1 ("a")"#);
+}
+
+#[test]
+fn a_primary_whose_standbys_may_not_count_waits_for_a_standby_that_does_not_exist() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.beat("a", Single, 10);
+    c.apply(Command::RegisterNode {
+        formation: DEFAULT_FORMATION.into(),
+        name: "b".into(),
+        host: "10.0.0.2".parse().unwrap(),
+        port: 5432,
+        candidate_priority: 50,
+        replication_quorum: false,
+        system_identifier: 0,
+        pg_major_version: 15,
+        current_state: Init,
+    })
+    .unwrap();
+    c.beat("b", WaitStandby, 0);
+    c.orchestrate();
+    assert_eq!(c.node("a").goal_state, WaitPrimary);
+    let names = sync_names(&c, "a");
+    assert_eq!(names, format!("ANY 1 (\"{NO_STANDBY}\")"));
+    assert!(c
+        .state
+        .events
+        .iter()
+        .any(|e| e.description.contains("no standby may count")));
+    // The operator's explicit choice still turns synchronous replication off.
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::NumberSyncStandbys(0),
+    })
+    .unwrap();
+    assert_eq!(sync_names(&c, "a"), "");
+}

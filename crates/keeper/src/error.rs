@@ -44,6 +44,9 @@ pub enum KeeperError {
         expected: u32,
     },
 
+    #[error("transition to {goal} abandoned: the monitor now assigns {now}")]
+    GoalChanged { goal: String, now: String },
+
     #[error("port {port} is already in use on {addr}; choose another --pg-port or stop what listens there")]
     PortInUse { addr: String, port: u16 },
 

@@ -22,6 +22,9 @@ pub struct Instance {
     pub state: RunState,
     pub shared: Arc<Shared>,
     postmaster: Option<Postmaster>,
+    /// The latest assignment, as the heartbeat publishes it: a transition that waits
+    /// (for streaming to start) gives up as soon as the goal it serves is replaced.
+    pub assignments: Option<tokio::sync::watch::Receiver<Option<pgquorum_core::Assignment>>>,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -73,6 +76,7 @@ impl Instance {
             state,
             shared,
             postmaster: None,
+            assignments: None,
         })
     }
 
@@ -166,7 +170,7 @@ impl Instance {
         self.shared.set_writable(false);
         if let Some(pm) = self.postmaster.take() {
             if pm.is_running() {
-                pm.stop(mode, Duration::from_secs(30)).await;
+                pm.stop(mode).await;
             }
         }
         self.shared.set_postmaster(None);

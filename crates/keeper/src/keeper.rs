@@ -80,6 +80,7 @@ pub async fn run(
         }
     }
     let (tx, mut rx) = watch::channel::<Option<Assignment>>(None);
+    inst.assignments = Some(rx.clone());
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
     let beat_now = Arc::new(Notify::new());
     let hb = Heartbeat {
@@ -149,7 +150,12 @@ pub async fn run(
                         break Err(e);
                     }
                     applied = None;
-                    tick = Duration::from_millis(500);
+                    // A transition abandoned for a new goal starts the new one at once.
+                    tick = if matches!(e, KeeperError::GoalChanged { .. }) {
+                        Duration::from_millis(20)
+                    } else {
+                        Duration::from_millis(500)
+                    };
                     continue;
                 }
             }
@@ -262,13 +268,6 @@ impl Heartbeat {
                 };
                 let mut node_id = self.node_id;
                 let mut interval = Duration::from_millis(200);
-                // The monitor drops beats whose sequence goes backwards (reordered); a
-                // restarted keeper must not start below its previous life, so count from
-                // the wall clock.
-                let mut sequence = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-                    .unwrap_or(0);
                 let mut failures = 0u64;
                 let mut control: ControlCache = None;
                 loop {
@@ -301,7 +300,6 @@ impl Heartbeat {
                             })
                         }
                         Some(id) => {
-                            sequence += 1;
                             let mut o = obs.clone().unwrap_or_default();
                             if obs.is_none() {
                                 // PostgreSQL is down: after a clean shutdown pg_control
@@ -335,7 +333,8 @@ impl Heartbeat {
                                         replay_lsn: r.replay_lsn,
                                     })
                                     .collect(),
-                                sequence,
+                                // Stamped by `Monitors::node_active`, per attempt.
+                                ..Default::default()
                             };
                             m.node_active(req).await.map(|r| r.assignment)
                         }

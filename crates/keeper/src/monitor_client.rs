@@ -19,6 +19,20 @@ pub struct Monitors {
     channels: HashMap<String, Channel>,
     timeout: Duration,
     security: Security,
+    /// This process's stamp on its reports (see `pgquorum_core::ReportStamp`): a random
+    /// instance id, a sequence that grows with every request (a retry must not look like
+    /// the request that may already have arrived), and the clock they are sent by.
+    instance: u64,
+    sequence: u64,
+    started: std::time::Instant,
+}
+
+/// A random, non-zero id for this keeper process.
+fn process_instance() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish().max(1)
 }
 
 impl Monitors {
@@ -34,6 +48,15 @@ impl Monitors {
             channels: HashMap::new(),
             timeout,
             security,
+            instance: process_instance(),
+            // The monitor's health table also drops a beat whose sequence goes backwards
+            // by a little (reordered): a restarted keeper must not start just below its
+            // previous life, so count from the wall clock.
+            sequence: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+                .unwrap_or(0),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -106,10 +129,18 @@ impl Monitors {
         )))
     }
 
-    pub async fn node_active(&mut self, req: pb::NodeActiveRequest) -> Result<pb::NodeActiveReply> {
+    /// Sends one report (stamped here, each attempt anew) to the group.
+    pub async fn node_active(
+        &mut self,
+        mut req: pb::NodeActiveRequest,
+    ) -> Result<pb::NodeActiveReply> {
         let mut last = String::new();
         for _ in 0..self.endpoints.len() {
             let (ep, mut c) = self.client()?;
+            self.sequence += 1;
+            req.sequence = self.sequence;
+            req.keeper_instance = self.instance;
+            req.sent_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
             match c.node_active(req.clone()).await {
                 Ok(r) => {
                     // Answered through a follower: beat to the leader directly from

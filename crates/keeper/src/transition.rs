@@ -403,6 +403,10 @@ impl Instance {
                         self.settings.name, p.name, p.host, p.port
                     )));
                 }
+                // The upstream may have died meanwhile and this node been given another
+                // goal (prepare_promotion, say): sitting out the deadline would hold up
+                // the failover.
+                self.check_goal(a)?;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             self.state.following = Some(p.name.clone());
@@ -411,6 +415,28 @@ impl Instance {
         }
         self.state.system_identifier = Some(cd.system_identifier);
         Ok(())
+    }
+
+    /// Err when the monitor has since assigned something else than `a` (another goal,
+    /// or another primary to follow): the transition towards `a` is abandoned.
+    fn check_goal(&self, a: &Assignment) -> Result<()> {
+        let Some(rx) = &self.assignments else {
+            return Ok(());
+        };
+        let latest = rx.borrow();
+        match latest.as_ref() {
+            Some(l)
+                if l.goal_state != a.goal_state
+                    || l.primary.as_ref().map(|p| &p.name)
+                        != a.primary.as_ref().map(|p| &p.name) =>
+            {
+                Err(KeeperError::GoalChanged {
+                    goal: a.goal_state.to_string(),
+                    now: l.goal_state.to_string(),
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Supervision between transitions: restarts a postgres that died. A primary is

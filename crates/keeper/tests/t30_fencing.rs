@@ -401,6 +401,94 @@ async fn failover_sequence_through_the_run_loop() {
     expect_probes(&a, [503, 503, 200, 200, 200, 200]);
 }
 
+/// A keeper waiting for its standby to stream from an upstream that died meanwhile takes
+/// the next goal the monitor assigns at once, instead of sitting out the 30 s deadline
+/// of the abandoned transition (found by the fault harness: a 30 s write outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_transition_is_abandoned_when_the_goal_changes() {
+    let dir = PgDir::new();
+    let a = NodeSpec::new("a", dir.path());
+    let b = NodeSpec::new("b", dir.path());
+    let m = FakeMonitor::new(None);
+    let addr = serve(m.clone()).await;
+    m.set("a", "single", None);
+    let mut ka = run_keeper(&a, &addr);
+    wait_state(&a, &mut ka, "single").await;
+    m.set("b", "wait_standby", Some("a"));
+    let mut kb = run_keeper(&b, &addr);
+    wait_state(&b, &mut kb, "wait_standby").await;
+    m.set("a", "wait_primary", None);
+    m.set("b", "catchingup", Some("a"));
+    wait_state(&b, &mut kb, "catchingup").await;
+    m.set("b", "secondary", Some("a"));
+    wait_state(&b, &mut kb, "secondary").await;
+
+    // a's node dies (its postgres dies with the keeper); b is told to catch up with it
+    // again, which waits for a WAL receiver that cannot stream.
+    ka.kill();
+    wait_postgres_gone(&a).await;
+    m.set("b", "catchingup", Some("a"));
+    // Long enough for b to be inside its wait for streaming.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The failover goes on: b must report its LSN now.
+    let asked = Instant::now();
+    m.set("b", "report_lsn", None);
+    wait_for(
+        "b to reach report_lsn before the abandoned wait's deadline",
+        Duration::from_secs(15),
+        || async { (m.reported("b").as_deref() == Some("report_lsn")).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "report_lsn reached {} ms after it was assigned",
+        asked.elapsed().as_millis()
+    );
+    let log = std::fs::read_to_string(b.keeper_log()).unwrap_or_default();
+    assert!(log.contains("abandoned"), "{log}");
+}
+
+/// Stopping postgres is bounded even when postgres does not react at all (frozen with
+/// SIGSTOP, as a postmaster stuck on a full disk or in a paused container would be): fast,
+/// then immediate, then SIGKILL of every postgres process, so a demotion never hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_frozen_postgres_is_bounded() {
+    let dir = PgDir::new();
+    let a = NodeSpec::new("a", dir.path());
+    let m = FakeMonitor::new(None);
+    let addr = serve(m.clone()).await;
+    m.set("a", "single", None);
+    let mut ka = run_keeper(&a, &addr);
+    wait_state(&a, &mut ka, "single").await;
+    // The postmaster this test's keeper started.
+    let pid: i32 = std::fs::read_to_string(a.pgdata().join("postmaster.pid"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let pm = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pm, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let asked = Instant::now();
+    m.set("a", "demoted", None);
+    // Fast (5 s) + immediate (2 s) + SIGKILL; without the bound this never ends.
+    wait_for("a demoted", Duration::from_secs(30), || async {
+        (m.reported("a").as_deref() == Some("demoted")).then_some(())
+    })
+    .await;
+    eprintln!(
+        "frozen postgres stopped, demoted reported {} ms after it was assigned",
+        asked.elapsed().as_millis()
+    );
+    assert!(
+        nix::sys::signal::kill(pm, None).is_err(),
+        "the frozen postmaster still exists"
+    );
+    let log = std::fs::read_to_string(a.keeper_log()).unwrap_or_default();
+    assert!(log.contains("SIGKILL"), "{log}");
+}
+
 /// A refused registration stops the keeper with the monitor's reason; a node id the
 /// monitor no longer knows leads to a new registration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,10 @@ use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState};
 use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
 use pgquorum_api::{no_leader, status_from_core, HOPS_HEADER, MAX_FORWARD_HOPS};
-use pgquorum_core::{orchestrate, orchestrate_group, Command, GroupId, HealthTable, Outcome};
+use pgquorum_core::{
+    joint_quorum_acked_at, may_grant_lease, orchestrate, orchestrate_group, Command, GroupId,
+    HealthTable, Outcome, ReportOrder,
+};
 use tonic::transport::Channel;
 use tonic::Status;
 
@@ -32,8 +35,16 @@ pub struct Member {
     pub reach: Reachability,
     /// How long a write may wait for a quorum before it is refused.
     pub write_timeout: Duration,
+    /// Raft's minimum election timeout: how fresh a quorum's acknowledgement must be for
+    /// this member to grant a lease (see [`Member::leadership_proof`]).
+    pub election_min: Duration,
+    /// Raft's heartbeat interval: how long a heartbeat may wait for a fresh proof.
+    pub raft_heartbeat: Duration,
     /// The leader's view of keepers: (term it was created in, table). Never replicated.
     pub health: Mutex<Option<(u64, HealthTable)>>,
+    /// The newest report admitted from every keeper process (kept across terms: it is
+    /// about keepers, not about leadership).
+    pub reports: Mutex<ReportOrder>,
     /// Taken while deciding and proposing decisions, so that the periodic tick and
     /// concurrent heartbeats do not each propose the same decision (apply would refuse
     /// the stale copy by its `expected` goal, but only after a wasted Raft write).
@@ -79,11 +90,21 @@ impl Member {
             applied,
             reach,
             write_timeout,
+            election_min: Duration::from_millis(crate::node::Timing::default().election_min_ms),
+            raft_heartbeat: Duration::from_millis(crate::node::Timing::default().heartbeat_ms),
             health: Mutex::new(None),
+            reports: Mutex::new(ReportOrder::default()),
             orchestrating: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
             security,
         }
+    }
+
+    /// The Raft timing this member runs with, which its lease proof depends on.
+    pub fn with_raft_timing(mut self, timing: &crate::node::Timing) -> Self {
+        self.election_min = Duration::from_millis(timing.election_min_ms);
+        self.raft_heartbeat = Duration::from_millis(timing.heartbeat_ms);
+        self
     }
 
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, Applied> {
@@ -272,6 +293,108 @@ impl Member {
             )))) => Err(self.forward_to_leader_error(f.leader_id, f.leader_node)),
             Ok(Err(e)) => Err(Status::unavailable(format!("read failed: {e}"))),
         }
+    }
+
+    /// Whether this member may grant a lease now (DESIGN.md invariants 1 and 3): it leads,
+    /// and a quorum of every voter configuration, itself included, accepted an
+    /// AppendEntries it sent as leader of its current term less than `election_min` ago.
+    /// Raft's metrics saying "leader" is not enough: openraft 0.9 does not step down a
+    /// leader cut off from the others, and such a leader must stop renewing leases before
+    /// the majority can elect another one. The refusal names no leader, so that a keeper
+    /// tries the other members.
+    pub fn leadership_proof(&self) -> Result<(), Status> {
+        let (term, configs) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let leads = m.state == ServerState::Leader
+                && m.vote.is_committed()
+                && m.vote.leader_id().voted_for() == Some(self.id);
+            if !leads {
+                return Err(Status::unavailable(
+                    "this member is no longer the monitor leader; no lease granted",
+                ));
+            }
+            (
+                m.vote.leader_id().get_term(),
+                m.membership_config.membership().get_joint_config().clone(),
+            )
+        };
+        let now = self.reach.now_ms();
+        let acks: Vec<Vec<Option<u64>>> = configs
+            .iter()
+            .map(|voters| {
+                voters
+                    .iter()
+                    .map(|v| {
+                        if *v == self.id {
+                            Some(now)
+                        } else {
+                            self.reach.acked_ms(*v, term)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let window = self.election_min.as_millis() as u64;
+        if may_grant_lease(joint_quorum_acked_at(&acks), now, window) {
+            return Ok(());
+        }
+        let fresh = acks
+            .iter()
+            .flatten()
+            .filter(|a| a.is_some_and(|t| now.saturating_sub(t) < window))
+            .count();
+        let total: usize = acks.iter().map(Vec::len).sum();
+        Err(Status::unavailable(format!(
+            "this member cannot prove it still leads the monitor group: {fresh} of {total} members acknowledged it within the last {window} ms; no lease granted (ask another member)"
+        )))
+    }
+
+    /// [`Self::leadership_proof`], waiting up to two Raft heartbeats for a fresh
+    /// acknowledgement when the last one is too old (a follower's answer was slow), and
+    /// asking Raft to send heartbeats at once meanwhile.
+    pub async fn await_leadership_proof(&self) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + self.raft_heartbeat * 2;
+        let mut nudged = false;
+        loop {
+            let next = self.reach.next_ack();
+            let err = match self.leadership_proof() {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if tokio::time::Instant::now() >= deadline
+                || self.raft.metrics().borrow().state != ServerState::Leader
+            {
+                return Err(err);
+            }
+            if !nudged {
+                nudged = true;
+                let _ = self.raft.trigger().heartbeat().await;
+            }
+            let _ = tokio::time::timeout_at(deadline, next).await;
+        }
+    }
+
+    /// Admits a keeper's report unless it is stale (DESIGN.md: a report is never applied
+    /// after a newer one from the same keeper, nor long after it was sent); a stale one is
+    /// refused with ABORTED and changes nothing.
+    pub fn admit_report(
+        &self,
+        node: pgquorum_core::NodeId,
+        stamp: pgquorum_core::ReportStamp,
+        max_delay_ms: u64,
+    ) -> Result<(), Status> {
+        let now = self.reach.now_ms();
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit(node, stamp, now, max_delay_ms)
+            .map_err(|e| {
+                tracing::info!(node, error = %e, "stale heartbeat refused");
+                Status::aborted(format!(
+                    "stale heartbeat of node {node} refused, nothing changed: {e}"
+                ))
+            })
     }
 
     /// The leader's health table for the current term, created empty (all "unknown")

@@ -31,10 +31,28 @@ use crate::types::{NodeId, Raft, TypeConfig};
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 
 /// When each peer last answered a Raft RPC: how the leader knows, without waiting,
-/// whether a majority is reachable.
-#[derive(Clone, Default)]
+/// whether a majority is reachable. Also, for the lease: when each peer last accepted an
+/// AppendEntries this member sent as leader, by the send time (see [`Self::leader_acked`]).
+#[derive(Clone)]
 pub struct Reachability {
     last_ok: Arc<Mutex<HashMap<NodeId, Instant>>>,
+    /// Per peer: (term, send time of the newest AppendEntries it accepted in that term).
+    acks: Arc<Mutex<HashMap<NodeId, (u64, Instant)>>>,
+    /// Woken on every such acknowledgement, for a heartbeat waiting for a fresh proof.
+    acked: Arc<tokio::sync::Notify>,
+    /// The origin of the monotonic milliseconds handed to the core's lease arithmetic.
+    epoch: Instant,
+}
+
+impl Default for Reachability {
+    fn default() -> Self {
+        Reachability {
+            last_ok: Arc::default(),
+            acks: Arc::default(),
+            acked: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl Reachability {
@@ -53,6 +71,44 @@ impl Reachability {
             .unwrap_or_else(|p| p.into_inner())
             .get(&id)
             .is_some_and(|t| t.elapsed() <= within)
+    }
+
+    /// Records that `id` accepted an AppendEntries this member sent at `sent` as the
+    /// leader of `term`. The send time, not the answer's arrival, is what the lease may
+    /// count from: `id` heard from this leader no earlier than that.
+    pub fn leader_acked(&self, id: NodeId, term: u64, sent: Instant) {
+        {
+            let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+            let e = acks.entry(id).or_insert((term, sent));
+            if term > e.0 || (term == e.0 && sent > e.1) {
+                *e = (term, sent);
+            }
+        }
+        self.acked.notify_waiters();
+    }
+
+    /// The send time of the newest AppendEntries `id` accepted from this member as leader
+    /// of `term`, in milliseconds of [`Self::now_ms`].
+    pub fn acked_ms(&self, id: NodeId, term: u64) -> Option<u64> {
+        let acks = self.acks.lock().unwrap_or_else(|p| p.into_inner());
+        acks.get(&id)
+            .filter(|(t, _)| *t == term)
+            .map(|(_, at)| self.ms(*at))
+    }
+
+    /// This process's monotonic clock in milliseconds (immune to wall-clock steps).
+    pub fn now_ms(&self) -> u64 {
+        self.ms(Instant::now())
+    }
+
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Resolves at the next acknowledgement of any peer after this call (create it
+    /// before checking, so that an acknowledgement in between is not missed).
+    pub fn next_ack(&self) -> tokio::sync::futures::Notified<'_> {
+        self.acked.notified()
     }
 }
 
@@ -190,13 +246,22 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        let sent = Instant::now();
+        let term = rpc.vote.leader_id().get_term();
+        let as_leader = rpc.vote.is_committed();
         let req = payload(&rpc, &option)?;
         let reply = self
             .client()?
             .append_entries(req)
             .await
             .map_err(|s| self.transport_error(s))?;
-        self.answer(reply.into_inner())
+        let resp = self.answer(reply.into_inner())?;
+        // Any answer but a higher vote means the peer accepted this leader's term, and
+        // refuses other candidates for a while after: the leader's proof for the lease.
+        if as_leader && !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+            self.reach.leader_acked(self.target, term, sent);
+        }
+        Ok(resp)
     }
 
     async fn install_snapshot(

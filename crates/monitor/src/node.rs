@@ -203,16 +203,19 @@ pub async fn run(
             addr: cfg.listen,
             source,
         })?;
-    let member = Arc::new(Member::new(
-        cfg.node_id,
-        addr.clone(),
-        header.group_id.clone(),
-        raft.clone(),
-        applied,
-        reach,
-        cfg.write_timeout,
-        cfg.security.clone(),
-    ));
+    let member = Arc::new(
+        Member::new(
+            cfg.node_id,
+            addr.clone(),
+            header.group_id.clone(),
+            raft.clone(),
+            applied,
+            reach,
+            cfg.write_timeout,
+            cfg.security.clone(),
+        )
+        .with_raft_timing(&cfg.timing),
+    );
     tracing::info!(node = cfg.node_id, listen = %cfg.listen, group = %header.group_id, data_dir = %cfg.data_dir.display(), "monitor member starting");
 
     // Formation: every founding member on an empty store proposes the same

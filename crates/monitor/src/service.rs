@@ -400,7 +400,12 @@ impl Monitor for MonitorService {
             Outcome::Registered {
                 node_id, group_id, ..
             } => {
-                let a = assignment(&self.m.read().state, node_id, now_ms()).ok();
+                // An assignment grants a lease: only with proof of leadership (else the
+                // keeper learns its goal from its next heartbeat).
+                let a = match self.m.await_leadership_proof().await {
+                    Ok(()) => assignment(&self.m.read().state, node_id, now_ms()).ok(),
+                    Err(_) => None,
+                };
                 Ok(Response::new(pb::RegisterNodeReply {
                     node_id,
                     group_id,
@@ -421,6 +426,9 @@ impl Monitor for MonitorService {
         check_keeper_is(&caller, &request.get_ref().name)?;
         forward!(self, request, node_active, caller);
         let active = NodeActive::try_from(request.into_inner())?;
+        // The answer grants a lease: refuse early rather than wait for writes that a
+        // member cut off from the others cannot commit.
+        self.m.await_leadership_proof().await?;
         let report = active.report;
         let node_id = report.node_id;
         let now = now_ms();
@@ -440,6 +448,13 @@ impl Monitor for MonitorService {
             // another (dead) node "healthy" by beating with its id.
             check_keeper_is(&caller, &node.name)?;
             let (formation, group) = (node.formation.clone(), node.group_id);
+            let lease_ms = applied
+                .state
+                .formations
+                .get(&formation)
+                .map(|f| f.settings.lease_ms)
+                .unwrap_or(1500);
+            self.m.admit_report(node_id, active.stamp, lease_ms)?;
             let cmds = self.m.with_health(|h| {
                 h.observe(report.clone(), now);
                 on_heartbeat(&applied.state, h, &report, now)
@@ -468,6 +483,8 @@ impl Monitor for MonitorService {
             tracing::debug!(node = node_id, error = %s.message(), "decision after heartbeat not proposed");
         }
         let a = assignment(&self.m.read().state, node_id, now).map_err(|e| status_from_core(&e))?;
+        // Checked again as the lease is granted: the proof must hold at this moment.
+        self.m.await_leadership_proof().await?;
         Ok(Response::new(pb::NodeActiveReply {
             assignment: Some(a.into()),
         }))

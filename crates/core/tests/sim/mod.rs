@@ -54,6 +54,10 @@ struct Pg {
     /// The empty names above were chosen by the operator (number_sync_standbys = 0):
     /// commits acknowledged then are not protected by invariant 2.
     async_by_choice: bool,
+    /// Empty names above are allowed by invariant 2 even under `on_quorum_loss = block`:
+    /// the operator's choice, a lone node (`single`), or `continue`. Otherwise a commit
+    /// acknowledged under empty names is a violation (DESIGN.md invariant 2).
+    alone_allowed: bool,
     /// Commits waiting for synchronous acknowledgement: (lsn, record id).
     pending: Vec<(usize, u64)>,
     /// Timeline of the WAL this node holds; a promotion starts a new one.
@@ -180,6 +184,7 @@ impl Sim {
                     following: None,
                     sync: (0, Vec::new()),
                     async_by_choice: false,
+                    alone_allowed: false,
                     pending: Vec::new(),
                     timeline: 1,
                     in_recovery: false,
@@ -469,6 +474,12 @@ impl Sim {
         (n.parse().unwrap_or(0), names)
     }
 
+    /// Whether invariant 2 allows the primary running `a`'s names to acknowledge commits
+    /// with no synchronous standby.
+    fn alone_allowed(a: &Assignment, by_choice: bool) -> bool {
+        by_choice || a.goal_state == NodeState::Single || a.on_quorum_loss != "block"
+    }
+
     /// Try one keeper action towards `next`; true when the keeper reached it.
     /// `transition`: moving into `next` (not keeping it), the moment a keeper confirms a
     /// synchronous commit for the states that require one.
@@ -523,6 +534,7 @@ impl Sim {
                 }
                 k.pg.sync = names;
                 k.pg.async_by_choice = by_choice;
+                k.pg.alone_allowed = Self::alone_allowed(&a, by_choice);
                 if transition && next.confirms_sync() && k.pg.sync.0 > 0 {
                     if k.confirm_target.is_none() {
                         // The keeper's own synchronous commit, after applying the names.
@@ -678,6 +690,11 @@ impl Sim {
                     .unwrap_or_default();
                 self.keepers[i].pg.sync = Self::parse_names(&names);
                 self.keepers[i].pg.async_by_choice = self.keepers[i].by_choice;
+                let allowed = self.keepers[i]
+                    .assignment
+                    .as_ref()
+                    .is_some_and(|a| Self::alone_allowed(a, self.keepers[i].by_choice));
+                self.keepers[i].pg.alone_allowed = allowed;
             }
             return;
         }
@@ -1014,6 +1031,10 @@ impl Sim {
             let mut keep = Vec::new();
             for (lsn, id) in pending {
                 if need == 0 || self.holders(w, &names, lsn, id) >= need {
+                    if need == 0 && !self.keepers[w].pg.alone_allowed {
+                        let name = self.keepers[w].name.clone();
+                        return Err(self.fail(format!("commit (lsn {lsn}, record {id}) acknowledged by {name} with no synchronous standby under on_quorum_loss = block")));
+                    }
                     if need == 0 && self.keepers[w].pg.async_by_choice {
                         self.async_acked += 1;
                         continue;

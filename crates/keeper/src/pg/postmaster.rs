@@ -17,6 +17,53 @@ use super::child::{self, Child};
 use super::PgBin;
 use crate::error::{KeeperError, Result};
 
+/// How long a fast stop may take before it becomes immediate: a clean shutdown checkpoint
+/// of a busy primary fits; a walsender blocked on a vanished standby does not.
+pub const FAST_STOP_PATIENCE: Duration = Duration::from_secs(5);
+/// How long an immediate stop may take before every postgres process is SIGKILLed.
+pub const IMMEDIATE_STOP_PATIENCE: Duration = Duration::from_secs(2);
+/// How long the postmaster may take to be reaped after SIGKILL.
+pub const KILL_PATIENCE: Duration = Duration::from_secs(5);
+
+/// SIGKILL to the postmaster `pid` and to the process group of each of its children.
+/// The postmaster is stopped first (SIGSTOP) so that it forks no child in between; its
+/// children are found through /proc.
+pub fn kill_tree(pid: u32) {
+    let Ok(p) = i32::try_from(pid) else { return };
+    let pm = nix::unistd::Pid::from_raw(p);
+    let _ = nix::sys::signal::kill(pm, Signal::SIGSTOP);
+    for c in children_of(pid) {
+        if let Ok(c) = i32::try_from(c) {
+            let c = nix::unistd::Pid::from_raw(c);
+            // Postgres children call setsid(): the group is the child and whatever it
+            // started (an archive_command, say). Fall back to the child alone.
+            if nix::sys::signal::killpg(c, Signal::SIGKILL).is_err() {
+                let _ = nix::sys::signal::kill(c, Signal::SIGKILL);
+            }
+        }
+    }
+    let _ = nix::sys::signal::kill(pm, Signal::SIGKILL);
+}
+
+/// The pids whose parent is `pid`, from /proc/*/stat.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|c| parent_of(*c) == Some(pid))
+        .collect()
+}
+
+/// The parent pid in /proc/PID/stat (the field after the parenthesised command name,
+/// which may itself contain spaces and parentheses).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// How the postmaster is asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
@@ -171,21 +218,48 @@ impl Postmaster {
         self.child.exited.clone()
     }
 
-    /// Stops postgres and waits for it to exit; a fast stop that takes longer than
-    /// `patience` becomes immediate.
-    pub async fn stop(mut self, mode: StopMode, patience: Duration) -> ExitStatus {
+    /// Stops postgres, bounded: `mode` first; a fast stop still running after
+    /// [`FAST_STOP_PATIENCE`] becomes immediate; an immediate stop still running after
+    /// [`IMMEDIATE_STOP_PATIENCE`] ends with SIGKILL to the postmaster and to every one
+    /// of its children's process groups (each child of the postmaster leads its own
+    /// group). A backend waiting for a half-open client's startup packet, or a walsender
+    /// blocked on a standby that vanished, can otherwise hold a stop for a minute, and
+    /// with it a failover's demotion or a heal's rewind. None only when even SIGKILL did
+    /// not end the postmaster within [`KILL_PATIENCE`] (a process stuck in the kernel).
+    pub async fn stop(mut self, mode: StopMode) -> Option<ExitStatus> {
         let sig = match mode {
             StopMode::Fast => Signal::SIGINT,
             StopMode::Immediate => Signal::SIGQUIT,
         };
         tracing::info!(pid = self.child.pid, ?mode, pgdata = %self.pgdata.display(), "stopping postgres");
         self.child.signal(sig);
-        match tokio::time::timeout(patience, self.child.wait()).await {
-            Ok(st) => st,
+        if mode == StopMode::Fast {
+            if let Ok(st) = tokio::time::timeout(FAST_STOP_PATIENCE, self.child.wait()).await {
+                return Some(st);
+            }
+            tracing::warn!(
+                pid = self.child.pid,
+                secs = FAST_STOP_PATIENCE.as_secs(),
+                "fast stop too slow; immediate stop"
+            );
+            self.child.signal(Signal::SIGQUIT);
+        }
+        if let Ok(st) = tokio::time::timeout(IMMEDIATE_STOP_PATIENCE, self.child.wait()).await {
+            return Some(st);
+        }
+        tracing::warn!(
+            pid = self.child.pid,
+            "immediate stop too slow; killing every postgres process (SIGKILL)"
+        );
+        kill_tree(self.child.pid);
+        match tokio::time::timeout(KILL_PATIENCE, self.child.wait()).await {
+            Ok(st) => Some(st),
             Err(_) => {
-                tracing::warn!(pid = self.child.pid, "fast stop too slow; immediate stop");
-                self.child.signal(Signal::SIGQUIT);
-                self.child.wait().await
+                tracing::error!(
+                    pid = self.child.pid,
+                    "postgres survived SIGKILL (stuck in the kernel?); going on without it"
+                );
+                None
             }
         }
     }
@@ -202,5 +276,52 @@ fn start_failed(reason: String, log_file: &Path) -> KeeperError {
         reason,
         log: log_file.to_path_buf(),
         tail: super::tail(&text, 15),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_parent_and_children_of_a_process_are_found_in_proc() {
+        let me = std::process::id();
+        let parent = nix::unistd::getppid().as_raw() as u32;
+        assert_eq!(parent_of(me), Some(parent));
+        assert!(children_of(parent).contains(&me));
+        assert!(!children_of(me).contains(&me));
+    }
+
+    #[tokio::test]
+    async fn kill_tree_ends_a_process_and_its_children_that_ignore_polite_signals() {
+        // A shell that ignores SIGINT and SIGQUIT, with a child in its own session.
+        let mut sh = std::process::Command::new("sh")
+            .args(["-c", "trap '' INT QUIT; setsid sleep 600 & echo $!; wait"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(sh.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let grandchild: i32 = line.trim().parse().unwrap();
+        let alive = |pid: i32| {
+            // A zombie counts as gone.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s.contains(") Z "))
+                .unwrap_or(false)
+        };
+        assert!(alive(grandchild));
+        kill_tree(sh.id());
+        let status = sh.wait().unwrap();
+        assert!(!status.success());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive(grandchild) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!alive(grandchild), "the child in its own session survived");
     }
 }

@@ -1,0 +1,242 @@
+//! Report order: the leader never applies a keeper's report after a newer one from the
+//! same keeper process, nor one that spent much longer in flight than its predecessors.
+//!
+//! A keeper stamps every report with its process instance (a random id chosen at
+//! start), a sequence (increasing with every request it sends) and the time it sent it
+//! on its own monotonic clock (`sent_ms`, milliseconds since the process started). No
+//! clock of one host is ever compared with a clock of another: a report's lateness is
+//! measured against the newest admitted report of the same process, `(now - received) -
+//! (sent_ms - its sent_ms)`, which is how much longer this one took to arrive than that
+//! one did. The only assumption is that the two clocks run at nearly the same rate: the
+//! allowance grows by an eighth of the keeper-side interval, so even a keeper clock 12 %
+//! slow never has its fresh reports refused, however long it was cut off.
+//! A report is refused when it is
+//! * not newer (by sequence) than the newest admitted from that process: reordered, or a
+//!   retry of a request that already arrived;
+//! * from a process instance that has been replaced by a newer one;
+//! * later than `max_delay_ms` (the formation's lease: a keeper counts its lease from
+//!   when it sent the report, so an answer to an older report grants nothing) plus that
+//!   allowance.
+//!
+//! What it cannot see: a leader that has never admitted a report from a process judges
+//! its first one by nothing (a new leader's first report from each keeper is admitted).
+
+use std::collections::BTreeMap;
+
+use crate::model::{Millis, NodeId};
+
+/// How a keeper stamped one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportStamp {
+    /// Random per keeper process, never 0 (0: a keeper that does not stamp, which is
+    /// admitted unjudged).
+    pub instance: u64,
+    pub sequence: u64,
+    /// The keeper's monotonic clock when it sent the report.
+    pub sent_ms: u64,
+}
+
+/// Why a report was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StaleReport {
+    Superseded { sequence: u64, newest: u64 },
+    OldProcess { instance: u64 },
+    Delayed { late_ms: u64, allowed_ms: u64 },
+}
+
+impl std::fmt::Display for StaleReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StaleReport::Superseded { sequence, newest } => write!(
+                f,
+                "report {sequence} arrived after report {newest} of the same keeper process"
+            ),
+            StaleReport::OldProcess { instance } => write!(
+                f,
+                "report from keeper process {instance:x}, which a newer process of the node has replaced"
+            ),
+            StaleReport::Delayed {
+                late_ms,
+                allowed_ms,
+            } => write!(
+                f,
+                "report arrived {late_ms} ms later than the keeper's previous ones (at most {allowed_ms} ms allowed)"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    stamp: ReportStamp,
+    received: Millis,
+}
+
+/// How many replaced process instances are remembered per node.
+const RETIRED_KEPT: usize = 8;
+
+/// The newest admitted report of every keeper, as one monitor member saw them.
+#[derive(Debug, Clone, Default)]
+pub struct ReportOrder {
+    newest: BTreeMap<NodeId, Mark>,
+    retired: BTreeMap<NodeId, Vec<u64>>,
+}
+
+impl ReportOrder {
+    /// Admits (and records) the report `stamp` of `node` received at `now`, or says why
+    /// it is stale; a refused report changes nothing.
+    pub fn admit(
+        &mut self,
+        node: NodeId,
+        stamp: ReportStamp,
+        now: Millis,
+        max_delay_ms: Millis,
+    ) -> Result<(), StaleReport> {
+        if stamp.instance == 0 {
+            return Ok(());
+        }
+        if self
+            .retired
+            .get(&node)
+            .is_some_and(|r| r.contains(&stamp.instance))
+        {
+            return Err(StaleReport::OldProcess {
+                instance: stamp.instance,
+            });
+        }
+        if let Some(m) = self.newest.get(&node) {
+            if m.stamp.instance == stamp.instance {
+                if stamp.sequence <= m.stamp.sequence {
+                    return Err(StaleReport::Superseded {
+                        sequence: stamp.sequence,
+                        newest: m.stamp.sequence,
+                    });
+                }
+                let (late, allowed) = lateness(m, stamp, now, max_delay_ms);
+                if late > allowed {
+                    return Err(StaleReport::Delayed {
+                        late_ms: late,
+                        allowed_ms: allowed,
+                    });
+                }
+            } else {
+                // A new process of this keeper (restarted): the old one is done.
+                let old = m.stamp.instance;
+                let r = self.retired.entry(node).or_default();
+                r.push(old);
+                if r.len() > RETIRED_KEPT {
+                    r.remove(0);
+                }
+            }
+        }
+        self.newest.insert(
+            node,
+            Mark {
+                stamp,
+                received: now,
+            },
+        );
+        Ok(())
+    }
+
+    /// Forget a node (dropped).
+    pub fn forget(&mut self, node: NodeId) {
+        self.newest.remove(&node);
+        self.retired.remove(&node);
+    }
+}
+
+/// (how much longer `stamp` took to arrive than the mark's report, what is allowed).
+fn lateness(m: &Mark, stamp: ReportStamp, now: Millis, max_delay_ms: Millis) -> (u64, u64) {
+    let since_mark = now.saturating_sub(m.received);
+    let keeper_interval = stamp.sent_ms.saturating_sub(m.stamp.sent_ms);
+    let late = since_mark.saturating_sub(keeper_interval);
+    (late, max_delay_ms.saturating_add(keeper_interval / 8))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn st(instance: u64, sequence: u64, sent_ms: u64) -> ReportStamp {
+        ReportStamp {
+            instance,
+            sequence,
+            sent_ms,
+        }
+    }
+
+    #[test]
+    fn newer_reports_are_admitted_and_older_ones_refused() {
+        let mut o = ReportOrder::default();
+        assert_eq!(o.admit(1, st(7, 10, 1_000), 50_000, 1_500), Ok(()));
+        assert_eq!(o.admit(1, st(7, 11, 1_200), 50_200, 1_500), Ok(()));
+        // Reordered in flight, or a retry of one already admitted.
+        assert_eq!(
+            o.admit(1, st(7, 10, 1_000), 50_250, 1_500),
+            Err(StaleReport::Superseded {
+                sequence: 10,
+                newest: 11
+            })
+        );
+        assert!(o.admit(1, st(7, 11, 1_200), 50_250, 1_500).is_err());
+        // Other nodes are judged on their own.
+        assert_eq!(o.admit(2, st(9, 1, 5), 50_300, 1_500), Ok(()));
+    }
+
+    #[test]
+    fn a_report_stuck_in_flight_is_refused_however_its_sequence_compares() {
+        let mut o = ReportOrder::default();
+        o.admit(1, st(7, 10, 1_000), 50_000, 1_500).unwrap();
+        // Sent 200 ms after the last one, but it arrives 20 s later (TCP retransmission
+        // towards a member that was cut off): nothing newer arrived in between.
+        let r = o.admit(1, st(7, 11, 1_200), 70_200, 1_500);
+        assert!(
+            matches!(
+                r,
+                Err(StaleReport::Delayed {
+                    late_ms: 20_000,
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+        // A refusal records nothing: the next report on time is admitted.
+        assert_eq!(o.admit(1, st(7, 12, 21_000), 70_100, 1_500), Ok(()));
+    }
+
+    #[test]
+    fn a_fresh_report_after_a_long_silence_is_admitted_even_with_a_slow_keeper_clock() {
+        let mut o = ReportOrder::default();
+        o.admit(1, st(7, 10, 1_000), 50_000, 1_500).unwrap();
+        // The keeper was cut off for 100 s by its clock, 110 s by the monitor's (10 %
+        // slow), and this report took 50 ms.
+        assert_eq!(o.admit(1, st(7, 11, 101_000), 160_050, 1_500), Ok(()));
+        // Up to the lease late on a steady beat is still fine; beyond, not.
+        assert_eq!(o.admit(1, st(7, 12, 101_200), 161_700, 1_500), Ok(()));
+        assert!(o.admit(1, st(7, 13, 101_400), 163_500, 1_500).is_err());
+    }
+
+    #[test]
+    fn a_restarted_keeper_is_heard_and_its_old_process_is_not() {
+        let mut o = ReportOrder::default();
+        o.admit(1, st(7, 500, 90_000), 50_000, 1_500).unwrap();
+        // A new process starts its sequence and clock afresh.
+        assert_eq!(o.admit(1, st(8, 1, 10), 51_000, 1_500), Ok(()));
+        assert_eq!(
+            o.admit(1, st(7, 501, 90_200), 51_100, 1_500),
+            Err(StaleReport::OldProcess { instance: 7 })
+        );
+        assert_eq!(o.admit(1, st(8, 2, 210), 51_200, 1_500), Ok(()));
+        o.forget(1);
+        assert_eq!(o.admit(1, st(7, 1, 0), 52_000, 1_500), Ok(()));
+    }
+
+    #[test]
+    fn unstamped_reports_are_admitted_unjudged() {
+        let mut o = ReportOrder::default();
+        o.admit(1, st(7, 10, 1_000), 50_000, 1_500).unwrap();
+        assert_eq!(o.admit(1, st(0, 0, 0), 90_000, 1_500), Ok(()));
+    }
+}
