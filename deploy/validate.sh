@@ -6,7 +6,8 @@
 #    ships the Kubernetes JSON schemas, so this runs offline) in strict mode, against
 #    the newest and an older Kubernetes release; and runs the pods' certificate copy
 #    (kubernetes/base/certs-sync.sh) on a Secret volume laid out as the kubelet does;
-#  * HAProxy: `haproxy -c` on both configurations;
+#  * HAProxy: `haproxy -c` on the three configurations;
+#  * compose: `docker-compose config` on deploy/compose (when a compose tool is there);
 #  * Prometheus: `promtool check config`, `promtool check rules` and the rules' unit
 #    tests (`promtool test rules`);
 #  * systemd: `systemd-analyze verify` on both units;
@@ -100,10 +101,24 @@ sh kubernetes/base/certs-sync.sh "$sec" "$cp" member.2 > /dev/null || die "certs
 echo "kubernetes/base/certs-sync.sh: copies only the pod's own files, key 0600, renewals included"
 
 step "HAProxy"
-for cfg in haproxy/haproxy.cfg kubernetes/base/haproxy.cfg; do
+for cfg in haproxy/haproxy.cfg kubernetes/base/haproxy.cfg compose/haproxy.cfg; do
   haproxy -c -q -f "$cfg" || die "haproxy -c $cfg"
   echo "$cfg: valid"
 done
+
+step "Compose file"
+# Interpolated with stand-in secrets: the real ones come from the operator's .env.
+if docker compose version >/dev/null 2>&1; then compose=(docker compose)
+elif command -v docker-compose >/dev/null; then compose=(docker-compose)
+else compose=(); fi
+if [ ${#compose[@]} -gt 0 ]; then
+  (cd compose && PGQUORUM_REPLICATION_PASSWORD=x PGQUORUM_APP_PASSWORD=x "${compose[@]}" -f docker-compose.yml config -q) ||
+    die "deploy/compose/docker-compose.yml is not a valid compose file"
+  echo "compose/docker-compose.yml: valid"
+else
+  echo "no compose tool: compose/docker-compose.yml not checked (install docker-compose to check it)"
+fi
+bash -n docker/build.sh compose/create-role.sh || die "shell syntax"
 
 step "Prometheus"
 promtool check config prometheus/prometheus.yml || die "promtool check config"

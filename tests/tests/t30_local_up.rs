@@ -24,7 +24,7 @@ fn free_base() -> u16 {
         if b > 60_000 {
             continue;
         }
-        let all = [1, 2, 3, 11, 12, 13, 21, 22, 23];
+        let all = [1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33];
         if all.iter().all(|o| port_free(b + o)) {
             return b;
         }
@@ -97,7 +97,7 @@ impl LocalUp {
     }
 
     fn ports(&self) -> Vec<u16> {
-        [1, 2, 3, 11, 12, 13, 21, 22, 23]
+        [1, 2, 3, 11, 12, 13, 21, 22, 23, 31, 32, 33]
             .iter()
             .map(|o| self.base + o)
             .collect()
@@ -194,6 +194,47 @@ async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_u
     let mut up = LocalUp::start(&dir, base, &log);
     let uri = up.wait_up(0);
     assert!(uri.contains("target_session_attrs=read-write"), "{uri}");
+
+    // The commands it prints work as printed: the exports name the monitors and the
+    // certificates (TLS is on); without them the CLI refuses; the viewer only reads.
+    let out = up.output();
+    let export = |var: &str| -> String {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("export {var}=")))
+            .map(|v| v.split_whitespace().next().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| panic!("no `export {var}=` line printed:\n{out}"))
+    };
+    let (monitors, certs) = (export("PGQUORUM_MONITOR"), export("PGQUORUM_CERTS_DIR"));
+    let cli = |args: &[&str], with_certs: bool| {
+        let mut cmd = std::process::Command::new(pgquorum_bin());
+        cmd.args(args)
+            .env("PGQUORUM_MONITOR", &monitors)
+            .env_remove("PGQUORUM_CERTS_DIR");
+        if with_certs {
+            cmd.env("PGQUORUM_CERTS_DIR", &certs);
+        }
+        let o = cmd.output().unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let (ok, text) = cli(&["show", "state", "--json"], true);
+    assert!(ok, "show state with the printed exports: {text}");
+    for node in ["node1", "node2", "node3"] {
+        assert!(
+            text.contains(&format!("\"{node}\"")),
+            "{node} missing: {text}"
+        );
+    }
+    let (ok, text) = cli(&["show", "state"], false);
+    assert!(!ok && text.contains("--certs-dir"), "{text}");
+    let (ok, text) = cli(&["perform", "switchover", "--client", "viewer"], true);
+    assert!(!ok && text.contains("operator role"), "{text}");
 
     // The printed URI takes commits, and they reach both standbys.
     let c = connect(&uri).await;

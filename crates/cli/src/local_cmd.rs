@@ -463,8 +463,12 @@ fn describe(nodes: &[NodeStatus]) -> Vec<String> {
         .collect()
 }
 
+/// A primary and `expected - 1` secondaries, each heard by the current leader with its
+/// PostgreSQL running: after a restart the group remembers the states it last saw, which
+/// say nothing about whether the servers are up yet.
 fn ready(nodes: &[NodeStatus], expected: usize) -> bool {
     nodes.len() == expected
+        && nodes.iter().all(|n| n.health == "healthy" && n.pg_running)
         && nodes
             .iter()
             .filter(|n| n.reported_state == "primary" && n.goal_state == "primary")

@@ -25,6 +25,8 @@ pub struct Instance {
     /// The latest assignment, as the heartbeat publishes it: a transition that waits
     /// (for streaming to start) gives up as soon as the goal it serves is replaced.
     pub assignments: Option<tokio::sync::watch::Receiver<Option<pgquorum_core::Assignment>>>,
+    /// The upstream address written into primary_conninfo last (None: by name only).
+    pub(crate) conf_upstream_addr: Option<std::net::IpAddr>,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -77,6 +79,7 @@ impl Instance {
             shared,
             postmaster: None,
             assignments: None,
+            conf_upstream_addr: None,
         })
     }
 
@@ -305,8 +308,14 @@ impl Instance {
     pub async fn rewind(&mut self, host: &HostName, port: u16) -> Result<()> {
         self.stop(StopMode::Fast).await;
         tracing::info!(step = "rewind", %host, port, "pg_rewind against the primary");
-        let source =
-            crate::pgconf::replication_conninfo(&self.settings, host, port, 5, "dbname=postgres");
+        let source = crate::pgconf::replication_conninfo(
+            &self.settings,
+            host,
+            None,
+            port,
+            5,
+            "dbname=postgres",
+        );
         let args: Vec<std::ffi::OsString> = vec![
             "-D".into(),
             self.pgdata().as_os_str().to_owned(),

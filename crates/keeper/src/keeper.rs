@@ -96,6 +96,11 @@ pub async fn run(
     };
     let hb_task = tokio::spawn(hb.run(source));
     let fence_task = tokio::spawn(fence(shared.clone(), settings.name.clone()));
+    let addresses_task = tokio::spawn(crate::addresses::follow(
+        shared.clone(),
+        rx.clone(),
+        settings.name.clone(),
+    ));
 
     tokio::pin!(shutdown);
     let mut applied: Option<Assignment> = None;
@@ -171,6 +176,7 @@ pub async fn run(
     };
     hb_task.abort();
     fence_task.abort();
+    addresses_task.abort();
     if !shared.hands_off.load(std::sync::atomic::Ordering::SeqCst) {
         inst.stop(StopMode::Fast).await;
     }

@@ -9,6 +9,7 @@
 //! primary behind without a lease (or after the keeper died), or change anything when
 //! the data directory belongs to another cluster.
 
+pub mod addresses;
 pub mod error;
 pub mod http;
 pub mod instance;

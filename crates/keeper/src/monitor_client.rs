@@ -110,7 +110,7 @@ impl Monitors {
         let mut last = String::new();
         for _ in 0..self.endpoints.len() * 2 {
             let (ep, mut c) = self.client()?;
-            match c.register_node(req.clone()).await {
+            match bounded(self.timeout, c.register_node(req.clone())).await {
                 Ok(r) => return Ok(r.into_inner()),
                 Err(s) => {
                     if s.code() == tonic::Code::InvalidArgument
@@ -141,7 +141,7 @@ impl Monitors {
             req.sequence = self.sequence;
             req.keeper_instance = self.instance;
             req.sent_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            match c.node_active(req.clone()).await {
+            match bounded(self.timeout, c.node_active(req.clone())).await {
                 Ok(r) => {
                     // Answered through a follower: beat to the leader directly from
                     // now on instead of costing two members every beat.
@@ -168,6 +168,19 @@ impl Monitors {
             "no member answered NodeActive; last: {last}"
         )))
     }
+}
+
+/// One call, given up after `timeout` whatever it waits on. The endpoint's own timeouts
+/// bound the TCP connect and the request, not the name lookup before the connect: a
+/// dead member's name behind a silent DNS server would hold the heartbeat, and the
+/// lease with it, for the resolver's whole timeout.
+async fn bounded<T>(
+    timeout: std::time::Duration,
+    call: impl std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+) -> std::result::Result<T, tonic::Status> {
+    tokio::time::timeout(timeout, call)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")))
 }
 
 /// The wire assignment as the core type, through the api crate's validation: an

@@ -3,6 +3,7 @@
 //! standby.signal. pg_basebackup and pg_rewind copy the source's files over ours, so
 //! everything here is rewritten after them too.
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use pgquorum_core::{HostName, PeerNode};
@@ -20,11 +21,12 @@ const HBA_END: &str = "# END pgquorum";
 pub enum Upstream {
     /// A primary (or a standby whose promotion is pending): no primary_conninfo.
     None,
-    /// Stream from this node (the primary), through this node's slot there.
-    Stream(PeerNode),
+    /// Stream from this node (the primary), through this node's slot there; at the
+    /// address its name last resolved to, when known ([`crate::addresses`]).
+    Stream(PeerNode, Option<IpAddr>),
     /// Stream from another standby (fast_forward) without a slot: only primaries keep
     /// slots for their peers, and a slot that does not exist stops streaming.
-    StreamNoSlot(PeerNode),
+    StreamNoSlot(PeerNode, Option<IpAddr>),
 }
 
 /// A postgresql.conf string literal.
@@ -40,18 +42,25 @@ pub fn conninfo_quote(v: &str) -> String {
 
 /// The conninfo a standby (or pg_rewind) uses to reach `host:port` as the replication
 /// role. The password is never in it: libpq reads it from the keeper's password file.
+/// With `hostaddr` libpq connects to that address and never resolves `host` (which
+/// still names the server to libpq): the WAL receiver cannot be interrupted inside a
+/// name lookup, and a dead host's name can take the resolver's whole timeout to fail.
 pub fn replication_conninfo(
     s: &Settings,
     host: &HostName,
+    hostaddr: Option<IpAddr>,
     port: u16,
     connect_timeout_s: u32,
     extra: &str,
 ) -> String {
-    let mut c = format!(
-        "host={} port={port} user={} connect_timeout={connect_timeout_s}",
-        conninfo_quote(host.as_str()),
+    let mut c = format!("host={}", conninfo_quote(host.as_str()));
+    if let Some(ip) = hostaddr {
+        c.push_str(&format!(" hostaddr={ip}"));
+    }
+    c.push_str(&format!(
+        " port={port} user={} connect_timeout={connect_timeout_s}",
         conninfo_quote(&s.replication_user),
-    );
+    ));
     if s.replication_password.is_some() {
         c.push_str(&format!(
             " passfile={}",
@@ -66,10 +75,11 @@ pub fn replication_conninfo(
 }
 
 /// The conninfo a standby uses to reach `primary`.
-pub fn primary_conninfo(s: &Settings, primary: &PeerNode) -> String {
+pub fn primary_conninfo(s: &Settings, primary: &PeerNode, hostaddr: Option<IpAddr>) -> String {
     replication_conninfo(
         s,
         &primary.host,
+        hostaddr,
         primary.port,
         2,
         &format!("application_name={}", conninfo_quote(&s.name)),
@@ -151,12 +161,18 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
             set("primary_conninfo", "''".into());
             set("primary_slot_name", "''".into());
         }
-        Upstream::Stream(p) => {
-            set("primary_conninfo", conf_quote(&primary_conninfo(s, p)));
+        Upstream::Stream(p, addr) => {
+            set(
+                "primary_conninfo",
+                conf_quote(&primary_conninfo(s, p, *addr)),
+            );
             set("primary_slot_name", conf_quote(&s.slot_name()));
         }
-        Upstream::StreamNoSlot(p) => {
-            set("primary_conninfo", conf_quote(&primary_conninfo(s, p)));
+        Upstream::StreamNoSlot(p, addr) => {
+            set(
+                "primary_conninfo",
+                conf_quote(&primary_conninfo(s, p, *addr)),
+            );
             set("primary_slot_name", "''".into());
         }
     }
@@ -357,13 +373,13 @@ mod tests {
         assert_eq!(conninfo_quote("a'b\\c d"), "'a\\'b\\\\c d'");
         let mut s = Settings::new("n1", "/d", 5432);
         s.replication_password = Some("p'w".into());
-        let c = primary_conninfo(&s, &peer("a", "10.0.0.1"));
+        let c = primary_conninfo(&s, &peer("a", "10.0.0.1"), None);
         assert!(!c.contains("password"), "{c}");
         assert!(!c.contains("p'w"), "{c}");
         assert!(c.contains("passfile='/d.pgpass'"), "{c}");
         assert!(c.contains("application_name='n1'"), "{c}");
         s.replication_password = None;
-        assert!(!primary_conninfo(&s, &peer("a", "10.0.0.1")).contains("passfile"));
+        assert!(!primary_conninfo(&s, &peer("a", "10.0.0.1"), None).contains("passfile"));
     }
 
     #[test]
@@ -437,10 +453,10 @@ mod tests {
         let mut s = Settings::new("n1", "/d", 5433);
         s.socket_dir = "/run/pg".into();
         s.pg_params.push(("work_mem".into(), "7MB".into()));
-        let t = render(&s, "", &Upstream::StreamNoSlot(peer("a", "10.0.0.1")));
+        let t = render(&s, "", &Upstream::StreamNoSlot(peer("a", "10.0.0.1"), None));
         assert!(t.contains("primary_slot_name = ''"), "{t}");
         assert!(t.contains("host=10.0.0.1") || t.contains("10.0.0.1"), "{t}");
-        let t = render(&s, "", &Upstream::Stream(peer("a", "10.0.0.1")));
+        let t = render(&s, "", &Upstream::Stream(peer("a", "10.0.0.1"), None));
         for line in [
             "port = 5433",
             "unix_socket_directories = '/run/pg'",
@@ -461,6 +477,21 @@ mod tests {
         assert!(p
             .lines()
             .any(|l| l == "synchronous_standby_names = 'ANY 1 (b)'"));
+    }
+
+    #[test]
+    fn a_resolved_upstream_is_reached_by_address() {
+        let s = Settings::new("n1", "/d", 5432);
+        let ip: IpAddr = "172.18.0.4".parse().unwrap();
+        let c = primary_conninfo(&s, &peer("a", "node1"), Some(ip));
+        assert!(
+            c.starts_with("host='node1' hostaddr=172.18.0.4 port=5433 "),
+            "{c}"
+        );
+        let t = render(&s, "", &Upstream::Stream(peer("a", "node1"), Some(ip)));
+        assert!(t.contains("hostaddr=172.18.0.4"), "{t}");
+        let t = render(&s, "", &Upstream::Stream(peer("a", "node1"), None));
+        assert!(!t.contains("hostaddr"), "{t}");
     }
 
     #[test]

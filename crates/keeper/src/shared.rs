@@ -42,6 +42,8 @@ pub struct Shared {
     pub postgres_restarts: AtomicU64,
     pub fences: AtomicU64,
     pub heartbeat_failures: AtomicU64,
+    /// The other nodes' addresses, learned while they resolve.
+    pub addresses: crate::addresses::Addresses,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -364,13 +364,18 @@ impl Instance {
             return Ok(());
         }
         let cd = self.check_identity().await?;
-        let up = match upstream {
-            // The fast-forward source is a standby, which keeps no slot for us.
-            Some(p) if a.goal_state == NodeState::FastForward => Upstream::StreamNoSlot(p.clone()),
-            Some(p) => Upstream::Stream(p.clone()),
-            None => Upstream::None,
+        let addr = match upstream {
+            Some(p) => {
+                self.shared
+                    .addresses
+                    .get_or_lookup(p.host.as_str(), p.port)
+                    .await
+            }
+            None => None,
         };
+        let up = standby_upstream(a, upstream.as_ref(), addr);
         let mut changed = pgconf::write_conf(self.pgdata(), &self.settings, "", &up)?;
+        self.conf_upstream_addr = addr;
         changed |= pgconf::write_hba(self.pgdata(), &self.settings, &a.peers)?;
         pgconf::set_standby_signal(self.pgdata(), true)?;
         if !self.is_running() {
@@ -450,6 +455,9 @@ impl Instance {
             return Ok(false);
         }
         let crashed = self.reap();
+        if self.is_running() && self.state.current_state == a.goal_state {
+            self.follow_upstream_address(a)?;
+        }
         if self.is_running() || !self.has_data() {
             return Ok(false);
         }
@@ -473,6 +481,47 @@ impl Instance {
             .postgres_restarts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(true)
+    }
+}
+
+impl Instance {
+    /// A standby whose upstream's name now resolves to another address than the one
+    /// in primary_conninfo (its container or pod came back elsewhere) is pointed at the
+    /// new one; no lookup here: [`crate::addresses::follow`] does them.
+    fn follow_upstream_address(&mut self, a: &Assignment) -> Result<()> {
+        let Target::Standby {
+            upstream: Some(p), ..
+        } = target(a)
+        else {
+            return Ok(());
+        };
+        let now = self.shared.addresses.get(p.host.as_str());
+        if now.is_none() || now == self.conf_upstream_addr {
+            return Ok(());
+        }
+        let up = standby_upstream(a, Some(&p), now);
+        if pgconf::write_conf(self.pgdata(), &self.settings, "", &up)? {
+            tracing::info!(node = %self.settings.name, upstream = %p.name, address = ?now, "following the upstream at its new address");
+            self.reload();
+        }
+        self.conf_upstream_addr = now;
+        Ok(())
+    }
+}
+
+/// How a standby streams from `upstream`, reached at `addr` when known.
+fn standby_upstream(
+    a: &Assignment,
+    upstream: Option<&PeerNode>,
+    addr: Option<std::net::IpAddr>,
+) -> Upstream {
+    match upstream {
+        // The fast-forward source is a standby, which keeps no slot for us.
+        Some(p) if a.goal_state == NodeState::FastForward => {
+            Upstream::StreamNoSlot(p.clone(), addr)
+        }
+        Some(p) => Upstream::Stream(p.clone(), addr),
+        None => Upstream::None,
     }
 }
 
