@@ -163,6 +163,7 @@ impl Cluster {
             }
             None => args.push("--insecure".into()),
         }
+        // NodeSpec::args lets loopback in; a cluster in namespaces adds its subnet.
         args.extend(["--monitor".to_string(), monitors, "--pg-hba".into(), hba]);
         args.extend(node.extra_args.iter().cloned());
         node.keeper = Some(Keeper::spawn_in(

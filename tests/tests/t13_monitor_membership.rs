@@ -11,6 +11,19 @@ use pgquorum_tests::monitor_group::{create_formation, MonitorGroup};
 
 const WAIT: Duration = Duration::from_secs(30);
 
+/// Waits until a just-started member accepts connections: add-member now asks the new
+/// member to prove its identity, and refuses one that is not listening yet.
+async fn listening(addr: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{addr} never listened"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn voters(v: &serde_json::Value) -> BTreeSet<u64> {
     v["members"]
         .as_array()
@@ -44,6 +57,7 @@ async fn grow_to_five_shrink_to_three_and_reseed_a_wiped_member_from_a_snapshot(
     g.start_joining(4);
     g.start_joining(5);
     for id in [4u64, 5] {
+        listening(&g.addr(id)).await;
         let (ok, out) = g.cli(&[
             "monitor",
             "add-member",
@@ -116,6 +130,36 @@ async fn grow_to_five_shrink_to_three_and_reseed_a_wiped_member_from_a_snapshot(
     create_formation(&g.client(), "three-again").await.unwrap();
     names.insert("three-again".into());
 
+    // Member 3's disk is damaged: it refuses to start, exits non-zero, and says how to
+    // bring it back (the drill below, as docs/operations.md gives it).
+    g.kill(3);
+    let data3 = g.members[&3].data_dir.clone();
+    for e in std::fs::read_dir(&data3).unwrap().flatten() {
+        if e.file_type().unwrap().is_file() {
+            std::fs::write(e.path(), vec![0xA5u8; 4096]).unwrap();
+        }
+    }
+    g.start(3);
+    let deadline = std::time::Instant::now() + WAIT;
+    let code = loop {
+        let p = g.members.get_mut(&3).unwrap().proc.as_mut().unwrap();
+        if let Some(c) = p.exit_code() {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "member 3 runs on a damaged data directory:\n{}",
+            g.log(3)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_ne!(code, 0);
+    let log = g.log(3);
+    assert!(
+        log.contains("remove-member") && log.contains("--join") && log.contains("add-member"),
+        "{log}"
+    );
+
     // Member 3 loses its disk: remove it, wipe, re-add it; it catches up by snapshot.
     g.kill(3);
     g.wipe(3);
@@ -127,6 +171,7 @@ async fn grow_to_five_shrink_to_three_and_reseed_a_wiped_member_from_a_snapshot(
         names.insert(n);
     }
     g.start_joining(3);
+    listening(&g.addr(3)).await;
     let (ok, out) = g.cli(&[
         "monitor",
         "add-member",

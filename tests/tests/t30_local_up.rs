@@ -226,7 +226,10 @@ async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_u
     let (ok, text) = cli(&["show", "state", "--json"], true);
     assert!(ok, "show state with the printed exports: {text}");
     for node in ["node1", "node2", "node3"] {
-        assert!(text.contains(&format!("\"{node}\"")), "{node} missing: {text}");
+        assert!(
+            text.contains(&format!("\"{node}\"")),
+            "{node} missing: {text}"
+        );
     }
     let (ok, text) = cli(&["show", "state"], false);
     assert!(!ok && text.contains("--certs-dir"), "{text}");

@@ -19,7 +19,10 @@ pub mod client;
 mod convert;
 mod status;
 
-pub use convert::{node_status, settings, ConvertError, NodeActive};
+pub use convert::{
+    check_formation_filter, member_address, node_status, settings, ConvertError, NodeActive,
+    MAX_REPLICATION_PEERS, MAX_REQUEST_BYTES,
+};
 pub use status::{
     leader_hint, leader_hint_in, no_leader, status_from_core, HOPS_HEADER, LEADER_HEADER,
     LOCAL_READ_HEADER, MAX_FORWARD_HOPS,

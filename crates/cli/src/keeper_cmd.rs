@@ -206,7 +206,9 @@ fn peer(spec: &str) -> anyhow::Result<PeerNode> {
     Ok(PeerNode {
         node_id: 0,
         name: name.to_string(),
-        host: host.to_string(),
+        host: host
+            .parse()
+            .map_err(|e| anyhow!("{}: {e}", pgquorum_core::quote_prefix(spec)))?,
         port: port
             .parse()
             .with_context(|| format!("{spec:?}: port {port:?} is not a port number"))?,

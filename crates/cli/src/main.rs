@@ -95,14 +95,26 @@ fn init_logging() {
         .init();
 }
 
+fn private_umask() {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging();
     let t = cli.trust;
     let result = match cli.command {
         Command::Cert(args) => cert_cmd::run(args, &t),
-        Command::Monitor(args) => monitor_cmd::run(args, &t),
-        Command::Keeper(args) => keeper_cmd::run(args, &t),
+        // Whatever a member or a keeper creates (data, state, logs, password file) is
+        // for its own user alone; explicit modes on the files that matter say so too.
+        Command::Monitor(args) => {
+            private_umask();
+            monitor_cmd::run(args, &t)
+        }
+        Command::Keeper(args) => {
+            private_umask();
+            keeper_cmd::run(args, &t)
+        }
         Command::Local(args) => local_cmd::run(args, &t),
         Command::Show { target, what } => block_on(ops_cmd::show(target, what, &t)),
         Command::Perform { target, what } => block_on(ops_cmd::perform(target, what, &t)),

@@ -1,6 +1,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
+use crate::input::HostName;
 use crate::model::{
     ClusterState, Event, Failover, Formation, FormationSettings, Group, GroupId, Lsn, Millis, Node,
     NodeId, NodeState, QuorumLossPolicy, DEFAULT_FORMATION, MAX_EVENTS,
@@ -22,7 +23,7 @@ pub enum Command {
     RegisterNode {
         formation: String,
         name: String,
-        host: String,
+        host: HostName,
         port: u16,
         candidate_priority: u8,
         replication_quorum: bool,
@@ -77,6 +78,14 @@ pub enum Command {
         formation: String,
         node: String,
     },
+    /// A node reported its PostgreSQL system identifier (proposed by the leader once per
+    /// node, from a heartbeat). The group learns its identifier from the first node that
+    /// reports one while holding a writable goal; after that, a node reporting another
+    /// one is refused (it runs another cluster's data directory).
+    RecordSystemIdentifier {
+        node_id: NodeId,
+        system_identifier: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,12 +116,13 @@ pub enum Outcome {
     },
 }
 
+/// Nodes per group: the primary keeps a replication slot and a WAL sender for each
+/// other node, and the keeper configures 16 of each (with room for a clone and a
+/// rewind running at once). A rogue or left-behind registration costs one of them.
+pub const MAX_GROUP_NODES: usize = 12;
+
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    crate::input::check_formation_name(name).is_ok()
 }
 
 fn formation_name(name: &str) -> &str {
@@ -246,6 +256,10 @@ impl ClusterState {
                 timeline,
                 pg_running,
             } => self.report_state(*node_id, *state, *lsn, *timeline, *pg_running, now),
+            Command::RecordSystemIdentifier {
+                node_id,
+                system_identifier,
+            } => self.record_system_identifier(*node_id, *system_identifier, now),
             Command::AssignGoal {
                 node_id,
                 goal,
@@ -399,7 +413,7 @@ impl ClusterState {
         &mut self,
         formation: &str,
         name: &str,
-        host: &str,
+        host: &HostName,
         port: u16,
         candidate_priority: u8,
         replication_quorum: bool,
@@ -408,14 +422,10 @@ impl ClusterState {
         current_state: NodeState,
         now: Millis,
     ) -> Result<Outcome, CoreError> {
-        if !valid_name(name) {
+        crate::input::check_node_name(name).map_err(|e| CoreError::InvalidSetting(e.0))?;
+        if port == 0 {
             return Err(CoreError::InvalidSetting(format!(
-                "node name {name:?}: use 1-63 characters among a-z, 0-9, '-' and '_'"
-            )));
-        }
-        if host.is_empty() || port == 0 {
-            return Err(CoreError::InvalidSetting(format!(
-                "node {name}: host and port are required (got {host:?}:{port})"
+                "node {name}: port 0 is not a TCP port"
             )));
         }
         if candidate_priority > 100 {
@@ -428,10 +438,15 @@ impl ClusterState {
         }
         let group_id: GroupId = 0;
         let other_sysid = self
-            .group_nodes(formation, group_id)
-            .filter(|n| n.name != name)
-            .map(|n| n.system_identifier)
-            .find(|s| *s != 0);
+            .group(formation, group_id)
+            .map(|g| g.system_identifier)
+            .filter(|s| *s != 0)
+            .or_else(|| {
+                self.group_nodes(formation, group_id)
+                    .filter(|n| n.name != name)
+                    .map(|n| n.system_identifier)
+                    .find(|s| *s != 0)
+            });
         if let Some(existing) = other_sysid {
             if system_identifier != 0 && system_identifier != existing {
                 return Err(CoreError::NotAllowed(format!(
@@ -441,7 +456,7 @@ impl ClusterState {
         }
         if let Some(id) = self.node_by_name(formation, name).map(|n| n.id) {
             if let Some(n) = self.nodes.get_mut(&id) {
-                n.host = host.to_string();
+                n.host = host.clone();
                 n.port = port;
                 if system_identifier != 0 {
                     n.system_identifier = system_identifier;
@@ -464,7 +479,13 @@ impl ClusterState {
                 },
             );
         }
-        let first = self.group_nodes(formation, group_id).next().is_none();
+        let size = self.group_nodes(formation, group_id).count();
+        if size >= MAX_GROUP_NODES {
+            return Err(CoreError::NotAllowed(format!(
+                "node {name}: the group already has {size} nodes, the most it may have (each standby holds a replication slot and a WAL sender on the primary); drop a node first"
+            )));
+        }
+        let first = size == 0;
         let goal = if first {
             NodeState::Single
         } else {
@@ -479,7 +500,7 @@ impl ClusterState {
                 formation: formation.to_string(),
                 group_id,
                 name: name.to_string(),
-                host: host.to_string(),
+                host: host.clone(),
                 port,
                 candidate_priority,
                 replication_quorum,
@@ -517,6 +538,66 @@ impl ClusterState {
                 "node {name} registered as node {id} in group {group_id}, goal {goal}"
             ),
         })
+    }
+
+    fn record_system_identifier(
+        &mut self,
+        node_id: NodeId,
+        sysid: u64,
+        now: Millis,
+    ) -> Result<Outcome, CoreError> {
+        if sysid == 0 {
+            return Err(CoreError::InvalidSetting(
+                "system identifier 0 is unknown, not an identifier".into(),
+            ));
+        }
+        self.check_system_identifier(node_id, sysid)?;
+        let Some(node) = self.nodes.get_mut(&node_id) else {
+            return Err(CoreError::UnknownNode(node_id.to_string()));
+        };
+        node.system_identifier = sysid;
+        let writable = node.goal_state.is_writable();
+        let (formation, group_id, name) =
+            (node.formation.clone(), node.group_id, node.name.clone());
+        let mut learned = false;
+        if writable {
+            if let Some(g) = self.group_mut(&formation, group_id) {
+                if g.system_identifier == 0 {
+                    g.system_identifier = sysid;
+                    learned = true;
+                }
+            }
+        }
+        if learned {
+            self.push_event(
+                now,
+                &formation,
+                group_id,
+                Some((node_id, &name)),
+                format!("the group's PostgreSQL system identifier is {sysid} (from {name})"),
+            );
+        }
+        Ok(Outcome::Done {
+            description: format!("node {name}: system identifier {sysid}"),
+        })
+    }
+
+    /// Refuses a node whose data directory belongs to another cluster than its group's.
+    pub fn check_system_identifier(&self, node_id: NodeId, sysid: u64) -> Result<(), CoreError> {
+        let Some(node) = self.nodes.get(&node_id) else {
+            return Err(CoreError::UnknownNode(node_id.to_string()));
+        };
+        let group = self
+            .group(&node.formation, node.group_id)
+            .map(|g| g.system_identifier)
+            .unwrap_or(0);
+        if sysid != 0 && group != 0 && sysid != group {
+            return Err(CoreError::NotAllowed(format!(
+                "node {}: its data directory belongs to another cluster (system identifier {sysid}, the group's is {group}); remove the data directory so that the node is cloned afresh",
+                node.name
+            )));
+        }
+        Ok(())
     }
 
     fn report_state(

@@ -1,5 +1,7 @@
 use thiserror::Error;
 
+use crate::input::quote_prefix;
+
 /// Broad class of an error, so the API layer can map it to a status code without
 /// matching on every variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,15 +15,15 @@ pub enum ErrorKind {
 /// Why a command was refused. A refused command changes nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CoreError {
-    #[error("formation {0:?} does not exist")]
+    #[error("formation {} does not exist", quote_prefix(.0))]
     UnknownFormation(String),
-    #[error("formation {0:?} already exists")]
+    #[error("formation {} already exists", quote_prefix(.0))]
     FormationExists(String),
-    #[error("invalid formation name {0:?}: use 1-63 characters among a-z, 0-9, '-' and '_'")]
+    #[error("invalid formation name {}: use 1-63 characters among a-z, 0-9, '-' and '_'", quote_prefix(.0))]
     InvalidFormationName(String),
-    #[error("formation {0:?} still has nodes; drop them first")]
+    #[error("formation {} still has nodes; drop them first", quote_prefix(.0))]
     FormationNotEmpty(String),
-    #[error("node {0:?} does not exist")]
+    #[error("node {} does not exist", quote_prefix(.0))]
     UnknownNode(String),
     #[error("invalid setting: {0}")]
     InvalidSetting(String),

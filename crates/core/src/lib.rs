@@ -15,6 +15,7 @@ mod candidate;
 mod command;
 mod error;
 mod health;
+mod input;
 mod lease;
 mod model;
 mod orchestrate;
@@ -23,9 +24,15 @@ mod sync;
 mod transitions;
 
 pub use candidate::{fast_forward_source, target_lsn, witnesses};
-pub use command::{fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_SYNC_STANDBYS};
+pub use command::{
+    fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_GROUP_NODES, MAX_SYNC_STANDBYS,
+};
 pub use error::{CoreError, ErrorKind};
 pub use health::{Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
+pub use input::{
+    check_formation_name, check_node_name, quote_prefix, HostName, InvalidValue,
+    MAX_FORMATION_NAME_LEN, MAX_HOST_LEN, MAX_NODE_NAME_LEN,
+};
 pub use lease::{
     joint_quorum_acked_at, lease_base, lease_surely_expired, lease_surely_expired_at,
     may_grant_lease, quorum_acked_at,

@@ -2,6 +2,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::input::HostName;
+
 /// Milliseconds since the Unix epoch, as passed in by the caller.
 pub type Millis = u64;
 pub type NodeId = u64;
@@ -143,7 +145,7 @@ pub struct Node {
     pub formation: String,
     pub group_id: GroupId,
     pub name: String,
-    pub host: String,
+    pub host: HostName,
     pub port: u16,
     /// 0 = never promote; 1-100.
     pub candidate_priority: u8,
@@ -248,6 +250,10 @@ pub struct Group {
     /// without a synchronous standby.
     #[serde(default)]
     pub floor_unknown: Option<NodeId>,
+    /// The PostgreSQL system identifier of the group's cluster, learned from its first
+    /// primary (0 until then). A node reporting another one is refused.
+    #[serde(default)]
+    pub system_identifier: u64,
 }
 
 /// An entry of the bounded event history: what changed and why.

@@ -7,6 +7,7 @@ use crate::candidate::{fast_forward_source, rank, witnesses};
 use crate::command::{fmt_lsn, Command};
 use crate::error::CoreError;
 use crate::health::{HealthTable, NodeReport};
+use crate::input::HostName;
 use crate::lease::lease_surely_expired;
 use crate::model::{
     ClusterState, FormationSettings, Group, GroupId, Millis, Node, NodeId, NodeState,
@@ -18,7 +19,7 @@ use crate::sync::{render, requirement, Requirement};
 pub struct PeerNode {
     pub node_id: NodeId,
     pub name: String,
-    pub host: String,
+    pub host: HostName,
     pub port: u16,
 }
 
@@ -72,21 +73,36 @@ pub fn on_heartbeat(
             // The stopped old primary's final LSN, should it have to restart in place.
             || (report.current_state.is_stopped()
                 && failover.is_some_and(|f| f.old_primary == node.id)));
+    // Learned once per node (a Raft write the first time only), and refused when it
+    // contradicts the group's: the service refuses such a heartbeat before this.
+    let mut out = Vec::new();
+    if report.system_identifier != 0
+        && report.system_identifier != node.system_identifier
+        && state
+            .check_system_identifier(node.id, report.system_identifier)
+            .is_ok()
+    {
+        out.push(Command::RecordSystemIdentifier {
+            node_id: node.id,
+            system_identifier: report.system_identifier,
+        });
+    }
     if node.reported_state == report.current_state
         && node.pg_running == report.pg_running
         && (node.timeline == report.timeline || report.timeline == 0)
         && !stale_lsn
         && !lsn_moved
     {
-        return Vec::new();
+        return out;
     }
-    vec![Command::ReportState {
+    out.push(Command::ReportState {
         node_id: node.id,
         state: report.current_state,
         lsn: report.current_lsn,
         timeline: report.timeline,
         pg_running: report.pg_running,
-    }]
+    });
+    out
 }
 
 /// A node is unhealthy when the leader has not heard from it for a lease and its margin.

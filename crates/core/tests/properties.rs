@@ -72,7 +72,7 @@ fn to_command(state: &ClusterState, op: &Op) -> Command {
         Op::Register(n) => Command::RegisterNode {
             formation: f,
             name: name(*n),
-            host: "h".into(),
+            host: "h".parse().unwrap(),
             port: 5432,
             candidate_priority: 50,
             replication_quorum: true,

@@ -39,7 +39,7 @@ impl Cluster {
                 &Command::RegisterNode {
                     formation: DEFAULT_FORMATION.into(),
                     name: name.into(),
-                    host: "10.0.0.1".into(),
+                    host: "10.0.0.1".parse().unwrap(),
                     port: 5432,
                     candidate_priority: priority,
                     replication_quorum: true,
@@ -1147,6 +1147,100 @@ fn deciding_for_one_group_decides_what_the_whole_run_decides_for_it() {
     assert!(orchestrate_group(&c.state, &c.health, c.now, "nope", 0).is_empty());
 }
 
+#[test]
+fn the_group_learns_its_system_identifier_and_refuses_another_cluster() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    let group = |c: &Cluster| {
+        c.state
+            .group(DEFAULT_FORMATION, 0)
+            .unwrap()
+            .system_identifier
+    };
+    assert_eq!(group(&c), 0);
+    // A standby's report alone does not define the group.
+    let b = c.id("b");
+    c.apply(Command::RecordSystemIdentifier {
+        node_id: b,
+        system_identifier: 7,
+    })
+    .unwrap();
+    assert_eq!(group(&c), 0);
+    // The first primary's does (the beat reports 7).
+    c.beat("a", Single, 100);
+    assert_eq!(group(&c), 7);
+    assert_eq!(c.node("a").system_identifier, 7);
+    // Once learned, a beat costs no write.
+    let report = NodeReport {
+        node_id: c.id("a"),
+        current_state: Single,
+        pg_running: true,
+        pg_in_recovery: false,
+        current_lsn: 100,
+        received_lsn: 100,
+        replayed_lsn: 100,
+        timeline: 1,
+        system_identifier: 7,
+        replication: vec![],
+        sequence: 1000,
+    };
+    c.health.observe(report.clone(), c.now);
+    assert_eq!(on_heartbeat(&c.state, &c.health, &report, c.now), vec![]);
+    // Another cluster's data directory: refused at registration and as a report.
+    let foreign = Command::RegisterNode {
+        formation: DEFAULT_FORMATION.into(),
+        name: "x".into(),
+        host: "10.0.0.9".parse().unwrap(),
+        port: 5432,
+        candidate_priority: 50,
+        replication_quorum: true,
+        system_identifier: 8,
+        pg_major_version: 15,
+        current_state: Init,
+    };
+    let e = c.apply(foreign).unwrap_err();
+    assert!(e.to_string().contains("another cluster"), "{e}");
+    assert!(c.state.node_by_name(DEFAULT_FORMATION, "x").is_none());
+    let e = c
+        .state
+        .check_system_identifier(b, 8)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("another cluster"), "{e}");
+    assert!(c
+        .apply(Command::RecordSystemIdentifier {
+            node_id: b,
+            system_identifier: 8,
+        })
+        .is_err());
+    assert_eq!(c.node("b").system_identifier, 7);
+}
+
+#[test]
+fn a_group_has_a_bounded_number_of_nodes() {
+    let mut c = Cluster::new();
+    for i in 0..MAX_GROUP_NODES {
+        c.register(&format!("n{i}"), 50);
+    }
+    let e = c
+        .apply(Command::RegisterNode {
+            formation: DEFAULT_FORMATION.into(),
+            name: "one-too-many".into(),
+            host: "10.0.0.9".parse().unwrap(),
+            port: 5432,
+            candidate_priority: 50,
+            replication_quorum: true,
+            system_identifier: 0,
+            pg_major_version: 15,
+            current_state: Init,
+        })
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    // A node already registered may register again (a keeper restart).
+    c.register("n0", 50);
+}
+
 /// The names `name` is told to run.
 fn sync_names(c: &Cluster, name: &str) -> String {
     assignment(&c.state, c.id(name), c.now)
@@ -1244,7 +1338,7 @@ fn a_primary_whose_standbys_may_not_count_waits_for_a_standby_that_does_not_exis
     c.apply(Command::RegisterNode {
         formation: DEFAULT_FORMATION.into(),
         name: "b".into(),
-        host: "10.0.0.2".into(),
+        host: "10.0.0.2".parse().unwrap(),
         port: 5432,
         candidate_priority: 50,
         replication_quorum: false,

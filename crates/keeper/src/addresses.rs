@@ -93,7 +93,7 @@ pub async fn follow(shared: Arc<Shared>, mut rx: watch::Receiver<Option<Assignme
                 .iter()
                 .chain(a.primary.iter())
                 .filter(|p| p.name != own)
-                .map(|p| (p.host.clone(), p.port))
+                .map(|p| (p.host.to_string(), p.port))
                 .collect(),
             None => BTreeSet::new(),
         };

@@ -4,10 +4,12 @@
 //! Unlike Patroni's `/primary` (which follows the leader lock even when postgres is
 //! dead), every answer here also requires postgres itself to be up and answering.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
 
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -25,15 +27,15 @@ struct App {
 
 pub fn router(shared: Arc<Shared>, name: String) -> Router {
     let app = App { shared, name };
-    let probe = |f: fn(&Facts, &HashMap<String, String>) -> bool| {
+    let probe = |f: fn(&Facts, &Params) -> bool| {
         get(
             move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
-                answer(&app, |facts| f(facts, &q))
+                answer(&app, &q, f)
             },
         )
         .options(
             move |State(app): State<App>, Query(q): Query<HashMap<String, String>>| async move {
-                answer(&app, |facts| f(facts, &q))
+                answer(&app, &q, f)
             },
         )
     };
@@ -49,6 +51,67 @@ pub fn router(shared: Arc<Shared>, name: String) -> Router {
         .route("/", probe(|f, _| f.primary))
         .route("/metrics", get(metrics))
         .with_state(app)
+}
+
+/// Connections the HTTP server keeps open at once. A probe needs one for a few
+/// milliseconds; when a client holds them all (idle connections by the thousand), the
+/// oldest is closed to make room, so that a new probe is always served.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A connection must deliver a request's headers within this time (an idle keep-alive
+/// connection waiting for its next request included), or it is closed.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer than this, however busy.
+pub const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(60);
+
+/// The open connections, oldest first: an id, and the sender whose drop closes it.
+type OpenConnections = VecDeque<(u64, oneshot::Sender<()>)>;
+
+/// Serves `router` on `listener` with the bounds above. Accept errors (out of file
+/// descriptors under a flood) are waited out, never fatal: the probes must outlive
+/// the flood.
+pub async fn serve(listener: tokio::net::TcpListener, router: Router) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let open: Arc<Mutex<OpenConnections>> = Arc::default();
+    let mut next_id = 0u64;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "HTTP accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        next_id += 1;
+        let id = next_id;
+        let (close_tx, close_rx) = oneshot::channel::<()>();
+        if let Ok(mut q) = open.lock() {
+            while q.len() >= MAX_CONNECTIONS {
+                // Dropping the sender wakes the oldest connection's task, which closes it.
+                q.pop_front();
+            }
+            q.push_back((id, close_tx));
+        }
+        let svc = TowerToHyperService::new(router.clone());
+        let open = open.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = close_rx => {}
+                _ = tokio::time::sleep(MAX_CONNECTION_LIFE) => {}
+            }
+            if let Ok(mut q) = open.lock() {
+                q.retain(|(i, _)| *i != id);
+            }
+        });
+    }
 }
 
 /// What the endpoints decide on, computed once per request.
@@ -113,15 +176,38 @@ fn facts(app: &App) -> Facts {
     }
 }
 
+/// The query parameters a probe understands, checked before any answer is given.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Params {
+    /// `?lag=`: the most lag (bytes) a replica may have and still answer 200.
+    max_lag: Option<u64>,
+}
+
+impl Params {
+    /// A malformed value is the caller's mistake, not an unhealthy node: it gets a 400
+    /// that says what is wrong (a 503 would read as "replica down" in HAProxy).
+    fn parse(q: &HashMap<String, String>) -> Result<Params, String> {
+        let max_lag = match q.get("lag") {
+            None => None,
+            Some(v) => Some(parse_bytes(v).ok_or_else(|| {
+                format!(
+                    "lag={}: expected a number of bytes, optionally with kB, MB or GB",
+                    pgquorum_core::quote_prefix(v)
+                )
+            })?),
+        };
+        Ok(Params { max_lag })
+    }
+}
+
 /// `/replica`: a streaming standby; `?lag=` bounds the lag (bytes, or with kB/MB/GB).
-fn replica_ok(f: &Facts, q: &HashMap<String, String>) -> bool {
+fn replica_ok(f: &Facts, p: &Params) -> bool {
     if !f.streaming {
         return false;
     }
-    match q.get("lag").map(|v| parse_bytes(v)) {
+    match p.max_lag {
         None => true,
-        Some(None) => false,
-        Some(Some(max)) => f.lag_bytes.unwrap_or(u64::MAX) <= max,
+        Some(max) => f.lag_bytes.unwrap_or(u64::MAX) <= max,
     }
 }
 
@@ -140,9 +226,19 @@ pub fn parse_bytes(v: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
-fn answer(app: &App, ok: impl Fn(&Facts) -> bool) -> Response {
+fn answer(app: &App, q: &HashMap<String, String>, ok: fn(&Facts, &Params) -> bool) -> Response {
+    let params = match Params::parse(q) {
+        Ok(p) => p,
+        Err(reason) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({ "error": reason })),
+            )
+                .into_response()
+        }
+    };
     let f = facts(app);
-    let code = if ok(&f) {
+    let code = if ok(&f, &params) {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -254,6 +350,7 @@ async fn metrics(State(app): State<App>) -> Response {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -263,6 +360,17 @@ mod tests {
         assert_eq!(parse_bytes("1kB"), Some(1024));
         assert_eq!(parse_bytes("x"), None);
         assert_eq!(parse_bytes("5 parsecs"), None);
+    }
+
+    #[test]
+    fn bad_queries_are_refused_with_a_reason() {
+        let q = |v: &str| HashMap::from([("lag".to_string(), v.to_string())]);
+        assert_eq!(Params::parse(&q("16MB")).unwrap().max_lag, Some(16 << 20));
+        assert_eq!(Params::parse(&HashMap::new()).unwrap(), Params::default());
+        let e = Params::parse(&q("abc")).unwrap_err();
+        assert!(e.contains("lag=\"abc\""), "{e}");
+        let e = Params::parse(&q(&"9".repeat(100_000))).unwrap_err();
+        assert!(e.len() < 200, "{e}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pgquorum_core::HostName;
 use tokio_postgres::Client;
 
 use crate::error::{KeeperError, Result};
@@ -58,7 +59,15 @@ impl Instance {
             std::fs::rename(&old, &settings.pgdata)
                 .map_err(|e| KeeperError::io(format!("renaming {}", old.display()), e))?;
         }
+        // Refused before the keeper registers, so that a keeper that cannot run leaves
+        // no node (and no replication slot on the primary) behind. A postmaster of this
+        // data directory that is still going down (its keeper just died) holds the port
+        // legitimately; start() waits for it.
+        if postmaster::running_pid(&settings.pgdata).is_none() {
+            postmaster::check_port_free(&settings.listen_addresses, settings.pg_port)?;
+        }
         let state = RunState::load(&settings.state_file)?;
+        crate::pgconf::write_passfile(&settings)?;
         shared.update_status(|s| {
             s.node_id = state.node_id;
             s.current_state = Some(state.current_state);
@@ -228,7 +237,11 @@ impl Instance {
             dir.clone().into(),
             "-U".into(),
             self.settings.superuser.clone().into(),
-            "--auth-local=trust".into(),
+            // Local connections by peer: the keeper (and postgres) run as one OS user,
+            // and no other local user may become the superuser. The managed block of
+            // pg_hba.conf repeats this, with a user map when the superuser's name is not
+            // the OS user's.
+            "--auth-local=peer".into(),
             "--auth-host=scram-sha-256".into(),
             "-E".into(),
             "UTF8".into(),
@@ -246,22 +259,20 @@ impl Instance {
 
     /// pg_basebackup from `host:port` into a new directory that replaces --pgdata only
     /// once the copy is complete.
-    pub async fn basebackup(&mut self, host: &str, port: u16) -> Result<()> {
+    pub async fn basebackup(&mut self, host: &HostName, port: u16) -> Result<()> {
         self.stop(StopMode::Fast).await;
         let target = self.pgdata().to_path_buf();
         let new = sibling(&target, "pgquorum-new");
         let old = sibling(&target, "pgquorum-old");
         remove_dir(&new)?;
-        tracing::info!(step = "basebackup", host, port, into = %new.display(), "cloning the primary");
+        tracing::info!(step = "basebackup", %host, port, into = %new.display(), "cloning the primary");
         let args: Vec<std::ffi::OsString> = vec![
             "-D".into(),
             new.clone().into(),
-            "-h".into(),
-            host.into(),
-            "-p".into(),
-            port.to_string().into(),
-            "-U".into(),
-            self.settings.replication_user.clone().into(),
+            // One argument each (`--opt=value`): no value can be read as an option.
+            format!("--host={host}").into(),
+            format!("--port={port}").into(),
+            format!("--username={}", self.settings.replication_user).into(),
             "-X".into(),
             "stream".into(),
             "-c".into(),
@@ -290,22 +301,29 @@ impl Instance {
         Ok(())
     }
 
-    /// The replication password for libpq tools, through the environment so that it
-    /// never shows in the process list.
+    /// The replication password for libpq tools: the path of the keeper's password
+    /// file, so that the password is in no process's environment or arguments.
     fn password_env(&self) -> Vec<(&'static str, &str)> {
-        match self.settings.replication_password.as_deref() {
-            Some(pw) if !pw.is_empty() => vec![("PGPASSWORD", pw)],
+        match (
+            &self.settings.replication_password,
+            self.settings.passfile.to_str(),
+        ) {
+            (Some(_), Some(p)) => vec![("PGPASSFILE", p)],
             _ => Vec::new(),
         }
     }
 
     /// pg_rewind against `host:port`. postgres must be stopped.
-    pub async fn rewind(&mut self, host: &str, port: u16) -> Result<()> {
+    pub async fn rewind(&mut self, host: &HostName, port: u16) -> Result<()> {
         self.stop(StopMode::Fast).await;
-        tracing::info!(step = "rewind", host, port, "pg_rewind against the primary");
-        let source = format!(
-            "host={host} port={port} user={} dbname=postgres connect_timeout=5",
-            self.settings.replication_user
+        tracing::info!(step = "rewind", %host, port, "pg_rewind against the primary");
+        let source = crate::pgconf::replication_conninfo(
+            &self.settings,
+            host,
+            None,
+            port,
+            5,
+            "dbname=postgres",
         );
         let args: Vec<std::ffi::OsString> = vec![
             "-D".into(),

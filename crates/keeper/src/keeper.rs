@@ -65,11 +65,7 @@ pub async fn run(
         let router = crate::http::router(shared.clone(), settings.name.clone());
         match settings.http_tls.clone() {
             None => {
-                tokio::spawn(async move {
-                    if let Err(e) = axum::serve(listener, router).await {
-                        tracing::error!(error = %e, "HTTP server stopped");
-                    }
-                });
+                tokio::spawn(crate::http::serve(listener, router));
             }
             Some(tls) => {
                 tracing::info!(%addr, "serving the HTTP endpoints over HTTPS");

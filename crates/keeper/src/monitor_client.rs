@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
-use pgquorum_core::{Assignment, NodeState, PeerNode};
+use pgquorum_core::Assignment;
 use pgquorum_trust::{Dial, Security};
 use tonic::transport::Channel;
 
@@ -153,6 +153,11 @@ impl Monitors {
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     return Err(KeeperError::UnknownNode(req.node_id));
                 }
+                // The group refuses this node as it is (another cluster's data
+                // directory): no lease, no assignment; the keeper stops.
+                Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                    return Err(KeeperError::Refused(format!("{ep}: {}", s.message())));
+                }
                 Err(s) => {
                     last = format!("{ep}: {} {}", s.code(), s.message());
                     self.next(Some(&s));
@@ -178,39 +183,29 @@ async fn bounded<T>(
         .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in time")))
 }
 
-fn peer(p: &pb::PeerNode) -> Result<PeerNode> {
-    Ok(PeerNode {
-        node_id: p.node_id,
-        name: p.name.clone(),
-        host: p.host.clone(),
-        port: u16::try_from(p.port)
-            .map_err(|_| KeeperError::Monitor(format!("peer {} has port {}", p.name, p.port)))?,
-    })
-}
-
-/// The wire assignment as the core type; an unknown goal state is an error, not a guess.
+/// The wire assignment as the core type, through the api crate's validation: an
+/// unknown goal state, a host that is not an address or host name, a name outside the
+/// node-name rules or an ill-formed synchronous_standby_names is an error, not a guess.
+/// Zero lease and heartbeat values (an older monitor) take the defaults.
 pub fn assignment_from_pb(a: &pb::Assignment) -> Result<Assignment> {
-    let goal_state = NodeState::parse(&a.goal_state)
-        .ok_or_else(|| KeeperError::Monitor(format!("unknown goal state {:?}", a.goal_state)))?;
-    Ok(Assignment {
-        goal_state,
-        primary: a.primary.as_ref().map(peer).transpose()?,
-        synchronous_standby_names: a.synchronous_standby_names.clone(),
-        peers: a.peers.iter().map(peer).collect::<Result<_>>()?,
-        lease_ms: if a.lease_ms == 0 { 1500 } else { a.lease_ms },
-        heartbeat_interval_ms: if a.heartbeat_interval_ms == 0 {
-            200
-        } else {
-            a.heartbeat_interval_ms
-        },
-        on_quorum_loss: a.on_quorum_loss.clone(),
-    })
+    let mut a = a.clone();
+    if a.lease_ms == 0 {
+        a.lease_ms = 1500;
+    }
+    if a.heartbeat_interval_ms == 0 {
+        a.heartbeat_interval_ms = 200;
+    }
+    if a.on_quorum_loss.is_empty() {
+        a.on_quorum_loss = "block".into();
+    }
+    Assignment::try_from(a).map_err(|e| KeeperError::Monitor(format!("refused assignment: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use pgquorum_core::NodeState;
 
     #[test]
     fn assignment_conversion_validates() {
@@ -232,6 +227,9 @@ mod tests {
         assert!(assignment_from_pb(&a).is_err());
         a.goal_state = "primary".into();
         a.primary.as_mut().unwrap().port = 70000;
+        assert!(assignment_from_pb(&a).is_err());
+        a.primary.as_mut().unwrap().port = 5432;
+        a.primary.as_mut().unwrap().host = "10.0.0.1 password=x".into();
         assert!(assignment_from_pb(&a).is_err());
     }
 }

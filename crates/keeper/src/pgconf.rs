@@ -6,10 +6,10 @@
 use std::net::IpAddr;
 use std::path::Path;
 
-use pgquorum_core::PeerNode;
+use pgquorum_core::{HostName, PeerNode};
 
 use crate::error::{KeeperError, Result};
-use crate::settings::Settings;
+use crate::settings::{Settings, TUNABLE_DEFAULTS};
 use crate::state::write_atomic;
 
 pub const INCLUDE_FILE: &str = "pgquorum.conf";
@@ -34,37 +34,87 @@ pub fn conf_quote(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
 }
 
-/// A libpq conninfo value.
-fn conninfo_quote(v: &str) -> String {
+/// A libpq conninfo value: single-quoted, with `\` and `'` backslash-escaped, so that
+/// any value stays one value (libpq's conninfo grammar).
+pub fn conninfo_quote(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// The conninfo a standby uses to reach `primary`. With `hostaddr` libpq connects to
-/// that address and never resolves `host` (which still names the server to libpq):
-/// the WAL receiver cannot be interrupted inside a name lookup, and a dead host's name
-/// can take the resolver's whole timeout to fail.
-pub fn primary_conninfo(
+/// The conninfo a standby (or pg_rewind) uses to reach `host:port` as the replication
+/// role. The password is never in it: libpq reads it from the keeper's password file.
+/// With `hostaddr` libpq connects to that address and never resolves `host` (which
+/// still names the server to libpq): the WAL receiver cannot be interrupted inside a
+/// name lookup, and a dead host's name can take the resolver's whole timeout to fail.
+pub fn replication_conninfo(
     s: &Settings,
-    primary: &PeerNode,
+    host: &HostName,
     hostaddr: Option<IpAddr>,
-    with_password: bool,
+    port: u16,
+    connect_timeout_s: u32,
+    extra: &str,
 ) -> String {
-    let mut c = format!("host={}", conninfo_quote(&primary.host));
+    let mut c = format!("host={}", conninfo_quote(host.as_str()));
     if let Some(ip) = hostaddr {
         c.push_str(&format!(" hostaddr={ip}"));
     }
     c.push_str(&format!(
-        " port={} user={} application_name={} connect_timeout=2",
-        primary.port,
+        " port={port} user={} connect_timeout={connect_timeout_s}",
         conninfo_quote(&s.replication_user),
-        conninfo_quote(&s.name),
     ));
-    if with_password {
-        if let Some(pw) = &s.replication_password {
-            c.push_str(&format!(" password={}", conninfo_quote(pw)));
-        }
+    if s.replication_password.is_some() {
+        c.push_str(&format!(
+            " passfile={}",
+            conninfo_quote(&s.passfile.to_string_lossy())
+        ));
+    }
+    if !extra.is_empty() {
+        c.push(' ');
+        c.push_str(extra);
     }
     c
+}
+
+/// The conninfo a standby uses to reach `primary`.
+pub fn primary_conninfo(s: &Settings, primary: &PeerNode, hostaddr: Option<IpAddr>) -> String {
+    replication_conninfo(
+        s,
+        &primary.host,
+        hostaddr,
+        primary.port,
+        2,
+        &format!("application_name={}", conninfo_quote(&s.name)),
+    )
+}
+
+/// One `.pgpass` field: `\` and `:` are backslash-escaped (libpq's rule).
+fn pgpass_field(v: &str) -> String {
+    v.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+/// Writes the replication password into the keeper's password file (0600), or removes
+/// the file when there is no password. Returns whether it changed.
+pub fn write_passfile(s: &Settings) -> Result<bool> {
+    let path = &s.passfile;
+    match &s.replication_password {
+        Some(pw) => {
+            // Settings::validate refuses control characters: one line, one entry.
+            let text = format!(
+                "*:*:*:{}:{}\n",
+                pgpass_field(&s.replication_user),
+                pgpass_field(pw)
+            );
+            if std::fs::read_to_string(path).ok().as_deref() == Some(text.as_str()) {
+                return Ok(false);
+            }
+            write_atomic(path, text.as_bytes(), 0o600)?;
+            Ok(true)
+        }
+        None => match std::fs::remove_file(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(KeeperError::io(format!("removing {}", path.display()), e)),
+        },
+    }
 }
 
 /// Renders pgquorum.conf.
@@ -73,7 +123,15 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
         "# Managed by pgquorum: rewritten by the keeper, do not edit.\n\
          # Add settings with the keeper's --pg-param NAME=VALUE.\n",
     );
-    let mut set = |k: &str, v: String| out.push_str(&format!("{k} = {v}\n"));
+    let overridden = |k: &str| {
+        TUNABLE_DEFAULTS.contains(&k) && s.pg_params.iter().any(|(p, _)| p.eq_ignore_ascii_case(k))
+    };
+    let mut set = |k: &str, v: String| {
+        // A tunable the operator set is written once, with the operator's value, below.
+        if !overridden(k) {
+            out.push_str(&format!("{k} = {v}\n"));
+        }
+    };
     set("port", s.pg_port.to_string());
     set("listen_addresses", conf_quote(&s.listen_addresses));
     set(
@@ -106,20 +164,20 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
         Upstream::Stream(p, addr) => {
             set(
                 "primary_conninfo",
-                conf_quote(&primary_conninfo(s, p, *addr, true)),
+                conf_quote(&primary_conninfo(s, p, *addr)),
             );
             set("primary_slot_name", conf_quote(&s.slot_name()));
         }
         Upstream::StreamNoSlot(p, addr) => {
             set(
                 "primary_conninfo",
-                conf_quote(&primary_conninfo(s, p, *addr, true)),
+                conf_quote(&primary_conninfo(s, p, *addr)),
             );
             set("primary_slot_name", "''".into());
         }
     }
     for (k, v) in &s.pg_params {
-        set(k, conf_quote(v));
+        out.push_str(&format!("{k} = {}\n", conf_quote(v)));
     }
     out
 }
@@ -155,20 +213,25 @@ pub fn write_conf(
     Ok(changed)
 }
 
-fn hba_address(host: &str) -> String {
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(_)) => format!("{host}/32"),
-        Ok(std::net::IpAddr::V6(_)) => format!("{host}/128"),
-        Err(_) => host.to_string(),
+/// A peer's address field: an IP address as a single-host CIDR, a host name as it is
+/// (a [`HostName`] is never a pg_hba.conf keyword and holds no blank, quote or '/').
+fn hba_address(host: &HostName) -> String {
+    match host.ip() {
+        Some(std::net::IpAddr::V4(_)) => format!("{host}/32"),
+        Some(std::net::IpAddr::V6(_)) => format!("{host}/128"),
+        None => host.to_string(),
     }
 }
 
-/// Puts the pgquorum block at the top of pg_hba.conf: replication (and pg_rewind's
-/// database connection) for every other node of the group. Returns whether it changed.
-pub fn write_hba(pgdata: &Path, s: &Settings, peers: &[PeerNode]) -> Result<bool> {
-    let path = pgdata.join("pg_hba.conf");
-    let body = std::fs::read_to_string(&path)
-        .map_err(|e| KeeperError::io(format!("reading {}", path.display()), e))?;
+/// The name of the user map in pg_ident.conf that lets the OS user running the keeper
+/// (and postgres) in as the superuser when the two names differ.
+const IDENT_MAP: &str = "pgquorum";
+
+/// The managed block of pg_hba.conf: replication (and pg_rewind's database
+/// connection) for every other node of the group, the operator's --pg-hba lines, and
+/// local connections by `peer` (never `trust`: any local user could otherwise log in
+/// as the superuser). `os_user` is the user postgres and the keeper run as.
+pub fn hba_block(s: &Settings, peers: &[PeerNode], os_user: Option<&str>) -> String {
     let mut block = format!("{HBA_BEGIN}\n");
     let mut hosts: Vec<String> = peers.iter().map(|p| hba_address(&p.host)).collect();
     hosts.sort();
@@ -183,8 +246,54 @@ pub fn write_hba(pgdata: &Path, s: &Settings, peers: &[PeerNode]) -> Result<bool
         block.push_str(line);
         block.push('\n');
     }
+    // After the operator's lines (first match wins, so theirs decide), before
+    // whatever initdb wrote below (an older keeper initialized with local trust).
+    let map = match os_user {
+        Some(u) if u != s.superuser => format!(" map={IDENT_MAP}"),
+        _ => String::new(),
+    };
+    block.push_str(&format!(
+        "local all all peer{map}\nlocal replication all peer{map}\n"
+    ));
     block.push_str(HBA_END);
     block.push('\n');
+    block
+}
+
+/// pg_ident.conf's managed block: `os_user` may log in as the superuser; everybody
+/// else only as themselves (plain peer). Empty when the names are the same.
+pub fn ident_block(s: &Settings, os_user: Option<&str>) -> String {
+    match os_user {
+        Some(u) if u != s.superuser => format!(
+            "{HBA_BEGIN}\n{IDENT_MAP} \"{}\" {}\n{IDENT_MAP} /^(.*)$ \\1\n{HBA_END}\n",
+            u.replace('"', ""),
+            s.superuser
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The OS user this process runs as (postgres runs as the same one).
+pub fn os_user() -> Option<String> {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// Replaces the managed block of `file` (or puts `block` at its top). Returns whether
+/// the file changed.
+fn write_block(path: &Path, block: &str) -> Result<bool> {
+    let body = match std::fs::read_to_string(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if block.is_empty() {
+                return Ok(false);
+            }
+            String::new()
+        }
+        Err(e) => return Err(KeeperError::io(format!("reading {}", path.display()), e)),
+    };
     // Keep everything outside our block as the operator left it.
     let mut rest = String::new();
     let mut inside = false;
@@ -206,8 +315,23 @@ pub fn write_hba(pgdata: &Path, s: &Settings, peers: &[PeerNode]) -> Result<bool
     if new == body {
         return Ok(false);
     }
-    write_atomic(&path, new.as_bytes(), 0o600)?;
+    write_atomic(path, new.as_bytes(), 0o600)?;
     Ok(true)
+}
+
+/// Puts the pgquorum blocks at the top of pg_hba.conf and pg_ident.conf. Returns
+/// whether either changed.
+pub fn write_hba(pgdata: &Path, s: &Settings, peers: &[PeerNode]) -> Result<bool> {
+    let user = os_user();
+    let hba = write_block(
+        &pgdata.join("pg_hba.conf"),
+        &hba_block(s, peers, user.as_deref()),
+    )?;
+    let ident = write_block(
+        &pgdata.join("pg_ident.conf"),
+        &ident_block(s, user.as_deref()),
+    )?;
+    Ok(hba || ident)
 }
 
 pub fn set_standby_signal(pgdata: &Path, on: bool) -> Result<()> {
@@ -238,7 +362,7 @@ mod tests {
         PeerNode {
             node_id: 2,
             name: name.into(),
-            host: host.into(),
+            host: host.parse().unwrap(),
             port: 5433,
         }
     }
@@ -246,11 +370,82 @@ mod tests {
     #[test]
     fn quoting_keeps_values_intact() {
         assert_eq!(conf_quote("a'b\\c"), "'a''b\\\\c'");
+        assert_eq!(conninfo_quote("a'b\\c d"), "'a\\'b\\\\c d'");
         let mut s = Settings::new("n1", "/d", 5432);
         s.replication_password = Some("p'w".into());
-        let c = primary_conninfo(&s, &peer("a", "10.0.0.1"), None, true);
-        assert!(c.contains("password='p\\'w'"), "{c}");
+        let c = primary_conninfo(&s, &peer("a", "10.0.0.1"), None);
+        assert!(!c.contains("password"), "{c}");
+        assert!(!c.contains("p'w"), "{c}");
+        assert!(c.contains("passfile='/d.pgpass'"), "{c}");
         assert!(c.contains("application_name='n1'"), "{c}");
+        s.replication_password = None;
+        assert!(!primary_conninfo(&s, &peer("a", "10.0.0.1"), None).contains("passfile"));
+    }
+
+    #[test]
+    fn passfile_holds_the_password_escaped_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Settings::new("n1", dir.path().join("pg"), 5432);
+        s.replication_password = Some("a:b\\c".into());
+        assert!(write_passfile(&s).unwrap());
+        assert!(!write_passfile(&s).unwrap());
+        let text = std::fs::read_to_string(&s.passfile).unwrap();
+        assert_eq!(text, "*:*:*:pgquorum_replicator:a\\:b\\\\c\n");
+        let mode = std::fs::metadata(&s.passfile).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        s.replication_password = None;
+        assert!(write_passfile(&s).unwrap());
+        assert!(!s.passfile.exists());
+    }
+
+    #[test]
+    fn operator_tunables_replace_the_defaults() {
+        let mut s = Settings::new("n1", "/d", 5433);
+        s.pg_params.push(("max_wal_senders".into(), "32".into()));
+        let t = render(&s, "", &Upstream::None);
+        let lines: Vec<&str> = t
+            .lines()
+            .filter(|l| l.starts_with("max_wal_senders"))
+            .collect();
+        assert_eq!(lines, vec!["max_wal_senders = '32'"]);
+    }
+
+    #[test]
+    fn local_connections_are_peer_never_trust() {
+        let s = Settings::new("n1", "/d", 5432);
+        let same = hba_block(&s, &[peer("a", "10.0.0.1")], Some("postgres"));
+        assert!(
+            same.contains("\nlocal all all peer\nlocal replication all peer\n"),
+            "{same}"
+        );
+        assert!(!same.contains("trust"), "{same}");
+        assert_eq!(ident_block(&s, Some("postgres")), "");
+        let other = hba_block(&s, &[], Some("alice"));
+        assert!(
+            other.contains("local all all peer map=pgquorum\n"),
+            "{other}"
+        );
+        let ident = ident_block(&s, Some("alice"));
+        assert!(ident.contains("pgquorum \"alice\" postgres\n"), "{ident}");
+        // One replication and one pg_rewind line per distinct peer address.
+        let b = hba_block(
+            &s,
+            &[
+                peer("a", "10.0.0.1"),
+                peer("b", "10.0.0.1"),
+                peer("c", "db3"),
+            ],
+            Some("postgres"),
+        );
+        assert_eq!(
+            b.lines().filter(|l| l.starts_with("host ")).count(),
+            4,
+            "{b}"
+        );
+        for l in b.lines().filter(|l| l.starts_with("host ")) {
+            assert_eq!(l.split_whitespace().count(), 5, "{l}");
+        }
     }
 
     #[test]
@@ -288,7 +483,7 @@ mod tests {
     fn a_resolved_upstream_is_reached_by_address() {
         let s = Settings::new("n1", "/d", 5432);
         let ip: IpAddr = "172.18.0.4".parse().unwrap();
-        let c = primary_conninfo(&s, &peer("a", "node1"), Some(ip), false);
+        let c = primary_conninfo(&s, &peer("a", "node1"), Some(ip));
         assert!(
             c.starts_with("host='node1' hostaddr=172.18.0.4 port=5433 "),
             "{c}"

@@ -41,8 +41,12 @@ pub struct Settings {
     /// The keeper's own run-state (current state, node id), kept outside --pgdata so that
     /// replacing the data directory never loses it.
     pub state_file: PathBuf,
-    /// postgres' stderr.
+    /// postgres' stderr (created 0600: it may quote connection strings).
     pub log_file: PathBuf,
+    /// libpq password file with the replication password (0600, outside --pgdata so
+    /// that pg_basebackup never copies it); `primary_conninfo` names it with
+    /// `passfile=`, so the password is in no configuration file, log or environment.
+    pub passfile: PathBuf,
     /// How long postgres may take to accept connections after a start.
     pub start_timeout: Duration,
 }
@@ -53,6 +57,7 @@ impl Settings {
         let pgdata = pgdata.into();
         let state_file = sibling(&pgdata, "pgquorum-state.json");
         let log_file = sibling(&pgdata, "postgres.log");
+        let passfile = sibling(&pgdata, "pgpass");
         Settings {
             name: name.into(),
             formation: pgquorum_core::DEFAULT_FORMATION.to_string(),
@@ -74,22 +79,20 @@ impl Settings {
             http_tls: None,
             state_file,
             log_file,
+            passfile,
             start_timeout: Duration::from_secs(60),
         }
     }
 
     /// Checks what can be checked without touching anything.
     pub fn validate(&self) -> Result<()> {
-        if self.name.is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
-        {
-            return Err(KeeperError::Config(format!(
-                "node name {:?} must be non-empty and use only letters, digits, '_', '-', '.'",
-                self.name
-            )));
+        // The monitor group applies the same rules; refusing here says so before
+        // anything is touched.
+        pgquorum_core::check_node_name(&self.name)
+            .map_err(|e| KeeperError::Config(format!("--name: {e}")))?;
+        if self.formation != pgquorum_core::DEFAULT_FORMATION {
+            pgquorum_core::check_formation_name(&self.formation)
+                .map_err(|e| KeeperError::Config(format!("--formation: {e}")))?;
         }
         if self.pg_port == 0 {
             return Err(KeeperError::Config("--pg-port must not be 0".into()));
@@ -105,16 +108,47 @@ impl Settings {
                 "--candidate-priority must be between 0 and 100".into(),
             ));
         }
+        pgquorum_core::HostName::parse(&self.pg_host)
+            .map_err(|e| KeeperError::Config(format!("--pg-host: {e}")))?;
+        for (what, v) in [
+            ("--superuser", &self.superuser),
+            ("--replication-user", &self.replication_user),
+        ] {
+            check_role_name(what, v)?;
+        }
+        if let Some(pw) = &self.replication_password {
+            // A password file has one entry per line; control characters cannot be
+            // written into it.
+            if pw.is_empty() || pw.chars().any(|c| c.is_control()) {
+                return Err(KeeperError::Config(
+                    "--replication-password must be non-empty and contain no control characters"
+                        .into(),
+                ));
+            }
+        }
+        let mut managed = Vec::new();
         for (k, _) in &self.pg_params {
             if k.is_empty()
+                || k.len() > 63
                 || !k
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
             {
                 return Err(KeeperError::Config(format!(
-                    "PostgreSQL parameter name {k:?} is not valid"
+                    "PostgreSQL parameter name {} is not valid",
+                    pgquorum_core::quote_prefix(k)
                 )));
             }
+            if is_managed_param(k) {
+                managed.push(k.as_str());
+            }
+        }
+        if !managed.is_empty() {
+            return Err(KeeperError::Config(format!(
+                "--pg-param {}: managed by pgquorum, which sets {} itself; use the keeper's own options (--pg-port, --listen-addresses, --socket-dir, ...) or the monitor's settings instead",
+                managed.join(", "),
+                if managed.len() == 1 { "it" } else { "them" }
+            )));
         }
         Ok(())
     }
@@ -122,6 +156,73 @@ impl Settings {
     /// The physical replication slot that serves this node on the primary.
     pub fn slot_name(&self) -> String {
         slot_name(&self.name)
+    }
+}
+
+/// Parameters the keeper sets itself and that an operator must not override: the
+/// role of the node (replication source, synchronous standbys, recovery), where it
+/// listens, and where its configuration and authentication come from. Tunables
+/// that pgquorum only gives a default (max_wal_senders, wal_keep_size, ...) may be
+/// set with --pg-param, which then replaces the default.
+pub const MANAGED_PARAMS: [&str; 24] = [
+    "port",
+    "listen_addresses",
+    "unix_socket_directories",
+    "unix_socket_permissions",
+    "wal_level",
+    "hot_standby",
+    "wal_log_hints",
+    "synchronous_standby_names",
+    "synchronous_commit",
+    "primary_conninfo",
+    "primary_slot_name",
+    "recovery_target_timeline",
+    "recovery_target",
+    "recovery_target_lsn",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "promote_trigger_file",
+    "data_directory",
+    "config_file",
+    "hba_file",
+    "ident_file",
+    "include",
+    "include_if_exists",
+];
+
+/// Defaults pgquorum writes that --pg-param may replace.
+pub const TUNABLE_DEFAULTS: [&str; 6] = [
+    "max_wal_senders",
+    "max_replication_slots",
+    "wal_retrieve_retry_interval",
+    "hot_standby_feedback",
+    "recovery_init_sync_method",
+    "wal_keep_size",
+];
+
+/// PostgreSQL parameter names are case-insensitive.
+pub fn is_managed_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    MANAGED_PARAMS.contains(&n.as_str()) || n == "include_dir"
+}
+
+/// Role names the keeper writes into pg_hba.conf and SQL: a plain lower-case
+/// identifier, and none of pg_hba.conf's keywords.
+fn check_role_name(what: &str, v: &str) -> Result<()> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && !["all", "sameuser", "samerole", "samegroup", "replication"].contains(&v);
+    if ok {
+        Ok(())
+    } else {
+        Err(KeeperError::Config(format!(
+            "{what} {}: use 1-63 characters among a-z, 0-9 and '_', not starting with a digit",
+            pgquorum_core::quote_prefix(v)
+        )))
     }
 }
 
@@ -147,4 +248,57 @@ pub fn slot_name(node_name: &str) -> String {
         })
         .collect();
     format!("pgquorum_{clean}")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn with_param(k: &str) -> Settings {
+        let mut s = Settings::new("n1", "/d", 5432);
+        s.pg_params.push((k.into(), "x".into()));
+        s
+    }
+
+    #[test]
+    fn managed_parameters_are_refused_by_name() {
+        for k in [
+            "synchronous_standby_names",
+            "primary_conninfo",
+            "port",
+            "PORT",
+            "hba_file",
+            "synchronous_commit",
+            "include_dir",
+        ] {
+            let e = with_param(k).validate().unwrap_err().to_string();
+            assert!(e.contains(k), "{e}");
+            assert!(e.contains("managed by pgquorum"), "{e}");
+        }
+        assert!(with_param("work_mem").validate().is_ok());
+        assert!(with_param("max_wal_senders").validate().is_ok());
+        let mut s = with_param("port");
+        s.pg_params.push(("primary_conninfo".into(), "x".into()));
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("port, primary_conninfo"), "{e}");
+    }
+
+    #[test]
+    fn hosts_roles_and_passwords_are_checked() {
+        let mut s = Settings::new("n1", "/d", 5432);
+        s.pg_host = "db1 trust".into();
+        assert!(s.validate().is_err());
+        let mut s = Settings::new("n1", "/d", 5432);
+        s.replication_user = "all".into();
+        assert!(s.validate().is_err());
+        let mut s = Settings::new("n1", "/d", 5432);
+        s.superuser = "a b".into();
+        assert!(s.validate().is_err());
+        let mut s = Settings::new("n1", "/d", 5432);
+        s.replication_password = Some("a\nb".into());
+        assert!(s.validate().is_err());
+        s.replication_password = Some("p:w\\'x".into());
+        assert!(s.validate().is_ok());
+    }
 }

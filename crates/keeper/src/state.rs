@@ -78,6 +78,9 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .mode(mode)
         .open(&tmp)
         .map_err(|e| KeeperError::io(ctx("creating"), e))?;
+    // `mode` applies only to a new file; a leftover temporary file keeps its own.
+    f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))
+        .map_err(|e| KeeperError::io(ctx("restricting"), e))?;
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .map_err(|e| KeeperError::io(ctx("writing"), e))?;

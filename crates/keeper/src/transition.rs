@@ -330,9 +330,13 @@ impl Instance {
             self.stop(StopMode::Fast).await;
             return Ok(());
         };
-        let remote =
-            sql::remote_system_identifier(&self.settings, &p.host, p.port, Duration::from_secs(5))
-                .await?;
+        let remote = sql::remote_system_identifier(
+            &self.settings,
+            p.host.as_str(),
+            p.port,
+            Duration::from_secs(5),
+        )
+        .await?;
         let local = self.controldata().await?.system_identifier;
         if remote != local {
             return Err(KeeperError::SystemIdentifierMismatch {
@@ -361,7 +365,12 @@ impl Instance {
         }
         let cd = self.check_identity().await?;
         let addr = match upstream {
-            Some(p) => self.shared.addresses.get_or_lookup(&p.host, p.port).await,
+            Some(p) => {
+                self.shared
+                    .addresses
+                    .get_or_lookup(p.host.as_str(), p.port)
+                    .await
+            }
             None => None,
         };
         let up = standby_upstream(a, upstream.as_ref(), addr);
@@ -486,7 +495,7 @@ impl Instance {
         else {
             return Ok(());
         };
-        let now = self.shared.addresses.get(&p.host);
+        let now = self.shared.addresses.get(p.host.as_str());
         if now.is_none() || now == self.conf_upstream_addr {
             return Ok(());
         }
@@ -530,6 +539,7 @@ fn upstream_of(t: &Target) -> Result<&PeerNode> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     fn a(goal: NodeState, primary: bool) -> Assignment {
@@ -538,7 +548,7 @@ mod tests {
             primary: primary.then(|| PeerNode {
                 node_id: 1,
                 name: "a".into(),
-                host: "h".into(),
+                host: "h".parse().unwrap(),
                 port: 1,
             }),
             synchronous_standby_names: String::new(),

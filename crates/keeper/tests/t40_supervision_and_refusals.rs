@@ -133,23 +133,48 @@ async fn bad_situations_are_refused_and_change_nothing() {
     assert!(err.contains("PostgreSQL binaries not found"), "{err}");
     assert!(!a.pgdata().exists());
 
-    // The port in use.
+    // Parameters pgquorum manages, on the command line or in a config file, and a
+    // peer address that could not be written safely into pg_hba.conf.
+    let mut args = goal(&a, "single");
+    args.extend([
+        "--pg-param".to_string(),
+        "synchronous_standby_names=*".to_string(),
+        "--pg-param".to_string(),
+        "work_mem=8MB".to_string(),
+    ]);
+    let (ok, err) = run_once(true, &args);
+    assert!(!ok);
+    assert!(
+        err.contains("synchronous_standby_names") && err.contains("managed by pgquorum"),
+        "{err}"
+    );
+    let conf = dir.path().join("a.conf");
+    std::fs::write(&conf, "pg-param = primary_conninfo=host=evil\n").unwrap();
+    let mut args = goal(&a, "single");
+    args.extend(["--config".to_string(), conf.display().to_string()]);
+    let (ok, err) = run_once(true, &args);
+    assert!(!ok);
+    assert!(err.contains("primary_conninfo"), "{err}");
+    let mut args = goal(&a, "single");
+    args.extend(["--peer".to_string(), "b=0.0.0.0/0 trust:5432".to_string()]);
+    let (ok, err) = run_once(true, &args);
+    assert!(!ok);
+    assert!(err.contains("host"), "{err}");
+    assert!(!a.pgdata().exists(), "nothing created for refused settings");
+
+    // The port in use: refused at start, before anything is registered or created.
     let busy = std::net::TcpListener::bind(("127.0.0.1", a.pg_port)).unwrap();
-    let mut k = apply(&a, "single", &[]);
-    wait_for("the port-in-use error", Duration::from_secs(30), || {
-        let log = k.log_text();
-        async move {
-            log.contains(&format!("port {} is already in use", a.pg_port))
-                .then_some(())
-        }
-    })
-    .await;
+    let (ok, err) = run_once(true, &goal(&a, "single"));
+    assert!(!ok);
+    assert!(
+        err.contains(&format!("port {} is already in use", a.pg_port)),
+        "{err}"
+    );
     assert!(a.postmaster_pid().is_none());
     assert!(
         !a.pgdata().exists(),
         "nothing initialised while the port is taken"
     );
-    k.kill();
     drop(busy);
 
     // A data directory of another cluster: make one, then point a keeper whose state

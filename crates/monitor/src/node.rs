@@ -155,7 +155,12 @@ pub async fn run(
         sm,
     )
     .await
-    .map_err(|e| MonitorError::Raft(e.to_string()))?;
+    .map_err(|e| {
+        MonitorError::Raft(format!(
+            "cannot start from {}: {e}. {REBUILD_HINT}",
+            cfg.data_dir.display()
+        ))
+    })?;
 
     // A restart must agree with what the group itself recorded.
     // Read from Raft's own state, not from metrics: those may not be published yet.
@@ -258,8 +263,10 @@ pub async fn run(
     };
     let routes = tonic::service::Routes::default()
         .add_service(
+            // Sized for the API, not for Raft: a request larger than any valid one is
+            // refused before it is buffered and decoded.
             MonitorServer::new(MonitorService { m: member.clone() })
-                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(pgquorum_api::MAX_REQUEST_BYTES),
         )
         .add_service(
             RaftTransportServer::new(TransportService {
@@ -274,11 +281,33 @@ pub async fn run(
     // certificate (or plain TCP under --insecure), TCP_NODELAY (Nagle's algorithm and
     // delayed ACKs add 40 ms to some replies), a connection cap and a handshake timeout.
     let incoming = pgquorum_trust::incoming(listener, cfg.security.clone(), cfg.serve.clone());
+    // A member whose Raft core stopped (a fatal storage error, a panic inside openraft)
+    // must not look alive: it stops serving and exits non-zero, so that its supervisor
+    // (systemd, Kubernetes) restarts it from its data directory.
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<String>();
+    let watch_raft = raft.clone();
+    let core_watch = tokio::spawn(async move {
+        let reason = core_stopped(&watch_raft).await;
+        let _ = stopped_tx.send(reason);
+    });
+    let mut stopped_rx = stopped_rx;
+    let mut core_failure = None;
+    let until = async {
+        tokio::select! {
+            _ = shutdown => {}
+            r = &mut stopped_rx => {
+                if let Ok(reason) = r {
+                    core_failure = Some(reason);
+                }
+            }
+        }
+    };
     let served = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, until)
         .await;
+    core_watch.abort();
     if let Some(m) = metrics {
         m.abort();
     }
@@ -286,7 +315,30 @@ pub async fn run(
     let _ = raft.shutdown().await;
     tracing::info!(node = cfg.node_id, "monitor member stopped");
     served?;
+    if let Some(reason) = core_failure {
+        tracing::error!(node = cfg.node_id, %reason, "the Raft core stopped; exiting so that the member is restarted");
+        return Err(MonitorError::Raft(format!(
+            "the Raft core stopped ({reason}); the member exits to be restarted from its data directory. If it fails again at start: {REBUILD_HINT}"
+        )));
+    }
     Ok(())
+}
+
+/// What to do with a member whose data directory cannot be used.
+pub const REBUILD_HINT: &str = "to bring the member back, from any machine run `pgquorum monitor remove-member ID`, move this data directory aside, start the member with an empty --data-dir and --join, then `pgquorum monitor add-member ID=HOST:PORT` (docs/operations.md, Monitor members); the group keeps working meanwhile";
+
+/// Resolves when openraft's core has stopped by itself: its metrics report a fatal
+/// error, or the core is gone (the metrics channel closed).
+async fn core_stopped(raft: &openraft::Raft<crate::types::TypeConfig>) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            return fatal.to_string();
+        }
+        if metrics.changed().await.is_err() {
+            return "the core task ended".to_string();
+        }
+    }
 }
 
 /// On the leader only: every heartbeat interval, let the core decide and propose

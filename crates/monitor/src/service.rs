@@ -11,7 +11,8 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_server::Monitor;
 use pgquorum_api::{
-    node_status, settings, status_from_core, NodeActive, HOPS_HEADER, LOCAL_READ_HEADER,
+    check_formation_filter, node_status, settings, status_from_core, NodeActive, HOPS_HEADER,
+    LOCAL_READ_HEADER,
 };
 use pgquorum_core::{assignment, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION};
 use tonic::{Request, Response, Status};
@@ -236,11 +237,12 @@ impl Monitor for MonitorService {
         let caller = authorize(&request, Need::Operate, "add a monitor member")?;
         forward!(self, request, add_member, caller);
         let r = request.into_inner();
-        if r.id == 0 || r.address.trim().is_empty() {
+        if r.id == 0 {
             return Err(Status::invalid_argument(
                 "add-member needs ID=HOST:PORT with a non-zero id",
             ));
         }
+        pgquorum_api::member_address(&r.address)?;
         self.check_new_member(r.id, &r.address).await?;
         tracing::info!(caller = %caller.label(), member = r.id, address = %r.address, "adding a monitor member");
         if let Some(addr) = self.m.nodes().get(&r.id) {
@@ -437,6 +439,11 @@ impl Monitor for MonitorService {
                     "node {node_id} is not registered (was it dropped?); register it again"
                 )));
             };
+            // Another cluster's data directory gets no lease and no assignment.
+            applied
+                .state
+                .check_system_identifier(node_id, report.system_identifier)
+                .map_err(|e| status_from_core(&e))?;
             // The id in the request must be the certificate's node: a keeper cannot keep
             // another (dead) node "healthy" by beating with its id.
             check_keeper_is(&caller, &node.name)?;
@@ -488,6 +495,7 @@ impl Monitor for MonitorService {
         request: Request<pb::GetStateRequest>,
     ) -> Result<Response<pb::GetStateReply>, Status> {
         let caller = authorize(&request, Need::Read, "read the cluster state")?;
+        check_formation_filter(&request.get_ref().formation)?;
         if request.get_ref().linearizable {
             forward!(self, request, get_state, caller);
             self.m.ensure_linearizable().await?;
@@ -561,7 +569,13 @@ impl Monitor for MonitorService {
     ) -> Result<Response<pb::GetEventsReply>, Status> {
         authorize(&request, Need::Read, "read the events")?;
         let r = request.into_inner();
-        let limit = if r.limit == 0 { 50 } else { r.limit as usize };
+        check_formation_filter(&r.formation)?;
+        // The history is bounded anyway; a huge limit is no error, just everything.
+        let limit = if r.limit == 0 {
+            50
+        } else {
+            usize::try_from(r.limit).unwrap_or(usize::MAX)
+        };
         let applied = self.m.read();
         let mut events: Vec<pb::Event> = applied
             .state
@@ -582,6 +596,7 @@ impl Monitor for MonitorService {
     ) -> Result<Response<pb::GetSettingsReply>, Status> {
         authorize(&request, Need::Read, "read the settings")?;
         let mut formation = request.into_inner().formation;
+        check_formation_filter(&formation)?;
         if formation.is_empty() {
             formation = DEFAULT_FORMATION.into();
         }

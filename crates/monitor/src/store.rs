@@ -13,6 +13,7 @@
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -40,7 +41,10 @@ const K_SNAPSHOT_META: &[u8] = b"snapshot_meta";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot open the data directory {dir}: {source}")]
+    #[error(
+        "cannot open the data directory {dir}: {source}; if it is damaged, {}",
+        crate::node::REBUILD_HINT
+    )]
     Open { dir: String, source: sled::Error },
     #[error("the data directory {dir} belongs to monitor group {found}, not to this group ({expected}); point --data-dir at this member's own directory, or at an empty one to join with --join")]
     OtherGroup {
@@ -50,7 +54,10 @@ pub enum StoreError {
     },
     #[error("the data directory {dir} has format version {found}; this pgquorum reads version {FORMAT_VERSION}")]
     Version { dir: String, found: u32 },
-    #[error("the data directory {dir} is damaged: {reason}")]
+    #[error(
+        "the data directory {dir} is damaged: {reason}; {}",
+        crate::node::REBUILD_HINT
+    )]
     Damaged { dir: String, reason: String },
     #[error("storage error in {dir}: {source}")]
     Io { dir: String, source: sled::Error },
@@ -78,6 +85,30 @@ impl Header {
     }
 }
 
+/// The data directory and everything in it for the member's own user alone: 0700
+/// directories, 0600 files (also those an older version left readable).
+fn restrict(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))?;
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            let ty = e.file_type()?;
+            if ty.is_dir() {
+                stack.push(e.path());
+            } else if ty.is_file() {
+                std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Opens (or creates) the store in `dir`. An empty store gets a header with
 /// `new_group_id`; an existing one keeps its own (check it with [`Header::check`]).
 pub fn open(
@@ -85,6 +116,10 @@ pub fn open(
     new_group_id: &str,
 ) -> Result<(LogStore, StateMachine, Header), StoreError> {
     let d = dir.display().to_string();
+    restrict(dir).map_err(|e| StoreError::Damaged {
+        dir: d.clone(),
+        reason: format!("cannot make it private (0700): {e}"),
+    })?;
     let db = sled::Config::new()
         .path(dir)
         .flush_every_ms(Some(500))
@@ -143,6 +178,10 @@ pub fn open(
     std::fs::create_dir_all(&snap_dir).map_err(|e| StoreError::Damaged {
         dir: d.clone(),
         reason: format!("cannot create {}: {e}", snap_dir.display()),
+    })?;
+    restrict(dir).map_err(|e| StoreError::Damaged {
+        dir: d.clone(),
+        reason: format!("cannot make its files private (0600): {e}"),
     })?;
     let sm = StateMachine::load(db, meta, snap_dir).map_err(|e| StoreError::Damaged {
         dir: d,
@@ -341,7 +380,12 @@ async fn save_snapshot(
     let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
         let tmp = path.with_extension("tmp");
         {
-            let mut f = std::fs::File::create(&tmp)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             std::io::Write::write_all(&mut f, &data)?;
             f.sync_all()?;
         }

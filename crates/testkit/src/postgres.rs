@@ -152,6 +152,9 @@ pub fn http_request(
     Some((code, body))
 }
 
+/// The replication password of every test cluster.
+pub const REPLICATION_PASSWORD: &str = "test-secret";
+
 /// One node's fixed facts: where its data, socket, ports and logs live.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
@@ -216,13 +219,22 @@ impl NodeSpec {
             self.http.to_string(),
             "--pg-bindir".into(),
             PG_BINDIR.into(),
-            "--replication-password".into(),
-            "test-secret".into(),
+            // The test process runs as root; local connections are `peer` for the
+            // postgres user only, so the tests come in over loopback.
+            "--pg-hba".into(),
+            "host all all 127.0.0.1/32 trust".into(),
         ]
     }
 
+    /// As `postgres` over loopback (see [`NodeSpec::args`]).
     pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        connect(&self.socket_dir(), self.pg_port).await
+        if self.host.is_loopback() {
+            return connect_tcp(self.pg_port, "postgres").await;
+        }
+        // A node in a network namespace listens on its own address only.
+        let mut c = tokio_postgres::Config::new();
+        c.host(self.host.to_string()).port(self.pg_port);
+        open(c, "postgres").await
     }
 
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
@@ -290,6 +302,8 @@ impl Keeper {
             .arg(sub)
             .args(args)
             .env("PGQUORUM_LOG", "info")
+            // In the environment, never in argv (which every local user can read).
+            .env("PGQUORUM_REPLICATION_PASSWORD", REPLICATION_PASSWORD)
             .env("NO_COLOR", "1")
             .env_remove("PGQUORUM_MONITOR")
             .env_remove("PGQUORUM_CERTS_DIR")

@@ -870,7 +870,7 @@ fn core_costs(n: usize) -> CoreCosts {
             let cmd = Command::RegisterNode {
                 formation: name.clone(),
                 name: format!("n{i}"),
-                host: "127.0.0.1".into(),
+                host: "127.0.0.1".parse().unwrap(),
                 port: 5432,
                 candidate_priority: 50,
                 replication_quorum: true,

@@ -334,7 +334,7 @@ impl Sim {
             let cmd = Command::RegisterNode {
                 formation: DEFAULT_FORMATION.into(),
                 name: self.keepers[i].name.clone(),
-                host: "127.0.0.1".into(),
+                host: "127.0.0.1".parse().unwrap(),
                 port: 5432 + i as u16,
                 candidate_priority: 50,
                 replication_quorum: true,

@@ -16,6 +16,9 @@ use tokio::sync::{oneshot, watch};
 
 use crate::error::{KeeperError, Result};
 
+/// Environment variables that hold secrets and that no child inherits.
+pub const SECRET_ENV: [&str; 2] = ["PGQUORUM_REPLICATION_PASSWORD", "PGPASSWORD"];
+
 /// A running child: its pid, and a channel that yields its exit status once.
 #[derive(Debug, Clone)]
 pub struct Child {
@@ -60,6 +63,12 @@ pub struct Pipes {
 /// Spawns `cmd` so that it receives `death_signal` when the keeper dies.
 pub async fn spawn(mut cmd: Command, death_signal: Signal, what: &str) -> Result<(Child, Pipes)> {
     set_death_signal(&mut cmd, death_signal);
+    // The keeper may have been given the replication password in its environment;
+    // no child needs it there (libpq tools read the password file), and postgres
+    // would pass it on to every backend and archive command.
+    for var in SECRET_ENV {
+        cmd.env_remove(var);
+    }
     let (pid_tx, pid_rx) = oneshot::channel();
     let (exit_tx, exit_rx) = watch::channel(None);
     let name = format!("child-{what}");

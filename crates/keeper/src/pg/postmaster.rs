@@ -6,6 +6,7 @@
 //! names our child's pid (a stale pidfile of an earlier postmaster is rejected) and its
 //! status line says `ready` or `standby`.
 
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -147,11 +148,16 @@ impl Postmaster {
         log_file: &Path,
         timeout: Duration,
     ) -> Result<Postmaster> {
+        // 0600, also when an older keeper created it readable: the server log can
+        // quote connection strings and statements.
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(log_file)
             .map_err(|e| KeeperError::io(format!("opening {}", log_file.display()), e))?;
+        log.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| KeeperError::io(format!("restricting {}", log_file.display()), e))?;
         let log2 = log
             .try_clone()
             .map_err(|e| KeeperError::io("duplicating the log file handle", e))?;
