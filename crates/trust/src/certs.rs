@@ -166,25 +166,12 @@ pub fn check_key_mode(path: &Path) -> Result<(), CertError> {
     Ok(())
 }
 
-fn valid_dns_name(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
 fn san(host: &str) -> Result<SanType, CertError> {
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(SanType::IpAddress(ip));
     }
-    if !valid_dns_name(host) {
+    // The same rule as a node's --pg-host: one definition of a host name.
+    if pgquorum_core::HostName::parse(host).is_err() {
         return Err(CertError::BadHost(short(host)));
     }
     Ok(SanType::DnsName(
