@@ -24,6 +24,31 @@ async fn node_loss_fails_over_and_the_old_primary_rejoins() {
     w.wait_progress(100, "after the failover").await;
     c.assert_rows_on(&new, &w.acked()).await;
 
+    // `show state` tells the truth while the old node is dead: exactly one read-write
+    // node, the new primary, and the dead one is not shown read-write.
+    let (ok, out) = c.cli(&["show", "state", "--json"]);
+    assert!(ok, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("show state --json");
+    let nodes = v["nodes"]
+        .as_array()
+        .or_else(|| v.as_array())
+        .expect("nodes");
+    let rw: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n["role"] == "read-write")
+        .filter_map(|n| n["name"].as_str())
+        .collect();
+    assert_eq!(
+        rw,
+        vec![new.as_str()],
+        "read-write nodes after a node loss: {out}"
+    );
+    let dead = nodes
+        .iter()
+        .find(|n| n["name"] == old.as_str())
+        .expect("old node");
+    assert_ne!(dead["role"], "read-write", "{out}");
+
     // The old primary comes back: it must be rewound and follow the new primary.
     c.start_keeper(&old);
     c.wait_healthy(2).await;

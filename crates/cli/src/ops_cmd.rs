@@ -154,9 +154,33 @@ pub async fn get_state(client: &MonitorClient, formation: &str) -> Result<pb::Ge
     .map_err(|e| client_error("cannot read the cluster state", e))
 }
 
+/// What a client can do on the node now, as far as the monitor knows. Never
+/// read-write for a node whose keeper went silent, whose PostgreSQL is down, or that is
+/// being demoted: those are exactly the moments an operator looks, and a dead old
+/// primary shown beside the new one as read-write misleads.
 fn role(n: &pb::NodeStatus) -> &'static str {
-    match n.reported_state.as_str() {
-        "single" | "wait_primary" | "primary" | "join_primary" | "apply_settings" => "read-write",
+    const WRITABLE: [&str; 5] = [
+        "single",
+        "wait_primary",
+        "primary",
+        "join_primary",
+        "apply_settings",
+    ];
+    if !n.pg_running {
+        return "down";
+    }
+    if n.health == "unhealthy" {
+        return "unknown";
+    }
+    let reported = n.reported_state.as_str();
+    if WRITABLE.contains(&reported) {
+        return if WRITABLE.contains(&n.goal_state.as_str()) {
+            "read-write"
+        } else {
+            "demoting"
+        };
+    }
+    match reported {
         "secondary" | "catchingup" | "wait_standby" | "report_lsn" | "fast_forward"
         | "join_secondary" | "prepare_promotion" => "read-only",
         _ => "none",
