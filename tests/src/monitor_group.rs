@@ -143,6 +143,27 @@ impl MonitorGroup {
             None => Proc::spawn(&format!("monitor-{id}"), &self.bin, &args, &log),
         }
         .expect("spawn pgquorum");
+        let mut p = p;
+        if prefix.is_empty() {
+            // On loopback its ports were only reserved by number: until the member binds
+            // them, a port handed out for something else (a keeper's --http) may be the
+            // same one. Return once both are bound, or the member exited (tests that
+            // expect a refusal).
+            let m = &self.members[&id];
+            let ports: Vec<u16> = [&m.addr, &m.metrics]
+                .iter()
+                .filter_map(|a| a.rsplit(':').next()?.parse().ok())
+                .collect();
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            while p.is_running()
+                && std::time::Instant::now() < deadline
+                && ports
+                    .iter()
+                    .any(|port| pgquorum_testkit::postgres::port_free(*port))
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         self.members.get_mut(&id).expect("member slot").proc = Some(p);
     }
 
