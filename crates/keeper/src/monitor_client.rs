@@ -86,6 +86,12 @@ impl Monitors {
 
     /// After a failure: go to the hinted leader if there is one, else the next member.
     fn next(&mut self, status: Option<&tonic::Status>) {
+        // A member that did not answer may sit behind a connection that died silently
+        // (this host left the network and came back, perhaps at a new address): no reset
+        // ever arrives, so the cached channel would time out forever. Dial it afresh.
+        if let Some(ep) = self.endpoints.get(self.current % self.endpoints.len()) {
+            self.channels.remove(ep);
+        }
         match status.and_then(pgquorum_api::leader_hint) {
             Some(h) => self.prefer(h),
             None => self.current = (self.current + 1) % self.endpoints.len(),
