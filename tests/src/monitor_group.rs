@@ -254,6 +254,29 @@ impl MonitorGroup {
         .unwrap()
     }
 
+    /// Registers node `name` (formation "default", 127.0.0.1:5432, system identifier 7)
+    /// through `client`, as its keeper would: its node id.
+    pub async fn register_node(&self, client: &MonitorClient, name: &str) -> u64 {
+        client
+            .call(|mut raw| {
+                let req = pb::RegisterNodeRequest {
+                    formation: "default".into(),
+                    name: name.to_owned(),
+                    host: "127.0.0.1".into(),
+                    port: 5432,
+                    candidate_priority: 50,
+                    replication_quorum: true,
+                    system_identifier: 7,
+                    pg_major_version: 15,
+                    current_state: "init".into(),
+                };
+                async move { raw.register_node(req).await }
+            })
+            .await
+            .unwrap_or_else(|e| panic!("register: {e}\n{}", self.logs()))
+            .node_id
+    }
+
     /// Same, talking to member `id` only.
     pub fn keeper_client_of(&self, id: u64, name: &str) -> MonitorClient {
         MonitorClient::new(

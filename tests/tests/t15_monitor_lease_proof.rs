@@ -54,25 +54,7 @@ async fn isolated_leader_stops_granting_leases_before_a_new_leader_can_exist() {
         g.start(id);
     }
     let leader = g.wait_leader(WAIT).await;
-    let node_id = g
-        .keeper_client("a")
-        .call(|mut raw| {
-            let req = pb::RegisterNodeRequest {
-                formation: "default".into(),
-                name: "a".into(),
-                host: "127.0.0.1".into(),
-                port: 5432,
-                candidate_priority: 50,
-                replication_quorum: true,
-                system_identifier: 7,
-                pg_major_version: 15,
-                current_state: "init".into(),
-            };
-            async move { raw.register_node(req).await }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("register: {e}\n{}", g.logs()))
-        .node_id;
+    let node_id = g.register_node(&g.keeper_client("a"), "a").await;
     let mut seq = 1_000;
 
     // With the group whole, the leader answers every beat (grants the lease).

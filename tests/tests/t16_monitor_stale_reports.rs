@@ -83,24 +83,7 @@ async fn stale_reports_are_refused_and_change_nothing() {
     // Reports as the keeper of node "a"; reads as the operator.
     let k = g.keeper_client("a").retry_for(WAIT);
     let c = g.client().retry_for(WAIT);
-    let node_id = k
-        .call(|mut raw| {
-            let req = pb::RegisterNodeRequest {
-                formation: "default".into(),
-                name: "a".into(),
-                host: "127.0.0.1".into(),
-                port: 5432,
-                candidate_priority: 50,
-                replication_quorum: true,
-                system_identifier: 7,
-                pg_major_version: 15,
-                current_state: "init".into(),
-            };
-            async move { raw.register_node(req).await }
-        })
-        .await
-        .unwrap_or_else(|e| panic!("register: {e}\n{}", g.logs()))
-        .node_id;
+    let node_id = g.register_node(&k, "a").await;
 
     // Process 0xA of the keeper, its clock starting at 1 s.
     let started = Instant::now();
