@@ -1,8 +1,11 @@
 //! `pgquorum local up`, the first command README gives, run as a user runs it: it
-//! prints a read-write URI that takes commits, the rows reach the standbys, Ctrl-C
-//! (SIGINT) stops every process it started; started again on the same directory it
-//! comes back with the data; SIGKILLed, it leaves its cluster behind, and
-//! `pgquorum local down --dir` stops that.
+//! prints a read-write URI that takes commits, the rows reach the standbys; it is a
+//! supervisor, not a tripwire: a follower monitor member stopped with SIGTERM and then
+//! the primary's node killed (`pgquorum local kill`, keeper and PostgreSQL SIGKILLed)
+//! are reported while the cluster runs on, another node becomes primary and the printed
+//! URI takes writes again; Ctrl-C (SIGINT) stops every process it started; started
+//! again on the same directory it comes back with the data, the dead nodes included;
+//! SIGKILLed, it leaves its cluster behind, and `pgquorum local down --dir` stops that.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -258,6 +261,129 @@ async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_u
         }
     }
 
+    // A follower member of the monitor group stops (SIGTERM): reported, and nothing else
+    // stops with it.
+    let (ok, text) = cli(&["--json", "monitor", "status"], true);
+    assert!(ok, "monitor status: {text}");
+    let status: serde_json::Value = serde_json::from_str(&text).expect("monitor status JSON");
+    let leader = status["leader"].as_u64();
+    let follower = (1..=3u64).find(|i| Some(*i) != leader).unwrap();
+    let pid_of = |name: &str| -> i32 {
+        let pids: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("local.json")).unwrap())
+                .unwrap();
+        pids["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .and_then(|p| p["pid"].as_i64())
+            .unwrap_or_else(|| panic!("{name} not in local.json: {pids}")) as i32
+    };
+    let member = format!("monitor{follower}");
+    kill(Pid::from_raw(pid_of(&member)), Signal::SIGTERM).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "local up to report the member's exit",
+        || up.output().contains(&format!("{member} (monitor, pid")),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", up.output()));
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        up.proc.as_mut().unwrap().is_running(),
+        "local up stopped after one follower member exited:\n{}",
+        up.output()
+    );
+
+    // The primary's node dies: keeper and PostgreSQL SIGKILLed by `pgquorum local kill`.
+    let old = format!("node{}", primary_port - i32::from(base) - 10);
+    let out = std::process::Command::new(pgquorum_bin())
+        .args(["local", "kill", &old, "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "local kill {old}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "local up to report the keeper's death",
+        || {
+            let o = up.output();
+            o.contains(&format!("{old} (keeper, pid")) && o.contains("was killed by SIGKILL")
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", up.output()));
+    // Another node takes writes through the same printed URI, while `local up` runs on.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let new_port = loop {
+        let attempt = async {
+            let (c, conn) = uri
+                .parse::<tokio_postgres::Config>()
+                .ok()?
+                .connect(NoTls)
+                .await
+                .ok()?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let write = c.execute("INSERT INTO t30 VALUES (21) ON CONFLICT DO NOTHING", &[]);
+            tokio::time::timeout(Duration::from_secs(5), write)
+                .await
+                .ok()?
+                .ok()?;
+            let row = c.query_one("SELECT inet_server_port()", &[]).await.ok()?;
+            Some(row.get::<_, i32>(0))
+        };
+        if let Some(port) = attempt.await {
+            break port;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no node took writes after {old} died:\n{}\n{}",
+            up.output(),
+            up.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_ne!(
+        new_port, primary_port,
+        "the dead node cannot have taken the write"
+    );
+    assert!(
+        up.proc.as_mut().unwrap().is_running(),
+        "local up stopped after the primary's node died:\n{}",
+        up.output()
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "local up to show the new primary",
+        || up.output().contains("the primary is now"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", up.output()));
+    // `local status` shows which processes are dead.
+    let out = std::process::Command::new(pgquorum_bin())
+        .args(["--json", "local", "status", "--dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alive = |name: &str| {
+        st["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["alive"] == true)
+            .unwrap()
+    };
+    assert!(!alive(&old) && !alive(&member), "{st}");
+    assert!(alive("monitor1") || alive("monitor2"), "{st}");
+
     // Ctrl-C: a clean stop of everything, exit status 0, every port released.
     up.signal(Signal::SIGINT);
     let mut p = up.proc.take().unwrap();
@@ -285,7 +411,7 @@ async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_u
         .await
         .unwrap()
         .get(0);
-    assert_eq!(n, 20, "rows committed before the restart");
+    assert_eq!(n, 21, "rows committed before the restart");
     drop(c);
 
     // SIGKILLed, it cannot stop its cluster: `local down` does.

@@ -5,8 +5,14 @@
 //! last answered first, follows leader hints, then the others in turn, with short
 //! connect timeouts, until `retry_for` has passed. Errors other than UNAVAILABLE are
 //! answers (e.g. "formation exists") and are returned at once.
+//!
+//! When no member serves the request, the error says why for each address tried
+//! (connection refused, name not resolved, TLS, not a pgquorum monitor, or what the
+//! member answered) and, when some member answered, that the group has no quorum, with
+//! the last leader a member named. When no member answers at all, the client stops
+//! after `give_up_unreachable_after` instead of the whole retry budget.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -58,7 +64,16 @@ pub struct MonitorClient {
     connect_timeout: Duration,
     request_timeout: Duration,
     retry_for: Duration,
+    unreachable_for: Option<Duration>,
     security: Security,
+}
+
+/// The outcome of asking one member, for the error when none served the request.
+enum Tried {
+    /// A gRPC answer: the member is up but cannot serve (no leader, no quorum).
+    Answered(String),
+    /// No gRPC answer: refused, unresolved, TLS, timed out, or not a monitor.
+    NoAnswer(String),
 }
 
 impl MonitorClient {
@@ -85,6 +100,7 @@ impl MonitorClient {
             connect_timeout: Duration::from_millis(500),
             request_timeout: Duration::from_secs(10),
             retry_for: Duration::from_secs(3),
+            unreachable_for: None,
             security,
         })
     }
@@ -92,6 +108,14 @@ impl MonitorClient {
     /// How long to keep trying members that answer UNAVAILABLE (default 3 s).
     pub fn retry_for(mut self, d: Duration) -> Self {
         self.retry_for = d;
+        self
+    }
+
+    /// Stop after `d` when no member gives any gRPC answer (nothing listens, names do
+    /// not resolve, TLS fails), rather than retrying for the whole `retry_for`: an
+    /// operator's command says at once that it reaches nothing. Default: `retry_for`.
+    pub fn give_up_unreachable_after(mut self, d: Duration) -> Self {
+        self.unreachable_for = Some(d);
         self
     }
 
@@ -133,11 +157,12 @@ impl MonitorClient {
     /// mismatch when a plain client meets a TLS server.
     fn explain(&self, addr: &str, s: Status) -> Status {
         use std::error::Error as _;
-        let transport = matches!(
-            s.code(),
-            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
-        ) && !s.metadata().contains_key("content-type");
-        if !transport {
+        if let Some(what) = not_a_monitor(&s) {
+            return Status::unavailable(format!(
+                "{addr}: not a pgquorum monitor ({what}); check the address and port (the monitor's gRPC --listen, not a keeper's --http or /metrics)"
+            ));
+        }
+        if !is_transport(&s) {
             return s;
         }
         let mut msg = s.message().to_owned();
@@ -161,6 +186,49 @@ impl MonitorClient {
         Status::new(s.code(), msg)
     }
 
+    /// The innermost cause of a transport failure (the connector's own error names the
+    /// address and says refused, unresolved, timed out or TLS), with the TLS hint.
+    fn cause(&self, addr: &str, s: &Status) -> String {
+        use std::error::Error as _;
+        let mut deepest = s.message().to_owned();
+        let mut source = s.source();
+        while let Some(e) = source {
+            deepest = e.to_string();
+            source = e.source();
+        }
+        if !deepest.contains(addr) {
+            deepest = format!("{addr}: {deepest}");
+        }
+        if matches!(self.security, Security::Insecure) && deepest.contains("h2 protocol error") {
+            deepest.push_str(
+                " (not a plain gRPC server: either not a pgquorum monitor (a keeper's --http port?) or a monitor that requires TLS: then give --certs-dir DIR or PGQUORUM_CERTS_DIR)",
+            );
+        }
+        deepest
+    }
+
+    /// Why no member served the request, address by address; the code is UNAVAILABLE.
+    fn none_served(&self, tried: &BTreeMap<String, Tried>, leader: Option<&str>) -> Status {
+        let answered = tried.values().any(|t| matches!(t, Tried::Answered(_)));
+        let head = if answered {
+            match leader {
+                Some(l) => format!("no quorum: the monitor group has no leader that can serve this now (last known leader {l})"),
+                None => "no quorum: the monitor group has no leader that can serve this now (leader unknown)".to_owned(),
+            }
+        } else {
+            "no monitor member reachable".to_owned()
+        };
+        let detail: Vec<String> = tried
+            .iter()
+            .map(|(addr, t)| match t {
+                Tried::Answered(m) => format!("{addr} answered: {m}"),
+                Tried::NoAnswer(m) if m.contains(addr.as_str()) => m.clone(),
+                Tried::NoAnswer(m) => format!("{addr}: {m}"),
+            })
+            .collect();
+        Status::unavailable(format!("{head}; {}", detail.join("; ")))
+    }
+
     /// A raw client for one member (no failover), e.g. to ask each member its status.
     pub fn raw(&self, addr: &str) -> Result<Raw, ClientError> {
         Ok(RawClient::new(self.channel(addr)?))
@@ -173,7 +241,11 @@ impl MonitorClient {
         F: FnMut(Raw) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.retry_for;
+        let unreachable_deadline = started + self.unreachable_for.unwrap_or(self.retry_for);
+        let mut outcomes: BTreeMap<String, Tried> = BTreeMap::new();
+        let mut last_leader: Option<String> = None;
         loop {
             let mut queue: VecDeque<String> = VecDeque::new();
             let preferred = self
@@ -190,7 +262,7 @@ impl MonitorClient {
                 }
             }
             let mut tried: Vec<String> = Vec::new();
-            let mut last: Option<Status> = None;
+            let mut answered = false;
             while let Some(addr) = queue.pop_front() {
                 if tried.contains(&addr) {
                     continue;
@@ -204,27 +276,72 @@ impl MonitorClient {
                             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(addr);
                         return Ok(resp.into_inner());
                     }
-                    Err(s) if s.code() == Code::Unavailable => {
+                    Err(s) if s.code() == Code::Unavailable || not_a_monitor(&s).is_some() => {
                         tracing::debug!(member = %addr, error = %s.message(), "monitor member unavailable");
                         if let Some(hint) = leader_hint(&s) {
+                            last_leader = Some(hint.clone());
                             if !tried.contains(&hint) {
                                 queue.push_front(hint);
                             }
                         }
-                        last = Some(s);
+                        let outcome = if not_a_monitor(&s).is_some() {
+                            Tried::NoAnswer(self.explain(&addr, s).message().to_owned())
+                        } else if is_transport(&s) {
+                            Tried::NoAnswer(self.cause(&addr, &s))
+                        } else {
+                            answered = true;
+                            Tried::Answered(s.message().to_owned())
+                        };
+                        outcomes.insert(addr, outcome);
                     }
                     Err(s) => return Err(ClientError::Status(self.explain(&addr, s))),
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
-                let tried = tried.join(", ");
-                return Err(ClientError::Status(match last {
-                    Some(s) => self.explain(&tried, s),
-                    None => Status::unavailable(format!("no monitor member answered ({tried})")),
-                }));
+            let now = tokio::time::Instant::now();
+            if now >= deadline || (!answered && now >= unreachable_deadline) {
+                return Err(ClientError::Status(
+                    self.none_served(&outcomes, last_leader.as_deref()),
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// A failure to get any gRPC answer (refused, unresolved, TLS, timed out): tonic's
+/// transport errors carry no response headers, every gRPC answer carries its
+/// content-type.
+fn is_transport(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal
+    ) && !s.metadata().contains_key("content-type")
+}
+
+/// Some(what was found) when the server that answered is not a pgquorum monitor: an
+/// HTTP server that is not gRPC, or a gRPC server without the Monitor API. A gRPC
+/// answer always carries its content-type; a status tonic inferred from a plain HTTP
+/// answer (404 from a keeper's --http port, say) carries no headers and, unlike a
+/// transport error, no underlying cause.
+fn not_a_monitor(s: &Status) -> Option<String> {
+    use std::error::Error as _;
+    let content_type = s
+        .metadata()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    match content_type {
+        Some(ct) if !ct.starts_with("application/grpc") => {
+            Some(format!("it answered HTTP with content-type {ct}"))
+        }
+        Some(_) if s.code() == Code::Unimplemented => {
+            Some("a gRPC server without the pgquorum Monitor API".to_owned())
+        }
+        Some(_) => None,
+        None if s.metadata().is_empty() && s.source().is_none() && s.code() != Code::Ok => {
+            Some(format!("it answered plain HTTP, not gRPC: {}", s.message()))
+        }
+        None => None,
     }
 }
 
@@ -261,5 +378,47 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code(), Some(Code::Unavailable));
         assert!(started.elapsed() < Duration::from_secs(5));
+        let msg = err.to_string();
+        assert!(msg.contains("127.0.0.1:1"), "{msg}");
+        assert!(msg.contains("no monitor member reachable"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_reported_without_waiting_out_the_retry_budget() {
+        let c = MonitorClient::new(["127.0.0.1:1", "127.0.0.1:2"], Security::Insecure)
+            .unwrap()
+            .retry_for(Duration::from_secs(30))
+            .give_up_unreachable_after(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let err = c
+            .call(|mut raw| async move {
+                raw.member_status(crate::pb::monitor::MemberStatusRequest {})
+                    .await
+            })
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("127.0.0.1:1") && msg.contains("127.0.0.1:2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_http_answer_is_not_a_monitor() {
+        // What tonic makes of an HTTP 404: a code, a message, nothing else.
+        let s =
+            Status::unimplemented("grpc-status header missing, mapped from HTTP status code 404");
+        assert!(not_a_monitor(&s).is_some());
+        let mut s = Status::unimplemented("x");
+        s.metadata_mut()
+            .insert("content-type", "text/plain; charset=utf-8".parse().unwrap());
+        assert!(not_a_monitor(&s).is_some());
+        let mut grpc = Status::unavailable("no leader");
+        grpc.metadata_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        assert!(not_a_monitor(&grpc).is_none());
+        assert!(!is_transport(&grpc));
     }
 }

@@ -9,9 +9,9 @@ use crate::trust_args::TrustArgs;
 pub struct CertArgs {
     #[command(subcommand)]
     command: CertCommand,
-    /// Print JSON for scripts.
-    #[arg(long, global = true)]
-    json: bool,
+    /// Set from the global --json.
+    #[arg(skip)]
+    pub json: bool,
 }
 
 #[derive(clap::Subcommand)]
@@ -50,8 +50,10 @@ enum CertCommand {
         /// A host name or IP address of the node (repeatable).
         #[arg(long = "host", required = true)]
         hosts: Vec<String>,
+        /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// Replace existing files (renewal; running processes pick them up).
         #[arg(long)]
         overwrite: bool,
     },
@@ -63,8 +65,10 @@ enum CertCommand {
         /// operator (may change the cluster) or viewer (may only read).
         #[arg(long)]
         role: ClientRoleArg,
+        /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: u32,
+        /// Replace existing files (renewal; running processes pick them up).
         #[arg(long)]
         overwrite: bool,
     },

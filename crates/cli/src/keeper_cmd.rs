@@ -30,6 +30,7 @@ enum KeeperCommand {
     /// on stdin, stops postgres when one passes).
     #[command(hide = true)]
     Guard {
+        /// The data directory of the postgres to stop.
         #[arg(long)]
         pgdata: PathBuf,
     },
@@ -48,9 +49,11 @@ struct NodeArgs {
     /// PostgreSQL data directory.
     #[arg(long)]
     pgdata: Option<PathBuf>,
+    /// The port this postgres listens on (required).
     #[arg(long)]
     pg_port: Option<u16>,
-    /// Host name or address other nodes use to reach this postgres.
+    /// Host name or address other nodes use to reach this postgres (default localhost,
+    /// which is right only when every node is on one machine: give the real address).
     #[arg(long)]
     pg_host: Option<String>,
     /// postgresql.conf listen_addresses (default '*').

@@ -1,14 +1,21 @@
-//! `pgquorum local up|down`: a whole HA cluster on loopback in one directory — the
-//! monitor group and N keepers, each with its PostgreSQL — for trying pgquorum out and
-//! for development. Processes are ordinary `pgquorum` children of this command; their
-//! PIDs are written to `DIR/local.json` so `local down` can stop a cluster left behind.
+//! `pgquorum local up|status|kill|down`: a whole HA cluster on loopback in one
+//! directory — the monitor group and N keepers, each with its PostgreSQL — for trying
+//! pgquorum out and for development. Processes are ordinary `pgquorum` children of this
+//! command; their PIDs are written to `DIR/local.json` so `local status`, `local kill`
+//! and `local down` find them.
+//!
+//! `local up` is a supervisor, not a tripwire: a child that exits is reported (which,
+//! how, when) and the rest runs on, because watching the cluster survive a dead process
+//! is the point of a local cluster. With `--restart on-failure` a child that died is
+//! started again after `--restart-delay`; by default it is left dead.
 
+use std::ffi::OsString;
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::trust_args::TrustArgs;
@@ -28,9 +35,33 @@ pub struct LocalArgs {
 #[derive(clap::Subcommand)]
 enum LocalCommand {
     /// Start a monitor group and PostgreSQL nodes on loopback; Ctrl-C stops everything.
+    #[command(after_help = "Examples:\n  \
+        pgquorum local up\n  \
+        pgquorum local up --dir /tmp/pgq --base-port 23000 --restart on-failure")]
     Up(UpArgs),
+    /// The processes of a running local cluster: name, role, PID, alive, ports.
+    #[command(after_help = "Example:\n  pgquorum local status")]
+    Status(DirArgs),
+    /// Kill one process of a running local cluster, to watch the cluster survive it: a
+    /// node (its keeper, then its PostgreSQL) or a monitor member.
+    #[command(after_help = "Examples:\n  \
+        pgquorum local kill node1                 # the node dies: keeper and PostgreSQL, SIGKILL\n  \
+        pgquorum local kill monitor2 --signal TERM\n  \
+        pgquorum local kill node2 --only postgres  # the postmaster alone: the keeper restarts it")]
+    Kill(KillArgs),
     /// Stop a local cluster left running (for example after its terminal was closed).
-    Down(DownArgs),
+    #[command(after_help = "Example:\n  pgquorum local down --dir pgquorum-local")]
+    Down(DirArgs),
+}
+
+/// What `local up` does when one of its processes exits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Restart {
+    /// Report it and leave it dead (to watch a failover).
+    Never,
+    /// Start it again after --restart-delay when it was killed or failed (not after a
+    /// clean exit 0, e.g. a keeper whose node was dropped).
+    OnFailure,
 }
 
 #[derive(clap::Args)]
@@ -54,12 +85,42 @@ struct UpArgs {
     /// Give up waiting for a primary with streaming standbys after this many seconds.
     #[arg(long, default_value_t = 180)]
     timeout: u64,
+    /// What to do when a process of the cluster exits: never (report it, leave it dead,
+    /// the rest runs on) or on-failure (start it again after --restart-delay).
+    #[arg(long, value_enum, default_value_t = Restart::Never)]
+    restart: Restart,
+    /// Seconds to wait before restarting a process (with --restart on-failure).
+    #[arg(long, default_value_t = 5)]
+    restart_delay: u64,
 }
 
 #[derive(clap::Args)]
-struct DownArgs {
+struct DirArgs {
+    /// The local cluster's directory (as given to `local up --dir`).
     #[arg(long, default_value = "pgquorum-local")]
     dir: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct KillArgs {
+    /// A node (node1, ...) or a monitor member (monitor1, ...), as `local status` lists.
+    name: String,
+    /// The signal: KILL (a crash), TERM (a clean stop), STOP (a pause; CONT resumes).
+    #[arg(long, default_value = "KILL")]
+    signal: String,
+    /// For a node: only its keeper, or only its PostgreSQL (default: both, keeper first).
+    #[arg(long, value_enum)]
+    only: Option<NodePart>,
+    #[command(flatten)]
+    dir: DirArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum NodePart {
+    /// The keeper process.
+    Keeper,
+    /// The PostgreSQL postmaster (its PID from postmaster.pid).
+    Postgres,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -72,12 +133,102 @@ struct PidEntry {
     role: String,
     name: String,
     pid: i32,
+    /// The monitor's gRPC port, or the node's PostgreSQL port.
+    #[serde(default)]
+    port: Option<u16>,
+    /// A keeper's HTTP port.
+    #[serde(default)]
+    http_port: Option<u16>,
+    /// A keeper's PostgreSQL data directory.
+    #[serde(default)]
+    pgdata: Option<PathBuf>,
+    /// Set by `local up` when the process exited and was left dead: how it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exited: Option<String>,
 }
 
-pub fn run(args: LocalArgs, trust: &TrustArgs) -> Result<()> {
+pub fn run(args: LocalArgs, trust: &TrustArgs, json: bool) -> Result<()> {
     match args.command {
-        LocalCommand::Up(up) => local_up(up, trust),
-        LocalCommand::Down(down) => local_down(&down.dir),
+        LocalCommand::Up(up) => local_up(up, trust, json),
+        LocalCommand::Status(d) => local_status(&d.dir, json),
+        LocalCommand::Kill(k) => local_kill(&k, json),
+        LocalCommand::Down(down) => local_down(&down.dir, json),
+    }
+}
+
+/// How a process is started, kept so that it can be started again.
+struct Spec {
+    program: PathBuf,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
+    run_as: Option<(u32, u32)>,
+}
+
+impl Spec {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        if let Some((uid, gid)) = self.run_as {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd
+    }
+}
+
+/// One supervised process.
+struct Proc {
+    name: String,
+    entry: PidEntry,
+    spec: Spec,
+    child: Option<Child>,
+    /// When it exited, and when it is to be started again (--restart on-failure).
+    down_since: Option<Instant>,
+    restart_at: Option<Instant>,
+    restarts: u32,
+}
+
+/// "was killed by SIGKILL", "exited with status 1", "exited cleanly".
+fn how(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(sig) = status.signal() {
+        let name = Signal::try_from(sig)
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|_| format!("signal {sig}"));
+        return format!("was killed by {name}");
+    }
+    match status.code() {
+        Some(0) => "exited cleanly (status 0)".into(),
+        Some(c) => format!("exited with status {c}"),
+        None => format!("ended ({status})"),
+    }
+}
+
+fn failed(status: ExitStatus) -> bool {
+    !status.success()
+}
+
+fn clock() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    format!(
+        "{:02}:{:02}:{:02}Z",
+        (now / 3600) % 24,
+        (now / 60) % 60,
+        now % 60
+    )
+}
+
+/// A line for the reader: text, or one JSON object per line with --json.
+fn say(json: bool, text: &str, value: serde_json::Value) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{text}");
     }
 }
 
@@ -107,14 +258,25 @@ fn port_free(port: u16) -> bool {
 /// Children that are stopped (keepers first, so each stops its PostgreSQL while the
 /// monitor group still runs) when this guard goes away, whatever the reason.
 struct Cluster {
-    keepers: Vec<(String, Child)>,
-    monitors: Vec<(String, Child)>,
+    keepers: Vec<Proc>,
+    monitors: Vec<Proc>,
 }
 
 impl Cluster {
     fn stop(&mut self) {
         stop_children(&mut self.keepers, Duration::from_secs(30));
         stop_children(&mut self.monitors, Duration::from_secs(10));
+    }
+
+    fn pid_file(&self) -> PidFile {
+        PidFile {
+            processes: self
+                .monitors
+                .iter()
+                .chain(self.keepers.iter())
+                .map(|p| p.entry.clone())
+                .collect(),
+        }
     }
 }
 
@@ -124,14 +286,20 @@ impl Drop for Cluster {
     }
 }
 
-fn stop_children(children: &mut Vec<(String, Child)>, grace: Duration) {
-    for (_, child) in children.iter() {
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+fn stop_children(children: &mut Vec<Proc>, grace: Duration) {
+    for p in children.iter() {
+        if let Some(child) = &p.child {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
         }
     }
     let deadline = Instant::now() + grace;
-    for (name, child) in children.iter_mut() {
+    for p in children.iter_mut() {
+        let name = &p.name;
+        let Some(child) = p.child.as_mut() else {
+            continue;
+        };
         loop {
             match child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
@@ -203,7 +371,9 @@ fn local_certs(dir: &Path, layout: &Layout, run_as: Option<&User>) -> Result<Pat
     Ok(certs.path)
 }
 
-fn local_up(args: UpArgs, trust: &TrustArgs) -> Result<()> {
+fn local_up(args: UpArgs, trust: &TrustArgs, json: bool) -> Result<()> {
+    // Its children must be stopped in order even when its reader has gone away.
+    crate::output::keep_running_on_closed_stdout();
     if trust.certs_dir.is_some() {
         bail!("local up makes its own certificates under --dir; do not give --certs-dir (or unset PGQUORUM_CERTS_DIR)");
     }
@@ -300,7 +470,6 @@ fn local_up(args: UpArgs, trust: &TrustArgs) -> Result<()> {
         keepers: Vec::new(),
         monitors: Vec::new(),
     };
-    let mut pids = Vec::new();
     println!(
         "Starting {} monitor members and {} nodes in {}",
         args.monitors,
@@ -309,31 +478,49 @@ fn local_up(args: UpArgs, trust: &TrustArgs) -> Result<()> {
     );
     for (id, port, metrics_port) in &layout.monitors {
         let name = format!("monitor{id}");
-        let mut cmd = Command::new(&bin);
-        cmd.arg("monitor")
-            .arg("run")
-            .arg("--node-id")
-            .arg(id.to_string())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--metrics-listen")
-            .arg(format!("127.0.0.1:{metrics_port}"))
-            .arg("--data-dir")
-            .arg(dir.join(&name));
+        let mut a: Vec<OsString> = vec![
+            "monitor".into(),
+            "run".into(),
+            "--node-id".into(),
+            id.to_string().into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}").into(),
+            "--metrics-listen".into(),
+            format!("127.0.0.1:{metrics_port}").into(),
+            "--data-dir".into(),
+            dir.join(&name).into(),
+        ];
         match &certs_dir {
-            Some(d) => cmd.arg("--certs-dir").arg(d),
-            None => cmd.arg("--insecure"),
-        };
-        for p in &peers {
-            cmd.arg("--peer").arg(p);
+            Some(d) => a.extend(["--certs-dir".into(), d.clone().into()]),
+            None => a.push("--insecure".into()),
         }
-        let child = spawn_logged(cmd, &dir, &name)?;
-        pids.push(PidEntry {
-            role: "monitor".into(),
-            name: name.clone(),
-            pid: child.id() as i32,
+        for p in &peers {
+            a.extend(["--peer".into(), p.into()]);
+        }
+        let spec = Spec {
+            program: bin.clone(),
+            args: a,
+            env: Vec::new(),
+            run_as: None,
+        };
+        let child = spawn_logged(spec.command(), &dir, &name)?;
+        cluster.monitors.push(Proc {
+            entry: PidEntry {
+                role: "monitor".into(),
+                name: name.clone(),
+                pid: child.id() as i32,
+                port: Some(*port),
+                http_port: None,
+                pgdata: None,
+                exited: None,
+            },
+            name,
+            spec,
+            child: Some(child),
+            down_since: None,
+            restart_at: None,
+            restarts: 0,
         });
-        cluster.monitors.push((name, child));
     }
     for (name, pg_port, http_port) in &layout.nodes {
         let node_dir = dir.join(name);
@@ -342,50 +529,72 @@ fn local_up(args: UpArgs, trust: &TrustArgs) -> Result<()> {
             nix::unistd::chown(&node_dir, Some(user.uid), Some(user.gid))?;
             nix::unistd::chown(&dir.join("logs"), Some(user.uid), Some(user.gid))?;
         }
-        let mut cmd = Command::new(&bin);
-        cmd.arg("keeper")
-            .arg("run")
-            .arg("--name")
-            .arg(name)
-            .arg("--pgdata")
-            .arg(node_dir.join("pgdata"))
-            .arg("--pg-host")
-            .arg("127.0.0.1")
-            .arg("--pg-port")
-            .arg(pg_port.to_string())
-            .arg("--monitor")
-            .arg(monitor_list.join(","))
-            .arg("--http")
-            .arg(format!("127.0.0.1:{http_port}"))
-            .arg("--pg-bindir")
-            .arg(&pg_bindir)
-            .arg("--socket-dir")
-            .arg(&node_dir)
+        let mut a: Vec<OsString> = vec![
+            "keeper".into(),
+            "run".into(),
+            "--name".into(),
+            name.into(),
+            "--pgdata".into(),
+            node_dir.join("pgdata").into(),
+            "--pg-host".into(),
+            "127.0.0.1".into(),
+            "--pg-port".into(),
+            pg_port.to_string().into(),
+            "--monitor".into(),
+            monitor_list.join(",").into(),
+            "--http".into(),
+            format!("127.0.0.1:{http_port}").into(),
+            "--pg-bindir".into(),
+            pg_bindir.clone().into(),
+            "--socket-dir".into(),
+            node_dir.clone().into(),
             // A development cluster on loopback: clients on this machine need no password.
-            .arg("--pg-hba")
-            .arg("host all all 127.0.0.1/32 trust")
-            .env("PGQUORUM_REPLICATION_PASSWORD", &replication_password);
+            "--pg-hba".into(),
+            "host all all 127.0.0.1/32 trust".into(),
+        ];
         match &certs_dir {
-            Some(_) => cmd.arg("--certs-dir").arg(node_dir.join("certs")),
-            None => cmd.arg("--insecure"),
-        };
-        if let Some(user) = &run_as {
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
-            cmd.env("HOME", &node_dir).env("USER", "postgres");
+            Some(_) => a.extend(["--certs-dir".into(), node_dir.join("certs").into()]),
+            None => a.push("--insecure".into()),
         }
-        let child = spawn_logged(cmd, &dir, name)?;
-        pids.push(PidEntry {
-            role: "keeper".into(),
+        // The password goes by environment, never by argument (argv is world-readable).
+        let mut env: Vec<(OsString, OsString)> = vec![(
+            "PGQUORUM_REPLICATION_PASSWORD".into(),
+            replication_password.clone().into(),
+        )];
+        if run_as.is_some() {
+            env.push(("HOME".into(), node_dir.clone().into()));
+            env.push(("USER".into(), "postgres".into()));
+        }
+        let spec = Spec {
+            program: bin.clone(),
+            args: a,
+            env,
+            run_as: run_as.as_ref().map(|u| (u.uid.as_raw(), u.gid.as_raw())),
+        };
+        let child = spawn_logged(spec.command(), &dir, name)?;
+        cluster.keepers.push(Proc {
+            entry: PidEntry {
+                role: "keeper".into(),
+                name: name.clone(),
+                pid: child.id() as i32,
+                port: Some(*pg_port),
+                http_port: Some(*http_port),
+                pgdata: Some(node_dir.join("pgdata")),
+                exited: None,
+            },
             name: name.clone(),
-            pid: child.id() as i32,
+            spec,
+            child: Some(child),
+            down_since: None,
+            restart_at: None,
+            restarts: 0,
         });
-        cluster.keepers.push((name.clone(), child));
         // Let the first node bootstrap as primary before the others ask to join.
         if cluster.keepers.len() == 1 {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
-    write_pid_file(&dir, &PidFile { processes: pids })?;
+    write_pid_file(&dir, &cluster.pid_file())?;
     println!("Logs: {}/logs/*.log", dir.display());
 
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -397,7 +606,13 @@ fn local_up(args: UpArgs, trust: &TrustArgs) -> Result<()> {
         &watch_security,
         certs_dir.as_deref(),
         &mut cluster,
-        args.timeout,
+        &Supervise {
+            dir: &dir,
+            timeout_s: args.timeout,
+            restart: args.restart,
+            restart_delay: Duration::from_secs(args.restart_delay),
+            json,
+        },
     ));
     println!("Stopping the cluster...");
     cluster.stop();
@@ -481,16 +696,124 @@ fn ready(nodes: &[NodeStatus], expected: usize) -> bool {
             == expected - 1
 }
 
+struct Supervise<'a> {
+    dir: &'a Path,
+    timeout_s: u64,
+    restart: Restart,
+    restart_delay: Duration,
+    json: bool,
+}
+
+/// Reports children that exited and restarts them when the policy says so; rewrites
+/// local.json when a PID changed.
+fn supervise(cluster: &mut Cluster, sup: &Supervise<'_>) {
+    let mut changed = false;
+    for p in cluster
+        .monitors
+        .iter_mut()
+        .chain(cluster.keepers.iter_mut())
+    {
+        if let Some(child) = p.child.as_mut() {
+            let Ok(Some(status)) = child.try_wait() else {
+                continue;
+            };
+            let what = how(status);
+            let restart = sup.restart == Restart::OnFailure && failed(status);
+            let then = if restart {
+                format!(
+                    "restarting it in {} s (--restart on-failure)",
+                    sup.restart_delay.as_secs()
+                )
+            } else {
+                "left stopped; the rest runs on (`--restart on-failure` restarts it)".to_owned()
+            };
+            say(
+                sup.json,
+                &format!(
+                    "[{}] {} ({}, pid {}) {what}; {then}. Its log: {}/logs/{}.log",
+                    clock(),
+                    p.name,
+                    p.entry.role,
+                    p.entry.pid,
+                    sup.dir.display(),
+                    p.name
+                ),
+                serde_json::json!({"event": "exited", "name": p.name, "role": p.entry.role,
+                    "pid": p.entry.pid, "how": what, "restart": restart}),
+            );
+            p.child = None;
+            p.down_since = Some(Instant::now());
+            p.restart_at = restart.then(|| Instant::now() + sup.restart_delay);
+            p.entry.exited = Some(what);
+            changed = true;
+        } else if p.restart_at.is_some_and(|t| Instant::now() >= t) {
+            p.restart_at = None;
+            match spawn_logged(p.spec.command(), sup.dir, &p.name) {
+                Ok(child) => {
+                    p.restarts += 1;
+                    p.entry.pid = child.id() as i32;
+                    p.entry.exited = None;
+                    p.child = Some(child);
+                    p.down_since = None;
+                    say(
+                        sup.json,
+                        &format!(
+                            "[{}] {} restarted (pid {}, restart {})",
+                            clock(),
+                            p.name,
+                            p.entry.pid,
+                            p.restarts
+                        ),
+                        serde_json::json!({"event": "restarted", "name": p.name,
+                            "pid": p.entry.pid, "restarts": p.restarts}),
+                    );
+                }
+                Err(e) => {
+                    say(
+                        sup.json,
+                        &format!(
+                            "[{}] cannot restart {}: {e:#}; left stopped",
+                            clock(),
+                            p.name
+                        ),
+                        serde_json::json!({"event": "restart_failed", "name": p.name,
+                            "error": format!("{e:#}")}),
+                    );
+                }
+            }
+            changed = true;
+        }
+    }
+    if changed {
+        if let Err(e) = write_pid_file(sup.dir, &cluster.pid_file()) {
+            eprintln!("cannot update local.json: {e:#}");
+        }
+    }
+}
+
+fn primary_name(nodes: &[NodeStatus]) -> Option<&str> {
+    let mut p = nodes
+        .iter()
+        .filter(|n| n.reported_state == "primary" && n.goal_state == "primary");
+    match (p.next(), p.next()) {
+        (Some(n), None) => Some(n.name.as_str()),
+        _ => None,
+    }
+}
+
 async fn watch(
     layout: &Layout,
     monitors: &[String],
     security: &Security,
     certs_dir: Option<&Path>,
     cluster: &mut Cluster,
-    timeout_s: u64,
+    sup: &Supervise<'_>,
 ) -> Result<()> {
     let start = Instant::now();
+    let timeout_s = sup.timeout_s;
+    let json = sup.json;
     let mut last: Vec<String> = Vec::new();
+    let mut last_primary: Option<String> = None;
     let mut announced = false;
     let mut interval = tokio::time::interval(Duration::from_millis(500));
     // Ctrl-C, a closed terminal and a plain `kill` all stop the cluster cleanly: the
@@ -507,15 +830,7 @@ async fn watch(
             _ = hup.recv() => return Ok(()),
             _ = interval.tick() => {}
         }
-        for (name, child) in cluster
-            .monitors
-            .iter_mut()
-            .chain(cluster.keepers.iter_mut())
-        {
-            if let Ok(Some(status)) = child.try_wait() {
-                bail!("{name} exited ({status}); see its log in the logs directory");
-            }
-        }
+        supervise(cluster, sup);
         let Some(nodes) = fetch_state(monitors, security).await else {
             if !announced && start.elapsed() > Duration::from_secs(timeout_s) {
                 bail!("the monitor group did not answer within {timeout_s} s");
@@ -524,11 +839,41 @@ async fn watch(
         };
         let lines = describe(&nodes);
         if lines != last {
-            println!("[{:>6.1}s]", start.elapsed().as_secs_f64());
-            for l in &lines {
-                println!("  {l}");
+            if json {
+                let ns: Vec<_> = nodes
+                    .iter()
+                    .map(|n| {
+                        serde_json::json!({"name": n.name, "reported_state": n.reported_state,
+                        "goal_state": n.goal_state, "health": n.health, "pg_running": n.pg_running})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "state", "at_s": start.elapsed().as_secs_f64(), "nodes": ns})
+                );
+            } else {
+                println!("[{:>6.1}s {}]", start.elapsed().as_secs_f64(), clock());
+                for l in &lines {
+                    println!("  {l}");
+                }
             }
             last = lines;
+        }
+        let primary = primary_name(&nodes).map(str::to_owned);
+        if announced && primary.is_some() && primary != last_primary {
+            let was = last_primary.as_deref().unwrap_or("none");
+            say(
+                json,
+                &format!(
+                    "[{}] the primary is now {} (was {was})",
+                    clock(),
+                    primary.as_deref().unwrap_or_default()
+                ),
+                serde_json::json!({"event": "primary", "name": primary, "was": last_primary}),
+            );
+        }
+        if primary.is_some() {
+            last_primary = primary;
         }
         if !announced && ready(&nodes, layout.nodes.len()) {
             announced = true;
@@ -537,19 +882,30 @@ async fn watch(
                 .iter()
                 .map(|(_, p, _)| format!("127.0.0.1:{p}"))
                 .collect();
+            let rw = format!(
+                "postgresql://postgres@{}/postgres?target_session_attrs=read-write&connect_timeout=2",
+                hosts.join(",")
+            );
+            let ro = format!(
+                "postgresql://postgres@{}/postgres?target_session_attrs=prefer-standby&connect_timeout=2",
+                hosts.join(",")
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "up", "after_s": start.elapsed().as_secs_f64(),
+                        "read_write": rw, "read_only": ro, "monitor": monitors.join(","),
+                        "certs_dir": certs_dir, "dir": sup.dir})
+                );
+                continue;
+            }
             println!();
             println!(
                 "The cluster is up after {:.1} s.",
                 start.elapsed().as_secs_f64()
             );
-            println!(
-                "  read-write: postgresql://postgres@{}/postgres?target_session_attrs=read-write&connect_timeout=2",
-                hosts.join(",")
-            );
-            println!(
-                "  read-only:  postgresql://postgres@{}/postgres?target_session_attrs=prefer-standby&connect_timeout=2",
-                hosts.join(",")
-            );
+            println!("  read-write: {rw}");
+            println!("  read-only:  {ro}");
             println!();
             println!("For the pgquorum commands, in another shell:");
             println!("  export PGQUORUM_MONITOR={}", monitors.join(","));
@@ -560,6 +916,11 @@ async fn watch(
                 ),
                 None => println!("  (started with --insecure: add --insecure to every command)"),
             }
+            println!(
+                "To watch a failover: pgquorum local kill {} --dir {}   (then: pgquorum show state)",
+                last_primary.as_deref().unwrap_or("node1"),
+                sup.dir.display()
+            );
             println!("Showing state changes; press Ctrl-C to stop everything.");
         } else if !announced && start.elapsed() > Duration::from_secs(timeout_s) {
             bail!(
@@ -655,20 +1016,187 @@ fn pid_is_ours(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
-fn local_down(dir: &Path) -> Result<()> {
-    if !dir.join("local.json").exists() {
-        bail!(
+fn no_cluster(dir: &Path) -> anyhow::Error {
+    crate::exit::fail(
+        crate::exit::Kind::Invalid,
+        format!(
             "no local cluster is running in {} (no local.json there): nothing to stop",
             dir.display()
+        ),
+    )
+}
+
+/// The postmaster's PID from `PGDATA/postmaster.pid`, when that process is alive and is
+/// a postgres (a stale file's PID may belong to something else by now).
+fn postmaster_pid(pgdata: &Path) -> Option<i32> {
+    let text = fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline)
+        .contains("postgres")
+        .then_some(pid)
+}
+
+fn local_status(dir: &Path, json: bool) -> Result<()> {
+    if !dir.join("local.json").exists() {
+        return Err(no_cluster(dir));
+    }
+    let pids = read_pid_file(dir)?;
+    let rows: Vec<serde_json::Value> = pids
+        .processes
+        .iter()
+        .map(|p| {
+            let alive = pid_is_ours(p.pid);
+            let pg = p.pgdata.as_deref().and_then(postmaster_pid);
+            serde_json::json!({"name": p.name, "role": p.role, "pid": p.pid, "alive": alive,
+                "postgres_pid": pg, "port": p.port, "http_port": p.http_port,
+                "exited": p.exited})
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"dir": dir, "processes": rows}))?
         );
+        return Ok(());
+    }
+    println!(
+        "{:<10} {:<8} {:>8} {:<8} {:>12} {:>6} {:>6}",
+        "NAME", "ROLE", "PID", "STATE", "POSTGRES PID", "PORT", "HTTP"
+    );
+    for (p, r) in pids.processes.iter().zip(&rows) {
+        let state = if r["alive"].as_bool().unwrap_or(false) {
+            "running"
+        } else {
+            "dead"
+        };
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        println!(
+            "{:<10} {:<8} {:>8} {:<8} {:>12} {:>6} {:>6}{}",
+            p.name,
+            p.role,
+            p.pid,
+            state,
+            opt(p
+                .pgdata
+                .as_deref()
+                .and_then(postmaster_pid)
+                .map(|x| x.to_string())),
+            opt(p.port.map(|x| x.to_string())),
+            opt(p.http_port.map(|x| x.to_string())),
+            p.exited
+                .as_deref()
+                .map(|e| format!("  ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+fn parse_signal(s: &str) -> Result<Signal> {
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<Signal>().map_err(|_| {
+        crate::exit::fail(
+            crate::exit::Kind::Usage,
+            format!("--signal {s}: not a signal name (KILL, TERM, INT, STOP, CONT, ...)"),
+        )
+    })
+}
+
+fn local_kill(k: &KillArgs, json: bool) -> Result<()> {
+    let dir = &k.dir.dir;
+    let sig = parse_signal(&k.signal)?;
+    if !dir.join("local.json").exists() {
+        return Err(no_cluster(dir));
+    }
+    let pids = read_pid_file(dir)?;
+    let Some(p) = pids.processes.iter().find(|p| p.name == k.name) else {
+        let names: Vec<&str> = pids.processes.iter().map(|p| p.name.as_str()).collect();
+        return Err(crate::exit::fail(
+            crate::exit::Kind::Invalid,
+            format!(
+                "no process {:?} in this local cluster (it has {})",
+                k.name,
+                names.join(", ")
+            ),
+        ));
+    };
+    let mut targets: Vec<(String, i32)> = Vec::new();
+    let node = p.role == "keeper";
+    if k.only.is_some() && !node {
+        return Err(crate::exit::fail(
+            crate::exit::Kind::Usage,
+            format!("--only applies to a node; {} is a monitor member", p.name),
+        ));
+    }
+    // The postmaster's PID is read before the keeper dies: a keeper that stops could
+    // otherwise not be told apart from one that never ran postgres.
+    let pg = p.pgdata.as_deref().and_then(postmaster_pid);
+    if k.only != Some(NodePart::Postgres) {
+        if pid_is_ours(p.pid) {
+            targets.push((format!("{} ({})", p.name, p.role), p.pid));
+        } else if k.only == Some(NodePart::Keeper) || !node {
+            return Err(crate::exit::fail(
+                crate::exit::Kind::NotAllowed,
+                format!("{} (pid {}) is not running", p.name, p.pid),
+            ));
+        }
+    }
+    if node && k.only != Some(NodePart::Keeper) {
+        match pg {
+            Some(pid) => targets.push((format!("{}'s PostgreSQL (postmaster)", p.name), pid)),
+            None if k.only == Some(NodePart::Postgres) => {
+                return Err(crate::exit::fail(
+                    crate::exit::Kind::NotAllowed,
+                    format!("{}'s PostgreSQL is not running", p.name),
+                ))
+            }
+            None => {}
+        }
+    }
+    if targets.is_empty() {
+        return Err(crate::exit::fail(
+            crate::exit::Kind::NotAllowed,
+            format!("nothing of {} is running", p.name),
+        ));
+    }
+    let mut done = Vec::new();
+    for (what, pid) in &targets {
+        kill(Pid::from_raw(*pid), sig)
+            .with_context(|| format!("cannot signal {what} (pid {pid})"))?;
+        done.push(serde_json::json!({"what": what, "pid": pid, "signal": sig.as_str()}));
+        if !json {
+            println!("sent {} to {what}, pid {pid}", sig.as_str());
+        }
+    }
+    if json {
+        println!("{}", serde_json::json!({ "signalled": done }));
+    } else if sig == Signal::SIGKILL && node {
+        println!("watch it: pgquorum show state (the monitor notices within a lease; `local up` reports the exit)");
+    }
+    Ok(())
+}
+
+fn local_down(dir: &Path, json: bool) -> Result<()> {
+    if !dir.join("local.json").exists() {
+        return Err(no_cluster(dir));
     }
     let pids = read_pid_file(dir)?;
     let order = ["keeper", "monitor"];
+    let mut stopped = Vec::new();
     for role in order {
         let group: Vec<&PidEntry> = pids.processes.iter().filter(|p| p.role == role).collect();
         for p in &group {
             if pid_is_ours(p.pid) {
-                println!("stopping {} (pid {})", p.name, p.pid);
+                if !json {
+                    println!("stopping {} (pid {})", p.name, p.pid);
+                }
+                stopped.push(serde_json::json!({"name": p.name, "pid": p.pid}));
                 let _ = kill(Pid::from_raw(p.pid), Signal::SIGTERM);
             }
         }
@@ -684,6 +1212,10 @@ fn local_down(dir: &Path) -> Result<()> {
         }
     }
     let _ = fs::remove_file(dir.join("local.json"));
-    println!("stopped");
+    if json {
+        println!("{}", serde_json::json!({ "stopped": stopped }));
+    } else {
+        println!("stopped");
+    }
     Ok(())
 }

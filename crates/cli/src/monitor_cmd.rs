@@ -72,18 +72,16 @@ struct RunArgs {
 
 #[derive(clap::Args)]
 struct Endpoints {
-    /// Monitor members to ask, HOST:PORT,HOST:PORT,...
-    #[arg(long, env = "PGQUORUM_MONITOR", default_value = "127.0.0.1:7000")]
-    monitor: String,
+    /// Monitor members to ask, HOST:PORT,HOST:PORT,... (no default: a member asked by
+    /// mistake would answer for another group).
+    #[arg(long, env = "PGQUORUM_MONITOR")]
+    monitor: Option<String>,
 }
 
 #[derive(clap::Args)]
 struct StatusArgs {
     #[command(flatten)]
     endpoints: Endpoints,
-    /// Print JSON for scripts.
-    #[arg(long)]
-    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -103,14 +101,14 @@ struct RemoveArgs {
     endpoints: Endpoints,
 }
 
-pub fn run(args: MonitorArgs, trust: &TrustArgs) -> anyhow::Result<()> {
+pub fn run(args: MonitorArgs, trust: &TrustArgs, json: bool) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async move {
         match args.command {
             MonitorCommand::Run(a) => run_member(a, trust).await,
-            MonitorCommand::Status(a) => status(a, trust).await,
-            MonitorCommand::AddMember(a) => add_member(a, trust).await,
-            MonitorCommand::RemoveMember(a) => remove_member(a, trust).await,
+            MonitorCommand::Status(a) => status(a, trust, json).await,
+            MonitorCommand::AddMember(a) => add_member(a, trust, json).await,
+            MonitorCommand::RemoveMember(a) => remove_member(a, trust, json).await,
         }
     })
 }
@@ -200,10 +198,16 @@ async fn shutdown_signal() {
 }
 
 fn client(e: &Endpoints, trust: &TrustArgs) -> anyhow::Result<MonitorClient> {
-    Ok(MonitorClient::new(
-        parse_endpoints(&e.monitor),
-        trust.security(Who::Client)?,
-    )?)
+    let Some(list) = &e.monitor else {
+        return Err(crate::exit::fail(
+            crate::exit::Kind::Usage,
+            "no monitor given: use --monitor HOST:PORT,HOST:PORT,... or set PGQUORUM_MONITOR",
+        ));
+    };
+    Ok(
+        MonitorClient::new(parse_endpoints(list), trust.security(Who::Client)?)?
+            .give_up_unreachable_after(Duration::from_secs(1)),
+    )
 }
 
 #[derive(Serialize)]
@@ -231,7 +235,7 @@ struct StatusJson {
     members: Vec<MemberRow>,
 }
 
-async fn status(a: StatusArgs, trust: &TrustArgs) -> anyhow::Result<()> {
+async fn status(a: StatusArgs, trust: &TrustArgs, json: bool) -> anyhow::Result<()> {
     let c = client(&a.endpoints, trust)?.retry_for(Duration::from_secs(1));
     // Learn the membership from whichever member answers, then ask each member.
     let first = c
@@ -311,7 +315,7 @@ async fn status(a: StatusArgs, trust: &TrustArgs) -> anyhow::Result<()> {
         group_id: Some(first.group_id.clone()),
         members: rows,
     };
-    if a.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -344,13 +348,27 @@ async fn status(a: StatusArgs, trust: &TrustArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_members(reply: &pb::MembershipReply) {
+fn print_members(reply: &pb::MembershipReply, json: bool, done: &str) -> anyhow::Result<()> {
+    if json {
+        let members: Vec<_> = reply
+            .members
+            .iter()
+            .map(|m| serde_json::json!({"id": m.id, "address": m.address, "role": m.role}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"result": done, "members": members}))?
+        );
+        return Ok(());
+    }
+    println!("{done}; the group is now:");
     for m in &reply.members {
         println!("  member {} at {} ({})", m.id, m.address, m.role);
     }
+    Ok(())
 }
 
-async fn add_member(a: AddArgs, trust: &TrustArgs) -> anyhow::Result<()> {
+async fn add_member(a: AddArgs, trust: &TrustArgs, json: bool) -> anyhow::Result<()> {
     let (id, address) = a.member;
     let c = client(&a.endpoints, trust)?.request_timeout(Duration::from_secs(90));
     let reply = c
@@ -363,19 +381,15 @@ async fn add_member(a: AddArgs, trust: &TrustArgs) -> anyhow::Result<()> {
         })
         .await
         .with_context(|| format!("cannot add member {id}"))?;
-    println!("member {id} added; the group is now:");
-    print_members(&reply);
-    Ok(())
+    print_members(&reply, json, &format!("member {id} added"))
 }
 
-async fn remove_member(a: RemoveArgs, trust: &TrustArgs) -> anyhow::Result<()> {
+async fn remove_member(a: RemoveArgs, trust: &TrustArgs, json: bool) -> anyhow::Result<()> {
     let id = a.id;
     let c = client(&a.endpoints, trust)?;
     let reply = c
         .call(|mut raw| async move { raw.remove_member(pb::RemoveMemberRequest { id }).await })
         .await
         .with_context(|| format!("cannot remove member {id}"))?;
-    println!("member {id} removed; the group is now:");
-    print_members(&reply);
-    Ok(())
+    print_members(&reply, json, &format!("member {id} removed"))
 }

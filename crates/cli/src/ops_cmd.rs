@@ -16,9 +16,10 @@ pub struct Target {
     /// Monitor members to talk to (any member answers; writes are forwarded to the leader).
     #[arg(long, env = "PGQUORUM_MONITOR", value_delimiter = ',', global = true)]
     pub monitor: Vec<String>,
-    /// Print JSON for scripts instead of a table.
-    #[arg(long, global = true)]
+    /// Set from the global --json (main.rs).
+    #[arg(skip)]
     pub json: bool,
+    /// The formation (a cluster of nodes the monitor group manages).
     #[arg(long, default_value = "default", global = true)]
     pub formation: String,
 }
@@ -29,15 +30,21 @@ pub enum ShowWhat {
     State,
     /// The event history: what changed and why.
     Events {
+        /// How many of the latest events to show.
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
     /// libpq multi-host connection URIs (read-write and read-only).
     Uri {
+        /// Database name in the URIs.
         #[arg(long, default_value = "postgres")]
         dbname: String,
+        /// User name in the URIs.
         #[arg(long, default_value = "postgres")]
         user: String,
+        /// Print only this URI, bare (for `psql "$(pgquorum show uri --role rw)"`).
+        #[arg(long)]
+        role: Option<crate::cli::UriRole>,
     },
     /// Formation and node settings.
     Settings,
@@ -62,6 +69,7 @@ pub enum PerformWhat {
 
 #[derive(clap::Args, Clone, Copy)]
 pub struct WaitArgs {
+    /// The group of nodes in the formation (0 unless the formation is sharded).
     #[arg(long, default_value_t = 0)]
     pub group: u32,
     /// Seconds to wait for the cluster to settle.
@@ -76,6 +84,7 @@ pub struct WaitArgs {
 pub enum ToggleWhat {
     /// Maintenance: the node is taken out of replication and failover decisions.
     Maintenance {
+        /// The node's name (its keeper's --name).
         #[arg(long)]
         node: String,
         #[command(flatten)]
@@ -87,29 +96,43 @@ pub enum ToggleWhat {
 pub enum SetWhat {
     /// `set node NAME candidate-priority N` or `set node NAME replication-quorum true|false`.
     Node {
+        /// The node's name.
         name: String,
+        /// candidate-priority or replication-quorum.
         setting: String,
+        /// The new value.
         value: String,
     },
     /// `set formation number-sync-standbys N` (also lease-ms, lease-margin-ms,
     /// heartbeat-interval-ms, on-quorum-loss block|continue).
-    Formation { setting: String, value: String },
+    Formation {
+        /// number-sync-standbys, lease-ms, lease-margin-ms, heartbeat-interval-ms or
+        /// on-quorum-loss.
+        setting: String,
+        /// The new value.
+        value: String,
+    },
 }
 
 #[derive(clap::Subcommand)]
 pub enum DropWhat {
     /// Remove a node from the cluster; its keeper stops its PostgreSQL.
-    Node { name: String },
+    Node {
+        /// The node's name.
+        name: String,
+    },
 }
 
 /// A client over every given member: follows leader hints and retries members that
 /// answer UNAVAILABLE (an election, a member down) for a few seconds.
 pub fn connect(endpoints: &[String], trust: &TrustArgs) -> Result<MonitorClient> {
     if endpoints.is_empty() {
-        bail!("no monitor given: use --monitor HOST:PORT,HOST:PORT,... or set PGQUORUM_MONITOR");
+        return Err(ClientError::NoEndpoints.into());
     }
     let security = trust.security(Who::Client)?;
-    Ok(MonitorClient::new(endpoints.iter().cloned(), security)?.retry_for(Duration::from_secs(10)))
+    Ok(MonitorClient::new(endpoints.iter().cloned(), security)?
+        .retry_for(Duration::from_secs(10))
+        .give_up_unreachable_after(Duration::from_secs(1)))
 }
 
 /// One call through [`MonitorClient::call`]: `$req` is cloned for each attempt.
@@ -125,21 +148,11 @@ macro_rules! call {
     }};
 }
 
-fn client_error(what: &str, e: ClientError) -> anyhow::Error {
-    match e {
-        ClientError::Status(s) => status_error(what, s),
-        other => anyhow::anyhow!("{what}: {other}"),
-    }
-}
-
-fn status_error(what: &str, s: tonic::Status) -> anyhow::Error {
-    let leader = s
-        .metadata()
-        .get("x-pgquorum-leader")
-        .and_then(|v| v.to_str().ok())
-        .map(|l| format!(" (leader: {l})"))
-        .unwrap_or_default();
-    anyhow::anyhow!("{what}: {}{leader}", s.message())
+/// Keeps the typed error (its gRPC code decides the exit code, crate::exit) under a
+/// line that says what was being done; the client's message names the addresses tried
+/// and the leader when known.
+pub(crate) fn client_error(what: &str, e: ClientError) -> anyhow::Error {
+    anyhow::Error::new(e).context(what.to_owned())
 }
 
 pub async fn get_state(client: &MonitorClient, formation: &str) -> Result<pb::GetStateReply> {
@@ -191,7 +204,7 @@ fn lsn(l: u64) -> String {
     format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)
 }
 
-fn node_json(n: &pb::NodeStatus) -> serde_json::Value {
+pub(crate) fn node_json(n: &pb::NodeStatus) -> serde_json::Value {
     json!({
         "node_id": n.node_id, "formation": n.formation, "group": n.group_id, "name": n.name,
         "host": n.host, "port": n.port, "reported_state": n.reported_state,
@@ -277,7 +290,7 @@ pub async fn show(target: Target, what: ShowWhat, trust: &TrustArgs) -> Result<(
                 }
             }
         }
-        ShowWhat::Uri { dbname, user } => {
+        ShowWhat::Uri { dbname, user, role } => {
             let state = get_state(&client, &target.formation).await?;
             let hosts: Vec<String> = state
                 .nodes
@@ -291,7 +304,9 @@ pub async fn show(target: Target, what: ShowWhat, trust: &TrustArgs) -> Result<(
             let base = format!("postgresql://{user}@{}/{dbname}", hosts.join(","));
             let rw = format!("{base}?target_session_attrs=read-write&connect_timeout=2");
             let ro = format!("{base}?target_session_attrs=prefer-standby&connect_timeout=2");
-            if target.json {
+            if let Some(role) = role {
+                println!("{}", role.pick(&rw, &ro));
+            } else if target.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&json!({"read_write": rw, "read_only": ro}))?
@@ -347,10 +362,6 @@ fn primary_of(nodes: &[pb::NodeStatus]) -> Option<&pb::NodeStatus> {
     }
 }
 
-fn settled(nodes: &[pb::NodeStatus]) -> bool {
-    nodes.iter().all(|n| n.reported_state == n.goal_state)
-}
-
 /// Wait until `done` holds for the state, printing each change; on timeout, say what
 /// is still pending.
 async fn wait_for(
@@ -391,14 +402,17 @@ async fn wait_for(
                 .filter(|n| n.reported_state != n.goal_state)
                 .map(|n| format!("{} is {} (goal {})", n.name, n.reported_state, n.goal_state))
                 .collect();
-            bail!(
-                "timed out after {timeout} s waiting for {what}; still pending: {}",
-                if pending.is_empty() {
-                    "no single primary yet".to_string()
-                } else {
-                    pending.join(", ")
-                }
-            );
+            return Err(crate::exit::fail(
+                crate::exit::Kind::TimedOut,
+                format!(
+                    "timed out after {timeout} s waiting for {what}; still pending: {}",
+                    if pending.is_empty() {
+                        "no single primary yet".to_string()
+                    } else {
+                        pending.join(", ")
+                    }
+                ),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -461,7 +475,7 @@ pub async fn perform(target: Target, what: PerformWhat, trust: &TrustArgs) -> Re
     let client = connect(&target.monitor, trust)?;
     let before = get_state(&client, &target.formation).await?;
     let old_primary = primary_of(&before.nodes).map(|n| n.name.clone());
-    let (reply, wait, candidate) = match what {
+    let (reply, wait, candidate, kind) = match what {
         PerformWhat::Switchover { candidate, wait } => {
             let r = while_in_transition(&target, wait.timeout, || async {
                 call!(
@@ -476,7 +490,7 @@ pub async fn perform(target: Target, what: PerformWhat, trust: &TrustArgs) -> Re
             })
             .await
             .map_err(|e| client_error("switchover refused", e))?;
-            (r, wait, candidate)
+            (r, wait, candidate, "switchover")
         }
         PerformWhat::Failover { wait } => {
             let r = while_in_transition(&target, wait.timeout, || async {
@@ -491,25 +505,19 @@ pub async fn perform(target: Target, what: PerformWhat, trust: &TrustArgs) -> Re
             })
             .await
             .map_err(|e| client_error("failover refused", e))?;
-            (r, wait, None)
+            (r, wait, None, "failover")
         }
     };
     if wait.no_wait {
         return print_result(&target, &reply, None);
     }
-    if !target.json {
-        eprintln!("{}; waiting for a new primary...", reply.description);
-    }
-    let nodes = wait_for(&client, &target, wait.timeout, "a new primary", |nodes| {
-        let Some(p) = primary_of(nodes) else {
-            return false;
-        };
-        let moved = Some(&p.name) != old_primary.as_ref();
-        let right = candidate.as_ref().is_none_or(|c| &p.name == c);
-        moved && right && settled(nodes)
-    })
-    .await?;
-    print_result(&target, &reply, Some(&nodes))
+    let op = crate::perform::Operation {
+        kind,
+        old_primary,
+        candidate,
+        timeout: wait.timeout,
+    };
+    crate::perform::follow(&client, &target, &reply, op).await
 }
 
 pub async fn maintenance(
