@@ -261,6 +261,106 @@ async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_u
         }
     }
 
+    // A switchover ends with its result: the new primary, the old one's state, the
+    // write pause. One that the monitor abandons (a standby's keeper paused, so it
+    // cannot report its LSN) ends with the monitor's reason as soon as it gives up, not
+    // after the timeout, with exit code 4.
+    let local = |args: &[&str]| {
+        let o = std::process::Command::new(pgquorum_bin())
+            .args(args)
+            .arg("--dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let node_of = |port: i32| format!("node{}", port - i32::from(base) - 10);
+    let standby = (1..=3)
+        .map(|j| node_of(i32::from(base) + 10 + j))
+        .find(|n| *n != node_of(primary_port))
+        .unwrap();
+    local(&[
+        "local", "kill", &standby, "--only", "keeper", "--signal", "STOP",
+    ]);
+    let state_of = |name: &str| -> serde_json::Value {
+        let (ok, text) = cli(&["--json", "show", "state"], true);
+        assert!(ok, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the paused keeper to be seen silent",
+        || state_of(&standby)["health"] != "healthy",
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let (ok, text) = cli(
+        &["--json", "perform", "switchover", "--timeout", "60"],
+        true,
+    );
+    local(&[
+        "local", "kill", &standby, "--only", "keeper", "--signal", "CONT",
+    ]);
+    assert!(
+        !ok,
+        "a switchover with a paused standby keeper succeeded: {text}"
+    );
+    let err: serde_json::Value = serde_json::from_str(text.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    assert_eq!(err["error"]["exit_code"], 4, "{text}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("abandoned"),
+        "{text}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the abandonment took {:?}",
+        started.elapsed()
+    );
+    wait_until(Duration::from_secs(60), "every node settled again", || {
+        (1..=3).all(|j| {
+            let n = state_of(&format!("node{j}"));
+            n["health"] == "healthy" && n["reported_state"] == n["goal_state"]
+        })
+    })
+    .unwrap();
+    let (ok, text) = cli(&["--json", "perform", "switchover"], true);
+    assert!(ok, "switchover: {text}");
+    let done: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_ne!(
+        done["new_primary"],
+        node_of(primary_port).as_str(),
+        "{done}"
+    );
+    assert_eq!(
+        done["old_primary"]["name"],
+        node_of(primary_port).as_str(),
+        "{done}"
+    );
+    assert!(done["write_pause_ms"].as_u64().is_some(), "{done}");
+    let c = connect(&uri).await;
+    let primary_port = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get::<_, i32>(0);
+    drop(c);
+    assert_eq!(node_of(primary_port), done["new_primary"].as_str().unwrap());
+
     // A follower member of the monitor group stops (SIGTERM): reported, and nothing else
     // stops with it.
     let (ok, text) = cli(&["--json", "monitor", "status"], true);
@@ -296,7 +396,7 @@ async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_u
     );
 
     // The primary's node dies: keeper and PostgreSQL SIGKILLed by `pgquorum local kill`.
-    let old = format!("node{}", primary_port - i32::from(base) - 10);
+    let old = node_of(primary_port);
     let out = std::process::Command::new(pgquorum_bin())
         .args(["local", "kill", &old, "--dir"])
         .arg(&dir)

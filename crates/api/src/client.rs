@@ -199,10 +199,30 @@ impl MonitorClient {
         if !deepest.contains(addr) {
             deepest = format!("{addr}: {deepest}");
         }
-        if matches!(self.security, Security::Insecure) && deepest.contains("h2 protocol error") {
-            deepest.push_str(
-                " (not a plain gRPC server: either not a pgquorum monitor (a keeper's --http port?) or a monitor that requires TLS: then give --certs-dir DIR or PGQUORUM_CERTS_DIR)",
-            );
+        // Connected, but the conversation failed: the other end speaks another protocol
+        // (a keeper's HTTP port, PostgreSQL) or TLS where we spoke plain, or the reverse.
+        let mut io_kind = None;
+        let mut source = s.source();
+        while let Some(e) = source {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                io_kind = Some(io.kind());
+            }
+            source = e.source();
+        }
+        let garbled = matches!(
+            io_kind,
+            Some(
+                std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::InvalidData
+            )
+        ) || deepest.contains("h2 protocol error");
+        if garbled {
+            deepest.push_str(match self.security {
+                Security::Insecure => " (it does not speak plain gRPC: not a pgquorum monitor (a keeper's --http port?), or a monitor that requires TLS: then give --certs-dir DIR or PGQUORUM_CERTS_DIR)",
+                Security::Tls(_) => " (it does not speak TLS gRPC: not a pgquorum monitor (a keeper's --http port?), or a monitor run with --insecure)",
+            });
         }
         deepest
     }
@@ -276,7 +296,13 @@ impl MonitorClient {
                             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(addr);
                         return Ok(resp.into_inner());
                     }
-                    Err(s) if s.code() == Code::Unavailable || not_a_monitor(&s).is_some() => {
+                    // A member without a leader, nothing answering, or something that is
+                    // not a monitor: try the others.
+                    Err(s)
+                        if s.code() == Code::Unavailable
+                            || is_transport(&s)
+                            || not_a_monitor(&s).is_some() =>
+                    {
                         tracing::debug!(member = %addr, error = %s.message(), "monitor member unavailable");
                         if let Some(hint) = leader_hint(&s) {
                             last_leader = Some(hint.clone());

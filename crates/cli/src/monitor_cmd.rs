@@ -228,6 +228,9 @@ struct MemberRow {
 
 #[derive(Serialize)]
 struct StatusJson {
+    /// A majority of the voters answered: the group can elect and write.
+    quorum: bool,
+    reachable: usize,
     leader: Option<u64>,
     leader_address: Option<String>,
     term: Option<u64>,
@@ -308,7 +311,18 @@ async fn status(a: StatusArgs, trust: &TrustArgs, json: bool) -> anyhow::Result<
                 .and_then(|m| m.lag);
         }
     }
+    // A leader cut off from the others still calls itself leader (openraft does not step
+    // down by itself): what the operator needs to know is whether a majority answers.
+    let voters = rows.iter().filter(|r| r.role == "voter").count();
+    let voters_up = rows
+        .iter()
+        .filter(|r| r.role == "voter" && r.reachable)
+        .count();
+    let quorum = voters == 0 || voters_up * 2 > voters;
+    let reachable = rows.iter().filter(|r| r.reachable).count();
     let out = StatusJson {
+        quorum,
+        reachable,
         leader: leader_reply.as_ref().map(|l| l.id),
         leader_address: leader_reply.as_ref().map(|l| l.address.clone()),
         term: leader_reply.as_ref().map(|l| l.term),
@@ -320,6 +334,11 @@ async fn status(a: StatusArgs, trust: &TrustArgs, json: bool) -> anyhow::Result<
         return Ok(());
     }
     match (&out.leader, &out.term) {
+        (Some(l), Some(t)) if !quorum => println!(
+            "group {}: NO QUORUM: only {voters_up} of {} voting members reachable (member {l} last led, term {t}); writes and failovers wait until a majority is back",
+            first.group_id,
+            voters
+        ),
         (Some(l), Some(t)) => println!("group {}: leader is member {l}, term {t}", first.group_id),
         _ => println!(
             "group {}: NO LEADER (fewer than a majority of members reachable?)",

@@ -83,6 +83,7 @@ pub async fn follow(
     let mut last_line = String::new();
     let mut old_left_writable = false;
     let mut pause_end: Option<(String, Duration)> = None;
+    let mut promoted_at: Option<Duration> = None;
     let mut said_error = false;
     let deadline = Duration::from_secs(op.timeout);
     loop {
@@ -143,18 +144,29 @@ pub async fn follow(
                 if !writable(&o.goal_state) {
                     old_left_writable = true;
                 } else if old_left_writable && promoted.is_none() {
-                    // The monitor put the old primary back: the operation is over.
-                    let why: Vec<String> = since_start
-                        .iter()
-                        .rev()
-                        .take(3)
-                        .rev()
-                        .map(|e| {
-                            format!("{} {}", e.node_name, e.description)
-                                .trim()
-                                .to_owned()
-                        })
-                        .collect();
+                    // The monitor put the old primary back: the operation is over. Its
+                    // reason is in the events that did it: read them now, not at the
+                    // next half second.
+                    if let Ok(evs) = events(client, &target.formation, 50).await {
+                        let seen = last_event;
+                        since_start.extend(evs.into_iter().filter(|e| e.id > seen));
+                    }
+                    // The old primary's own last assignment says why; else the last few.
+                    let why: Vec<String> =
+                        match since_start.iter().rev().find(|e| e.node_name == o.name) {
+                            Some(e) => vec![e.description.clone()],
+                            None => since_start
+                                .iter()
+                                .rev()
+                                .take(3)
+                                .rev()
+                                .map(|e| {
+                                    format!("{} {}", e.node_name, e.description)
+                                        .trim()
+                                        .to_owned()
+                                })
+                                .collect(),
+                        };
                     return Err(fail(
                         Kind::NotAllowed,
                         format!(
@@ -165,27 +177,35 @@ pub async fn follow(
                             if why.is_empty() {
                                 " (see `pgquorum show events`)".to_owned()
                             } else {
-                                format!("; its last events: {}", why.join("; "))
+                                format!("; the monitor said: {}", why.join("; "))
                             }
                         ),
                     ));
                 }
             }
             if let Some(p) = promoted {
+                if promoted_at.is_none() && writable(&p.reported_state) {
+                    promoted_at = Some(at);
+                }
                 if pause_end.is_none() && taking_writes(&p.reported_state) {
                     pause_end = Some((p.name.clone(), at));
                 }
             }
             if let (Some(p), Some(_)) = (promoted, &pause_end) {
-                // Done when the new primary is settled and every node that is alive has
-                // reached its goal; a dead node (the old primary after a failover) does
+                // Done when the new primary is settled and every node whose keeper is
+                // heard from has reached its goal (the old primary rejoined as a
+                // standby); a node whose keeper is silent (dead, after a failover) does
                 // not hold the result back: its state is part of the result.
                 let alive_settled = nodes
                     .iter()
-                    .filter(|n| n.pg_running && n.health == "healthy")
+                    .filter(|n| n.health == "healthy")
                     .all(|n| n.reported_state == n.goal_state);
                 if p.reported_state == "primary" && p.goal_state == "primary" && alive_settled {
-                    return print_done(target, reply, &op, p, old, pause_end, &nodes);
+                    let times = Times {
+                        promoted: promoted_at,
+                        primary: pause_end.as_ref().map(|(_, d)| *d),
+                    };
+                    return print_done(target, reply, &op, p, old, times, &nodes);
                 }
             }
         }
@@ -213,16 +233,26 @@ pub async fn follow(
     }
 }
 
+/// When, counted from the monitor's acceptance, the new primary was first seen
+/// promoted (a writable state) and first seen as `primary`. With synchronous
+/// replication, commits resume once a standby is in sync, between the two: the second
+/// is an upper bound of the write pause (give or take a poll).
+struct Times {
+    promoted: Option<Duration>,
+    primary: Option<Duration>,
+}
+
 fn print_done(
     target: &Target,
     reply: &pb::OperationReply,
     op: &Operation,
     new: &pb::NodeStatus,
     old: Option<&pb::NodeStatus>,
-    pause: Option<(String, Duration)>,
+    times: Times,
     nodes: &[pb::NodeStatus],
 ) -> Result<()> {
-    let pause_ms = pause.as_ref().map(|(_, d)| d.as_millis() as u64);
+    let pause_ms = times.primary.map(|d| d.as_millis() as u64);
+    let promoted_ms = times.promoted.map(|d| d.as_millis() as u64);
     if target.json {
         let v = json!({
             "result": "done",
@@ -233,6 +263,7 @@ fn print_done(
                 "pg_running": o.pg_running, "health": o.health,
             })),
             "write_pause_ms": pause_ms,
+            "promoted_after_ms": promoted_ms,
             "log_index": reply.log_index,
             "description": reply.description,
             "nodes": nodes.iter().map(node_json).collect::<Vec<_>>(),
@@ -261,11 +292,15 @@ fn print_done(
         );
     }
     if let Some(ms) = pause_ms {
+        let promoted = promoted_ms
+            .map(|p| format!("promoted after {:.1} s, ", p as f64 / 1000.0))
+            .unwrap_or_default();
         println!(
-            "  writes paused about {:.1} s (from the moment the monitor accepted the {} until {} took writes as primary; polled every {} ms)",
+            "  write pause: at most {:.1} s ({} {promoted}taking writes as primary after {:.1} s, counted from the monitor's acceptance of the {}; polled every {} ms)",
+            ms as f64 / 1000.0,
+            new.name,
             ms as f64 / 1000.0,
             op.kind,
-            new.name,
             POLL.as_millis()
         );
     }
