@@ -8,8 +8,8 @@
 //!
 //! When no member serves the request, the error says why for each address tried
 //! (connection refused, name not resolved, TLS, not a pgquorum monitor, or what the
-//! member answered) and, when some member answered, that the group has no quorum, with
-//! the last leader a member named. When no member answers at all, the client stops
+//! member answered: "no quorum: only 1 of 3 ..." when that is why) and the last leader
+//! a member named. When no member answers at all, the client stops
 //! after `give_up_unreachable_after` instead of the whole retry budget.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -230,10 +230,12 @@ impl MonitorClient {
     /// Why no member served the request, address by address; the code is UNAVAILABLE.
     fn none_served(&self, tried: &BTreeMap<String, Tried>, leader: Option<&str>) -> Status {
         let answered = tried.values().any(|t| matches!(t, Tried::Answered(_)));
+        // The members' own answers follow and say "no quorum" when that is the reason;
+        // an election under way looks the same from here and is not called one.
         let head = if answered {
             match leader {
-                Some(l) => format!("no quorum: the monitor group has no leader that can serve this now (last known leader {l})"),
-                None => "no quorum: the monitor group has no leader that can serve this now (leader unknown)".to_owned(),
+                Some(l) => format!("no monitor leader reachable (last known leader {l})"),
+                None => "no monitor leader reachable (leader unknown)".to_owned(),
             }
         } else {
             "no monitor member reachable".to_owned()

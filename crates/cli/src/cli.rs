@@ -50,20 +50,26 @@ pub enum Command {
         pgquorum cert create-ca --certs-dir certs\n  \
         pgquorum cert create-member --id 1 --host 10.0.0.1 --certs-dir certs\n  \
         pgquorum cert create-client --name alice --role operator --certs-dir certs\n  \
-        pgquorum cert list --certs-dir certs")]
+        pgquorum cert create-keeper --name pg1 --host 10.0.0.21 --certs-dir certs\n  \
+        pgquorum cert list --certs-dir certs\n  \
+        pgquorum cert revoke client.alice --certs-dir certs")]
     Cert(cert_cmd::CertArgs),
     /// Run or inspect a member of the monitor group.
     #[command(after_help = "Examples:\n  \
         pgquorum monitor run --node-id 1 --listen 10.0.0.1:7000 --data-dir /var/lib/pgquorum/monitor \\\n      \
         --peer 1=10.0.0.1:7000 --peer 2=10.0.0.2:7000 --peer 3=10.0.0.3:7000 --certs-dir /etc/pgquorum/certs\n  \
-        pgquorum monitor status --monitor 10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000")]
+        pgquorum monitor status --monitor 10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000\n  \
+        pgquorum monitor add-member 4=10.0.0.4:7000     # started with `monitor run --join`\n  \
+        pgquorum monitor remove-member 4")]
     Monitor(monitor_cmd::MonitorArgs),
     /// Run the keeper beside one PostgreSQL server.
     #[command(
         after_help = "Example (as the postgres user; the replication password from the environment):\n  \
         PGQUORUM_REPLICATION_PASSWORD=... pgquorum keeper run --name pg1 --pgdata /var/lib/postgresql/15/pgquorum \\\n      \
         --pg-host 10.0.0.11 --pg-port 5432 --http 0.0.0.0:8008 \\\n      \
-        --monitor 10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000 --certs-dir /etc/pgquorum/certs"
+        --monitor 10.0.0.1:7000,10.0.0.2:7000,10.0.0.3:7000 --certs-dir /etc/pgquorum/certs\n\n\
+        Without a monitor (standalone use and tests):\n  \
+        pgquorum keeper apply --name pg1 --pgdata /tmp/pg1 --pg-port 5432 --goal single --insecure"
     )]
     Keeper(keeper_cmd::KeeperArgs),
     /// A whole HA cluster on loopback: `local up`, `local status`, `local kill`, `local down`.
@@ -78,7 +84,7 @@ pub enum Command {
         pgquorum show state\n  \
         pgquorum show events --limit 20\n  \
         pgquorum show uri --role rw              # the bare read-write URI, for psql \"$(...)\"\n  \
-        pgquorum --json show settings")]
+        pgquorum show settings --json")]
     Show {
         #[command(flatten)]
         target: ops_cmd::Target,
@@ -203,16 +209,36 @@ mod tests {
         let mut missing = Vec::new();
         walk(&cmd, "pgquorum", &mut missing);
         assert!(missing.is_empty(), "no help text: {missing:#?}");
-        for sub in cmd.get_subcommands() {
-            let example = sub
-                .get_after_help()
-                .map(|h| h.to_string())
-                .unwrap_or_default();
-            assert!(
-                example.contains(&format!("pgquorum {}", sub.get_name())),
-                "`pgquorum {}` has no example",
-                sub.get_name()
-            );
+        let mut no_example = Vec::new();
+        leaves_without_example(&cmd, "pgquorum", "", &mut no_example);
+        assert!(no_example.is_empty(), "no example: {no_example:#?}");
+    }
+
+    /// Every command that runs something (a leaf) shows an example of itself in its own
+    /// help or in its parent's (`pgquorum show --help` lists `pgquorum show state`, ...).
+    fn leaves_without_example(
+        cmd: &clap::Command,
+        path: &str,
+        inherited: &str,
+        missing: &mut Vec<String>,
+    ) {
+        let own = cmd
+            .get_after_help()
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        let examples = format!("{inherited}\n{own}");
+        let subs: Vec<&clap::Command> = cmd
+            .get_subcommands()
+            .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+            .collect();
+        if subs.is_empty() {
+            if !examples.contains(&format!("{path} ")) && !examples.contains(&format!("{path}\n")) {
+                missing.push(path.to_owned());
+            }
+            return;
+        }
+        for sub in subs {
+            leaves_without_example(sub, &format!("{path} {}", sub.get_name()), &own, missing);
         }
     }
 

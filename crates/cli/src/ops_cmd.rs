@@ -82,7 +82,8 @@ pub struct WaitArgs {
 
 #[derive(clap::Subcommand)]
 pub enum ToggleWhat {
-    /// Maintenance: the node is taken out of replication and failover decisions.
+    /// Maintenance: failover decisions leave the node out and its keeper lets go of
+    /// PostgreSQL (a standby keeps streaming until you stop it).
     Maintenance {
         /// The node's name (its keeper's --name).
         #[arg(long)]
