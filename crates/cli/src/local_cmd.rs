@@ -470,11 +470,16 @@ fn local_up(args: UpArgs, trust: &TrustArgs, json: bool) -> Result<()> {
         keepers: Vec::new(),
         monitors: Vec::new(),
     };
-    println!(
-        "Starting {} monitor members and {} nodes in {}",
-        args.monitors,
-        args.nodes,
-        dir.display()
+    say(
+        json,
+        &format!(
+            "Starting {} monitor members and {} nodes in {}",
+            args.monitors,
+            args.nodes,
+            dir.display()
+        ),
+        serde_json::json!({"event": "starting", "monitors": args.monitors, "nodes": args.nodes,
+            "dir": dir}),
     );
     for (id, port, metrics_port) in &layout.monitors {
         let name = format!("monitor{id}");
@@ -595,7 +600,11 @@ fn local_up(args: UpArgs, trust: &TrustArgs, json: bool) -> Result<()> {
         }
     }
     write_pid_file(&dir, &cluster.pid_file())?;
-    println!("Logs: {}/logs/*.log", dir.display());
+    say(
+        json,
+        &format!("Logs: {}/logs/*.log", dir.display()),
+        serde_json::json!({"event": "started", "logs": dir.join("logs"), "pid_file": dir.join("local.json")}),
+    );
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -614,10 +623,18 @@ fn local_up(args: UpArgs, trust: &TrustArgs, json: bool) -> Result<()> {
             json,
         },
     ));
-    println!("Stopping the cluster...");
+    say(
+        json,
+        "Stopping the cluster...",
+        serde_json::json!({"event": "stopping"}),
+    );
     cluster.stop();
     let _ = fs::remove_file(dir.join("local.json"));
-    println!("Stopped. Data and logs stay in {}", dir.display());
+    say(
+        json,
+        &format!("Stopped. Data and logs stay in {}", dir.display()),
+        serde_json::json!({"event": "stopped", "dir": dir}),
+    );
     outcome
 }
 
