@@ -234,6 +234,22 @@ async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_u
             "{node} missing: {text}"
         );
     }
+    // `pgquorum show events | head -1`: the reader gone, the command ends with 0.
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let o = std::process::Command::new(pgquorum_bin())
+        .args(["show", "events", "--limit", "200"])
+        .env("PGQUORUM_MONITOR", &monitors)
+        .env("PGQUORUM_CERTS_DIR", &certs)
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "show events into a closed pipe: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let (ok, text) = cli(&["show", "state"], false);
     assert!(!ok && text.contains("--certs-dir"), "{text}");
     let (ok, text) = cli(&["perform", "switchover", "--client", "viewer"], true);
