@@ -363,11 +363,13 @@ fn local_up(args: UpArgs, trust: &TrustArgs) -> Result<()> {
             .arg(&node_dir)
             // A development cluster on loopback: clients on this machine need no password.
             .arg("--pg-hba")
-            .arg("host all all 127.0.0.1/32 trust")
-            .env("PGQUORUM_REPLICATION_PASSWORD", &replication_password);
+            .arg("host all all 127.0.0.1/32 trust");
+        // With certificates the standbys authenticate by certificate: no password.
         match &certs_dir {
             Some(_) => cmd.arg("--certs-dir").arg(node_dir.join("certs")),
-            None => cmd.arg("--insecure"),
+            None => cmd
+                .arg("--insecure")
+                .env("PGQUORUM_REPLICATION_PASSWORD", &replication_password),
         };
         if let Some(user) = &run_as {
             cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());

@@ -52,7 +52,7 @@ pub async fn run(
         pg_major = inst.bin.major,
         "keeper starting"
     );
-    if settings.replication_password.is_none() {
+    if settings.replication_password.is_none() && settings.pg_tls.is_none() {
         tracing::warn!(
             node = %settings.name,
             "no --replication-password: standbys can authenticate only through a ~/.pgpass file"
@@ -139,6 +139,14 @@ pub async fn run(
             continue;
         };
         tick = Duration::from_millis(a.heartbeat_interval_ms.clamp(20, 1000));
+        match inst.refresh_tls() {
+            // The transition to the same goal rewrites the configuration.
+            Ok(true) => applied = None,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(node = %settings.name, error = %e, "cannot copy the certificate files for postgres")
+            }
+        }
         if applied.as_ref() != Some(&a) || inst.state.current_state != a.goal_state {
             let before = inst.state.current_state;
             match inst.reach(&a).await {

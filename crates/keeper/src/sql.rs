@@ -229,7 +229,13 @@ pub async fn ensure_replication_role(c: &Client, s: &Settings) -> Result<()> {
             .await
             .map_err(e)?;
     }
-    if let Some(pw) = &s.replication_password {
+    if s.pg_tls.is_some() {
+        // Certificates only: a password left from an earlier setup would still work on
+        // the initdb host lines below the managed block.
+        c.batch_execute(&format!("ALTER ROLE {role} WITH PASSWORD NULL"))
+            .await
+            .map_err(e)?;
+    } else if let Some(pw) = &s.replication_password {
         // Set on every primary transition (not every beat): the verifier is salted, so
         // it cannot be compared with the stored one without the salt's hashing.
         let verifier = postgres_protocol::password::scram_sha_256(pw.as_bytes());

@@ -330,13 +330,17 @@ impl Instance {
             self.stop(StopMode::Fast).await;
             return Ok(());
         };
-        let remote = sql::remote_system_identifier(
-            &self.settings,
-            p.host.as_str(),
-            p.port,
-            Duration::from_secs(5),
-        )
-        .await?;
+        let remote = if self.settings.pg_tls.is_some() {
+            self.remote_system_identifier(&p.host, p.port).await?
+        } else {
+            sql::remote_system_identifier(
+                &self.settings,
+                p.host.as_str(),
+                p.port,
+                Duration::from_secs(5),
+            )
+            .await?
+        };
         let local = self.controldata().await?.system_identifier;
         if remote != local {
             return Err(KeeperError::SystemIdentifierMismatch {
