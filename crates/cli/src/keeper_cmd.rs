@@ -242,6 +242,8 @@ fn peer(spec: &str) -> anyhow::Result<PeerNode> {
         port: port
             .parse()
             .with_context(|| format!("{spec:?}: port {port:?} is not a port number"))?,
+        // Given by hand: the primary keeps a slot for it.
+        streamed: true,
     })
 }
 

@@ -29,6 +29,13 @@ pub struct Instance {
     pub(crate) conf_upstream_addr: Option<std::net::IpAddr>,
     /// When the certificate files were last compared with postgres' copies.
     pub(crate) tls_checked: Instant,
+    /// Whether primary_conninfo's slot was written last (see `uses_slot`).
+    pub(crate) conf_slot: bool,
+    /// A standby uses its slot from the first stream on (assignments given by hand,
+    /// `keeper apply`, whose primary is told its peers by hand too).
+    pub slot_from_start: bool,
+    /// When the primary last reconciled its replication slots.
+    pub(crate) slots_checked: Instant,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -93,6 +100,9 @@ impl Instance {
             assignments: None,
             conf_upstream_addr: None,
             tls_checked: Instant::now(),
+            conf_slot: false,
+            slot_from_start: false,
+            slots_checked: Instant::now(),
         })
     }
 

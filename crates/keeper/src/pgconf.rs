@@ -341,13 +341,16 @@ fn peer_lines(s: &Settings, peers: &[PeerNode]) -> String {
     let u = &s.replication_user;
     let mut out = String::new();
     if s.pg_tls.is_some() {
-        out.push_str(&format!("hostnossl all {u} all reject\n"));
+        // The certificate is the proof, from whatever address: a peer given by name
+        // would otherwise need the reverse DNS that containers and pods rarely have,
+        // and a peer that moved to a new address keeps streaming.
+        out.push_str(&format!(
+            "hostnossl all {u} all reject\n\
+             hostssl replication {u} all cert clientname=DN map={CERT_MAP}\n\
+             hostssl postgres {u} all cert clientname=DN map={CERT_MAP}\n"
+        ));
         for h in &hosts {
-            out.push_str(&format!(
-                "hostnossl replication all {h} reject\n\
-                 hostssl replication {u} {h} cert clientname=DN map={CERT_MAP}\n\
-                 hostssl postgres {u} {h} cert clientname=DN map={CERT_MAP}\n"
-            ));
+            out.push_str(&format!("hostnossl replication all {h} reject\n"));
         }
     } else {
         for h in &hosts {
@@ -511,6 +514,7 @@ mod tests {
             name: name.into(),
             host: host.parse().unwrap(),
             port: 5433,
+            streamed: true,
         }
     }
 
@@ -684,8 +688,9 @@ mod tests {
         for line in [
             "hostnossl all pgquorum_replicator all reject",
             "hostnossl replication all 10.0.0.1/32 reject",
-            "hostssl replication pgquorum_replicator 10.0.0.1/32 cert clientname=DN map=pgquorum_cert",
-            "hostssl postgres pgquorum_replicator db2 cert clientname=DN map=pgquorum_cert",
+            "hostnossl replication all db2 reject",
+            "hostssl replication pgquorum_replicator all cert clientname=DN map=pgquorum_cert",
+            "hostssl postgres pgquorum_replicator all cert clientname=DN map=pgquorum_cert",
         ] {
             assert!(b.lines().any(|l| l == line), "missing {line:?} in\n{b}");
         }

@@ -152,6 +152,7 @@ impl Monitor for Handle {
                 name: r.name.clone(),
                 host: r.host.clone(),
                 port: r.port,
+                streamed: false,
             };
             nodes.insert(r.name.clone(), node);
             id
