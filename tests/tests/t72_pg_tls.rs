@@ -120,6 +120,46 @@ async fn standbys_stream_over_tls_authenticated_by_certificate() {
         "{out}"
     );
 
+    // A renewed certificate reaches postgres without a restart: the keeper copies it
+    // and postgres reloads, so a new connection is served the new one, and the
+    // standby keeps streaming.
+    let id = Identity::keeper(&primary).unwrap();
+    certs.reissue(&id, pgquorum_trust::Validity::days(30));
+    certs.copy_keeper_files(&id, &c.dir.path().join(format!("certs-{primary}")));
+    let renewed = std::fs::read_to_string(certs.dir.cert_path(&id)).unwrap();
+    let fingerprint = |pem: &str| {
+        let mut child = Command::new("openssl")
+            .args(["x509", "-noout", "-fingerprint", "-sha256"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(pem.as_bytes())
+            .unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let want = fingerprint(&renewed);
+    pgquorum_testkit::wait_until(
+        Duration::from_secs(30),
+        "the renewed certificate served",
+        || {
+            let out = Command::new("openssl")
+                .args(["s_client", "-starttls", "postgres", "-connect"])
+                .arg(format!("127.0.0.1:{port}"))
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            fingerprint(&String::from_utf8_lossy(&out.stdout)) == want
+        },
+    )
+    .unwrap();
+    w.wait_progress(20, "writes after the renewal").await;
+
     let acked = w.stop().await;
     c.assert_rows_on(standby, &acked).await;
 }
