@@ -181,8 +181,10 @@ async fn hostile_input_changes_nothing_and_secrets_stay_private() {
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("lag"), "{body}");
 
-    // 5. Secrets: the standby streams with a password file, and the password is in
-    //    no configuration, log, or process environment.
+    // 5. Secrets: the standby streams with a password file (or, with certificates,
+    //    with its certificate and no password at all), and the password is in no
+    //    configuration, log, or process environment.
+    let tls = c.monitors.certs.is_some();
     let sb = c.node(standby).spec.clone();
     let s = sb.connect().await.unwrap();
     let conninfo: String = s
@@ -190,7 +192,12 @@ async fn hostile_input_changes_nothing_and_secrets_stay_private() {
         .await
         .unwrap()
         .get(0);
-    assert!(conninfo.contains("passfile="), "{conninfo}");
+    if tls {
+        assert!(conninfo.contains("sslmode=verify-full"), "{conninfo}");
+        assert!(!conninfo.contains("passfile="), "{conninfo}");
+    } else {
+        assert!(conninfo.contains("passfile="), "{conninfo}");
+    }
     assert!(!conninfo.contains("password"), "{conninfo}");
     let streaming: i64 = c
         .node(&primary)
@@ -240,11 +247,19 @@ async fn hostile_input_changes_nothing_and_secrets_stay_private() {
     std::fs::set_permissions(c.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     for n in ["node1", "node2"] {
         let spec = &c.node(n).spec;
-        for f in [
+        let mut private = vec![
             sibling(spec, ".postgres.log"),
             sibling(spec, ".pgquorum-state.json"),
-            sibling(spec, ".pgpass"),
-        ] {
+        ];
+        if tls {
+            // postgres' copy of the node's key, and no password file at all.
+            assert!(!sibling(spec, ".pgpass").exists());
+            private.push(sibling(spec, ".tls").join("server.key"));
+            assert_eq!(mode(&sibling(spec, ".tls")), 0o700);
+        } else {
+            private.push(sibling(spec, ".pgpass"));
+        }
+        for f in private {
             assert_eq!(mode(&f), 0o600, "{}", f.display());
             assert!(!nobody_reads(&f), "nobody read {}", f.display());
         }

@@ -445,6 +445,7 @@ impl From<PeerNode> for pb::PeerNode {
             name: p.name,
             host: p.host.into(),
             port: u32::from(p.port),
+            streamed: p.streamed,
         }
     }
 }
@@ -457,6 +458,7 @@ impl TryFrom<pb::PeerNode> for PeerNode {
             name: node_name("peer.name", p.name)?,
             host: host("peer.host", &p.host)?,
             port: port("peer.port", p.port)?,
+            streamed: p.streamed,
         })
     }
 }
@@ -789,6 +791,7 @@ mod tests {
                 name: "a".into(),
                 host: "10.0.0.1".into(),
                 port: 5432,
+                streamed: false,
             }),
             synchronous_standby_names: "ANY 1 (\"b\", \"c\")".into(),
             peers: vec![],
@@ -806,6 +809,7 @@ mod tests {
             name: "b".into(),
             host: "0.0.0.0/0 trust\nhost".into(),
             port: 5432,
+            streamed: false,
         });
         assert!(Assignment::try_from(bad).is_err());
         for names in [
@@ -965,6 +969,7 @@ mod tests {
             name: "a".into(),
             host: "h".parse().unwrap(),
             port: 5432,
+            streamed: true,
         };
         let a = Assignment {
             goal_state: NodeState::Primary,

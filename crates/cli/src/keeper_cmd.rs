@@ -144,6 +144,9 @@ pub fn run(args: KeeperArgs, trust: &TrustArgs) -> anyhow::Result<()> {
             // The keeper acts as the node its certificate names, and only as that one.
             let security = trust.security(Who::Keeper(s.name.clone()))?;
             let mut s = s;
+            if let pgquorum_trust::Security::Tls(t) = &security {
+                with_pg_tls(&mut s, t.dir())?;
+            }
             if n.http_tls {
                 match &security {
                     pgquorum_trust::Security::Tls(t) => s.http_tls = Some(t.clone()),
@@ -155,7 +158,11 @@ pub fn run(args: KeeperArgs, trust: &TrustArgs) -> anyhow::Result<()> {
             (s, Source::Monitor(m, security))
         }
         KeeperCommand::Apply(a) => {
-            let s = settings(&a.node)?;
+            let mut s = settings(&a.node)?;
+            // No monitor to talk to; the certificates serve postgres' TLS only.
+            if let Some(dir) = &trust.certs_dir {
+                with_pg_tls(&mut s, dir)?;
+            }
             let goal = NodeState::parse(&a.goal)
                 .ok_or_else(|| anyhow!("unknown goal state {:?}", a.goal))?;
             let assignment = Assignment {
@@ -198,6 +205,29 @@ pub fn run(args: KeeperArgs, trust: &TrustArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// PostgreSQL over TLS with the keeper's certificate from `certs_dir`; replication then
+/// authenticates by certificate, and a replication password is not used.
+fn with_pg_tls(s: &mut Settings, certs_dir: &std::path::Path) -> anyhow::Result<()> {
+    let t = pgquorum_keeper::settings::PgTls::from_certs_dir(certs_dir, &s.name, &s.pgdata);
+    for f in [&t.cert, &t.key, &t.ca] {
+        if !f.is_file() {
+            bail!(
+                "{} is missing: the keeper runs postgres' TLS with its own certificate (`pgquorum cert create-keeper --name {} --host HOST`)",
+                f.display(),
+                s.name
+            );
+        }
+    }
+    if s.replication_password.take().is_some() {
+        tracing::warn!(
+            "--replication-password is not used with --certs-dir: standbys authenticate with the node's certificate"
+        );
+    }
+    s.pg_tls = Some(t);
+    s.validate()?;
+    Ok(())
+}
+
 /// NAME=HOST:PORT
 fn peer(spec: &str) -> anyhow::Result<PeerNode> {
     let (name, addr) = spec
@@ -215,6 +245,8 @@ fn peer(spec: &str) -> anyhow::Result<PeerNode> {
         port: port
             .parse()
             .with_context(|| format!("{spec:?}: port {port:?} is not a port number"))?,
+        // Given by hand: the primary keeps a slot for it.
+        streamed: true,
     })
 }
 

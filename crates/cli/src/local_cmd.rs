@@ -561,11 +561,15 @@ fn local_up(args: UpArgs, trust: &TrustArgs, json: bool) -> Result<()> {
             Some(_) => a.extend(["--certs-dir".into(), node_dir.join("certs").into()]),
             None => a.push("--insecure".into()),
         }
-        // The password goes by environment, never by argument (argv is world-readable).
-        let mut env: Vec<(OsString, OsString)> = vec![(
-            "PGQUORUM_REPLICATION_PASSWORD".into(),
-            replication_password.clone().into(),
-        )];
+        // The password goes by environment, never by argument (argv is world-readable);
+        // with certificates the standbys authenticate by certificate: no password at all.
+        let mut env: Vec<(OsString, OsString)> = Vec::new();
+        if certs_dir.is_none() {
+            env.push((
+                "PGQUORUM_REPLICATION_PASSWORD".into(),
+                replication_password.clone().into(),
+            ));
+        }
         if run_as.is_some() {
             env.push(("HOME".into(), node_dir.clone().into()));
             env.push(("USER".into(), "postgres".into()));

@@ -336,6 +336,24 @@ impl From<StoredState> for ClusterState {
 pub const MAX_EVENTS: usize = 1000;
 
 impl NodeState {
+    /// A state a standby reaches only once its WAL receiver has streamed (or, for
+    /// prepare_promotion and report_lsn, only from such a state). A standby's
+    /// keeper names its replication slot in `primary_slot_name` only from one of
+    /// these, and a primary creates that slot only for a peer reporting one of them:
+    /// both sides decide on the same state, so a standby never waits for a slot the
+    /// primary will not make, and a node that never streamed holds no WAL.
+    pub fn has_streamed(self) -> bool {
+        matches!(
+            self,
+            NodeState::Catchingup
+                | NodeState::Secondary
+                | NodeState::JoinSecondary
+                | NodeState::PreparePromotion
+                | NodeState::ReportLsn
+                | NodeState::FastForward
+        )
+    }
+
     /// PostgreSQL runs as a primary that accepts writes (under the keeper's lease).
     pub fn is_writable(self) -> bool {
         matches!(

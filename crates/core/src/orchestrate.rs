@@ -21,6 +21,12 @@ pub struct PeerNode {
     pub name: String,
     pub host: HostName,
     pub port: u16,
+    /// The node has streamed from a primary: its reported state is one a standby
+    /// reaches only by streaming ([`NodeState::has_streamed`]). A primary creates a
+    /// replication slot only for such a node, so that a registration that never
+    /// streams holds no WAL.
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 /// What a keeper is told in answer to a heartbeat.
@@ -748,6 +754,7 @@ pub fn assignment(
         name: x.name.clone(),
         host: x.host.clone(),
         port: x.port,
+        streamed: x.reported_state.has_streamed(),
     };
     let primary = if n.goal_state == NodeState::FastForward {
         group

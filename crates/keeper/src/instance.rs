@@ -27,6 +27,15 @@ pub struct Instance {
     pub assignments: Option<tokio::sync::watch::Receiver<Option<pgquorum_core::Assignment>>>,
     /// The upstream address written into primary_conninfo last (None: by name only).
     pub(crate) conf_upstream_addr: Option<std::net::IpAddr>,
+    /// When the certificate files were last compared with postgres' copies.
+    pub(crate) tls_checked: Instant,
+    /// Whether primary_conninfo's slot was written last (see `uses_slot`).
+    pub(crate) conf_slot: bool,
+    /// A standby uses its slot from the first stream on (assignments given by hand,
+    /// `keeper apply`, whose primary is told its peers by hand too).
+    pub slot_from_start: bool,
+    /// When the primary last reconciled its replication slots.
+    pub(crate) slots_checked: Instant,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -36,6 +45,13 @@ pub fn preflight(settings: &Settings) -> Result<PgBin> {
     }
     settings.validate()?;
     let bin = PgBin::locate(settings.bindir.as_deref())?;
+    if settings.pg_tls.is_some() && !bin.path("psql").is_file() {
+        // The upstream's system identifier is read with psql over TLS.
+        return Err(KeeperError::MissingBinaries(format!(
+            "psql is not in {}",
+            bin.dir.display()
+        )));
+    }
     if let Some(v) = data_dir_version(&settings.pgdata) {
         if v != bin.major {
             return Err(KeeperError::VersionMismatch {
@@ -68,6 +84,9 @@ impl Instance {
         }
         let state = RunState::load(&settings.state_file)?;
         crate::pgconf::write_passfile(&settings)?;
+        if let Some(t) = &settings.pg_tls {
+            crate::pgconf::sync_tls_files(t)?;
+        }
         shared.update_status(|s| {
             s.node_id = state.node_id;
             s.current_state = Some(state.current_state);
@@ -80,6 +99,10 @@ impl Instance {
             postmaster: None,
             assignments: None,
             conf_upstream_addr: None,
+            tls_checked: Instant::now(),
+            conf_slot: false,
+            slot_from_start: false,
+            slots_checked: Instant::now(),
         })
     }
 
@@ -199,6 +222,27 @@ impl Instance {
         false
     }
 
+    /// Every few seconds: copies a renewed certificate (or a new CRL) for postgres and
+    /// makes it reload, so that new connections use it. Returns true when the managed
+    /// configuration must be rewritten too (a CRL appeared or went: `ssl_crl_file`).
+    pub fn refresh_tls(&mut self) -> Result<bool> {
+        let Some(t) = &self.settings.pg_tls else {
+            return Ok(false);
+        };
+        if self.tls_checked.elapsed() < Duration::from_secs(5) {
+            return Ok(false);
+        }
+        self.tls_checked = Instant::now();
+        if !crate::pgconf::sync_tls_files(t)? {
+            return Ok(false);
+        }
+        tracing::info!(node = %self.settings.name, "certificate files changed; postgres reloads them");
+        let conf = std::fs::read_to_string(self.pgdata().join(crate::pgconf::INCLUDE_FILE))
+            .unwrap_or_default();
+        self.reload();
+        Ok(conf.contains("ssl_crl_file") != t.has_crl())
+    }
+
     pub fn reload(&self) {
         if let Some(pm) = &self.postmaster {
             pm.reload();
@@ -281,7 +325,9 @@ impl Instance {
             "--progress".into(),
             "--verbose".into(),
         ];
-        let env = self.password_env();
+        let tls = crate::pgconf::tls_env(&self.settings);
+        let mut env = self.password_env();
+        env.extend(tls.iter().map(|(k, v)| (*k, v.as_str())));
         if let Err(e) = self.bin.run("pg_basebackup", &args, &env).await {
             let _ = remove_dir(&new);
             return Err(e);
@@ -336,6 +382,43 @@ impl Instance {
         let out = self.bin.run("pg_rewind", &args, &env).await?;
         tracing::info!(step = "rewind", "pg_rewind done: {}", out.trim());
         Ok(())
+    }
+}
+
+impl Instance {
+    /// The system identifier of the server at `host:port`, read with psql over the
+    /// conninfo pg_rewind uses (TLS, verify-full, the node's certificate): tokio-postgres
+    /// here speaks no TLS.
+    pub async fn remote_system_identifier(&self, host: &HostName, port: u16) -> Result<u64> {
+        let conninfo = crate::pgconf::replication_conninfo(
+            &self.settings,
+            host,
+            None,
+            port,
+            5,
+            "dbname=postgres application_name=pgquorum-keeper",
+        );
+        let args: Vec<std::ffi::OsString> = vec![
+            "--no-psqlrc".into(),
+            "--no-align".into(),
+            "--tuples-only".into(),
+            "--quiet".into(),
+            "--command=SELECT system_identifier FROM pg_control_system()".into(),
+            format!("--dbname={conninfo}").into(),
+        ];
+        // connect_timeout bounds the connection; the query reads pg_control only.
+        let out = self.bin.run("psql", &args, &[]).await?;
+        // bigint on the server; the keeper keeps it as u64, as pg_controldata prints it.
+        out.trim()
+            .parse::<i64>()
+            .map(|v| v as u64)
+            .map_err(|_| KeeperError::Unreachable {
+                goal: "standby".into(),
+                reason: format!(
+                    "{host}:{port} answered {} for its system identifier",
+                    pgquorum_core::quote_prefix(out.trim())
+                ),
+            })
     }
 }
 

@@ -52,7 +52,7 @@ pub async fn run(
         pg_major = inst.bin.major,
         "keeper starting"
     );
-    if settings.replication_password.is_none() {
+    if settings.replication_password.is_none() && settings.pg_tls.is_none() {
         tracing::warn!(
             node = %settings.name,
             "no --replication-password: standbys can authenticate only through a ~/.pgpass file"
@@ -79,8 +79,18 @@ pub async fn run(
             }
         }
     }
+    // The data directory's own system identifier goes into the registration, so that
+    // the monitor group refuses another cluster's data directory before it records
+    // the node (and before any primary makes a slot or an hba line for it). A
+    // directory pg_controldata cannot read is refused here, unregistered, too.
+    let system_identifier = match inst.state.system_identifier {
+        Some(s) => Some(s),
+        None if inst.has_data() => Some(inst.controldata().await?.system_identifier),
+        None => None,
+    };
     let (tx, mut rx) = watch::channel::<Option<Assignment>>(None);
     inst.assignments = Some(rx.clone());
+    inst.slot_from_start = matches!(source, Source::Static(_));
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
     let beat_now = Arc::new(Notify::new());
     let hb = Heartbeat {
@@ -91,7 +101,7 @@ pub async fn run(
         fatal: fatal_tx,
         pg_major: inst.bin.major,
         bin: inst.bin.clone(),
-        system_identifier: inst.state.system_identifier,
+        system_identifier,
         node_id: inst.state.node_id,
     };
     // The guard is up before the main loop can make postgres writable.
@@ -139,6 +149,14 @@ pub async fn run(
             continue;
         };
         tick = Duration::from_millis(a.heartbeat_interval_ms.clamp(20, 1000));
+        match inst.refresh_tls() {
+            // The transition to the same goal rewrites the configuration.
+            Ok(true) => applied = None,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(node = %settings.name, error = %e, "cannot copy the certificate files for postgres")
+            }
+        }
         if applied.as_ref() != Some(&a) || inst.state.current_state != a.goal_state {
             let before = inst.state.current_state;
             match inst.reach(&a).await {

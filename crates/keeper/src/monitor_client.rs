@@ -222,6 +222,7 @@ mod tests {
                 name: "a".into(),
                 host: "10.0.0.1".into(),
                 port: 5432,
+                streamed: false,
             }),
             ..Default::default()
         };

@@ -9,7 +9,7 @@ use std::path::Path;
 use pgquorum_core::{HostName, PeerNode};
 
 use crate::error::{KeeperError, Result};
-use crate::settings::{Settings, TUNABLE_DEFAULTS};
+use crate::settings::{PgTls, Settings, TUNABLE_DEFAULTS};
 use crate::state::write_atomic;
 
 pub const INCLUDE_FILE: &str = "pgquorum.conf";
@@ -61,17 +61,94 @@ pub fn replication_conninfo(
         " port={port} user={} connect_timeout={connect_timeout_s}",
         conninfo_quote(&s.replication_user),
     ));
-    if s.replication_password.is_some() {
-        c.push_str(&format!(
+    match &s.pg_tls {
+        // verify-full: TLS or nothing, the server's certificate must come from our CA
+        // and name `host` (not `hostaddr`); the client proves itself with the node's
+        // certificate, so no password exists that a fake server could ask for.
+        Some(t) => c.push_str(&tls_conninfo(t)),
+        None if s.replication_password.is_some() => c.push_str(&format!(
             " passfile={}",
             conninfo_quote(&s.passfile.to_string_lossy())
-        ));
+        )),
+        None => {}
     }
     if !extra.is_empty() {
         c.push(' ');
         c.push_str(extra);
     }
     c
+}
+
+/// The TLS part of a conninfo (leading blank included).
+fn tls_conninfo(t: &PgTls) -> String {
+    let mut c = format!(
+        " sslmode=verify-full sslrootcert={} sslcert={} sslkey={}",
+        conninfo_quote(&t.ca_copy().to_string_lossy()),
+        conninfo_quote(&t.cert_copy().to_string_lossy()),
+        conninfo_quote(&t.key_copy().to_string_lossy()),
+    );
+    if t.has_crl() {
+        c.push_str(&format!(
+            " sslcrl={}",
+            conninfo_quote(&t.crl_copy().to_string_lossy())
+        ));
+    }
+    c
+}
+
+/// The same for libpq tools that take no conninfo (pg_basebackup's --host/--port):
+/// the environment variables libpq reads. Paths only: nothing secret.
+pub fn tls_env(s: &Settings) -> Vec<(&'static str, String)> {
+    let Some(t) = &s.pg_tls else {
+        return Vec::new();
+    };
+    let mut env = vec![
+        ("PGSSLMODE", "verify-full".to_string()),
+        ("PGSSLROOTCERT", t.ca_copy().to_string_lossy().into_owned()),
+        ("PGSSLCERT", t.cert_copy().to_string_lossy().into_owned()),
+        ("PGSSLKEY", t.key_copy().to_string_lossy().into_owned()),
+    ];
+    if t.has_crl() {
+        env.push(("PGSSLCRL", t.crl_copy().to_string_lossy().into_owned()));
+    }
+    env
+}
+
+/// Copies the node's certificate, key, CA (and CRL, while there is one) into
+/// [`PgTls::dir`] (0700, files 0600) where they differ. Returns whether anything
+/// changed: postgres then reloads (it rereads its TLS files on SIGHUP), which is how
+/// a renewed certificate reaches it.
+pub fn sync_tls_files(t: &PgTls) -> Result<bool> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(&t.dir)
+        .map_err(|e| KeeperError::io(format!("creating {}", t.dir.display()), e))?;
+    std::fs::set_permissions(&t.dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| KeeperError::io(format!("chmod {}", t.dir.display()), e))?;
+    let mut changed = false;
+    for (from, to, required) in [
+        (&t.cert, t.cert_copy(), true),
+        (&t.key, t.key_copy(), true),
+        (&t.ca, t.ca_copy(), true),
+        (&t.crl, t.crl_copy(), false),
+    ] {
+        let data = match std::fs::read(from) {
+            Ok(d) => d,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => {
+                match std::fs::remove_file(&to) {
+                    Ok(()) => changed = true,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(KeeperError::io(format!("removing {}", to.display()), e)),
+                }
+                continue;
+            }
+            Err(e) => return Err(KeeperError::io(format!("reading {}", from.display()), e)),
+        };
+        if std::fs::read(&to).ok().as_deref() != Some(data.as_slice()) {
+            write_atomic(&to, &data, 0o600)?;
+            changed = true;
+        }
+    }
+    Ok(changed)
 }
 
 /// The conninfo a standby uses to reach `primary`.
@@ -176,6 +253,21 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
             set("primary_slot_name", "''".into());
         }
     }
+    if let Some(t) = &s.pg_tls {
+        set("ssl", "on".into());
+        set(
+            "ssl_cert_file",
+            conf_quote(&t.cert_copy().to_string_lossy()),
+        );
+        set("ssl_key_file", conf_quote(&t.key_copy().to_string_lossy()));
+        // Client certificates (replication's `cert` authentication) must come from
+        // our CA, and not be revoked.
+        set("ssl_ca_file", conf_quote(&t.ca_copy().to_string_lossy()));
+        if t.has_crl() {
+            set("ssl_crl_file", conf_quote(&t.crl_copy().to_string_lossy()));
+        }
+        set("ssl_min_protocol_version", "'TLSv1.3'".into());
+    }
     for (k, v) in &s.pg_params {
         out.push_str(&format!("{k} = {}\n", conf_quote(v)));
     }
@@ -227,21 +319,56 @@ fn hba_address(host: &HostName) -> String {
 /// (and postgres) in as the superuser when the two names differ.
 const IDENT_MAP: &str = "pgquorum";
 
+/// The user map from a peer keeper's certificate (its subject DN) to the replication
+/// role.
+const CERT_MAP: &str = "pgquorum_cert";
+
+/// The subject of keeper `name`'s certificate as PostgreSQL prints it for
+/// `clientname=DN` (RFC 2253: last component first). The whole DN, not the CN alone:
+/// an operator's client certificate may carry the same CN as a node.
+fn keeper_dn(name: &str) -> String {
+    format!("CN={name},OU=keeper,O=pgquorum")
+}
+
+/// The lines that let the other nodes of the group in as the replication role
+/// (streaming, pg_basebackup, and pg_rewind's database connection). With certificates:
+/// TLS only, authenticated by the node's certificate, and the replication role refused
+/// without TLS; without: scram-sha-256 with the replication password.
+fn peer_lines(s: &Settings, peers: &[PeerNode]) -> String {
+    let mut hosts: Vec<String> = peers.iter().map(|p| hba_address(&p.host)).collect();
+    hosts.sort();
+    hosts.dedup();
+    let u = &s.replication_user;
+    let mut out = String::new();
+    if s.pg_tls.is_some() {
+        // The certificate is the proof, from whatever address: a peer given by name
+        // would otherwise need the reverse DNS that containers and pods rarely have,
+        // and a peer that moved to a new address keeps streaming.
+        out.push_str(&format!(
+            "hostnossl all {u} all reject\n\
+             hostssl replication {u} all cert clientname=DN map={CERT_MAP}\n\
+             hostssl postgres {u} all cert clientname=DN map={CERT_MAP}\n"
+        ));
+        for h in &hosts {
+            out.push_str(&format!("hostnossl replication all {h} reject\n"));
+        }
+    } else {
+        for h in &hosts {
+            out.push_str(&format!(
+                "host replication {u} {h} scram-sha-256\nhost postgres {u} {h} scram-sha-256\n"
+            ));
+        }
+    }
+    out
+}
+
 /// The managed block of pg_hba.conf: replication (and pg_rewind's database
 /// connection) for every other node of the group, the operator's --pg-hba lines, and
 /// local connections by `peer` (never `trust`: any local user could otherwise log in
 /// as the superuser). `os_user` is the user postgres and the keeper run as.
 pub fn hba_block(s: &Settings, peers: &[PeerNode], os_user: Option<&str>) -> String {
     let mut block = format!("{HBA_BEGIN}\n");
-    let mut hosts: Vec<String> = peers.iter().map(|p| hba_address(&p.host)).collect();
-    hosts.sort();
-    hosts.dedup();
-    for h in &hosts {
-        block.push_str(&format!(
-            "host replication {u} {h} scram-sha-256\nhost postgres {u} {h} scram-sha-256\n",
-            u = s.replication_user
-        ));
-    }
+    block.push_str(&peer_lines(s, peers));
     for line in &s.hba_lines {
         block.push_str(line);
         block.push('\n');
@@ -261,16 +388,39 @@ pub fn hba_block(s: &Settings, peers: &[PeerNode], os_user: Option<&str>) -> Str
 }
 
 /// pg_ident.conf's managed block: `os_user` may log in as the superuser; everybody
-/// else only as themselves (plain peer). Empty when the names are the same.
-pub fn ident_block(s: &Settings, os_user: Option<&str>) -> String {
-    match os_user {
-        Some(u) if u != s.superuser => format!(
-            "{HBA_BEGIN}\n{IDENT_MAP} \"{}\" {}\n{IDENT_MAP} /^(.*)$ \\1\n{HBA_END}\n",
+/// else only as themselves (plain peer); with certificates, each peer keeper's
+/// certificate as the replication role. Empty when there is nothing to map.
+pub fn ident_block(s: &Settings, peers: &[PeerNode], os_user: Option<&str>) -> String {
+    let mut lines = String::new();
+    if let Some(u) = os_user.filter(|u| *u != s.superuser) {
+        lines.push_str(&format!(
+            "{IDENT_MAP} \"{}\" {}\n{IDENT_MAP} /^(.*)$ \\1\n",
             u.replace('"', ""),
             s.superuser
-        ),
-        _ => String::new(),
+        ));
     }
+    if s.pg_tls.is_some() {
+        let mut names: Vec<&str> = peers
+            .iter()
+            .map(|p| p.name.as_str())
+            // The monitor and the api crate check names already; a name that could
+            // break out of the quotes never reaches the file.
+            .filter(|n| pgquorum_core::check_node_name(n).is_ok())
+            .collect();
+        names.sort();
+        names.dedup();
+        for n in names {
+            lines.push_str(&format!(
+                "{CERT_MAP} \"{}\" {}\n",
+                keeper_dn(n),
+                s.replication_user
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    format!("{HBA_BEGIN}\n{lines}{HBA_END}\n")
 }
 
 /// The OS user this process runs as (postgres runs as the same one).
@@ -329,7 +479,7 @@ pub fn write_hba(pgdata: &Path, s: &Settings, peers: &[PeerNode]) -> Result<bool
     )?;
     let ident = write_block(
         &pgdata.join("pg_ident.conf"),
-        &ident_block(s, user.as_deref()),
+        &ident_block(s, peers, user.as_deref()),
     )?;
     Ok(hba || ident)
 }
@@ -364,6 +514,7 @@ mod tests {
             name: name.into(),
             host: host.parse().unwrap(),
             port: 5433,
+            streamed: true,
         }
     }
 
@@ -420,13 +571,13 @@ mod tests {
             "{same}"
         );
         assert!(!same.contains("trust"), "{same}");
-        assert_eq!(ident_block(&s, Some("postgres")), "");
+        assert_eq!(ident_block(&s, &[], Some("postgres")), "");
         let other = hba_block(&s, &[], Some("alice"));
         assert!(
             other.contains("local all all peer map=pgquorum\n"),
             "{other}"
         );
-        let ident = ident_block(&s, Some("alice"));
+        let ident = ident_block(&s, &[], Some("alice"));
         assert!(ident.contains("pgquorum \"alice\" postgres\n"), "{ident}");
         // One replication and one pg_rewind line per distinct peer address.
         let b = hba_block(
@@ -492,6 +643,100 @@ mod tests {
         assert!(t.contains("hostaddr=172.18.0.4"), "{t}");
         let t = render(&s, "", &Upstream::Stream(peer("a", "node1"), None));
         assert!(!t.contains("hostaddr"), "{t}");
+    }
+
+    fn tls_settings() -> Settings {
+        let mut s = Settings::new("n1", "/d/pg", 5432);
+        s.pg_tls = Some(PgTls::from_certs_dir(
+            Path::new("/certs"),
+            "n1",
+            Path::new("/d/pg"),
+        ));
+        s
+    }
+
+    #[test]
+    fn with_certificates_replication_is_tls_and_certificate_only() {
+        let s = tls_settings();
+        let c = primary_conninfo(&s, &peer("a", "db1"), "10.0.0.1".parse().ok());
+        assert!(
+            c.starts_with("host='db1' hostaddr=10.0.0.1 port=5433 "),
+            "{c}"
+        );
+        for part in [
+            "sslmode=verify-full",
+            "sslrootcert='/d/pg.tls/root.crt'",
+            "sslcert='/d/pg.tls/server.crt'",
+            "sslkey='/d/pg.tls/server.key'",
+        ] {
+            assert!(c.contains(part), "{part} missing in {c}");
+        }
+        assert!(!c.contains("passfile") && !c.contains("sslcrl"), "{c}");
+        let t = render(&s, "", &Upstream::None);
+        for line in [
+            "ssl = on",
+            "ssl_cert_file = '/d/pg.tls/server.crt'",
+            "ssl_key_file = '/d/pg.tls/server.key'",
+            "ssl_ca_file = '/d/pg.tls/root.crt'",
+            "ssl_min_protocol_version = 'TLSv1.3'",
+        ] {
+            assert!(t.lines().any(|l| l == line), "missing {line:?} in\n{t}");
+        }
+        let peers = [peer("a", "10.0.0.1"), peer("b", "db2")];
+        let b = hba_block(&s, &peers, Some("postgres"));
+        assert!(!b.lines().any(|l| l.starts_with("host ")), "{b}");
+        for line in [
+            "hostnossl all pgquorum_replicator all reject",
+            "hostnossl replication all 10.0.0.1/32 reject",
+            "hostnossl replication all db2 reject",
+            "hostssl replication pgquorum_replicator all cert clientname=DN map=pgquorum_cert",
+            "hostssl postgres pgquorum_replicator all cert clientname=DN map=pgquorum_cert",
+        ] {
+            assert!(b.lines().any(|l| l == line), "missing {line:?} in\n{b}");
+        }
+        let i = ident_block(&s, &peers, Some("postgres"));
+        assert!(
+            i.contains("pgquorum_cert \"CN=a,OU=keeper,O=pgquorum\" pgquorum_replicator\n"),
+            "{i}"
+        );
+        assert!(i.contains("\"CN=b,OU=keeper,O=pgquorum\""), "{i}");
+        // Without certificates: the password file and scram, as before.
+        let plain = hba_block(&Settings::new("n1", "/d", 5432), &peers, Some("postgres"));
+        assert!(!plain.contains("hostssl") && plain.contains("scram-sha-256"));
+    }
+
+    #[test]
+    fn certificate_files_are_copied_private_and_refreshed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        std::fs::create_dir(&certs).unwrap();
+        for f in ["keeper.n1.crt", "keeper.n1.key", "ca.crt"] {
+            std::fs::write(certs.join(f), f).unwrap();
+        }
+        let t = PgTls::from_certs_dir(&certs, "n1", &dir.path().join("pg"));
+        assert!(sync_tls_files(&t).unwrap());
+        assert!(!sync_tls_files(&t).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(t.key_copy()).unwrap(),
+            "keeper.n1.key"
+        );
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&t.dir), 0o700);
+        assert_eq!(mode(&t.key_copy()), 0o600);
+        assert!(!t.has_crl());
+        // A renewal and a new CRL are copied; a CRL that goes is removed.
+        std::fs::write(certs.join("keeper.n1.crt"), "renewed").unwrap();
+        std::fs::write(certs.join("ca.crl"), "crl").unwrap();
+        assert!(sync_tls_files(&t).unwrap());
+        assert_eq!(std::fs::read_to_string(t.cert_copy()).unwrap(), "renewed");
+        assert!(t.has_crl());
+        std::fs::remove_file(certs.join("ca.crl")).unwrap();
+        assert!(sync_tls_files(&t).unwrap());
+        assert!(!t.has_crl());
+        // A missing certificate is an error, not a silent plain-text postgres.
+        std::fs::remove_file(certs.join("keeper.n1.key")).unwrap();
+        assert!(sync_tls_files(&t).is_err());
     }
 
     #[test]

@@ -49,6 +49,57 @@ pub struct Settings {
     pub passfile: PathBuf,
     /// How long postgres may take to accept connections after a start.
     pub start_timeout: Duration,
+    /// PostgreSQL over TLS with this node's keeper certificate (`--certs-dir`): `ssl =
+    /// on`, `hostssl` + client-certificate authentication for replication, standbys
+    /// connecting with `sslmode=verify-full`. None (`--insecure`): replication
+    /// authenticates with the password.
+    pub pg_tls: Option<PgTls>,
+}
+
+/// Where the node's certificate comes from, and where the keeper keeps the copies that
+/// postgres and libpq read (`<pgdata>.tls/`, 0700, files 0600, owned by the keeper's
+/// OS user, which postgres runs as: PostgreSQL refuses a key others can read, and the
+/// certificates directory may belong to another user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    /// `ca.crl`; used only while it exists.
+    pub crl: PathBuf,
+    /// The directory of the copies.
+    pub dir: PathBuf,
+}
+
+impl PgTls {
+    /// The certificate of keeper `name` in `certs_dir` (named as `pgquorum cert` names
+    /// it), copied beside `pgdata`.
+    pub fn from_certs_dir(certs_dir: &Path, name: &str, pgdata: &Path) -> PgTls {
+        PgTls {
+            cert: certs_dir.join(format!("keeper.{name}.crt")),
+            key: certs_dir.join(format!("keeper.{name}.key")),
+            ca: certs_dir.join("ca.crt"),
+            crl: certs_dir.join("ca.crl"),
+            dir: sibling(pgdata, "tls"),
+        }
+    }
+
+    pub fn cert_copy(&self) -> PathBuf {
+        self.dir.join("server.crt")
+    }
+    pub fn key_copy(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    pub fn ca_copy(&self) -> PathBuf {
+        self.dir.join("root.crt")
+    }
+    pub fn crl_copy(&self) -> PathBuf {
+        self.dir.join("root.crl")
+    }
+    /// Whether a CRL was copied (postgres and libpq are given one only then).
+    pub fn has_crl(&self) -> bool {
+        self.crl_copy().is_file()
+    }
 }
 
 impl Settings {
@@ -81,6 +132,7 @@ impl Settings {
             log_file,
             passfile,
             start_timeout: Duration::from_secs(60),
+            pg_tls: None,
         }
     }
 
@@ -142,6 +194,15 @@ impl Settings {
             if is_managed_param(k) {
                 managed.push(k.as_str());
             }
+        }
+        if self.pg_tls.is_some() {
+            // With certificates the keeper runs postgres' TLS itself.
+            managed.extend(
+                self.pg_params
+                    .iter()
+                    .map(|(k, _)| k.as_str())
+                    .filter(|k| is_managed_tls_param(k)),
+            );
         }
         if !managed.is_empty() {
             return Err(KeeperError::Config(format!(
@@ -205,6 +266,21 @@ pub const TUNABLE_DEFAULTS: [&str; 6] = [
 pub fn is_managed_param(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     MANAGED_PARAMS.contains(&n.as_str()) || n == "include_dir"
+}
+
+/// Parameters the keeper sets when postgres runs with the node's certificate.
+pub const MANAGED_TLS_PARAMS: [&str; 6] = [
+    "ssl",
+    "ssl_cert_file",
+    "ssl_key_file",
+    "ssl_ca_file",
+    "ssl_crl_file",
+    "ssl_min_protocol_version",
+];
+
+pub fn is_managed_tls_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    MANAGED_TLS_PARAMS.contains(&n.as_str())
 }
 
 /// Role names the keeper writes into pg_hba.conf and SQL: a plain lower-case

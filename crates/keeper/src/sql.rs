@@ -229,7 +229,13 @@ pub async fn ensure_replication_role(c: &Client, s: &Settings) -> Result<()> {
             .await
             .map_err(e)?;
     }
-    if let Some(pw) = &s.replication_password {
+    if s.pg_tls.is_some() {
+        // Certificates only: a password left from an earlier setup would still work on
+        // the initdb host lines below the managed block.
+        c.batch_execute(&format!("ALTER ROLE {role} WITH PASSWORD NULL"))
+            .await
+            .map_err(e)?;
+    } else if let Some(pw) = &s.replication_password {
         // Set on every primary transition (not every beat): the verifier is salted, so
         // it cannot be compared with the stored one without the salt's hashing.
         let verifier = postgres_protocol::password::scram_sha_256(pw.as_bytes());
@@ -254,19 +260,22 @@ pub async fn ensure_replication_role(c: &Client, s: &Settings) -> Result<()> {
     Ok(())
 }
 
-/// One physical slot per other node; slots of nodes that left are dropped.
-pub async fn ensure_slots(c: &Client, wanted: &[String]) -> Result<()> {
+/// The primary's pgquorum slots: one for each name in `create` (peers that have
+/// streamed) is made if missing; one for a name in `keep` (every peer of the group) is
+/// left as it is; any other pgquorum slot (a dropped node's) is dropped, after its
+/// walsender, if one still serves it, is terminated.
+pub async fn ensure_slots(c: &Client, create: &[String], keep: &[String]) -> Result<()> {
     let e = |err| KeeperError::sql("managing replication slots", err);
     let rows = c
         .query(
-            "SELECT slot_name::text, active FROM pg_replication_slots \
+            "SELECT slot_name::text, active_pid FROM pg_replication_slots \
              WHERE slot_type = 'physical' AND slot_name LIKE 'pgquorum\\_%'",
             &[],
         )
         .await
         .map_err(e)?;
-    let have: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    for w in wanted {
+    let have: Vec<(String, Option<i32>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for w in create {
         if !have.iter().any(|(n, _)| n == w) {
             c.execute("SELECT pg_create_physical_replication_slot($1, true)", &[w])
                 .await
@@ -274,12 +283,40 @@ pub async fn ensure_slots(c: &Client, wanted: &[String]) -> Result<()> {
             tracing::info!(slot = %w, "replication slot created");
         }
     }
-    for (n, active) in &have {
-        if !wanted.contains(n) && !active {
-            c.execute("SELECT pg_drop_replication_slot($1)", &[n])
+    for (n, pid) in &have {
+        if create.contains(n) || keep.contains(n) {
+            continue;
+        }
+        if let Some(pid) = pid {
+            c.execute("SELECT pg_terminate_backend($1)", &[pid])
                 .await
                 .map_err(e)?;
-            tracing::info!(slot = %n, "replication slot dropped");
+        }
+        // The terminated walsender releases the slot as it exits: a moment.
+        let mut left = 50;
+        loop {
+            match c
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND active_pid IS NULL",
+                    &[n],
+                )
+                .await
+                .map_err(e)?
+            {
+                1 => {
+                    tracing::info!(slot = %n, "replication slot dropped");
+                    break;
+                }
+                _ if left == 0 => {
+                    tracing::warn!(slot = %n, "replication slot still in use; dropped later");
+                    break;
+                }
+                _ => {
+                    left -= 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            }
         }
     }
     Ok(())

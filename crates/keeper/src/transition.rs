@@ -288,13 +288,7 @@ impl Instance {
         }
         sql::checkpoint_if_timeline_lags(&c).await?;
         sql::ensure_replication_role(&c, &self.settings).await?;
-        let slots: Vec<String> = a
-            .peers
-            .iter()
-            .filter(|p| p.name != self.settings.name)
-            .map(|p| slot_name(&p.name))
-            .collect();
-        sql::ensure_slots(&c, &slots).await?;
+        self.reconcile_slots(&c, a).await?;
         let still: bool = sql::in_recovery(&c).await?;
         if still {
             return Err(KeeperError::Unreachable {
@@ -330,13 +324,17 @@ impl Instance {
             self.stop(StopMode::Fast).await;
             return Ok(());
         };
-        let remote = sql::remote_system_identifier(
-            &self.settings,
-            p.host.as_str(),
-            p.port,
-            Duration::from_secs(5),
-        )
-        .await?;
+        let remote = if self.settings.pg_tls.is_some() {
+            self.remote_system_identifier(&p.host, p.port).await?
+        } else {
+            sql::remote_system_identifier(
+                &self.settings,
+                p.host.as_str(),
+                p.port,
+                Duration::from_secs(5),
+            )
+            .await?
+        };
         let local = self.controldata().await?.system_identifier;
         if remote != local {
             return Err(KeeperError::SystemIdentifierMismatch {
@@ -373,9 +371,11 @@ impl Instance {
             }
             None => None,
         };
-        let up = standby_upstream(a, upstream.as_ref(), addr);
+        let slot = self.uses_slot();
+        let up = standby_upstream(a, upstream.as_ref(), addr, slot);
         let mut changed = pgconf::write_conf(self.pgdata(), &self.settings, "", &up)?;
         self.conf_upstream_addr = addr;
+        self.conf_slot = slot;
         changed |= pgconf::write_hba(self.pgdata(), &self.settings, &a.peers)?;
         pgconf::set_standby_signal(self.pgdata(), true)?;
         if !self.is_running() {
@@ -457,6 +457,19 @@ impl Instance {
         let crashed = self.reap();
         if self.is_running() && self.state.current_state == a.goal_state {
             self.follow_upstream_address(a)?;
+            // A slot whose walsender was still up when its node was dropped, or one
+            // left by an earlier primary, goes within seconds even when no new
+            // assignment comes.
+            if a.goal_state.is_writable() && self.slots_checked.elapsed() > Duration::from_secs(5) {
+                self.slots_checked = Instant::now();
+                let r = match self.connect().await {
+                    Ok(c) => self.reconcile_slots(&c, a).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(node = %self.settings.name, error = %e, "reconciling replication slots failed");
+                }
+            }
         }
         if self.is_running() || !self.has_data() {
             return Ok(false);
@@ -487,7 +500,8 @@ impl Instance {
 impl Instance {
     /// A standby whose upstream's name now resolves to another address than the one
     /// in primary_conninfo (its container or pod came back elsewhere) is pointed at the
-    /// new one; no lookup here: [`crate::addresses::follow`] does them.
+    /// new one; no lookup here: [`crate::addresses::follow`] does them. A standby that
+    /// has just streamed for the first time starts using its replication slot.
     fn follow_upstream_address(&mut self, a: &Assignment) -> Result<()> {
         let Target::Standby {
             upstream: Some(p), ..
@@ -495,17 +509,51 @@ impl Instance {
         else {
             return Ok(());
         };
-        let now = self.shared.addresses.get(p.host.as_str());
-        if now.is_none() || now == self.conf_upstream_addr {
+        let resolved = self.shared.addresses.get(p.host.as_str());
+        let moved = resolved.is_some() && resolved != self.conf_upstream_addr;
+        let slot = self.uses_slot();
+        if !moved && slot == self.conf_slot {
             return Ok(());
         }
-        let up = standby_upstream(a, Some(&p), now);
+        let addr = if moved {
+            resolved
+        } else {
+            self.conf_upstream_addr
+        };
+        let up = standby_upstream(a, Some(&p), addr, slot);
         if pgconf::write_conf(self.pgdata(), &self.settings, "", &up)? {
-            tracing::info!(node = %self.settings.name, upstream = %p.name, address = ?now, "following the upstream at its new address");
+            tracing::info!(node = %self.settings.name, upstream = %p.name, address = ?addr, slot, "following the upstream at its new address, or through its slot");
             self.reload();
         }
-        self.conf_upstream_addr = now;
+        self.conf_upstream_addr = addr;
+        self.conf_slot = slot;
         Ok(())
+    }
+
+    /// The replication slots of a primary (see [`sql::ensure_slots`]): made for the
+    /// peers that have streamed, kept for every peer, dropped for the rest.
+    pub(crate) async fn reconcile_slots(
+        &mut self,
+        c: &tokio_postgres::Client,
+        a: &Assignment,
+    ) -> Result<()> {
+        let peers = a.peers.iter().filter(|p| p.name != self.settings.name);
+        let create: Vec<String> = peers
+            .clone()
+            .filter(|p| p.streamed)
+            .map(|p| slot_name(&p.name))
+            .collect();
+        let keep: Vec<String> = peers.map(|p| slot_name(&p.name)).collect();
+        sql::ensure_slots(c, &create, &keep).await?;
+        self.slots_checked = Instant::now();
+        Ok(())
+    }
+
+    /// Whether this standby streams through a replication slot on its primary: once it
+    /// has streamed ([`NodeState::has_streamed`]; the primary creates the slot for a
+    /// peer that reports such a state), or always when the assignment is given by hand.
+    fn uses_slot(&self) -> bool {
+        self.slot_from_start || self.state.current_state.has_streamed()
     }
 }
 
@@ -514,10 +562,12 @@ fn standby_upstream(
     a: &Assignment,
     upstream: Option<&PeerNode>,
     addr: Option<std::net::IpAddr>,
+    slot: bool,
 ) -> Upstream {
     match upstream {
-        // The fast-forward source is a standby, which keeps no slot for us.
-        Some(p) if a.goal_state == NodeState::FastForward => {
+        // The fast-forward source is a standby, which keeps no slot for us; and a
+        // node's first stream is without one (the primary creates it only then).
+        Some(p) if a.goal_state == NodeState::FastForward || !slot => {
             Upstream::StreamNoSlot(p.clone(), addr)
         }
         Some(p) => Upstream::Stream(p.clone(), addr),
@@ -550,6 +600,7 @@ mod tests {
                 name: "a".into(),
                 host: "h".parse().unwrap(),
                 port: 1,
+                streamed: false,
             }),
             synchronous_standby_names: String::new(),
             peers: vec![],

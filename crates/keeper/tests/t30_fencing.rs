@@ -81,10 +81,24 @@ impl FakeMonitor {
             .cloned()
             .unwrap_or(("single".into(), None));
         let nodes = self.nodes.lock().unwrap();
+        let reported = self.reported.lock().unwrap();
         pb::Assignment {
             goal_state: goal,
             primary: primary.and_then(|p| nodes.get(&p).cloned()),
-            peers: nodes.values().filter(|n| n.name != name).cloned().collect(),
+            // As the monitor group: a peer that reports a state reached only by
+            // streaming gets a slot on the primary.
+            peers: nodes
+                .values()
+                .filter(|n| n.name != name)
+                .cloned()
+                .map(|mut n| {
+                    n.streamed = reported
+                        .get(&n.name)
+                        .and_then(|s| pgquorum_core::NodeState::parse(s))
+                        .is_some_and(|s| s.has_streamed());
+                    n
+                })
+                .collect(),
             lease_ms: LEASE_MS,
             heartbeat_interval_ms: 100,
             on_quorum_loss: "block".into(),
@@ -152,6 +166,7 @@ impl Monitor for Handle {
                 name: r.name.clone(),
                 host: r.host.clone(),
                 port: r.port,
+                streamed: false,
             };
             nodes.insert(r.name.clone(), node);
             id
