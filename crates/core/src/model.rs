@@ -173,6 +173,11 @@ pub struct Node {
     /// assigned: a primary that reports reaching its goal has applied that one or newer.
     #[serde(default)]
     pub goal_sync_seq: u64,
+    /// How many times an operator asked for this standby to be rebuilt from the primary
+    /// (`perform reinit`): the keeper rebuilds when the number it is told is above the
+    /// last one it completed.
+    #[serde(default)]
+    pub reinit_seq: u64,
 }
 
 impl Node {

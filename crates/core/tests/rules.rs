@@ -90,9 +90,14 @@ impl Cluster {
                     write_lsn: *l,
                     flush_lsn: *l,
                     replay_lsn: *l,
+                    write_lag_ms: None,
+                    flush_lag_ms: None,
+                    replay_lag_ms: None,
                 })
                 .collect(),
             sequence: self.seq,
+            pg_restarts: 0,
+            fences: 0,
         };
         self.health.observe(report.clone(), self.now);
         for c in on_heartbeat(&self.state, &self.health, &report, self.now) {
@@ -1184,6 +1189,8 @@ fn the_group_learns_its_system_identifier_and_refuses_another_cluster() {
         system_identifier: 7,
         replication: vec![],
         sequence: 1000,
+        pg_restarts: 0,
+        fences: 0,
     };
     c.health.observe(report.clone(), c.now);
     assert_eq!(on_heartbeat(&c.state, &c.health, &report, c.now), vec![]);

@@ -20,6 +20,10 @@ pub struct RunState {
     pub system_identifier: Option<u64>,
     /// The node this standby last streamed from; a change means a rewind check.
     pub following: Option<String>,
+    /// The last rebuild request (`perform reinit`, [`pgquorum_core::Assignment::reinit`])
+    /// this keeper completed.
+    #[serde(default)]
+    pub reinit_done: u64,
 }
 
 impl Default for RunState {
@@ -30,6 +34,7 @@ impl Default for RunState {
             current_state: NodeState::Init,
             system_identifier: None,
             following: None,
+            reinit_done: 0,
         }
     }
 }

@@ -907,6 +907,8 @@ fn core_costs(n: usize) -> CoreCosts {
                 system_identifier: 1,
                 replication: Vec::new(),
                 sequence: 1,
+                pg_restarts: 0,
+                fences: 0,
             },
             now,
         );
