@@ -631,6 +631,8 @@ impl From<&Event> for pb::Event {
             node_name: e.node_name.clone(),
             description: e.description.clone(),
             by: e.by.clone(),
+            assigned: e.assigned.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+            reached: e.reached.map(|s| s.as_str().to_owned()).unwrap_or_default(),
         }
     }
 }

@@ -407,9 +407,19 @@ impl ClusterState {
             node_name: node.map(|(_, n)| n.to_string()).unwrap_or_default(),
             description,
             by: String::new(),
+            assigned: None,
+            reached: None,
         });
         while self.events.len() > MAX_EVENTS {
             self.events.pop_front();
+        }
+    }
+
+    /// Marks the event just pushed as a node's change of goal or of reported state.
+    fn tag_last(&mut self, assigned: Option<NodeState>, reached: Option<NodeState>) {
+        if let Some(e) = self.events.back_mut() {
+            e.assigned = assigned;
+            e.reached = reached;
         }
     }
 
@@ -619,6 +629,7 @@ impl ClusterState {
             Some((id, name)),
             format!("node {name} registered ({host}:{port}), assigned {goal}"),
         );
+        self.tag_last(Some(goal), None);
         self.refresh_sync(formation, group_id, now);
         Ok(Outcome::Registered {
             node_id: id,
@@ -743,6 +754,7 @@ impl ClusterState {
                 Some((node_id, &name)),
                 format!("node {name} reached {state} (lsn {})", fmt_lsn(lsn)),
             );
+            self.tag_last(None, Some(state));
         } else if pg_flipped {
             // PostgreSQL stopped or started without a change of state: a crash, a fence
             // or a restart in place, which an operator wants to see in the history.
@@ -978,6 +990,7 @@ impl ClusterState {
             node_id,
             format!("node {name} assigned {goal}: {reason}"),
         );
+        self.tag_last(Some(goal), None);
         if goal.is_writable() && !was_writable {
             // A new primary: the synchronous set starts from the standbys that were in
             // sync with the old one, and the old epoch's commits all lie below its LSN.
@@ -1504,6 +1517,7 @@ impl ClusterState {
             id,
             format!("node {node} assigned dropped: operator dropped it"),
         );
+        self.tag_last(Some(NodeState::Dropped), None);
         self.refresh_sync(formation, n.group_id, now);
         Ok(Outcome::Done {
             description: format!("node {node} is being dropped"),
@@ -1581,6 +1595,7 @@ impl ClusterState {
                 "node {node} assigned catchingup: operator asked for a rebuild from primary {pname} (reinit #{seq})"
             ),
         );
+        self.tag_last(Some(NodeState::Catchingup), None);
         self.refresh_sync(formation, n.group_id, now);
         Ok(Outcome::Done {
             description: format!("node {node} is being rebuilt from primary {pname}"),

@@ -275,6 +275,13 @@ pub struct Event {
     /// monitor's own decisions and for entries written before this field existed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub by: String,
+    /// For a node's change of goal: the goal it was assigned (what `show history`
+    /// reads, rather than the description's words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned: Option<NodeState>,
+    /// For a node's reported change of state: the state it reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reached: Option<NodeState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

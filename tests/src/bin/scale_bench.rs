@@ -211,6 +211,7 @@ impl SimGroup {
                     write_lsn: self.lsn,
                     flush_lsn: self.lsn,
                     replay_lsn: self.lsn,
+                    ..Default::default()
                 })
                 .collect();
         } else if streams(state) || holds_lsn(state) {
