@@ -126,12 +126,7 @@ async fn a_dropped_standby_is_removed_switchovers_go_on_and_its_name_comes_back(
     assert!(!status.success());
     let log = std::fs::read_to_string(spec.keeper_log()).unwrap();
     assert!(log.contains("was dropped from the cluster"), "{log}");
-    assert!(c
-        .state()
-        .await
-        .unwrap()
-        .iter()
-        .all(|n| n.name != victim));
+    assert!(c.state().await.unwrap().iter().all(|n| n.name != victim));
 
     // docs/migrating.md's recipe: remove the state file and the data directory, start
     // the keeper: a fresh node of the same name joins as a secondary.
@@ -216,13 +211,19 @@ async fn show_state_and_events_tell_the_truth() {
     let v = loop {
         let v = json(&c, &["show", "state"]);
         let nodes = v["nodes"].as_array().unwrap();
-        let p = nodes.iter().find(|n| n["name"] == primary.as_str()).unwrap();
+        let p = nodes
+            .iter()
+            .find(|n| n["name"] == primary.as_str())
+            .unwrap();
         let live = p["current_lsn"].as_str().map(parse_lsn).unwrap_or(0);
-        let standbys_ok = nodes.iter().filter(|n| n["name"] != primary.as_str()).all(|n| {
-            matches!(n["sync_state"].as_str(), Some("quorum" | "sync"))
-                && n["replay_lag_bytes"].is_u64()
-                && n["replication_state"] == "streaming"
-        });
+        let standbys_ok = nodes
+            .iter()
+            .filter(|n| n["name"] != primary.as_str())
+            .all(|n| {
+                matches!(n["sync_state"].as_str(), Some("quorum" | "sync"))
+                    && n["replay_lag_bytes"].is_u64()
+                    && n["replication_state"] == "streaming"
+            });
         if live >= u64::from(before) && standbys_ok {
             break v;
         }
@@ -247,7 +248,10 @@ async fn show_state_and_events_tell_the_truth() {
     );
     let (code, table, _) = cli_code(&c, &["show", "state"]);
     assert_eq!(code, 0);
-    assert!(table.contains("Sync") && table.contains("Lag") && table.contains("quorum"), "{table}");
+    assert!(
+        table.contains("Sync") && table.contains("Lag") && table.contains("quorum"),
+        "{table}"
+    );
 
     // `show events --follow` streams what happens next.
     let mut follow = std::process::Command::new(pgquorum_testkit::pgquorum_bin())
@@ -328,7 +332,10 @@ async fn show_state_and_events_tell_the_truth() {
     assert_eq!(code, 3, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["stale"], true, "{v:#}");
-    assert!(v["stale_reason"].as_str().unwrap().contains("answered by member"));
+    assert!(v["stale_reason"]
+        .as_str()
+        .unwrap()
+        .contains("answered by member"));
     // Nobody is shown read-write from a stale view of unknown health.
     assert!(v["nodes"]
         .as_array()
@@ -367,9 +374,8 @@ async fn a_keeper_restarted_with_another_pg_host_updates_the_address() {
         c.start_keeper_edited(&standby, set_host(host));
         let ns = c
             .wait_state(&format!("{standby} registered at {host}"), |ns| {
-                ns.iter().any(|n| {
-                    n.name == standby && n.host == host && n.reported_state == "secondary"
-                })
+                ns.iter()
+                    .any(|n| n.name == standby && n.host == host && n.reported_state == "secondary")
             })
             .await;
         let _ = ns;

@@ -565,16 +565,16 @@ pub fn node_status_live(
     primary: Option<&NodeReport>,
 ) -> pb::NodeStatus {
     let nonzero = |v: u64| (v != 0).then_some(v);
-    let peer = primary
-        .filter(|p| p.node_id != n.id)
-        .and_then(|p| {
-            p.replication
-                .iter()
-                .find(|r| r.application_name == n.name)
-                .map(|r| (p, r))
-        });
+    let peer = primary.filter(|p| p.node_id != n.id).and_then(|p| {
+        p.replication
+            .iter()
+            .find(|r| r.application_name == n.name)
+            .map(|r| (p, r))
+    });
     let lag = |theirs: u64| {
-        peer.and_then(|(p, _)| (p.current_lsn != 0 && theirs != 0).then(|| p.current_lsn.saturating_sub(theirs)))
+        peer.and_then(|(p, _)| {
+            (p.current_lsn != 0 && theirs != 0).then(|| p.current_lsn.saturating_sub(theirs))
+        })
     };
     pb::NodeStatus {
         node_id: n.id,
@@ -631,7 +631,10 @@ impl From<&Event> for pb::Event {
             node_name: e.node_name.clone(),
             description: e.description.clone(),
             by: e.by.clone(),
-            assigned: e.assigned.map(|s| s.as_str().to_owned()).unwrap_or_default(),
+            assigned: e
+                .assigned
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
             reached: e.reached.map(|s| s.as_str().to_owned()).unwrap_or_default(),
         }
     }
@@ -782,6 +785,11 @@ mod tests {
             Command::try_from(register(&huge, "a")).unwrap_err(),
             Command::try_from(register("h", &huge)).unwrap_err(),
             Command::try_from(pb::DropNodeRequest {
+                formation: "".into(),
+                node: huge.clone(),
+            })
+            .unwrap_err(),
+            Command::try_from(pb::ReinitNodeRequest {
                 formation: "".into(),
                 node: huge.clone(),
             })

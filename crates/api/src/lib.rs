@@ -21,8 +21,7 @@ mod status;
 
 pub use convert::{
     check_formation_filter, member_address, node_status, node_status_live, settings, ConvertError,
-    NodeActive,
-    MAX_REPLICATION_PEERS, MAX_REQUEST_BYTES,
+    NodeActive, MAX_REPLICATION_PEERS, MAX_REQUEST_BYTES,
 };
 pub use status::{
     leader_hint, leader_hint_in, no_leader, status_from_core, HOPS_HEADER, LEADER_HEADER,

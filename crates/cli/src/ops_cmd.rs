@@ -329,7 +329,18 @@ fn state_table(nodes: &[pb::NodeStatus]) -> String {
     let _ = writeln!(
         out,
         "{:<12} {:>3} {:<22} {:<18} {:<18} {:<12} {:>3} {:<10} {:<10} {:<10} {:<18} {:>5}",
-        "Name", "Id", "Host:Port", "Reported", "Goal", "LSN", "TLI", "Health", "Role", "Sync", "Lag", "Age"
+        "Name",
+        "Id",
+        "Host:Port",
+        "Reported",
+        "Goal",
+        "LSN",
+        "TLI",
+        "Health",
+        "Role",
+        "Sync",
+        "Lag",
+        "Age"
     );
     for n in nodes {
         let (best, live) = best_lsn(n);
@@ -406,7 +417,9 @@ async fn show_state(client: &MonitorClient, target: &Target, watch: Option<f64>)
                     "\x1b[H\x1b[2JEvery {:.1}s: pgquorum show state    {now}\n\n{}{}",
                     every.as_secs_f64(),
                     state_table(&state.nodes),
-                    stale_line(&state).map(|l| format!("{l}\n")).unwrap_or_default()
+                    stale_line(&state)
+                        .map(|l| format!("{l}\n"))
+                        .unwrap_or_default()
                 );
             }
             Err(e) if target.json => {
@@ -1059,7 +1072,10 @@ async fn reinit(client: &MonitorClient, target: &Target, node: &str, wait: WaitA
         return print_result(target, &reply, None);
     }
     if !target.json {
-        eprintln!("{}; waiting for it to be a secondary again...", reply.description);
+        eprintln!(
+            "{}; waiting for it to be a secondary again...",
+            reply.description
+        );
     }
     let nodes = wait_for(
         client,
@@ -1081,7 +1097,15 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn ev(id: u64, at: u64, node: &str, assigned: &str, reached: &str, by: &str, d: &str) -> pb::Event {
+    fn ev(
+        id: u64,
+        at: u64,
+        node: &str,
+        assigned: &str,
+        reached: &str,
+        by: &str,
+        d: &str,
+    ) -> pb::Event {
         pb::Event {
             id,
             at_unix_ms: at,
@@ -1107,22 +1131,118 @@ mod tests {
     #[test]
     fn history_finds_a_switchover_and_a_failover_with_their_write_pauses() {
         let events = vec![
-            ev(1, 1_000, "a", "single", "", "", "node a registered, assigned single"),
+            ev(
+                1,
+                1_000,
+                "a",
+                "single",
+                "",
+                "",
+                "node a registered, assigned single",
+            ),
             ev(2, 1_100, "a", "", "single", "", "node a reached single"),
-            ev(3, 1_200, "a", "wait_primary", "", "", "node a assigned wait_primary: b joined"),
-            ev(4, 1_300, "a", "primary", "", "", "node a assigned primary: in sync"),
+            ev(
+                3,
+                1_200,
+                "a",
+                "wait_primary",
+                "",
+                "",
+                "node a assigned wait_primary: b joined",
+            ),
+            ev(
+                4,
+                1_300,
+                "a",
+                "primary",
+                "",
+                "",
+                "node a assigned primary: in sync",
+            ),
             // A switchover asked by an operator.
-            ev(5, 10_000, "a", "draining", "", "operator/alice", "node a assigned draining: operator asked for a switchover"),
-            ev(6, 10_400, "a", "", "draining", "", "node a reached draining (lsn 0/1)"),
-            ev(7, 10_500, "b", "prepare_promotion", "", "", "node b assigned prepare_promotion: chosen"),
-            ev(8, 10_600, "b", "wait_primary", "", "", "node b assigned wait_primary: promoted"),
-            ev(9, 10_900, "b", "", "wait_primary", "", "node b reached wait_primary (lsn 0/2)"),
+            ev(
+                5,
+                10_000,
+                "a",
+                "draining",
+                "",
+                "operator/alice",
+                "node a assigned draining: operator asked for a switchover",
+            ),
+            ev(
+                6,
+                10_400,
+                "a",
+                "",
+                "draining",
+                "",
+                "node a reached draining (lsn 0/1)",
+            ),
+            ev(
+                7,
+                10_500,
+                "b",
+                "prepare_promotion",
+                "",
+                "",
+                "node b assigned prepare_promotion: chosen",
+            ),
+            ev(
+                8,
+                10_600,
+                "b",
+                "wait_primary",
+                "",
+                "",
+                "node b assigned wait_primary: promoted",
+            ),
+            ev(
+                9,
+                10_900,
+                "b",
+                "",
+                "wait_primary",
+                "",
+                "node b reached wait_primary (lsn 0/2)",
+            ),
             // b dies: a failover decided by the monitor.
-            ev(10, 20_000, "b", "demoted", "", "", "node b assigned demoted: primary b failed, no heartbeat for 1900 ms"),
-            ev(11, 21_000, "a", "wait_primary", "", "", "node a assigned wait_primary: promoted"),
-            ev(12, 21_500, "a", "", "wait_primary", "", "node a reached wait_primary"),
+            ev(
+                10,
+                20_000,
+                "b",
+                "demoted",
+                "",
+                "",
+                "node b assigned demoted: primary b failed, no heartbeat for 1900 ms",
+            ),
+            ev(
+                11,
+                21_000,
+                "a",
+                "wait_primary",
+                "",
+                "",
+                "node a assigned wait_primary: promoted",
+            ),
+            ev(
+                12,
+                21_500,
+                "a",
+                "",
+                "wait_primary",
+                "",
+                "node a reached wait_primary",
+            ),
             // A standby's changes are no handover.
-            ev(13, 22_000, "b", "catchingup", "", "", "node b assigned catchingup: rejoin"),
+            ev(
+                13,
+                22_000,
+                "b",
+                "catchingup",
+                "",
+                "",
+                "node b assigned catchingup: rejoin",
+            ),
         ];
         let h = history(&events);
         assert_eq!(h.len(), 2, "{h:?}");
@@ -1145,7 +1265,15 @@ mod tests {
     fn an_unfinished_handover_has_no_new_primary_yet() {
         let events = vec![
             ev(1, 1_000, "a", "single", "", "", "x"),
-            ev(2, 2_000, "a", "demoted", "", "", "node a assigned demoted: lease"),
+            ev(
+                2,
+                2_000,
+                "a",
+                "demoted",
+                "",
+                "",
+                "node a assigned demoted: lease",
+            ),
         ];
         let h = history(&events);
         assert_eq!(h.len(), 1);

@@ -25,8 +25,8 @@ mod transitions;
 
 pub use candidate::{fast_forward_source, target_lsn, witnesses};
 pub use command::{
-    fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_EVENT_DESCRIPTION, MAX_GROUP_NODES,
-    MAX_SYNC_STANDBYS,
+    fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_EVENT_DESCRIPTION,
+    MAX_GROUP_NODES, MAX_SYNC_STANDBYS,
 };
 pub use error::{CoreError, ErrorKind};
 pub use health::{keeper_events, Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};

@@ -1397,11 +1397,9 @@ fn a_dropped_node_whose_keeper_is_silent_is_forgotten_and_its_name_starts_afresh
     c.beat("b", Secondary, 100);
     c.orchestrate();
     assert!(c.state.node_by_name(DEFAULT_FORMATION, "c").is_none());
-    assert!(c
-        .state
-        .events
-        .iter()
-        .any(|e| e.description.contains("removed without its acknowledgement")));
+    assert!(c.state.events.iter().any(|e| e
+        .description
+        .contains("removed without its acknowledgement")));
     // A keeper of the same name that kept "dropped" as its last state registers afresh.
     let out = c
         .apply(Command::RegisterNode {
@@ -1522,13 +1520,19 @@ fn keeper_counters_that_grow_become_events() {
     let prev = r.clone();
     r.fences = 2;
     let ev = keeper_events(Some(&prev), &r, "a");
-    assert!(ev[0].contains("fenced itself") && ev[0].contains("2 time"), "{ev:?}");
+    assert!(
+        ev[0].contains("fenced itself") && ev[0].contains("2 time"),
+        "{ev:?}"
+    );
     // A restarted keeper counts from 0 again: its counts are news.
     let mut fresh = r.clone();
     fresh.fences = 1;
     let ev = keeper_events(Some(&r), &fresh, "a");
     assert_eq!(ev.len(), 1, "{ev:?}");
-    assert!(ev[0].contains("fenced itself") && ev[0].contains("(1 time"), "{ev:?}");
+    assert!(
+        ev[0].contains("fenced itself") && ev[0].contains("(1 time"),
+        "{ev:?}"
+    );
 }
 
 #[test]

@@ -115,10 +115,18 @@ mod tests {
             current_state: NodeState::Secondary,
             system_identifier: Some(42),
             following: Some("a".into()),
+            reinit_done: 2,
         };
         st.save(&p).unwrap();
         assert_eq!(RunState::load(&p).unwrap(), st);
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.contains("\"current_state\": \"secondary\""), "{text}");
+        // A file written before `reinit_done` existed still reads.
+        std::fs::write(
+            &p,
+            r#"{"version":1,"node_id":3,"current_state":"secondary","system_identifier":42,"following":null}"#,
+        )
+        .unwrap();
+        assert_eq!(RunState::load(&p).unwrap().reinit_done, 0);
     }
 }

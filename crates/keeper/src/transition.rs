@@ -163,7 +163,13 @@ impl Instance {
         // standby of a primary: the monitor refuses a rebuild of anything else.
         let rebuild = a.reinit > self.state.reinit_done
             && a.goal_state == NodeState::Catchingup
-            && matches!(t, Target::Standby { upstream: Some(_), .. })
+            && matches!(
+                t,
+                Target::Standby {
+                    upstream: Some(_),
+                    ..
+                }
+            )
             && self.has_data();
         if rebuild {
             tracing::warn!(node = %self.settings.name, reinit = a.reinit, "rebuild asked for: replacing the data directory with a fresh base backup of the primary");

@@ -199,8 +199,7 @@ impl Monitor for Handle {
     ) -> Result<Response<pb::GetEventsReply>, Status> {
         unimpl()
     }
-    type WatchEventsStream =
-        tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
+    type WatchEventsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
     async fn watch_events(
         &self,
         _: Request<pb::WatchEventsRequest>,

@@ -11,8 +11,8 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_server::Monitor;
 use pgquorum_api::{
-    check_formation_filter, node_status_live, settings, status_from_core, NodeActive,
-    HOPS_HEADER, LOCAL_READ_HEADER,
+    check_formation_filter, node_status_live, settings, status_from_core, NodeActive, HOPS_HEADER,
+    LOCAL_READ_HEADER,
 };
 use pgquorum_core::{
     assignment, keeper_events, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION,
@@ -712,7 +712,9 @@ impl Monitor for MonitorService {
                 }
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn get_settings(
