@@ -68,7 +68,9 @@ async fn a_dropped_standby_is_removed_switchovers_go_on_and_its_name_comes_back(
         .unwrap();
 
     // `drop node` waits until the monitor group has forgotten the node.
+    let t = Instant::now();
     let (ok, out) = c.cli(&["drop", "node", &victim, "--timeout", "30"]);
+    eprintln!("drop node {victim} completed in {:?}", t.elapsed());
     assert!(ok, "drop failed: {out}\n{}", c.logs());
     let ns = c.state().await.unwrap();
     assert!(ns.iter().all(|n| n.name != victim), "{}", describe(&ns));
@@ -100,7 +102,9 @@ async fn a_dropped_standby_is_removed_switchovers_go_on_and_its_name_comes_back(
     );
 
     // A switchover waits for no dropped node.
+    let t = Instant::now();
     let (ok, out) = c.cli(&["perform", "switchover", "--timeout", "60"]);
+    eprintln!("switchover after the drop took {:?}", t.elapsed());
     assert!(ok, "switchover after the drop failed: {out}\n{}", c.logs());
     let new_primary = c.primary().await;
     assert_ne!(new_primary, primary);
@@ -164,7 +168,9 @@ async fn reinit_rebuilds_a_standby_from_the_primary() {
     // A file that only the old data directory holds.
     let marker = c.node(&standby).spec.pgdata().join("pgquorum-test-marker");
     std::fs::write(&marker, b"old").unwrap();
+    let t = Instant::now();
     let (ok, out) = c.cli(&["perform", "reinit", "--node", &standby, "--timeout", "90"]);
+    eprintln!("reinit of {standby} completed in {:?}", t.elapsed());
     assert!(ok, "reinit failed: {out}\n{}", c.logs());
     assert!(!marker.exists(), "the data directory was not replaced");
     let log = std::fs::read_to_string(c.node(&standby).spec.keeper_log()).unwrap();
@@ -246,6 +252,24 @@ async fn show_state_and_events_tell_the_truth() {
         parse_lsn(p["lsn"].as_str().unwrap()) > parse_lsn(p["reported_lsn"].as_str().unwrap()),
         "{p:#}"
     );
+    // --watch refreshes: one JSON document per refresh with --json.
+    let mut watch = std::process::Command::new(pgquorum_testkit::pgquorum_bin())
+        .args(["show", "state", "--watch", "0.3", "--json"])
+        .args(["--monitor", &c.monitor_list()])
+        .args(c.monitors.trust_args())
+        .env_remove("PGQUORUM_CERTS_DIR")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(watch.stdout.take().unwrap()).lines();
+    for _ in 0..2 {
+        let l = lines.next().unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["nodes"].as_array().unwrap().len(), 3, "{v:#}");
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
     let (code, table, _) = cli_code(&c, &["show", "state"]);
     assert_eq!(code, 0);
     assert!(
@@ -313,6 +337,7 @@ async fn show_state_and_events_tell_the_truth() {
     assert_eq!(last["old_primary"], primary.as_str(), "{h:#}");
     assert_eq!(last["new_primary"], second.as_str(), "{h:#}");
     let pause = last["write_pause_ms"].as_u64().unwrap();
+    eprintln!("show history: switchover {primary} -> {second}, write pause {pause} ms");
     assert!(pause < 30_000, "{h:#}");
     assert!(last["by"].as_str().is_some(), "{h:#}");
     drop(w);

@@ -176,8 +176,14 @@ pub struct Node {
     /// How many times an operator asked for this standby to be rebuilt from the primary
     /// (`perform reinit`): the keeper rebuilds when the number it is told is above the
     /// last one it completed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub reinit_seq: u64,
+}
+
+/// Fields added later are left out while they hold their default, so that a state
+/// that never used them is stored byte for byte as before.
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Node {

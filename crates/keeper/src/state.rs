@@ -22,8 +22,13 @@ pub struct RunState {
     pub following: Option<String>,
     /// The last rebuild request (`perform reinit`, [`pgquorum_core::Assignment::reinit`])
     /// this keeper completed.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub reinit_done: u64,
+}
+
+/// A file that never saw a rebuild is written as before `reinit_done` existed.
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Default for RunState {
