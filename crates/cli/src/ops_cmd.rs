@@ -894,9 +894,6 @@ where
 
 pub async fn perform(target: Target, what: PerformWhat, trust: &TrustArgs) -> Result<()> {
     let client = connect(&target.monitor, trust)?;
-    if let PerformWhat::Reinit { node, wait } = what {
-        return reinit(&client, &target, &node, wait).await;
-    }
     let before = get_state(&client, &target.formation).await?;
     let old_primary = primary_of(&before.nodes).map(|n| n.name.clone());
     let (reply, wait, candidate) = match what {
@@ -916,7 +913,7 @@ pub async fn perform(target: Target, what: PerformWhat, trust: &TrustArgs) -> Re
             .map_err(|e| client_error("switchover refused", e))?;
             (r, wait, candidate)
         }
-        PerformWhat::Reinit { .. } => unreachable!("handled above"),
+        PerformWhat::Reinit { node, wait } => return reinit(&client, &target, &node, wait).await,
         PerformWhat::Failover { wait } => {
             let r = while_in_transition(&target, wait.timeout, || async {
                 call!(
