@@ -150,6 +150,12 @@ impl Cluster {
 
     /// Starts (or restarts) the keeper of `name`; its postgres comes with it.
     pub fn start_keeper(&mut self, name: &str) {
+        self.start_keeper_edited(name, |_| {});
+    }
+
+    /// [`Cluster::start_keeper`] with the argument list changed by `edit` (e.g. another
+    /// `--pg-host`).
+    pub fn start_keeper_edited(&mut self, name: &str, edit: impl Fn(&mut Vec<String>)) {
         let monitors = self.monitor_list();
         let hba = self.hba.clone();
         let certs = self.monitors.certs.clone();
@@ -166,6 +172,7 @@ impl Cluster {
         // NodeSpec::args lets loopback in; a cluster in namespaces adds its subnet.
         args.extend(["--monitor".to_string(), monitors, "--pg-hba".into(), hba]);
         args.extend(node.extra_args.iter().cloned());
+        edit(&mut args);
         node.keeper = Some(Keeper::spawn_in(
             &node.prefix,
             &pgquorum_testkit::pgquorum_bin(),

@@ -222,6 +222,28 @@ async fn every_forbidden_call_is_refused_and_changes_nothing() {
         .await,
         &denied,
     );
+    refused(
+        "viewer reinit node",
+        v.reinit_node(pb::ReinitNodeRequest {
+            formation: String::new(),
+            node: "node2".into(),
+        })
+        .await,
+        &denied,
+    );
+    // The event stream is a read: a viewer may follow it, nobody without a certificate.
+    let mut stream = v
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some());
+    drop(stream);
+    refused(
+        "event stream without a certificate",
+        anon.watch_events(pb::WatchEventsRequest::default()).await,
+        &no_tls,
+    );
     // A viewer naming an operator as the original caller (only members forward).
     let mut req = tonic::Request::new(switchover());
     req.metadata_mut()

@@ -330,6 +330,16 @@ impl TryFrom<pb::DropNodeRequest> for Command {
     }
 }
 
+impl TryFrom<pb::ReinitNodeRequest> for Command {
+    type Error = ConvertError;
+    fn try_from(r: pb::ReinitNodeRequest) -> Result<Self, ConvertError> {
+        Ok(Command::ReinitNode {
+            formation: formation_or_default(r.formation)?,
+            node: node_name("node", r.node)?,
+        })
+    }
+}
+
 /// A validated heartbeat: who sent it and what it reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeActive {
@@ -390,10 +400,15 @@ impl TryFrom<pb::NodeActiveRequest> for NodeActive {
                             write_lsn: p.write_lsn,
                             flush_lsn: p.flush_lsn,
                             replay_lsn: p.replay_lsn,
+                            write_lag_ms: p.write_lag_ms,
+                            flush_lag_ms: p.flush_lag_ms,
+                            replay_lag_ms: p.replay_lag_ms,
                         })
                     })
                     .collect::<Result<_, ConvertError>>()?,
                 sequence: r.sequence,
+                pg_restarts: r.pg_restarts,
+                fences: r.fences,
             },
             stamp: ReportStamp {
                 instance: r.keeper_instance,
@@ -429,11 +444,16 @@ impl From<NodeActive> for pb::NodeActiveRequest {
                     write_lsn: p.write_lsn,
                     flush_lsn: p.flush_lsn,
                     replay_lsn: p.replay_lsn,
+                    write_lag_ms: p.write_lag_ms,
+                    flush_lag_ms: p.flush_lag_ms,
+                    replay_lag_ms: p.replay_lag_ms,
                 })
                 .collect(),
             sequence: r.sequence,
             keeper_instance: a.stamp.instance,
             sent_ms: a.stamp.sent_ms,
+            pg_restarts: r.pg_restarts,
+            fences: r.fences,
         }
     }
 }
@@ -473,6 +493,7 @@ impl From<Assignment> for pb::Assignment {
             lease_ms: a.lease_ms,
             heartbeat_interval_ms: a.heartbeat_interval_ms,
             on_quorum_loss: a.on_quorum_loss,
+            reinit: a.reinit,
         }
     }
 }
@@ -525,12 +546,38 @@ impl TryFrom<pb::Assignment> for Assignment {
             lease_ms: a.lease_ms,
             heartbeat_interval_ms: a.heartbeat_interval_ms,
             on_quorum_loss: a.on_quorum_loss,
+            reinit: a.reinit,
         })
     }
 }
 
 /// A node as an operator sees it, with the answering leader's view of its health.
 pub fn node_status(n: &Node, health: Health, last_heartbeat_ms_ago: Option<u64>) -> pb::NodeStatus {
+    node_status_live(n, health, last_heartbeat_ms_ago, None, None)
+}
+
+/// [`node_status`] with the live figures of the leader's health table: the node's own
+/// latest report and its primary's (whose pg_stat_replication tells how this standby
+/// streams, its synchronous role and its lag).
+pub fn node_status_live(
+    n: &Node,
+    health: Health,
+    last_heartbeat_ms_ago: Option<u64>,
+    own: Option<&NodeReport>,
+    primary: Option<&NodeReport>,
+) -> pb::NodeStatus {
+    let nonzero = |v: u64| (v != 0).then_some(v);
+    let peer = primary.filter(|p| p.node_id != n.id).and_then(|p| {
+        p.replication
+            .iter()
+            .find(|r| r.application_name == n.name)
+            .map(|r| (p, r))
+    });
+    let lag = |theirs: u64| {
+        peer.and_then(|(p, _)| {
+            (p.current_lsn != 0 && theirs != 0).then(|| p.current_lsn.saturating_sub(theirs))
+        })
+    };
     pb::NodeStatus {
         node_id: n.id,
         formation: n.formation.clone(),
@@ -552,6 +599,17 @@ pub fn node_status(n: &Node, health: Health, last_heartbeat_ms_ago: Option<u64>)
         replication_quorum: n.replication_quorum,
         last_heartbeat_ms_ago,
         pg_running: n.pg_running,
+        current_lsn: own.and_then(|r| nonzero(r.current_lsn)),
+        replayed_lsn: own
+            .filter(|r| r.pg_in_recovery)
+            .and_then(|r| nonzero(r.replayed_lsn)),
+        replication_state: peer.map(|(_, r)| r.state.clone()).unwrap_or_default(),
+        sync_state: peer.map(|(_, r)| r.sync_state.clone()).unwrap_or_default(),
+        flush_lag_bytes: peer.and_then(|(_, r)| lag(r.flush_lsn)),
+        replay_lag_bytes: peer.and_then(|(_, r)| lag(r.replay_lsn)),
+        write_lag_ms: peer.and_then(|(_, r)| r.write_lag_ms),
+        flush_lag_ms: peer.and_then(|(_, r)| r.flush_lag_ms),
+        replay_lag_ms: peer.and_then(|(_, r)| r.replay_lag_ms),
     }
 }
 
@@ -575,6 +633,11 @@ impl From<&Event> for pb::Event {
             node_name: e.node_name.clone(),
             description: e.description.clone(),
             by: e.by.clone(),
+            assigned: e
+                .assigned
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+            reached: e.reached.map(|s| s.as_str().to_owned()).unwrap_or_default(),
         }
     }
 }
@@ -728,6 +791,11 @@ mod tests {
                 node: huge.clone(),
             })
             .unwrap_err(),
+            Command::try_from(pb::ReinitNodeRequest {
+                formation: "".into(),
+                node: huge.clone(),
+            })
+            .unwrap_err(),
             Command::try_from(pb::SetNodeSettingRequest {
                 formation: "".into(),
                 node: "a".into(),
@@ -798,6 +866,7 @@ mod tests {
             lease_ms: 1500,
             heartbeat_interval_ms: 200,
             on_quorum_loss: "block".into(),
+            reinit: 0,
         };
         assert!(Assignment::try_from(good.clone()).is_ok());
         let mut bad = good.clone();
@@ -839,6 +908,7 @@ mod tests {
             write_lsn: 1,
             flush_lsn: 1,
             replay_lsn: 1,
+            ..Default::default()
         };
         let beat = pb::NodeActiveRequest {
             node_id: 1,
@@ -946,8 +1016,13 @@ mod tests {
                     write_lsn: 1,
                     flush_lsn: 2,
                     replay_lsn: 3,
+                    write_lag_ms: Some(4),
+                    flush_lag_ms: None,
+                    replay_lag_ms: Some(6),
                 }],
                 sequence: 9,
+                pg_restarts: 2,
+                fences: 1,
             },
             stamp: ReportStamp {
                 instance: 77,
@@ -979,6 +1054,7 @@ mod tests {
             lease_ms: 1500,
             heartbeat_interval_ms: 200,
             on_quorum_loss: "block".into(),
+            reinit: 3,
         };
         assert_eq!(
             Assignment::try_from(pb::Assignment::from(a.clone())).unwrap(),

@@ -20,8 +20,8 @@ mod convert;
 mod status;
 
 pub use convert::{
-    check_formation_filter, member_address, node_status, settings, ConvertError, NodeActive,
-    MAX_REPLICATION_PEERS, MAX_REQUEST_BYTES,
+    check_formation_filter, member_address, node_status, node_status_live, settings, ConvertError,
+    NodeActive, MAX_REPLICATION_PEERS, MAX_REQUEST_BYTES,
 };
 pub use status::{
     leader_hint, leader_hint_in, no_leader, status_from_core, HOPS_HEADER, LEADER_HEADER,

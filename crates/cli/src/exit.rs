@@ -36,10 +36,13 @@ pub enum Kind {
     /// The certificate was refused, or its role may not do this (a viewer changing the
     /// cluster).
     NotAuthorised,
+    /// `show state` answered, but from a view that is not the leader's current one (no
+    /// quorum, an election under way): the table was printed, and must not be trusted.
+    StaleView,
 }
 
 impl Kind {
-    pub fn exit_code(self) -> u8 {
+    pub const fn exit_code(self) -> u8 {
         match self {
             Kind::Other => 1,
             Kind::Usage => 2,
@@ -48,6 +51,7 @@ impl Kind {
             Kind::TimedOut => 5,
             Kind::Unreachable => 6,
             Kind::NotAuthorised => 7,
+            Kind::StaleView => 8,
         }
     }
 
@@ -60,6 +64,7 @@ impl Kind {
             Kind::TimedOut => "timed_out",
             Kind::Unreachable => "unreachable",
             Kind::NotAuthorised => "not_authorised",
+            Kind::StaleView => "stale_view",
         }
     }
 

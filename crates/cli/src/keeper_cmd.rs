@@ -177,6 +177,7 @@ pub fn run(args: KeeperArgs, trust: &TrustArgs) -> anyhow::Result<()> {
                 lease_ms: 1500,
                 heartbeat_interval_ms: 200,
                 on_quorum_loss: "block".into(),
+                reinit: 0,
             };
             (s, Source::Static(assignment))
         }

@@ -86,7 +86,31 @@ pub enum Command {
         node_id: NodeId,
         system_identifier: u64,
     },
+    /// The operator asks for a standby to be rebuilt from the primary (its keeper wipes
+    /// the data directory and takes a fresh base backup).
+    ReinitNode {
+        formation: String,
+        node: String,
+    },
+    /// The leader removes a node being dropped whose keeper has been silent for a lease
+    /// and its margin: it cannot acknowledge, and nothing should wait for it.
+    ForgetNode {
+        node_id: NodeId,
+        reason: String,
+    },
+    /// Something the leader observed that changes no state but belongs in the history
+    /// (a postmaster restarted in place, a keeper that fenced itself, a new monitor
+    /// leader). Proposed only by the leader's own code, for rare occurrences.
+    RecordEvent {
+        formation: String,
+        group_id: GroupId,
+        node_id: Option<NodeId>,
+        description: String,
+    },
 }
+
+/// The longest description a [`Command::RecordEvent`] may carry.
+pub const MAX_EVENT_DESCRIPTION: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeSetting {
@@ -318,6 +342,50 @@ impl ClusterState {
             Command::DropNode { formation, node } => {
                 self.drop_node(formation_name(formation), node, now)
             }
+            Command::ReinitNode { formation, node } => {
+                self.reinit_node(formation_name(formation), node, now)
+            }
+            Command::ForgetNode { node_id, reason } => {
+                let Some(n) = self.nodes.get(node_id) else {
+                    return Err(CoreError::UnknownNode(node_id.to_string()));
+                };
+                if !n.is_dropping() {
+                    return Err(CoreError::NotAllowed(format!(
+                        "node {} is not being dropped: only a dropped node is forgotten",
+                        n.name
+                    )));
+                }
+                let name = n.name.clone();
+                self.remove_node(*node_id, now, reason);
+                Ok(Outcome::Done {
+                    description: format!("node {name} removed"),
+                })
+            }
+            Command::RecordEvent {
+                formation,
+                group_id,
+                node_id,
+                description,
+            } => {
+                if description.is_empty() || description.len() > MAX_EVENT_DESCRIPTION {
+                    return Err(CoreError::InvalidSetting(format!(
+                        "an event description has 1-{MAX_EVENT_DESCRIPTION} bytes"
+                    )));
+                }
+                let node = node_id
+                    .and_then(|id| self.nodes.get(&id))
+                    .map(|n| (n.id, n.name.clone()));
+                self.push_event(
+                    now,
+                    formation,
+                    *group_id,
+                    node.as_ref().map(|(id, n)| (*id, n.as_str())),
+                    description.clone(),
+                );
+                Ok(Outcome::Done {
+                    description: description.clone(),
+                })
+            }
         }
     }
 
@@ -339,9 +407,19 @@ impl ClusterState {
             node_name: node.map(|(_, n)| n.to_string()).unwrap_or_default(),
             description,
             by: String::new(),
+            assigned: None,
+            reached: None,
         });
         while self.events.len() > MAX_EVENTS {
             self.events.pop_front();
+        }
+    }
+
+    /// Marks the event just pushed as a node's change of goal or of reported state.
+    fn tag_last(&mut self, assigned: Option<NodeState>, reached: Option<NodeState>) {
+        if let Some(e) = self.events.back_mut() {
+            e.assigned = assigned;
+            e.reached = reached;
         }
     }
 
@@ -455,13 +533,26 @@ impl ClusterState {
             }
         }
         if let Some(id) = self.node_by_name(formation, name).map(|n| n.id) {
+            let mut moved = None;
             if let Some(n) = self.nodes.get_mut(&id) {
+                // The keeper's certificate names this node (the service checks it before
+                // proposing), so a corrected --pg-host or --pg-port is the node's own word.
+                if n.host != *host || n.port != port {
+                    moved = Some(format!("{}:{}", n.host, n.port));
+                }
                 n.host = host.clone();
                 n.port = port;
                 if system_identifier != 0 {
                     n.system_identifier = system_identifier;
                 }
                 n.pg_major_version = pg_major_version;
+            }
+            if let Some(old) = moved {
+                self.node_event(
+                    now,
+                    id,
+                    format!("node {name} registered again at {host}:{port} (was {old})"),
+                );
             }
             return Ok(Outcome::Registered {
                 node_id: id,
@@ -486,6 +577,13 @@ impl ClusterState {
             )));
         }
         let first = size == 0;
+        // A keeper whose node was dropped earlier starts afresh: what it last reached
+        // belongs to the node that was removed.
+        let current_state = if current_state == NodeState::Dropped {
+            NodeState::Init
+        } else {
+            current_state
+        };
         let goal = if first {
             NodeState::Single
         } else {
@@ -515,6 +613,7 @@ impl ClusterState {
                 goal_since: now,
                 in_sync_set: false,
                 goal_sync_seq: 0,
+                reinit_seq: 0,
             },
         );
         self.index_node(formation, group_id, id);
@@ -530,6 +629,7 @@ impl ClusterState {
             Some((id, name)),
             format!("node {name} registered ({host}:{port}), assigned {goal}"),
         );
+        self.tag_last(Some(goal), None);
         self.refresh_sync(formation, group_id, now);
         Ok(Outcome::Registered {
             node_id: id,
@@ -613,6 +713,7 @@ impl ClusterState {
             return Err(CoreError::UnknownNode(node_id.to_string()));
         };
         let changed = node.reported_state != state;
+        let pg_flipped = node.pg_running != pg_running;
         node.reported_state = state;
         node.reported_lsn = lsn;
         // 0 is "unknown" (PostgreSQL down after a crash, or never started): the last
@@ -653,6 +754,16 @@ impl ClusterState {
                 Some((node_id, &name)),
                 format!("node {name} reached {state} (lsn {})", fmt_lsn(lsn)),
             );
+            self.tag_last(None, Some(state));
+        } else if pg_flipped {
+            // PostgreSQL stopped or started without a change of state: a crash, a fence
+            // or a restart in place, which an operator wants to see in the history.
+            let text = if pg_running {
+                format!("PostgreSQL on node {name} is running again ({state})")
+            } else {
+                format!("PostgreSQL on node {name} is not running ({state})")
+            };
+            self.push_event(now, &formation, group_id, Some((node_id, &name)), text);
         }
         let has_primary = self.primary_of(&formation, group_id).is_some();
         if state == NodeState::Secondary && goal == NodeState::Secondary && has_primary {
@@ -879,6 +990,7 @@ impl ClusterState {
             node_id,
             format!("node {name} assigned {goal}: {reason}"),
         );
+        self.tag_last(Some(goal), None);
         if goal.is_writable() && !was_writable {
             // A new primary: the synchronous set starts from the standbys that were in
             // sync with the old one, and the old epoch's commits all lie below its LSN.
@@ -1405,9 +1517,88 @@ impl ClusterState {
             id,
             format!("node {node} assigned dropped: operator dropped it"),
         );
+        self.tag_last(Some(NodeState::Dropped), None);
         self.refresh_sync(formation, n.group_id, now);
         Ok(Outcome::Done {
             description: format!("node {node} is being dropped"),
+        })
+    }
+}
+
+impl ClusterState {
+    /// `perform reinit`: the standby's keeper rebuilds it from the primary. Refused on
+    /// the primary (nothing to rebuild it from), on a node that is not a standby now, and
+    /// when the node is needed for synchronous commit under `on_quorum_loss = block`
+    /// (commits would wait for the whole rebuild).
+    fn reinit_node(
+        &mut self,
+        formation: &str,
+        node: &str,
+        now: Millis,
+    ) -> Result<Outcome, CoreError> {
+        let id = self.lookup(formation, node)?;
+        let n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| CoreError::UnknownNode(node.to_string()))?;
+        if n.goal_state.is_writable() {
+            return Err(CoreError::NotAllowed(format!(
+                "node {node} is the primary: there is nothing to rebuild it from; perform a switchover first"
+            )));
+        }
+        if !matches!(
+            n.goal_state,
+            NodeState::Secondary | NodeState::Catchingup | NodeState::JoinSecondary
+        ) {
+            return Err(CoreError::NotAllowed(format!(
+                "node {node} is {} (goal {}): only a standby (secondary or catching up) is rebuilt",
+                n.reported_state, n.goal_state
+            )));
+        }
+        let Some((pname, preported, pgoal)) = self
+            .primary_of(formation, n.group_id)
+            .map(|p| (p.name.clone(), p.reported_state, p.goal_state))
+        else {
+            return Err(CoreError::NotAllowed(format!(
+                "group {} has no primary to rebuild {node} from",
+                n.group_id
+            )));
+        };
+        if !preported.is_writable() {
+            return Err(CoreError::NotAllowed(format!(
+                "primary {pname} is still moving to {pgoal}: try again once it runs"
+            )));
+        }
+        self.check_capacity(
+            formation,
+            n.group_id,
+            Some(id),
+            None,
+            false,
+            &format!("rebuilding {node}"),
+        )?;
+        let seq = n.reinit_seq + 1;
+        if let Some(x) = self.nodes.get_mut(&id) {
+            x.reinit_seq = seq;
+            if x.goal_state != NodeState::Catchingup {
+                x.goal_since = now;
+            }
+            // Back to catching up: it is secondary again only once it streams and has
+            // caught up after the rebuild.
+            x.goal_state = NodeState::Catchingup;
+        }
+        self.node_event(
+            now,
+            id,
+            format!(
+                "node {node} assigned catchingup: operator asked for a rebuild from primary {pname} (reinit #{seq})"
+            ),
+        );
+        self.tag_last(Some(NodeState::Catchingup), None);
+        self.refresh_sync(formation, n.group_id, now);
+        Ok(Outcome::Done {
+            description: format!("node {node} is being rebuilt from primary {pname}"),
         })
     }
 }

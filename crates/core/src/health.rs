@@ -12,6 +12,14 @@ pub struct ReplicationPeer {
     pub write_lsn: Lsn,
     pub flush_lsn: Lsn,
     pub replay_lsn: Lsn,
+    /// pg_stat_replication's write_lag / flush_lag / replay_lag in milliseconds (None:
+    /// NULL, i.e. nothing to measure since the standby caught up, or not reported).
+    #[serde(default)]
+    pub write_lag_ms: Option<u64>,
+    #[serde(default)]
+    pub flush_lag_ms: Option<u64>,
+    #[serde(default)]
+    pub replay_lag_ms: Option<u64>,
 }
 
 /// One keeper heartbeat, as the monitor leader received it.
@@ -28,6 +36,14 @@ pub struct NodeReport {
     pub system_identifier: u64,
     pub replication: Vec<ReplicationPeer>,
     pub sequence: u64,
+    /// How many times this keeper process restarted its PostgreSQL in place after it
+    /// exited (a crash), and how many times it stopped it because its lease ran out
+    /// (a fence): counters since the keeper started, compared beat to beat by the
+    /// leader, which records an event when one grows.
+    #[serde(default)]
+    pub pg_restarts: u64,
+    #[serde(default)]
+    pub fences: u64,
 }
 
 /// How far below the newest sequence seen a beat counts as reordered rather than as
@@ -95,6 +111,32 @@ impl HealthTable {
     }
 }
 
+/// Events worth recording when `report` follows `prev` (the previous beat of the same
+/// node): the keeper restarted PostgreSQL after a crash, or fenced it. Counters belong to
+/// one keeper process; a counter that went down is a restarted keeper, whose new counts
+/// are all news.
+pub fn keeper_events(prev: Option<&NodeReport>, report: &NodeReport, name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let before = |f: fn(&NodeReport) -> u64| match prev {
+        Some(p) if f(p) <= f(report) => f(p),
+        _ => 0,
+    };
+    let restarts = report.pg_restarts - before(|r| r.pg_restarts);
+    if restarts > 0 {
+        out.push(format!(
+            "PostgreSQL on node {name} exited unexpectedly and its keeper restarted it in place ({restarts} time(s) since the previous report; {} since the keeper started)",
+            report.pg_restarts
+        ));
+    }
+    let fences = report.fences - before(|r| r.fences);
+    if fences > 0 {
+        out.push(format!(
+            "node {name} fenced itself: its keeper stopped PostgreSQL because its lease ran out without an answer from the monitor group ({fences} time(s) since the previous report)"
+        ));
+    }
+    out
+}
+
 /// Health as the current leader sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -145,6 +187,8 @@ pub(crate) mod tests {
             system_identifier: 1,
             replication: Vec::new(),
             sequence: 1,
+            pg_restarts: 0,
+            fences: 0,
         }
     }
 

@@ -25,10 +25,11 @@ mod transitions;
 
 pub use candidate::{fast_forward_source, target_lsn, witnesses};
 pub use command::{
-    fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_GROUP_NODES, MAX_SYNC_STANDBYS,
+    fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_EVENT_DESCRIPTION,
+    MAX_GROUP_NODES, MAX_SYNC_STANDBYS,
 };
 pub use error::{CoreError, ErrorKind};
-pub use health::{Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
+pub use health::{keeper_events, Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
 pub use input::{
     check_formation_name, check_node_name, quote_prefix, HostName, InvalidValue,
     MAX_FORMATION_NAME_LEN, MAX_HOST_LEN, MAX_NODE_NAME_LEN,

@@ -173,6 +173,17 @@ pub struct Node {
     /// assigned: a primary that reports reaching its goal has applied that one or newer.
     #[serde(default)]
     pub goal_sync_seq: u64,
+    /// How many times an operator asked for this standby to be rebuilt from the primary
+    /// (`perform reinit`): the keeper rebuilds when the number it is told is above the
+    /// last one it completed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reinit_seq: u64,
+}
+
+/// Fields added later are left out while they hold their default, so that a state
+/// that never used them is stored byte for byte as before.
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Node {
@@ -270,6 +281,13 @@ pub struct Event {
     /// monitor's own decisions and for entries written before this field existed.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub by: String,
+    /// For a node's change of goal: the goal it was assigned (what `show history`
+    /// reads, rather than the description's words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assigned: Option<NodeState>,
+    /// For a node's reported change of state: the state it reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reached: Option<NodeState>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -39,6 +39,10 @@ pub struct Assignment {
     pub lease_ms: u64,
     pub heartbeat_interval_ms: u64,
     pub on_quorum_loss: String,
+    /// The node's rebuild request number (`perform reinit`): a keeper that completed a
+    /// lower one wipes its data directory and clones the primary afresh.
+    #[serde(default)]
+    pub reinit: u64,
 }
 
 /// How far (bytes of WAL) a standby may lag and still count as caught up.
@@ -228,9 +232,36 @@ impl<'a> Ctx<'a> {
     }
 
     fn run(&self, out: &mut Vec<Command>) {
+        self.forget_silent_dropped(out);
         match self.state.primary_of(self.formation, self.group_id) {
             Some(p) => self.with_primary(p, out),
             None => self.failover(out),
+        }
+    }
+
+    /// A node being dropped is removed when its keeper acknowledges (it reports
+    /// `dropped`). One whose keeper is silent for a lease and its margin (or was never
+    /// heard by this leader for that long) cannot acknowledge: it is removed anyway, so
+    /// that nothing (a switchover, a re-registration of the name) waits for it. Its
+    /// PostgreSQL is no primary (DropNode refuses a primary that others depend on) and,
+    /// if it ever was, its lease has run out by then.
+    fn forget_silent_dropped(&self, out: &mut Vec<Command>) {
+        for n in self.state.group_nodes(self.formation, self.group_id) {
+            if !n.is_dropping() {
+                continue;
+            }
+            let silent_for = match self.health.last_seen_ago(n.id, self.now) {
+                Some(ago) => ago,
+                None => self.now.saturating_sub(self.health.leader_since),
+            };
+            if silent_for >= self.ua {
+                out.push(Command::ForgetNode {
+                    node_id: n.id,
+                    reason: format!(
+                        "dropped, and its keeper has been silent for {silent_for} ms: removed without its acknowledgement"
+                    ),
+                });
+            }
         }
     }
 
@@ -793,5 +824,6 @@ pub fn assignment(
             QuorumLossPolicy::Block => "block".into(),
             QuorumLossPolicy::Continue => "continue".into(),
         },
+        reinit: n.reinit_seq,
     })
 }

@@ -90,9 +90,14 @@ impl Cluster {
                     write_lsn: *l,
                     flush_lsn: *l,
                     replay_lsn: *l,
+                    write_lag_ms: None,
+                    flush_lag_ms: None,
+                    replay_lag_ms: None,
                 })
                 .collect(),
             sequence: self.seq,
+            pg_restarts: 0,
+            fences: 0,
         };
         self.health.observe(report.clone(), self.now);
         for c in on_heartbeat(&self.state, &self.health, &report, self.now) {
@@ -1184,6 +1189,8 @@ fn the_group_learns_its_system_identifier_and_refuses_another_cluster() {
         system_identifier: 7,
         replication: vec![],
         sequence: 1000,
+        pg_restarts: 0,
+        fences: 0,
     };
     c.health.observe(report.clone(), c.now);
     assert_eq!(on_heartbeat(&c.state, &c.health, &report, c.now), vec![]);
@@ -1364,4 +1371,187 @@ fn a_primary_whose_standbys_may_not_count_waits_for_a_standby_that_does_not_exis
     })
     .unwrap();
     assert_eq!(sync_names(&c, "a"), "");
+}
+
+#[test]
+fn a_dropped_node_whose_keeper_is_silent_is_forgotten_and_its_name_starts_afresh() {
+    let mut c = Cluster::three();
+    c.apply(Command::DropNode {
+        formation: "".into(),
+        node: "c".into(),
+    })
+    .unwrap();
+    let old_id = c.id("c");
+    // Its keeper never answers again; the others beat on.
+    let ua = unhealthy_after(&c.state.settings(DEFAULT_FORMATION));
+    c.advance(ua / 2);
+    c.beat_full("a", Primary, true, 100, 1, &[("b", 100)]);
+    c.beat("b", Secondary, 100);
+    c.orchestrate();
+    assert!(
+        c.state.node_by_name(DEFAULT_FORMATION, "c").is_some(),
+        "not before its keeper has been silent for a lease and its margin"
+    );
+    c.advance(ua);
+    c.beat_full("a", Primary, true, 100, 1, &[("b", 100)]);
+    c.beat("b", Secondary, 100);
+    c.orchestrate();
+    assert!(c.state.node_by_name(DEFAULT_FORMATION, "c").is_none());
+    assert!(c.state.events.iter().any(|e| e
+        .description
+        .contains("removed without its acknowledgement")));
+    // A keeper of the same name that kept "dropped" as its last state registers afresh.
+    let out = c
+        .apply(Command::RegisterNode {
+            formation: DEFAULT_FORMATION.into(),
+            name: "c".into(),
+            host: "10.0.0.1".parse().unwrap(),
+            port: 5432,
+            candidate_priority: 50,
+            replication_quorum: true,
+            system_identifier: 0,
+            pg_major_version: 15,
+            current_state: Dropped,
+        })
+        .unwrap();
+    let Outcome::Registered { node_id, .. } = out else {
+        panic!("{out:?}")
+    };
+    assert_ne!(node_id, old_id, "a new node, not the dropped one");
+    assert_eq!(c.node("c").reported_state, Init);
+    assert_eq!(c.node("c").goal_state, WaitStandby);
+    c.converge(100);
+    assert_eq!(c.node("c").goal_state, Secondary);
+    assert_eq!(c.node("c").reported_state, Secondary);
+}
+
+#[test]
+fn a_reregistration_with_a_new_address_updates_it_and_says_so() {
+    let mut c = Cluster::three();
+    c.apply(Command::RegisterNode {
+        formation: DEFAULT_FORMATION.into(),
+        name: "b".into(),
+        host: "10.0.0.9".parse().unwrap(),
+        port: 5433,
+        candidate_priority: 50,
+        replication_quorum: true,
+        system_identifier: 0,
+        pg_major_version: 15,
+        current_state: Secondary,
+    })
+    .unwrap();
+    assert_eq!(c.node("b").host.as_str(), "10.0.0.9");
+    assert_eq!(c.node("b").port, 5433);
+    let a = assignment(&c.state, c.id("a"), c.now).unwrap();
+    assert!(a
+        .peers
+        .iter()
+        .any(|p| p.name == "b" && p.host.as_str() == "10.0.0.9" && p.port == 5433));
+    let e = c.state.events.back().unwrap();
+    assert!(
+        e.description.contains("10.0.0.9:5433") && e.description.contains("was 10.0.0.1:5432"),
+        "{}",
+        e.description
+    );
+}
+
+#[test]
+fn reinit_rebuilds_a_standby_and_is_refused_where_it_would_hurt() {
+    let mut c = Cluster::three();
+    let reinit = |node: &str| Command::ReinitNode {
+        formation: "".into(),
+        node: node.into(),
+    };
+    let e = refused(&mut c, reinit("a"));
+    assert!(e.to_string().contains("is the primary"), "{e}");
+    let e = refused(&mut c, reinit("nobody"));
+    assert!(matches!(e, CoreError::UnknownNode(_)), "{e}");
+    c.apply(reinit("c")).unwrap();
+    assert_eq!(c.node("c").goal_state, Catchingup);
+    assert_eq!(c.node("c").reinit_seq, 1);
+    assert_eq!(assignment(&c.state, c.id("c"), c.now).unwrap().reinit, 1);
+    assert_eq!(assignment(&c.state, c.id("b"), c.now).unwrap().reinit, 0);
+    let ev = c.state.events.back().unwrap();
+    assert_eq!(ev.assigned, Some(Catchingup));
+    c.converge(200);
+    assert_eq!(c.node("c").goal_state, Secondary);
+    assert_eq!(c.node("c").reported_state, Secondary);
+
+    // Two nodes under block: the only standby is the only synchronous candidate.
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.converge(100);
+    let e = refused(&mut c, reinit("b"));
+    assert!(e.to_string().contains("quorum standby"), "{e}");
+    // Under continue the operator accepted commits without a standby.
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::OnQuorumLoss(QuorumLossPolicy::Continue),
+    })
+    .unwrap();
+    c.apply(reinit("b")).unwrap();
+}
+
+#[test]
+fn keeper_counters_that_grow_become_events() {
+    let mut r = NodeReport {
+        node_id: 1,
+        current_state: Primary,
+        pg_running: true,
+        pg_in_recovery: false,
+        current_lsn: 1,
+        received_lsn: 1,
+        replayed_lsn: 1,
+        timeline: 1,
+        system_identifier: 1,
+        replication: vec![],
+        sequence: 1,
+        pg_restarts: 0,
+        fences: 0,
+    };
+    assert!(keeper_events(None, &r, "a").is_empty());
+    let prev = r.clone();
+    r.pg_restarts = 1;
+    let ev = keeper_events(Some(&prev), &r, "a");
+    assert_eq!(ev.len(), 1);
+    assert!(ev[0].contains("restarted it in place"), "{ev:?}");
+    assert!(keeper_events(Some(&r), &r, "a").is_empty(), "once");
+    let prev = r.clone();
+    r.fences = 2;
+    let ev = keeper_events(Some(&prev), &r, "a");
+    assert!(
+        ev[0].contains("fenced itself") && ev[0].contains("2 time"),
+        "{ev:?}"
+    );
+    // A restarted keeper counts from 0 again: its counts are news.
+    let mut fresh = r.clone();
+    fresh.fences = 1;
+    let ev = keeper_events(Some(&r), &fresh, "a");
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(
+        ev[0].contains("fenced itself") && ev[0].contains("(1 time"),
+        "{ev:?}"
+    );
+}
+
+#[test]
+fn postgres_stopping_without_a_state_change_is_an_event() {
+    let mut c = Cluster::three();
+    c.beat_full("b", Secondary, false, 100, 1, &[]);
+    assert!(c
+        .state
+        .events
+        .back()
+        .unwrap()
+        .description
+        .contains("PostgreSQL on node b is not running"));
+    c.beat_full("b", Secondary, true, 100, 1, &[]);
+    assert!(c
+        .state
+        .events
+        .back()
+        .unwrap()
+        .description
+        .contains("is running again"));
 }

@@ -45,6 +45,16 @@ pub async fn run(
 ) -> Result<()> {
     let shared = Arc::new(Shared::new());
     let mut inst = Instance::open(settings.clone(), shared.clone())?;
+    if inst.state.current_state == NodeState::Dropped {
+        // The operator dropped this node: it must not come back by itself (a service
+        // manager restarting the keeper would otherwise re-register it).
+        return Err(KeeperError::Config(format!(
+            "node {} was dropped from the cluster; to register it again, remove {} (and the data directory {} to clone it afresh) and start the keeper again",
+            settings.name,
+            settings.state_file.display(),
+            settings.pgdata.display()
+        )));
+    }
     tracing::info!(
         node = %settings.name,
         pgdata = %settings.pgdata.display(),
@@ -92,6 +102,7 @@ pub async fn run(
     inst.assignments = Some(rx.clone());
     inst.slot_from_start = matches!(source, Source::Static(_));
     let (fatal_tx, mut fatal_rx) = watch::channel::<Option<String>>(None);
+    let (dropped_tx, mut dropped_rx) = watch::channel(false);
     let beat_now = Arc::new(Notify::new());
     let hb = Heartbeat {
         beat_now: beat_now.clone(),
@@ -102,7 +113,7 @@ pub async fn run(
         pg_major: inst.bin.major,
         bin: inst.bin.clone(),
         system_identifier,
-        node_id: inst.state.node_id,
+        dropped: dropped_tx,
     };
     // The guard is up before the main loop can make postgres writable.
     match crate::guard::Link::spawn(&crate::guard::own_exe(), &settings.pgdata).await {
@@ -168,7 +179,22 @@ pub async fn run(
                         beat_now.notify_one();
                     }
                     if a.goal_state == NodeState::Dropped {
-                        tracing::info!(node = %settings.name, "node dropped; keeper exits");
+                        // The monitor removes the node once it hears `dropped` (the beat
+                        // just triggered); without that it waits for this keeper to fall
+                        // silent for a lease and its margin. Either way the name is free.
+                        let acked = tokio::time::timeout(
+                            DROP_ACK_WAIT,
+                            dropped_rx.wait_for(|acked| *acked),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok());
+                        inst.state.node_id = None;
+                        inst.save_state()?;
+                        if acked {
+                            tracing::info!(node = %settings.name, "node dropped and removed by the monitor group; keeper exits");
+                        } else {
+                            tracing::warn!(node = %settings.name, "node dropped; the monitor group did not confirm its removal in time (it removes a silent dropped node by itself); keeper exits");
+                        }
                         break Ok(());
                     }
                 }
@@ -215,6 +241,9 @@ pub async fn run(
     }
     result
 }
+
+/// How long a dropped keeper waits for the monitor group to confirm the node's removal.
+const DROP_ACK_WAIT: Duration = Duration::from_secs(10);
 
 async fn postmaster_exit(w: Option<watch::Receiver<Option<std::process::ExitStatus>>>) {
     match w {
@@ -290,7 +319,8 @@ struct Heartbeat {
     pg_major: u32,
     bin: crate::pg::PgBin,
     system_identifier: Option<u64>,
-    node_id: Option<u64>,
+    /// Set once the monitor group removed this node after it reported `dropped`.
+    dropped: watch::Sender<bool>,
 }
 
 /// pg_control's modification time and what it said: pg_controldata runs again only when
@@ -321,7 +351,10 @@ impl Heartbeat {
                         return;
                     }
                 };
-                let mut node_id = self.node_id;
+                // Registered afresh at every start, even with a node id in the state
+                // file: a corrected --pg-host or --pg-port reaches the monitor group this
+                // way (the certificate decides which node a keeper may register).
+                let mut node_id: Option<u64> = None;
                 let mut interval = Duration::from_millis(200);
                 let mut failures = 0u64;
                 let mut control: ControlCache = None;
@@ -330,7 +363,18 @@ impl Heartbeat {
                     let status = self.shared.status();
                     let current = status.current_state.unwrap_or(NodeState::Init);
                     let obs = self.observe(&mut client).await;
+                    if current == NodeState::Dropped && *self.dropped.borrow() {
+                        // Removed: nothing to report, and no registration either.
+                        return;
+                    }
+                    let mut registered = false;
                     let answer = match node_id {
+                        None if current == NodeState::Dropped => {
+                            // Dropped before this keeper knew its node id (restarted in
+                            // the middle): the name is not registered again.
+                            self.dropped.send_replace(true);
+                            return;
+                        }
                         None => {
                             let req = pb::RegisterNodeRequest {
                                 formation: self.settings.formation.clone(),
@@ -351,7 +395,12 @@ impl Heartbeat {
                                 node_id = Some(r.node_id);
                                 self.shared.update_status(|s| s.node_id = Some(r.node_id));
                                 tracing::info!(node = %self.settings.name, node_id = r.node_id, group = r.group_id, "registered");
-                                r.assignment
+                                registered = true;
+                                // No lease from a registration: the leader records no
+                                // heartbeat for it, so the lease it would grant is not
+                                // one the monitor counts. The first NodeActive, sent at
+                                // once, brings the assignment with a lease.
+                                None
                             })
                         }
                         Some(id) => {
@@ -386,8 +435,19 @@ impl Heartbeat {
                                         write_lsn: r.write_lsn,
                                         flush_lsn: r.flush_lsn,
                                         replay_lsn: r.replay_lsn,
+                                        write_lag_ms: r.write_lag_ms,
+                                        flush_lag_ms: r.flush_lag_ms,
+                                        replay_lag_ms: r.replay_lag_ms,
                                     })
                                     .collect(),
+                                pg_restarts: self
+                                    .shared
+                                    .postgres_restarts
+                                    .load(std::sync::atomic::Ordering::Relaxed),
+                                fences: self
+                                    .shared
+                                    .fences
+                                    .load(std::sync::atomic::Ordering::Relaxed),
                                 // Stamped by `Monitors::node_active`, per attempt.
                                 ..Default::default()
                             };
@@ -395,6 +455,10 @@ impl Heartbeat {
                         }
                     };
                     match answer {
+                        Ok(None) if registered => {
+                            failures = 0;
+                            continue;
+                        }
                         Ok(Some(pa)) => match assignment_from_pb(&pa) {
                             Ok(a) => {
                                 failures = 0;
@@ -416,6 +480,11 @@ impl Heartbeat {
                         Err(KeeperError::Refused(msg)) => {
                             tracing::error!(node = %self.settings.name, error = %msg, "the monitor group refused this node");
                             self.fatal.send_replace(Some(msg));
+                            return;
+                        }
+                        Err(KeeperError::UnknownNode(_)) if current == NodeState::Dropped => {
+                            // The acknowledgement: the monitor group removed the node.
+                            self.dropped.send_replace(true);
                             return;
                         }
                         Err(KeeperError::UnknownNode(id)) => {

@@ -18,6 +18,11 @@ pub struct ReplicationPeer {
     pub write_lsn: u64,
     pub flush_lsn: u64,
     pub replay_lsn: u64,
+    /// write_lag / flush_lag / replay_lag in ms (NULL once the standby is idle and
+    /// caught up).
+    pub write_lag_ms: Option<u64>,
+    pub flush_lag_ms: Option<u64>,
+    pub replay_lag_ms: Option<u64>,
 }
 
 /// What the local postgres says about itself.
@@ -186,7 +191,10 @@ pub async fn observe(c: &Client) -> Result<Observation> {
         let rows = c
             .query(
                 "SELECT coalesce(application_name, ''), coalesce(state, ''), \
-                        coalesce(sync_state, ''), write_lsn, flush_lsn, replay_lsn \
+                        coalesce(sync_state, ''), write_lsn, flush_lsn, replay_lsn, \
+                        (extract(epoch FROM write_lag) * 1000)::int8, \
+                        (extract(epoch FROM flush_lag) * 1000)::int8, \
+                        (extract(epoch FROM replay_lag) * 1000)::int8 \
                  FROM pg_stat_replication ORDER BY application_name",
                 &[],
             )
@@ -201,10 +209,17 @@ pub async fn observe(c: &Client) -> Result<Observation> {
                 write_lsn: lsn(r.get(3)),
                 flush_lsn: lsn(r.get(4)),
                 replay_lsn: lsn(r.get(5)),
+                write_lag_ms: ms(r.get(6)),
+                flush_lag_ms: ms(r.get(7)),
+                replay_lag_ms: ms(r.get(8)),
             })
             .collect();
     }
     Ok(o)
+}
+
+fn ms(v: Option<i64>) -> Option<u64> {
+    v.and_then(|v| u64::try_from(v).ok())
 }
 
 fn ident(name: &str) -> String {

@@ -20,6 +20,15 @@ pub struct RunState {
     pub system_identifier: Option<u64>,
     /// The node this standby last streamed from; a change means a rewind check.
     pub following: Option<String>,
+    /// The last rebuild request (`perform reinit`, [`pgquorum_core::Assignment::reinit`])
+    /// this keeper completed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reinit_done: u64,
+}
+
+/// A file that never saw a rebuild is written as before `reinit_done` existed.
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl Default for RunState {
@@ -30,6 +39,7 @@ impl Default for RunState {
             current_state: NodeState::Init,
             system_identifier: None,
             following: None,
+            reinit_done: 0,
         }
     }
 }
@@ -110,10 +120,18 @@ mod tests {
             current_state: NodeState::Secondary,
             system_identifier: Some(42),
             following: Some("a".into()),
+            reinit_done: 2,
         };
         st.save(&p).unwrap();
         assert_eq!(RunState::load(&p).unwrap(), st);
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.contains("\"current_state\": \"secondary\""), "{text}");
+        // A file written before `reinit_done` existed still reads.
+        std::fs::write(
+            &p,
+            r#"{"version":1,"node_id":3,"current_state":"secondary","system_identifier":42,"following":null}"#,
+        )
+        .unwrap();
+        assert_eq!(RunState::load(&p).unwrap().reinit_done, 0);
     }
 }

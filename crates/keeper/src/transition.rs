@@ -157,7 +157,24 @@ impl Instance {
             } => self.state.following.as_deref() != Some(p.name.as_str()),
             _ => false,
         };
-        let action = plan(self.local(), &t, following_changed);
+        let mut action = plan(self.local(), &t, following_changed);
+        // An operator asked for this standby to be rebuilt (`perform reinit`): a fresh
+        // base backup replaces the data directory, whatever it holds. Only towards a
+        // standby of a primary: the monitor refuses a rebuild of anything else.
+        let rebuild = a.reinit > self.state.reinit_done
+            && a.goal_state == NodeState::Catchingup
+            && matches!(
+                t,
+                Target::Standby {
+                    upstream: Some(_),
+                    ..
+                }
+            )
+            && self.has_data();
+        if rebuild {
+            tracing::warn!(node = %self.settings.name, reinit = a.reinit, "rebuild asked for: replacing the data directory with a fresh base backup of the primary");
+            action = Action::CloneStandby;
+        }
         let from = self.state.current_state;
         let started = Instant::now();
         tracing::info!(node = %self.settings.name, %from, goal = %a.goal_state, ?action, "transition");
@@ -171,6 +188,10 @@ impl Instance {
         self.shared.update_status(|s| s.in_transition = false);
         match &result {
             Ok(()) => {
+                if action == Action::CloneStandby {
+                    // A fresh clone is as good as any rebuild asked for so far.
+                    self.state.reinit_done = self.state.reinit_done.max(a.reinit);
+                }
                 self.state.current_state = a.goal_state;
                 self.save_state()?;
                 self.shared
@@ -607,6 +628,7 @@ mod tests {
             lease_ms: 1500,
             heartbeat_interval_ms: 200,
             on_quorum_loss: "block".into(),
+            reinit: 0,
         }
     }
 

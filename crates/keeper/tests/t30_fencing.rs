@@ -214,6 +214,19 @@ impl Monitor for Handle {
     ) -> Result<Response<pb::GetEventsReply>, Status> {
         unimpl()
     }
+    type WatchEventsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
+    async fn watch_events(
+        &self,
+        _: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        unimpl()
+    }
+    async fn reinit_node(
+        &self,
+        _: Request<pb::ReinitNodeRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        unimpl()
+    }
     async fn get_settings(
         &self,
         _: Request<pb::GetSettingsRequest>,

@@ -277,6 +277,7 @@ pub async fn run(
             .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
     let orchestrator = tokio::spawn(orchestrator_loop(member.clone()));
+    let leadership = tokio::spawn(leadership_events(member.clone()));
     // Every connection goes through the transport module: TLS 1.3 with a client
     // certificate (or plain TCP under --insecure), TCP_NODELAY (Nagle's algorithm and
     // delayed ACKs add 40 ms to some replies), a connection cap and a handshake timeout.
@@ -312,6 +313,7 @@ pub async fn run(
         m.abort();
     }
     orchestrator.abort();
+    leadership.abort();
     let _ = raft.shutdown().await;
     tracing::info!(node = cfg.node_id, "monitor member stopped");
     served?;
@@ -340,6 +342,84 @@ async fn core_stopped(raft: &openraft::Raft<crate::types::TypeConfig>) -> String
         }
     }
 }
+
+/// Records in the event history when this member takes the lead: after how long
+/// without a leader (as this member saw it: from when it lost its leader to its own
+/// election), and whether the group has just started. A group without quorum cannot
+/// write anything, so the loss of quorum is recorded when it ends, by the next leader,
+/// with its duration.
+async fn leadership_events(m: Arc<Member>) {
+    let started = std::time::Instant::now();
+    let mut metrics = m.raft.metrics();
+    let mut leaderless_since: Option<std::time::Instant> = Some(started);
+    let mut previous: Option<NodeId> = None;
+    let mut recorded_term = 0;
+    loop {
+        let (state, leader, term) = {
+            let x = metrics.borrow_and_update();
+            (x.state, x.current_leader, x.current_term)
+        };
+        let now = std::time::Instant::now();
+        match leader {
+            None => {
+                leaderless_since.get_or_insert(now);
+            }
+            Some(l) if l == m.id && state == ServerState::Leader && term > recorded_term => {
+                recorded_term = term;
+                let gap = leaderless_since.map(|t| now.duration_since(t));
+                let text = match (previous, gap) {
+                    (None, _) => format!(
+                        "monitor member {} leads the group (term {term}); it started {:.1} s ago and saw no leader before: the monitor group (re)started",
+                        m.id,
+                        started.elapsed().as_secs_f64()
+                    ),
+                    (Some(p), Some(g)) if g >= QUORUM_LOSS_REPORT => format!(
+                        "monitor member {} leads the group (term {term}) after {:.1} s without a leader (previous leader: member {p}); no quorum meanwhile: nothing could be changed and no lease was granted",
+                        m.id,
+                        g.as_secs_f64()
+                    ),
+                    (Some(p), g) => format!(
+                        "monitor member {} leads the group (term {term}); previous leader: member {p}{}",
+                        m.id,
+                        g.map(|g| format!(", {} ms without a leader", g.as_millis()))
+                            .unwrap_or_default()
+                    ),
+                };
+                let member = m.clone();
+                tokio::spawn(async move {
+                    let cmd = pgquorum_core::Command::RecordEvent {
+                        formation: String::new(),
+                        group_id: 0,
+                        node_id: None,
+                        description: text,
+                    };
+                    if let Err(s) = member.propose(cmd).await {
+                        tracing::debug!(error = %s.message(), "leadership event not recorded");
+                    }
+                });
+                leaderless_since = None;
+                previous = Some(l);
+            }
+            Some(l) => {
+                // A follower keeps naming its old leader until it starts an election;
+                // a new name (or this member) after a gap ends the leaderless time.
+                if Some(l) != previous || state == ServerState::Leader {
+                    leaderless_since = None;
+                }
+                if state != ServerState::Leader || l != m.id {
+                    previous = Some(l);
+                }
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A time without leader at least this long is reported as a loss of quorum (an
+/// ordinary election takes well under a second).
+const QUORUM_LOSS_REPORT: Duration = Duration::from_secs(2);
 
 /// On the leader only: every heartbeat interval, let the core decide and propose
 /// what it decided. Followers idle.

@@ -11,10 +11,12 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_server::Monitor;
 use pgquorum_api::{
-    check_formation_filter, node_status, settings, status_from_core, NodeActive, HOPS_HEADER,
+    check_formation_filter, node_status_live, settings, status_from_core, NodeActive, HOPS_HEADER,
     LOCAL_READ_HEADER,
 };
-use pgquorum_core::{assignment, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION};
+use pgquorum_core::{
+    assignment, keeper_events, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION,
+};
 use tonic::{Request, Response, Status};
 
 use pgquorum_trust::{authorize, check_keeper_is, Caller, Dial, Identity, Need, CALLER_HEADER};
@@ -28,6 +30,18 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
 const NEW_MEMBER_WAIT: Duration = Duration::from_secs(5);
 /// How long a follower waits for the leader's answer to a read before answering itself.
 const FORWARD_READ_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a WatchEvents stream looks for newly applied events.
+const WATCH_EVENTS_POLL: Duration = Duration::from_millis(200);
+/// How many events a WatchEvents stream may have queued for a slow reader before the
+/// member stops it (the reader can resume with `after_id`).
+const WATCH_EVENTS_QUEUE: usize = 256;
+
+/// Whether an event belongs in an answer filtered by `formation` ("" = every one).
+/// Monitor-wide events (a new leader, a restart) have no formation and are in every
+/// answer.
+fn event_wanted(e: &pgquorum_core::Event, formation: &str) -> bool {
+    formation.is_empty() || e.formation.is_empty() || e.formation == formation
+}
 
 pub struct MonitorService {
     pub m: Arc<Member>,
@@ -455,9 +469,26 @@ impl Monitor for MonitorService {
                 .map(|f| f.settings.lease_ms)
                 .unwrap_or(1500);
             self.m.admit_report(node_id, active.stamp, lease_ms)?;
+            let name = node.name.clone();
             let cmds = self.m.with_health(|h| {
+                // A keeper's crash restarts and fences show as counters that grow:
+                // recorded once, as events, when the leader sees one grow.
+                let mut cmds: Vec<Command> = if h.is_reordered(&report) {
+                    Vec::new()
+                } else {
+                    keeper_events(h.report(node_id), &report, &name)
+                        .into_iter()
+                        .map(|description| Command::RecordEvent {
+                            formation: formation.clone(),
+                            group_id: group,
+                            node_id: Some(node_id),
+                            description,
+                        })
+                        .collect()
+                };
                 h.observe(report.clone(), now);
-                on_heartbeat(&applied.state, h, &report, now)
+                cmds.extend(on_heartbeat(&applied.state, h, &report, now));
+                cmds
             });
             (cmds, formation, group)
         };
@@ -518,6 +549,30 @@ impl Monitor for MonitorService {
         }
         let formation = request.into_inner().formation;
         let is_leader = self.m.raft.metrics().borrow().state == ServerState::Leader;
+        // Only the leader's answer is current, and only while it can prove it leads: a
+        // leader cut off from the others goes on believing it leads (openraft 0.9).
+        let stale_reason = if !is_leader {
+            let leader = self
+                .m
+                .raft
+                .metrics()
+                .borrow()
+                .current_leader
+                .map(|l| format!("the last known leader is member {l}"))
+                .unwrap_or_else(|| "no leader is known".into());
+            Some(format!(
+                "answered by member {} from its own applied state: no leader answered ({leader}); health and live figures unknown, states may be out of date",
+                self.m.id
+            ))
+        } else {
+            self.m.leadership_proof().err().map(|s| {
+                format!(
+                    "answered by member {}, which leads but has no quorum ({}); states may be out of date",
+                    self.m.id,
+                    s.message()
+                )
+            })
+        };
         let now = now_ms();
         let applied = self.m.read();
         let st = &applied.state;
@@ -543,23 +598,28 @@ impl Monitor for MonitorService {
                     .get(&n.formation)
                     .map(|f| f.settings.lease_ms)
                     .unwrap_or(1500);
-                let (health, ago) = if is_leader {
-                    self.m.with_health(|h| {
-                        (
-                            h.health(n.id, now, unhealthy_after),
-                            h.last_seen_ago(n.id, now),
-                        )
-                    })
-                } else {
-                    (Health::Unknown, None)
-                };
-                node_status(n, health, ago)
+                if !is_leader {
+                    return node_status_live(n, Health::Unknown, None, None, None);
+                }
+                let primary = st.primary_of(&n.formation, n.group_id).map(|p| p.id);
+                self.m.with_health(|h| {
+                    node_status_live(
+                        n,
+                        h.health(n.id, now, unhealthy_after),
+                        h.last_seen_ago(n.id, now),
+                        h.report(n.id),
+                        primary.and_then(|p| h.report(p)),
+                    )
+                })
             })
             .collect();
         Ok(Response::new(pb::GetStateReply {
             formations,
             nodes,
             applied_index: applied.last_applied.map(|l| l.index).unwrap_or(0),
+            stale: stale_reason.is_some(),
+            stale_reason: stale_reason.unwrap_or_default(),
+            answered_by: self.m.id,
         }))
     }
 
@@ -582,12 +642,79 @@ impl Monitor for MonitorService {
             .events
             .iter()
             .rev()
-            .filter(|e| r.formation.is_empty() || e.formation == r.formation)
+            .filter(|e| event_wanted(e, &r.formation))
             .take(limit)
             .map(Into::into)
             .collect();
         events.reverse();
         Ok(Response::new(pb::GetEventsReply { events }))
+    }
+
+    type WatchEventsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::Event, Status>>;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        authorize(&request, Need::Read, "read the events")?;
+        let r = request.into_inner();
+        check_formation_filter(&r.formation)?;
+        let limit = if r.limit == 0 {
+            50
+        } else {
+            usize::try_from(r.limit).unwrap_or(usize::MAX)
+        };
+        // Where to start: after the given id, or so that the last `limit` come first.
+        let mut after = if r.after_id != 0 {
+            r.after_id
+        } else {
+            let applied = self.m.read();
+            applied
+                .state
+                .events
+                .iter()
+                .rev()
+                .filter(|e| event_wanted(e, &r.formation))
+                .nth(limit)
+                .map(|e| e.id)
+                .unwrap_or(0)
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_EVENTS_QUEUE);
+        let m = self.m.clone();
+        tokio::spawn(async move {
+            loop {
+                let batch: Vec<pb::Event> = {
+                    let applied = m.read();
+                    applied
+                        .state
+                        .events
+                        .iter()
+                        .filter(|e| e.id > after && event_wanted(e, &r.formation))
+                        .map(Into::into)
+                        .collect()
+                };
+                for e in batch {
+                    after = e.id;
+                    // A reader that does not keep up (a full queue) is cut off rather
+                    // than held in this member's memory; it resumes with after_id.
+                    if tx.try_send(Ok(e)).is_err() {
+                        if !tx.is_closed() {
+                            let _ = tx.try_send(Err(Status::resource_exhausted(format!(
+                                "the reader fell {WATCH_EVENTS_QUEUE} events behind; resume with after_id {after}"
+                            ))));
+                        }
+                        return;
+                    }
+                }
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(WATCH_EVENTS_POLL) => {}
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn get_settings(
@@ -672,6 +799,16 @@ impl Monitor for MonitorService {
     ) -> Result<Response<pb::OperationReply>, Status> {
         let caller = authorize(&request, Need::Operate, "drop a node")?;
         forward!(self, request, drop_node, caller);
+        self.op(Command::try_from(request.into_inner())?, &caller)
+            .await
+    }
+
+    async fn reinit_node(
+        &self,
+        request: Request<pb::ReinitNodeRequest>,
+    ) -> Result<Response<pb::OperationReply>, Status> {
+        let caller = authorize(&request, Need::Operate, "rebuild a node")?;
+        forward!(self, request, reinit_node, caller);
         self.op(Command::try_from(request.into_inner())?, &caller)
             .await
     }

@@ -211,6 +211,7 @@ impl SimGroup {
                     write_lsn: self.lsn,
                     flush_lsn: self.lsn,
                     replay_lsn: self.lsn,
+                    ..Default::default()
                 })
                 .collect();
         } else if streams(state) || holds_lsn(state) {
@@ -907,6 +908,8 @@ fn core_costs(n: usize) -> CoreCosts {
                 system_identifier: 1,
                 replication: Vec::new(),
                 sequence: 1,
+                pg_restarts: 0,
+                fences: 0,
             },
             now,
         );

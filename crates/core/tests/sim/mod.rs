@@ -390,6 +390,9 @@ impl Sim {
                             write_lsn: ow.len() as u64,
                             flush_lsn: ow.len() as u64,
                             replay_lsn: ow.len() as u64,
+                            write_lag_ms: None,
+                            flush_lag_ms: None,
+                            replay_lag_ms: None,
                         });
                     }
                 }
@@ -416,6 +419,8 @@ impl Sim {
             system_identifier: 1,
             replication,
             sequence: k.seq,
+            pg_restarts: 0,
+            fences: 0,
         }
     }
 
