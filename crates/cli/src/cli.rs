@@ -79,10 +79,12 @@ pub enum Command {
         pgquorum local kill node1                # SIGKILL node1's keeper and PostgreSQL: watch the failover\n  \
         pgquorum local down                      # stop a cluster left behind")]
     Local(local_cmd::LocalArgs),
-    /// Show the cluster: `show state|events|uri|settings`.
+    /// Show the cluster: `show state|events|history|uri|settings`.
     #[command(after_help = "Examples:\n  \
         pgquorum show state\n  \
-        pgquorum show events --limit 20\n  \
+        pgquorum show state --watch 1            # refresh in place every second\n  \
+        pgquorum show events --limit 20 --follow\n  \
+        pgquorum show history                    # failovers and switchovers, with write pauses\n  \
         pgquorum show uri --role rw              # the bare read-write URI, for psql \"$(...)\"\n  \
         pgquorum show settings --json")]
     Show {
@@ -91,11 +93,12 @@ pub enum Command {
         #[command(subcommand)]
         what: ops_cmd::ShowWhat,
     },
-    /// `perform switchover [--candidate NAME]`, `perform failover`.
+    /// `perform switchover [--candidate NAME]`, `perform failover`, `perform reinit --node NAME`.
     #[command(after_help = "Examples:\n  \
         pgquorum perform switchover\n  \
         pgquorum perform switchover --candidate node2 --timeout 30\n  \
-        pgquorum perform failover")]
+        pgquorum perform failover\n  \
+        pgquorum perform reinit --node node3       # rebuild a standby from the primary")]
     Perform {
         #[command(flatten)]
         target: ops_cmd::Target,
