@@ -27,6 +27,9 @@ pub struct Instance {
     pub assignments: Option<tokio::sync::watch::Receiver<Option<pgquorum_core::Assignment>>>,
     /// The upstream address written into primary_conninfo last (None: by name only).
     pub(crate) conf_upstream_addr: Option<std::net::IpAddr>,
+    /// The running primary was started from its own data directory with clients kept
+    /// out (`pgconf::ClientAccess::Gated`) until a synchronous standby confirms its WAL.
+    pub(crate) gated: bool,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -80,6 +83,7 @@ impl Instance {
             postmaster: None,
             assignments: None,
             conf_upstream_addr: None,
+            gated: false,
         })
     }
 
