@@ -30,6 +30,9 @@ pub struct Instance {
     /// The running primary was started from its own data directory with clients kept
     /// out (`pgconf::ClientAccess::Gated`) until a synchronous standby confirms its WAL.
     pub(crate) gated: bool,
+    /// The assignment the transition under way serves (None between transitions): its
+    /// waits give up when the heartbeat publishes another goal.
+    pub(crate) serving: Option<pgquorum_core::Assignment>,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -84,6 +87,7 @@ impl Instance {
             assignments: None,
             conf_upstream_addr: None,
             gated: false,
+            serving: None,
         })
     }
 
@@ -158,6 +162,7 @@ impl Instance {
                     pgdata: self.pgdata().to_path_buf(),
                 });
             }
+            self.check_serving()?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         postmaster::check_port_free(&self.settings.listen_addresses, self.settings.pg_port)?;

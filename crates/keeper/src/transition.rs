@@ -165,7 +165,9 @@ impl Instance {
             s.goal_state = Some(a.goal_state);
             s.in_transition = true;
         });
+        self.serving = Some(a.clone());
         let result = self.act(action, a, &t).await;
+        self.serving = None;
         self.shared
             .record_transition(a.goal_state, result.is_ok(), started.elapsed());
         self.shared.update_status(|s| s.in_transition = false);
@@ -340,13 +342,16 @@ impl Instance {
             self.stop(StopMode::Fast).await;
             return Ok(());
         };
-        let remote = sql::remote_system_identifier(
-            &self.settings,
-            p.host.as_str(),
-            p.port,
-            Duration::from_secs(5),
-        )
-        .await?;
+        // A dead upstream makes this wait out its connect timeout: not when the goal
+        // has moved on meanwhile.
+        let remote = self
+            .abandonable(sql::remote_system_identifier(
+                &self.settings,
+                p.host.as_str(),
+                p.port,
+                Duration::from_secs(5),
+            ))
+            .await?;
         let local = self.controldata().await?.system_identifier;
         if remote != local {
             return Err(KeeperError::SystemIdentifierMismatch {
@@ -442,6 +447,29 @@ impl Instance {
     /// transition towards `a` is abandoned (see [`goal_check`]).
     fn check_goal(&self, a: &Assignment) -> Result<()> {
         goal_check(self.assignments.as_ref(), a)
+    }
+
+    /// Err when the transition under way (if any) serves a goal the monitor has since
+    /// replaced.
+    pub(crate) fn check_serving(&self) -> Result<()> {
+        match &self.serving {
+            Some(a) => goal_check(self.assignments.as_ref(), a),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for `fut`, but gives up (dropping it) as soon as the goal the transition
+    /// under way serves is replaced: a wait never holds up the next goal. Only for waits
+    /// that leave nothing half done behind (a connection, a query), never for a tool.
+    async fn abandonable<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::pin!(fut);
+        let mut check = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                r = &mut fut => return r,
+                _ = check.tick() => self.check_serving()?,
+            }
+        }
     }
 
     fn access(&self) -> pgconf::ClientAccess {
