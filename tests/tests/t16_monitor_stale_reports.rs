@@ -1,8 +1,11 @@
 //! A keeper's report is never applied after a newer one from the same keeper process,
 //! nor when it arrives much later than that process's previous reports (stuck in TCP
 //! retransmission towards a member that was cut off): it is refused with ABORTED and
-//! changes nothing. A restarted keeper (a new process instance) is heard at once, and its
-//! old process no longer.
+//! changes nothing. The first report the leader hears from a keeper process is only
+//! recorded (ABORTED; the keeper retries at once) and the next one is judged against it,
+//! so a report stuck in flight since before an election is not applied by the new
+//! leader. A restarted keeper (a new process instance) is heard from its second report,
+//! and its old process no longer.
 //! Needs the binary built first: `cargo build -p pgquorum`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -85,10 +88,18 @@ async fn stale_reports_are_refused_and_change_nothing() {
     let c = g.client().retry_for(WAIT);
     let node_id = g.register_node(&k, "a").await;
 
-    // Process 0xA of the keeper, its clock starting at 1 s.
+    // Process 0xA of the keeper, its clock at 21 s now.
     let started = Instant::now();
     let clock = |base: u64| base + started.elapsed().as_millis() as u64;
-    report(&k, node_id, (0xA, 10, clock(1_000)), true)
+    // Its first report reaching this leader was stuck in flight for 20 s (sent at the
+    // keeper's 0.5 s): nothing to judge its age by, so it is recorded, not applied.
+    assert_eq!(
+        report(&k, node_id, (0xA, 5, 500), false).await,
+        Err(tonic::Code::Aborted)
+    );
+    assert_eq!(pg_running(&c).await, None);
+    // The keeper's next report, judged against it, is applied.
+    report(&k, node_id, (0xA, 10, clock(21_000)), true)
         .await
         .unwrap();
     wait_pg_running(&g, &c, true).await;
@@ -106,23 +117,27 @@ async fn stale_reports_are_refused_and_change_nothing() {
     // more than the lease (1.5 s) late.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(
-        report(&k, node_id, (0xA, 11, 1_200), false).await,
+        report(&k, node_id, (0xA, 11, 21_200), false).await,
         Err(tonic::Code::Aborted)
     );
     // None of them changed anything.
     assert_eq!(pg_running(&c).await, Some(true));
     // A report on time from the same process is applied.
-    report(&k, node_id, (0xA, 12, clock(1_000)), false)
+    report(&k, node_id, (0xA, 12, clock(21_000)), false)
         .await
         .unwrap();
     wait_pg_running(&g, &c, false).await;
 
-    // The keeper restarts: a new process is heard at once, whatever its sequence and
-    // clock; the old process's late reports no longer.
-    report(&k, node_id, (0xB, 1, 5), true).await.unwrap();
+    // The keeper restarts: a new process is heard from its second report, whatever its
+    // sequence and clock; the old process's late reports no longer.
+    assert_eq!(
+        report(&k, node_id, (0xB, 1, 5), true).await,
+        Err(tonic::Code::Aborted)
+    );
+    report(&k, node_id, (0xB, 2, 10), true).await.unwrap();
     wait_pg_running(&g, &c, true).await;
     assert_eq!(
-        report(&k, node_id, (0xA, 13, clock(1_000)), false).await,
+        report(&k, node_id, (0xA, 13, clock(21_000)), false).await,
         Err(tonic::Code::Aborted)
     );
     assert_eq!(pg_running(&c).await, Some(true));

@@ -122,3 +122,189 @@ async fn paused_primary_keeper_is_fenced_and_a_standby_takes_over() {
     let log = c.node(&old).keeper.as_ref().unwrap().log_text();
     assert!(log.contains("fence guard: the lease ran out"), "{log}");
 }
+
+/// The WAL receivers of a standby's postgres (children of its postmaster named
+/// `postgres: walreceiver`), from /proc.
+fn wal_receivers(postmaster: i32) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(") ")
+                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok());
+            let cmd = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(postmaster) && cmd.starts_with("postgres: walreceiver")
+        })
+        .map(Pid::from_raw)
+        .collect()
+}
+
+/// Issue 13 item 8. PostgreSQL ends a commit's wait for its synchronous standby when the
+/// postmaster dies, and crash recovery makes that commit visible to everyone: with an
+/// in-place restart, another client could read a row that no standby holds and that a
+/// failover a moment later would lose. Here every standby's WAL receiver is stopped, a
+/// client's INSERT waits for synchronous replication, and the primary's postmaster is
+/// SIGKILLed. The keeper restarts it (postgres answers the keeper) but keeps clients
+/// out; only once the WAL receivers run again and a standby has the row may a client
+/// read it. (Without the gate a client reads the row about 0.3 s after the kill.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_no_standby_holds_stays_unreadable_after_a_postmaster_crash() {
+    let c = Cluster::start(3).await;
+    let p = c.primary().await;
+    let spec = c.node(&p).spec.clone();
+    let admin = spec.connect().await.unwrap();
+    admin
+        .batch_execute("CREATE TABLE gate_probe (v text)")
+        .await
+        .unwrap();
+    let names: String = admin
+        .query_one("SHOW synchronous_standby_names", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!names.is_empty(), "no synchronous standby configured");
+
+    // Stop every standby's WAL receiver: nothing more is flushed or acknowledged there.
+    let mut stopped = Vec::new();
+    for n in c.nodes.iter().filter(|n| n.spec.name != p) {
+        let pm = n.spec.postmaster_pid().unwrap();
+        let rx = wal_receivers(pm);
+        assert!(!rx.is_empty(), "{} has no WAL receiver", n.spec.name);
+        for pid in rx {
+            kill(pid, Signal::SIGSTOP).unwrap();
+            stopped.push(Resume(pid));
+        }
+    }
+
+    // A client's commit now waits for a synchronous standby.
+    let client = spec.connect().await.unwrap();
+    let insert = tokio::spawn(async move {
+        client
+            .batch_execute("INSERT INTO gate_probe VALUES ('unconfirmed')")
+            .await
+    });
+    pgquorum_testkit::wait_until_async(
+        Duration::from_secs(10),
+        "the INSERT waiting for a synchronous standby",
+        || {
+            let admin = &admin;
+            async move {
+                admin
+                    .query_one(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                        &[],
+                    )
+                    .await
+                    .map(|r| r.get::<_, i64>(0) == 1)
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    drop(admin);
+
+    let old_pm = c.kill_postmaster(&p);
+    let t0 = Instant::now();
+    assert!(
+        insert.await.unwrap().is_err(),
+        "the commit was acknowledged"
+    );
+
+    // For 4 s no client may read the row, while the restarted postgres answers.
+    let mut restarted = false;
+    let mut refused = 0;
+    let mut gated_primary_probe = false;
+    while t0.elapsed() < Duration::from_secs(4) {
+        if spec.postmaster_pid().is_some_and(|pm| pm != old_pm)
+            && spec
+                .http_get("/health")
+                .is_some_and(|(code, _)| code == 200)
+        {
+            restarted = true;
+            if spec
+                .http_get("/primary")
+                .is_some_and(|(code, _)| code == 503)
+            {
+                gated_primary_probe = true;
+            }
+        }
+        match spec.connect().await {
+            Ok(reader) => {
+                let n: i64 = reader
+                    .query_one("SELECT count(*) FROM gate_probe", &[])
+                    .await
+                    .map(|r| r.get(0))
+                    .unwrap_or(0);
+                assert_eq!(
+                    n,
+                    0,
+                    "a client read a commit that no standby holds, {} ms after the crash\n{}",
+                    t0.elapsed().as_millis(),
+                    c.logs()
+                );
+            }
+            Err(_) => refused += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        restarted,
+        "postgres was not restarted in place within 4 s\n{}",
+        c.logs()
+    );
+    assert!(gated_primary_probe, "/primary answered 200 behind the gate");
+    eprintln!("clients refused {refused} times behind the gate");
+
+    // The standbys stream again: the gate opens, and the row is on a standby.
+    let t1 = Instant::now();
+    drop(stopped);
+    pgquorum_testkit::wait_until_async(Duration::from_secs(20), "the row readable", || {
+        let spec = spec.clone();
+        async move {
+            match spec.connect().await {
+                Ok(r) => r
+                    .query_one("SELECT count(*) FROM gate_probe", &[])
+                    .await
+                    .is_ok_and(|r| r.get::<_, i64>(0) == 1),
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    eprintln!(
+        "the gate opened {} ms after the WAL receivers resumed",
+        t1.elapsed().as_millis()
+    );
+    let standbys: Vec<_> = c
+        .nodes
+        .iter()
+        .filter(|n| n.spec.name != p)
+        .map(|n| n.spec.clone())
+        .collect();
+    pgquorum_testkit::wait_until_async(Duration::from_secs(20), "the row on a standby", || {
+        let standbys = standbys.clone();
+        async move {
+            for s in standbys {
+                if let Ok(r) = s.connect().await {
+                    if r.query_one("SELECT count(*) FROM gate_probe", &[])
+                        .await
+                        .is_ok_and(|r| r.get::<_, i64>(0) == 1)
+                    {
+                        return true;
+                    }
+                }
+            }
+            false
+        }
+    })
+    .await
+    .unwrap();
+    c.wait_healthy(2).await;
+    let log = c.node(&p).keeper.as_ref().unwrap().log_text();
+    assert!(log.contains("clients let in"), "{log}");
+}

@@ -1028,7 +1028,12 @@ impl ClusterState {
     }
 
     /// How many standbys could count toward synchronous commit in a group, if `without`
-    /// were out of it: quorum nodes not in maintenance, minus the one that is primary.
+    /// were out of it, whichever node is primary: the least, over every node that is or
+    /// may become primary (the current primary and every candidate), of the quorum nodes
+    /// not in maintenance besides it. Counting only the current primary accepted
+    /// `replication-quorum false` on the primary of a 2-node group, and after a failover
+    /// the new primary had no standby that counted (its commits blocked for good).
+    /// `quorum_override` / `priority_override`: a setting about to change.
     fn quorum_capacity(
         &self,
         formation: &str,
@@ -1036,8 +1041,19 @@ impl ClusterState {
         without: Option<NodeId>,
         quorum_override: Option<(NodeId, bool)>,
     ) -> (usize, usize) {
+        self.quorum_capacity_with(formation, group_id, without, quorum_override, None)
+    }
+
+    fn quorum_capacity_with(
+        &self,
+        formation: &str,
+        group_id: GroupId,
+        without: Option<NodeId>,
+        quorum_override: Option<(NodeId, bool)>,
+        priority_override: Option<(NodeId, u8)>,
+    ) -> (usize, usize) {
         let mut live = 0;
-        let mut eligible: usize = 0;
+        let mut members = Vec::new();
         for n in self.group_nodes(formation, group_id) {
             if n.is_dropping() {
                 continue;
@@ -1050,15 +1066,26 @@ impl ClusterState {
                 Some((id, q)) if id == n.id => q,
                 _ => n.replication_quorum,
             };
+            let priority = match priority_override {
+                Some((id, p)) if id == n.id => p,
+                _ => n.candidate_priority,
+            };
             let in_maintenance = matches!(
                 n.goal_state,
                 NodeState::Maintenance | NodeState::WaitMaintenance | NodeState::PrepareMaintenance
             );
-            if n.goal_state.is_writable() || (quorum && !in_maintenance) {
-                eligible += 1;
-            }
+            let counts = quorum && !in_maintenance;
+            let may_be_primary = n.goal_state.is_writable() || (priority > 0 && !in_maintenance);
+            members.push((n.id, counts, may_be_primary));
         }
-        (live, eligible.saturating_sub(1))
+        let counting = members.iter().filter(|m| m.1).count();
+        let capacity = members
+            .iter()
+            .filter(|m| m.2)
+            .map(|p| counting - usize::from(p.1))
+            .min()
+            .unwrap_or(counting.saturating_sub(1));
+        (live, capacity)
     }
 
     /// Refuse a change that would leave a group with fewer quorum standbys than
@@ -1085,7 +1112,7 @@ impl ClusterState {
         let remaining = if leaves { live.saturating_sub(1) } else { live };
         if remaining >= 2 && (capacity as u32) < settings.number_sync_standbys {
             return Err(CoreError::NotAllowed(format!(
-                "{what} would leave {capacity} quorum standby(s) for number_sync_standbys = {}: the primary could not keep synchronous replication. Lower number-sync-standbys or set on-quorum-loss continue first",
+                "{what} would leave {capacity} quorum standby(s) for number_sync_standbys = {} (counting a failover to any candidate): the primary could not keep synchronous replication. Lower number-sync-standbys or set on-quorum-loss continue first",
                 settings.number_sync_standbys
             )));
         }
@@ -1107,6 +1134,22 @@ impl ClusterState {
                     return Err(CoreError::InvalidSetting(format!(
                         "candidate priority {p} is outside 0-100"
                     )));
+                }
+                // A node that may become primary takes its own vote out of the quorum.
+                if *p > 0 {
+                    let settings = self.settings(formation);
+                    let (live, capacity) =
+                        self.quorum_capacity_with(formation, group_id, None, None, Some((id, *p)));
+                    if settings.number_sync_standbys > 0
+                        && settings.on_quorum_loss != QuorumLossPolicy::Continue
+                        && live >= 2
+                        && (capacity as u32) < settings.number_sync_standbys
+                    {
+                        return Err(CoreError::NotAllowed(format!(
+                            "candidate priority {p} for node {node} would let it become a primary with {capacity} quorum standby(s) for number_sync_standbys = {}: after a failover to it the primary could not keep synchronous replication. Set replication-quorum true on the other nodes, lower number-sync-standbys or set on-quorum-loss continue first",
+                            settings.number_sync_standbys
+                        )));
+                    }
                 }
                 if let Some(n) = self.nodes.get_mut(&id) {
                     n.candidate_priority = *p;

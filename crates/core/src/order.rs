@@ -18,8 +18,16 @@
 //!   when it sent the report, so an answer to an older report grants nothing) plus that
 //!   allowance.
 //!
-//! What it cannot see: a leader that has never admitted a report from a process judges
-//! its first one by nothing (a new leader's first report from each keeper is admitted).
+//! * the first this member hears from a process (a newly elected leader, a restarted
+//!   member, a restarted keeper): with no earlier report of that process there is nothing
+//!   to measure its age against, and a report stuck in flight since before the election
+//!   would be applied as if it were fresh (it moved a primary back to "secondary" once).
+//!   So the first one is recorded, not applied ([`StaleReport::FirstOfProcess`]): the
+//!   keeper retries at once (a new sequence, a new `sent_ms`), and that retry is judged
+//!   against it. If the first was stale, the retry took far less keeper time to follow
+//!   it than monitor time, and is admitted; if the retry is stale, its lateness shows.
+//!   No lease is granted for the first one, so nothing needs to count it. The cost is
+//!   one extra round trip per keeper process per leader, never a Raft write.
 
 use std::collections::BTreeMap;
 
@@ -39,9 +47,22 @@ pub struct ReportStamp {
 /// Why a report was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StaleReport {
-    Superseded { sequence: u64, newest: u64 },
-    OldProcess { instance: u64 },
-    Delayed { late_ms: u64, allowed_ms: u64 },
+    Superseded {
+        sequence: u64,
+        newest: u64,
+    },
+    OldProcess {
+        instance: u64,
+    },
+    Delayed {
+        late_ms: u64,
+        allowed_ms: u64,
+    },
+    /// The first report heard from this keeper process: recorded to judge the next one
+    /// by, not applied.
+    FirstOfProcess {
+        instance: u64,
+    },
 }
 
 impl std::fmt::Display for StaleReport {
@@ -61,6 +82,10 @@ impl std::fmt::Display for StaleReport {
             } => write!(
                 f,
                 "report arrived {late_ms} ms later than the keeper's previous ones (at most {allowed_ms} ms allowed)"
+            ),
+            StaleReport::FirstOfProcess { instance } => write!(
+                f,
+                "first report of keeper process {instance:x} at this monitor leader: its age cannot be judged, so it is only recorded; send the next one"
             ),
         }
     }
@@ -84,7 +109,8 @@ pub struct ReportOrder {
 
 impl ReportOrder {
     /// Admits (and records) the report `stamp` of `node` received at `now`, or says why
-    /// it is stale; a refused report changes nothing.
+    /// it is stale; a refused report changes nothing, except the first of a process,
+    /// which is recorded to judge the next one by.
     pub fn admit(
         &mut self,
         node: NodeId,
@@ -104,6 +130,10 @@ impl ReportOrder {
                 instance: stamp.instance,
             });
         }
+        let first = match self.newest.get(&node) {
+            None => true,
+            Some(m) => m.stamp.instance != stamp.instance,
+        };
         if let Some(m) = self.newest.get(&node) {
             if m.stamp.instance == stamp.instance {
                 if stamp.sequence <= m.stamp.sequence {
@@ -136,6 +166,11 @@ impl ReportOrder {
                 received: now,
             },
         );
+        if first {
+            return Err(StaleReport::FirstOfProcess {
+                instance: stamp.instance,
+            });
+        }
         Ok(())
     }
 
@@ -167,9 +202,14 @@ mod tests {
         }
     }
 
+    fn first(instance: u64) -> Result<(), StaleReport> {
+        Err(StaleReport::FirstOfProcess { instance })
+    }
+
     #[test]
     fn newer_reports_are_admitted_and_older_ones_refused() {
         let mut o = ReportOrder::default();
+        assert_eq!(o.admit(1, st(7, 9, 800), 49_800, 1_500), first(7));
         assert_eq!(o.admit(1, st(7, 10, 1_000), 50_000, 1_500), Ok(()));
         assert_eq!(o.admit(1, st(7, 11, 1_200), 50_200, 1_500), Ok(()));
         // Reordered in flight, or a retry of one already admitted.
@@ -182,12 +222,14 @@ mod tests {
         );
         assert!(o.admit(1, st(7, 11, 1_200), 50_250, 1_500).is_err());
         // Other nodes are judged on their own.
-        assert_eq!(o.admit(2, st(9, 1, 5), 50_300, 1_500), Ok(()));
+        assert_eq!(o.admit(2, st(9, 1, 5), 50_300, 1_500), first(9));
+        assert_eq!(o.admit(2, st(9, 2, 205), 50_500, 1_500), Ok(()));
     }
 
     #[test]
     fn a_report_stuck_in_flight_is_refused_however_its_sequence_compares() {
         let mut o = ReportOrder::default();
+        o.admit(1, st(7, 9, 800), 49_800, 1_500).unwrap_err();
         o.admit(1, st(7, 10, 1_000), 50_000, 1_500).unwrap();
         // Sent 200 ms after the last one, but it arrives 20 s later (TCP retransmission
         // towards a member that was cut off): nothing newer arrived in between.
@@ -209,6 +251,7 @@ mod tests {
     #[test]
     fn a_fresh_report_after_a_long_silence_is_admitted_even_with_a_slow_keeper_clock() {
         let mut o = ReportOrder::default();
+        o.admit(1, st(7, 9, 800), 49_800, 1_500).unwrap_err();
         o.admit(1, st(7, 10, 1_000), 50_000, 1_500).unwrap();
         // The keeper was cut off for 100 s by its clock, 110 s by the monitor's (10 %
         // slow), and this report took 50 ms.
@@ -221,22 +264,45 @@ mod tests {
     #[test]
     fn a_restarted_keeper_is_heard_and_its_old_process_is_not() {
         let mut o = ReportOrder::default();
-        o.admit(1, st(7, 500, 90_000), 50_000, 1_500).unwrap();
-        // A new process starts its sequence and clock afresh.
-        assert_eq!(o.admit(1, st(8, 1, 10), 51_000, 1_500), Ok(()));
+        assert_eq!(o.admit(1, st(7, 500, 90_000), 50_000, 1_500), first(7));
+        // A new process starts its sequence and clock afresh; its first report retires
+        // the old process and is judged by its second.
+        assert_eq!(o.admit(1, st(8, 1, 10), 51_000, 1_500), first(8));
         assert_eq!(
             o.admit(1, st(7, 501, 90_200), 51_100, 1_500),
             Err(StaleReport::OldProcess { instance: 7 })
         );
         assert_eq!(o.admit(1, st(8, 2, 210), 51_200, 1_500), Ok(()));
         o.forget(1);
-        assert_eq!(o.admit(1, st(7, 1, 0), 52_000, 1_500), Ok(()));
+        assert_eq!(o.admit(1, st(7, 1, 0), 52_000, 1_500), first(7));
     }
 
     #[test]
     fn unstamped_reports_are_admitted_unjudged() {
         let mut o = ReportOrder::default();
-        o.admit(1, st(7, 10, 1_000), 50_000, 1_500).unwrap();
+        o.admit(1, st(7, 10, 1_000), 50_000, 1_500).unwrap_err();
         assert_eq!(o.admit(1, st(0, 0, 0), 90_000, 1_500), Ok(()));
+    }
+
+    /// Issue 13: a newly elected leader heard first a report stuck in flight since before
+    /// its election, and applied it. Now the first report only sets the mark.
+    #[test]
+    fn a_new_leaders_first_report_is_judged_by_the_keepers_next_one() {
+        // The keeper sent report 10 at its 1 s; it reaches the new leader 20 s later.
+        let mut o = ReportOrder::default();
+        assert_eq!(o.admit(1, st(7, 10, 1_000), 70_000, 1_500), first(7));
+        // The keeper's retry of its current report, sent at its 21 s, 5 ms later: fresh.
+        assert_eq!(o.admit(1, st(7, 41, 21_000), 70_005, 1_500), Ok(()));
+        // Another stuck report of that time comes later still: superseded.
+        assert!(o.admit(1, st(7, 11, 1_200), 70_100, 1_500).is_err());
+
+        // The other order: the first is fresh, and the keeper's retry is the one that
+        // gets stuck for 20 s.
+        let mut o = ReportOrder::default();
+        assert_eq!(o.admit(1, st(7, 40, 20_995), 70_000, 1_500), first(7));
+        assert!(matches!(
+            o.admit(1, st(7, 41, 21_000), 90_000, 1_500),
+            Err(StaleReport::Delayed { .. })
+        ));
     }
 }

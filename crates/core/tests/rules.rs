@@ -1555,3 +1555,74 @@ fn postgres_stopping_without_a_state_change_is_an_event() {
         .description
         .contains("is running again"));
 }
+
+/// Issue 13: `replication-quorum false` on the primary of a 2-node group was accepted
+/// (the primary itself counted as capacity); after a failover the new primary's only
+/// standby did not count, and its commits waited for a placeholder name for good.
+#[test]
+fn the_primary_of_two_nodes_may_not_leave_the_quorum() {
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.converge(100);
+    let before = c.state.clone();
+    for node in ["a", "b"] {
+        let err = c
+            .apply(Command::SetNodeSetting {
+                formation: "".into(),
+                node: node.into(),
+                setting: NodeSetting::ReplicationQuorum(false),
+            })
+            .unwrap_err();
+        assert!(matches!(err, CoreError::NotAllowed(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("failover to any candidate"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        serde_json::to_string(&c.state).unwrap(),
+        serde_json::to_string(&before).unwrap(),
+        "a refused setting changed the state"
+    );
+
+    // A standby that can never be promoted may be the primary's only quorum vote, so
+    // the primary may leave the quorum, but that standby may not become a candidate.
+    c.apply(Command::SetNodeSetting {
+        formation: "".into(),
+        node: "b".into(),
+        setting: NodeSetting::CandidatePriority(0),
+    })
+    .unwrap();
+    c.apply(Command::SetNodeSetting {
+        formation: "".into(),
+        node: "a".into(),
+        setting: NodeSetting::ReplicationQuorum(false),
+    })
+    .unwrap();
+    let err = c
+        .apply(Command::SetNodeSetting {
+            formation: "".into(),
+            node: "b".into(),
+            setting: NodeSetting::CandidatePriority(50),
+        })
+        .unwrap_err();
+    assert!(matches!(err, CoreError::NotAllowed(_)), "{err:?}");
+
+    // With on-quorum-loss continue the operator chose availability: allowed.
+    let mut c = Cluster::new();
+    c.register("a", 50);
+    c.register("b", 50);
+    c.converge(100);
+    c.apply(Command::SetFormationSetting {
+        formation: "".into(),
+        setting: FormationSetting::OnQuorumLoss(QuorumLossPolicy::Continue),
+    })
+    .unwrap();
+    c.apply(Command::SetNodeSetting {
+        formation: "".into(),
+        node: "a".into(),
+        setting: NodeSetting::ReplicationQuorum(false),
+    })
+    .unwrap();
+}

@@ -150,11 +150,18 @@ fn facts(app: &App) -> Facts {
     let lease = app.shared.lease_left(Instant::now());
     let lease_ms_left = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
     let pg_up = obs.is_some();
-    let primary = obs.is_some_and(|o| !o.in_recovery) && app.shared.writable() && !lease.is_zero();
+    let gated = app
+        .shared
+        .clients_gated
+        .load(std::sync::atomic::Ordering::SeqCst);
+    let primary =
+        obs.is_some_and(|o| !o.in_recovery) && app.shared.writable() && !lease.is_zero() && !gated;
     let role = match obs {
         None => "unknown",
         Some(o) if o.in_recovery => "replica",
         Some(_) if primary => "primary",
+        // Restarted in place, clients kept out until a synchronous standby holds its WAL.
+        Some(_) if gated && app.shared.writable() => "gated",
         Some(_) => "fenced",
     };
     Facts {
@@ -262,7 +269,7 @@ async fn metrics(State(app): State<App>) -> Response {
         "# HELP pgquorum_keeper_role Current role of the local postgres."
     );
     let _ = writeln!(m, "# TYPE pgquorum_keeper_role gauge");
-    for r in ["primary", "replica", "fenced", "unknown"] {
+    for r in ["primary", "replica", "gated", "fenced", "unknown"] {
         let _ = writeln!(m, "pgquorum_keeper_role{{role=\"{r}\"}} {}", b(f.role == r));
     }
     let _ = writeln!(

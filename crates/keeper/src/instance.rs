@@ -36,6 +36,12 @@ pub struct Instance {
     pub slot_from_start: bool,
     /// When the primary last reconciled its replication slots.
     pub(crate) slots_checked: Instant,
+    /// The running primary was started from its own data directory with clients kept
+    /// out (`pgconf::ClientAccess::Gated`) until a synchronous standby confirms its WAL.
+    pub(crate) gated: bool,
+    /// The assignment the transition under way serves (None between transitions): its
+    /// waits give up when the heartbeat publishes another goal.
+    pub(crate) serving: Option<pgquorum_core::Assignment>,
 }
 
 /// Refuses what can never work, before anything is touched.
@@ -103,6 +109,8 @@ impl Instance {
             conf_slot: false,
             slot_from_start: false,
             slots_checked: Instant::now(),
+            gated: false,
+            serving: None,
         })
     }
 
@@ -177,6 +185,7 @@ impl Instance {
                     pgdata: self.pgdata().to_path_buf(),
                 });
             }
+            self.check_serving()?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         postmaster::check_port_free(&self.settings.listen_addresses, self.settings.pg_port)?;

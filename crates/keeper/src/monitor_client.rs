@@ -141,7 +141,10 @@ impl Monitors {
         mut req: pb::NodeActiveRequest,
     ) -> Result<pb::NodeActiveReply> {
         let mut last = String::new();
-        for _ in 0..self.endpoints.len() {
+        // At least two attempts: the first report a monitor leader hears from this
+        // process is only recorded (ABORTED) and the next judged against it, also with a
+        // single member.
+        for _ in 0..self.endpoints.len().max(2) {
             let (ep, mut c) = self.client()?;
             self.sequence += 1;
             req.sequence = self.sequence;

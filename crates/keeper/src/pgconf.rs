@@ -229,6 +229,12 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
     // 2+ s on a busy disk, one syncfs() call takes a fraction (Linux >= 5.8 reports its
     // errors). This is most of a crashed postmaster's restart time.
     set("recovery_init_sync_method", "syncfs".into());
+    // A backend crash makes the postmaster reinitialise by itself, and its crash
+    // recovery makes commits that were waiting for a synchronous standby visible to
+    // every client (PostgreSQL ends the wait at the crash). With this off the
+    // postmaster exits instead, and the keeper (its parent, which sees the exit at
+    // once) restarts it behind the client gate (`ClientAccess::Gated`).
+    set("restart_after_crash", "off".into());
     // pg_rewind reads the old primary's WAL back to the last common checkpoint; keep it.
     set("wal_keep_size", "'512MB'".into());
     set("recovery_target_timeline", "'latest'".into());
@@ -362,23 +368,53 @@ fn peer_lines(s: &Settings, peers: &[PeerNode]) -> String {
     out
 }
 
+/// Who may connect besides the peers' replication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAccess {
+    /// The operator's --pg-hba lines, then local `peer` connections.
+    Open,
+    /// A primary restarted in place, until a synchronous standby has confirmed its WAL
+    /// up to the end of recovery: PostgreSQL makes a commit that was waiting for a
+    /// synchronous standby at the crash (or at a fast shutdown) visible at once, and a
+    /// client that read it could lose it to a failover a moment later. Only the
+    /// peers' replication and pg_rewind lines and the keeper's own local connection
+    /// (the superuser by `peer`) are let in; everything else is rejected (pg_hba.conf
+    /// is first-match, so the operator's and initdb's lines below never apply).
+    Gated,
+}
+
 /// The managed block of pg_hba.conf: replication (and pg_rewind's database
 /// connection) for every other node of the group, the operator's --pg-hba lines, and
 /// local connections by `peer` (never `trust`: any local user could otherwise log in
 /// as the superuser). `os_user` is the user postgres and the keeper run as.
-pub fn hba_block(s: &Settings, peers: &[PeerNode], os_user: Option<&str>) -> String {
+pub fn hba_block(
+    s: &Settings,
+    peers: &[PeerNode],
+    os_user: Option<&str>,
+    access: ClientAccess,
+) -> String {
     let mut block = format!("{HBA_BEGIN}\n");
     block.push_str(&peer_lines(s, peers));
+    let map = match os_user {
+        Some(u) if u != s.superuser => format!(" map={IDENT_MAP}"),
+        _ => String::new(),
+    };
+    if access == ClientAccess::Gated {
+        // The superuser is a checked role name (never a keyword), written as it is.
+        block.push_str(&format!(
+            "local all {} peer{map}\nlocal all all reject\nhost all all all reject\n",
+            s.superuser
+        ));
+        block.push_str(HBA_END);
+        block.push('\n');
+        return block;
+    }
     for line in &s.hba_lines {
         block.push_str(line);
         block.push('\n');
     }
     // After the operator's lines (first match wins, so theirs decide), before
     // whatever initdb wrote below (an older keeper initialized with local trust).
-    let map = match os_user {
-        Some(u) if u != s.superuser => format!(" map={IDENT_MAP}"),
-        _ => String::new(),
-    };
     block.push_str(&format!(
         "local all all peer{map}\nlocal replication all peer{map}\n"
     ));
@@ -471,11 +507,16 @@ fn write_block(path: &Path, block: &str) -> Result<bool> {
 
 /// Puts the pgquorum blocks at the top of pg_hba.conf and pg_ident.conf. Returns
 /// whether either changed.
-pub fn write_hba(pgdata: &Path, s: &Settings, peers: &[PeerNode]) -> Result<bool> {
+pub fn write_hba(
+    pgdata: &Path,
+    s: &Settings,
+    peers: &[PeerNode],
+    access: ClientAccess,
+) -> Result<bool> {
     let user = os_user();
     let hba = write_block(
         &pgdata.join("pg_hba.conf"),
-        &hba_block(s, peers, user.as_deref()),
+        &hba_block(s, peers, user.as_deref(), access),
     )?;
     let ident = write_block(
         &pgdata.join("pg_ident.conf"),
@@ -565,14 +606,19 @@ mod tests {
     #[test]
     fn local_connections_are_peer_never_trust() {
         let s = Settings::new("n1", "/d", 5432);
-        let same = hba_block(&s, &[peer("a", "10.0.0.1")], Some("postgres"));
+        let same = hba_block(
+            &s,
+            &[peer("a", "10.0.0.1")],
+            Some("postgres"),
+            ClientAccess::Open,
+        );
         assert!(
             same.contains("\nlocal all all peer\nlocal replication all peer\n"),
             "{same}"
         );
         assert!(!same.contains("trust"), "{same}");
         assert_eq!(ident_block(&s, &[], Some("postgres")), "");
-        let other = hba_block(&s, &[], Some("alice"));
+        let other = hba_block(&s, &[], Some("alice"), ClientAccess::Open);
         assert!(
             other.contains("local all all peer map=pgquorum\n"),
             "{other}"
@@ -588,6 +634,7 @@ mod tests {
                 peer("c", "db3"),
             ],
             Some("postgres"),
+            ClientAccess::Open,
         );
         assert_eq!(
             b.lines().filter(|l| l.starts_with("host ")).count(),
@@ -683,7 +730,7 @@ mod tests {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in\n{t}");
         }
         let peers = [peer("a", "10.0.0.1"), peer("b", "db2")];
-        let b = hba_block(&s, &peers, Some("postgres"));
+        let b = hba_block(&s, &peers, Some("postgres"), ClientAccess::Open);
         assert!(!b.lines().any(|l| l.starts_with("host ")), "{b}");
         for line in [
             "hostnossl all pgquorum_replicator all reject",
@@ -701,7 +748,12 @@ mod tests {
         );
         assert!(i.contains("\"CN=b,OU=keeper,O=pgquorum\""), "{i}");
         // Without certificates: the password file and scram, as before.
-        let plain = hba_block(&Settings::new("n1", "/d", 5432), &peers, Some("postgres"));
+        let plain = hba_block(
+            &Settings::new("n1", "/d", 5432),
+            &peers,
+            Some("postgres"),
+            ClientAccess::Open,
+        );
         assert!(!plain.contains("hostssl") && plain.contains("scram-sha-256"));
     }
 
@@ -744,9 +796,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("pg_hba.conf"), "local all all trust\n").unwrap();
         let s = Settings::new("n1", "/d", 5432);
-        assert!(write_hba(dir.path(), &s, &[peer("a", "10.0.0.1")]).unwrap());
-        assert!(!write_hba(dir.path(), &s, &[peer("a", "10.0.0.1")]).unwrap());
-        assert!(write_hba(dir.path(), &s, &[peer("b", "db2.example")]).unwrap());
+        assert!(write_hba(dir.path(), &s, &[peer("a", "10.0.0.1")], ClientAccess::Open).unwrap());
+        assert!(!write_hba(dir.path(), &s, &[peer("a", "10.0.0.1")], ClientAccess::Open).unwrap());
+        assert!(write_hba(
+            dir.path(),
+            &s,
+            &[peer("b", "db2.example")],
+            ClientAccess::Open
+        )
+        .unwrap());
         let t = std::fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap();
         assert!(t.starts_with(HBA_BEGIN));
         assert!(!t.contains("10.0.0.1"));
@@ -765,11 +823,55 @@ mod tests {
         .unwrap();
         let mut s = Settings::new("n1", "/d", 5432);
         s.hba_lines.push("host all all 127.0.0.1/32 trust".into());
-        assert!(write_hba(dir.path(), &s, &[peer("a", "10.0.0.1")]).unwrap());
+        assert!(write_hba(dir.path(), &s, &[peer("a", "10.0.0.1")], ClientAccess::Open).unwrap());
         let t = std::fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap();
         let client = t.find("host all all 127.0.0.1/32 trust").unwrap();
         // pg_hba.conf is first-match: the line must come before the operator's lines.
         assert!(client < t.find(HBA_END).unwrap());
         assert!(client < t.find("reject").unwrap());
+    }
+
+    #[test]
+    fn a_gated_primary_lets_in_only_its_peers_and_the_keeper() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("pg_hba.conf"),
+            "host all all 0.0.0.0/0 trust\n",
+        )
+        .unwrap();
+        let mut s = Settings::new("n1", "/d", 5432);
+        s.hba_lines.push("host all all 127.0.0.1/32 trust".into());
+        let peers = [peer("a", "10.0.0.1")];
+        assert!(write_hba(dir.path(), &s, &peers, ClientAccess::Gated).unwrap());
+        let t = std::fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap();
+        // The superuser by peer, through the ident map when the test runs as another
+        // OS user.
+        let block: Vec<&str> = t
+            .lines()
+            .skip(1)
+            .take_while(|l| *l != HBA_END)
+            .map(|l| l.trim_end_matches(" map=pgquorum"))
+            .collect();
+        assert_eq!(
+            block,
+            vec![
+                "host replication pgquorum_replicator 10.0.0.1/32 scram-sha-256",
+                "host postgres pgquorum_replicator 10.0.0.1/32 scram-sha-256",
+                "local all postgres peer",
+                "local all all reject",
+                "host all all all reject",
+            ]
+        );
+        // The operator's and initdb's lines stay below, unreachable until the gate opens.
+        assert!(t.ends_with("host all all 0.0.0.0/0 trust\n"), "{t}");
+        assert!(write_hba(dir.path(), &s, &peers, ClientAccess::Open).unwrap());
+        let t = std::fs::read_to_string(dir.path().join("pg_hba.conf")).unwrap();
+        assert!(!t.contains("reject"), "{t}");
+        assert!(t.contains("host all all 127.0.0.1/32 trust\n"), "{t}");
+        let render = render(&s, "", &Upstream::None);
+        assert!(
+            render.lines().any(|l| l == "restart_after_crash = off"),
+            "{render}"
+        );
     }
 }

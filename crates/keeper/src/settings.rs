@@ -225,7 +225,7 @@ impl Settings {
 /// listens, and where its configuration and authentication come from. Tunables
 /// that pgquorum only gives a default (max_wal_senders, wal_keep_size, ...) may be
 /// set with --pg-param, which then replaces the default.
-pub const MANAGED_PARAMS: [&str; 24] = [
+pub const MANAGED_PARAMS: [&str; 25] = [
     "port",
     "listen_addresses",
     "unix_socket_directories",
@@ -250,6 +250,8 @@ pub const MANAGED_PARAMS: [&str; 24] = [
     "ident_file",
     "include",
     "include_if_exists",
+    // The keeper restarts a crashed postmaster itself, behind the client gate.
+    "restart_after_crash",
 ];
 
 /// Defaults pgquorum writes that --pg-param may replace.

@@ -43,6 +43,9 @@ pub struct Shared {
     /// lease and of writability before postgres can act on it.
     guard: Mutex<Option<crate::guard::Link>>,
     pub postgres_restarts: AtomicU64,
+    /// A restarted primary keeps its clients out until a synchronous standby holds its
+    /// WAL: `/primary` answers 503 meanwhile.
+    pub clients_gated: AtomicBool,
     pub fences: AtomicU64,
     pub heartbeat_failures: AtomicU64,
     /// The other nodes' addresses, learned while they resolve.

@@ -63,8 +63,16 @@ pub async fn connect_local(s: &Settings, timeout: Duration) -> Result<Client> {
 /// proves every earlier commit is on them too). Checks in fresh sessions that the reload
 /// applied `names`, then commits with synchronous_commit = on; gives up after `timeout`
 /// (cancelling the wait) so that the caller retries on its next beat instead of
-/// blocking.
-pub async fn confirm_synchronous(s: &Settings, names: &str, timeout: Duration) -> Result<()> {
+/// blocking, and at once (cancelling too) when `still_wanted` says the goal it serves
+/// was replaced. The same commit opens a restarted primary's client gate: WAL is
+/// flushed in order, so its acknowledgement means the standbys hold everything up to
+/// the end of recovery.
+pub async fn confirm_synchronous(
+    s: &Settings,
+    names: &str,
+    timeout: Duration,
+    still_wanted: impl Fn() -> Result<()>,
+) -> Result<()> {
     if names.is_empty() {
         return Ok(());
     }
@@ -86,18 +94,38 @@ pub async fn confirm_synchronous(s: &Settings, names: &str, timeout: Duration) -
                 "synchronous_standby_names is {shown:?}, not {names:?}, after a reload"
             )));
         }
+        still_wanted()?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let cancel = c.cancel_token();
-    let commit =
-        c.batch_execute("BEGIN; SET LOCAL synchronous_commit = on; SELECT txid_current(); COMMIT");
-    match tokio::time::timeout_at(deadline, commit).await {
-        Ok(r) => r.map_err(|e| KeeperError::sql("confirming synchronous replication", e)),
-        Err(_) => {
-            let _ = cancel.cancel_query(NoTls).await;
-            Err(KeeperError::Timeout(format!(
-                "no synchronous standby of {names:?} acknowledged a commit"
-            )))
+    // The transaction must write WAL before its commit: PostgreSQL commits a
+    // transaction that only took an xid (`SELECT txid_current()`) asynchronously and
+    // without waiting for any standby (RecordTransactionCommit), which made this check
+    // pass with every standby gone. A transactional logical message is a WAL record
+    // that changes no table (a no-op for physical standbys at wal_level = replica).
+    let commit = c.batch_execute(
+        "BEGIN; SET LOCAL synchronous_commit = on; \
+         SELECT pg_logical_emit_message(true, 'pgquorum', 'confirm'); COMMIT",
+    );
+    tokio::pin!(commit);
+    let mut check = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            r = &mut commit => {
+                return r.map_err(|e| KeeperError::sql("confirming synchronous replication", e));
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                let _ = cancel.cancel_query(NoTls).await;
+                return Err(KeeperError::Timeout(format!(
+                    "no synchronous standby of {names:?} acknowledged a commit"
+                )));
+            }
+            _ = check.tick() => {
+                if let Err(e) = still_wanted() {
+                    let _ = cancel.cancel_query(NoTls).await;
+                    return Err(e);
+                }
+            }
         }
     }
 }

@@ -182,7 +182,9 @@ impl Instance {
             s.goal_state = Some(a.goal_state);
             s.in_transition = true;
         });
+        self.serving = Some(a.clone());
         let result = self.act(action, a, &t).await;
+        self.serving = None;
         self.shared
             .record_transition(a.goal_state, result.is_ok(), started.elapsed());
         self.shared.update_status(|s| s.in_transition = false);
@@ -285,8 +287,15 @@ impl Instance {
             &a.synchronous_standby_names,
             &Upstream::None,
         )?;
-        changed |= pgconf::write_hba(self.pgdata(), &self.settings, &a.peers)?;
         let standby = self.pgdata().join("standby.signal").exists();
+        if !self.is_running() {
+            // A primary's own data directory started as a primary (after a crash, a
+            // fence, a keeper restart) may hold commits that no standby confirmed; a
+            // promoted standby's WAL came from the old primary and is judged by the
+            // failover rules instead.
+            self.set_gated(!standby && needs_gate(a));
+        }
+        changed |= pgconf::write_hba(self.pgdata(), &self.settings, &a.peers, self.access())?;
         // Marked before postgres can take a write, so the fence covers the whole window.
         self.shared.set_writable(true);
         if !self.is_running() {
@@ -317,14 +326,17 @@ impl Instance {
                 reason: "postgres is still in recovery".into(),
             });
         }
+        self.open_gate(a).await?;
         if matches!(
             a.goal_state,
             NodeState::Primary | NodeState::JoinPrimary | NodeState::ApplySettings
         ) {
+            let rx = self.assignments.clone();
             sql::confirm_synchronous(
                 &self.settings,
                 &a.synchronous_standby_names,
                 SYNC_CONFIRM_TIMEOUT,
+                || goal_check(rx.as_ref(), a),
             )
             .await?;
         }
@@ -345,15 +357,18 @@ impl Instance {
             self.stop(StopMode::Fast).await;
             return Ok(());
         };
+        // A dead upstream makes this wait out its connect timeout: not when the goal
+        // has moved on meanwhile.
         let remote = if self.settings.pg_tls.is_some() {
-            self.remote_system_identifier(&p.host, p.port).await?
+            self.abandonable(self.remote_system_identifier(&p.host, p.port))
+                .await?
         } else {
-            sql::remote_system_identifier(
+            self.abandonable(sql::remote_system_identifier(
                 &self.settings,
                 p.host.as_str(),
                 p.port,
                 Duration::from_secs(5),
-            )
+            ))
             .await?
         };
         let local = self.controldata().await?.system_identifier;
@@ -397,7 +412,13 @@ impl Instance {
         let mut changed = pgconf::write_conf(self.pgdata(), &self.settings, "", &up)?;
         self.conf_upstream_addr = addr;
         self.conf_slot = slot;
-        changed |= pgconf::write_hba(self.pgdata(), &self.settings, &a.peers)?;
+        self.set_gated(false);
+        changed |= pgconf::write_hba(
+            self.pgdata(),
+            &self.settings,
+            &a.peers,
+            pgconf::ClientAccess::Open,
+        )?;
         pgconf::set_standby_signal(self.pgdata(), true)?;
         if !self.is_running() {
             self.start().await?;
@@ -443,26 +464,92 @@ impl Instance {
         Ok(())
     }
 
-    /// Err when the monitor has since assigned something else than `a` (another goal,
-    /// or another primary to follow): the transition towards `a` is abandoned.
+    /// Err when the monitor has since assigned something else than `a`: the
+    /// transition towards `a` is abandoned (see [`goal_check`]).
     fn check_goal(&self, a: &Assignment) -> Result<()> {
-        let Some(rx) = &self.assignments else {
-            return Ok(());
-        };
-        let latest = rx.borrow();
-        match latest.as_ref() {
-            Some(l)
-                if l.goal_state != a.goal_state
-                    || l.primary.as_ref().map(|p| &p.name)
-                        != a.primary.as_ref().map(|p| &p.name) =>
-            {
-                Err(KeeperError::GoalChanged {
-                    goal: a.goal_state.to_string(),
-                    now: l.goal_state.to_string(),
-                })
-            }
-            _ => Ok(()),
+        goal_check(self.assignments.as_ref(), a)
+    }
+
+    /// Err when the transition under way (if any) serves a goal the monitor has since
+    /// replaced.
+    pub(crate) fn check_serving(&self) -> Result<()> {
+        match &self.serving {
+            Some(a) => goal_check(self.assignments.as_ref(), a),
+            None => Ok(()),
         }
+    }
+
+    /// Waits for `fut`, but gives up (dropping it) as soon as the goal the transition
+    /// under way serves is replaced: a wait never holds up the next goal. Only for waits
+    /// that leave nothing half done behind (a connection, a query), never for a tool.
+    async fn abandonable<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        tokio::pin!(fut);
+        let mut check = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                r = &mut fut => return r,
+                _ = check.tick() => self.check_serving()?,
+            }
+        }
+    }
+
+    fn access(&self) -> pgconf::ClientAccess {
+        if self.gated {
+            pgconf::ClientAccess::Gated
+        } else {
+            pgconf::ClientAccess::Open
+        }
+    }
+
+    fn set_gated(&mut self, on: bool) {
+        self.gated = on;
+        self.shared
+            .clients_gated
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets clients into a primary that was started behind the gate, once a commit the
+    /// keeper issued after the end of recovery is acknowledged by the synchronous
+    /// standbys (WAL is flushed in order: they then hold every commit that was waiting
+    /// for them at the crash), or at once when no standby is to be waited for. Waits at
+    /// most [`SYNC_CONFIRM_TIMEOUT`] (the caller tries again) and not at all once the goal
+    /// changed.
+    async fn open_gate(&mut self, a: &Assignment) -> Result<()> {
+        if !self.gated {
+            return Ok(());
+        }
+        let started = Instant::now();
+        if needs_gate(a) {
+            let rx = self.assignments.clone();
+            sql::confirm_synchronous(
+                &self.settings,
+                &a.synchronous_standby_names,
+                SYNC_CONFIRM_TIMEOUT,
+                || goal_check(rx.as_ref(), a),
+            )
+            .await
+            .map_err(|e| match e {
+                KeeperError::Timeout(m) => {
+                    KeeperError::Timeout(format!("clients stay out of the restarted primary: {m}"))
+                }
+                e => e,
+            })?;
+        }
+        pgconf::write_hba(
+            self.pgdata(),
+            &self.settings,
+            &a.peers,
+            pgconf::ClientAccess::Open,
+        )?;
+        self.reload();
+        self.set_gated(false);
+        tracing::info!(
+            node = %self.settings.name,
+            ms = started.elapsed().as_millis() as u64,
+            names = %a.synchronous_standby_names,
+            "clients let in: the synchronous standbys hold the WAL up to the end of recovery"
+        );
+        Ok(())
     }
 
     /// Supervision between transitions: restarts a postgres that died. A primary is
@@ -476,6 +563,7 @@ impl Instance {
             return Ok(false);
         }
         let crashed = self.reap();
+        let t = target(a);
         if self.is_running() && self.state.current_state == a.goal_state {
             self.follow_upstream_address(a)?;
             // A slot whose walsender was still up when its node was dropped, or one
@@ -491,11 +579,13 @@ impl Instance {
                     tracing::warn!(node = %self.settings.name, error = %e, "reconciling replication slots failed");
                 }
             }
+            if matches!(t, Target::Primary) {
+                self.open_gate(a).await?;
+            }
         }
         if self.is_running() || !self.has_data() {
             return Ok(false);
         }
-        let t = target(a);
         let wanted = matches!(t, Target::Primary | Target::Standby { .. })
             && self.state.current_state == a.goal_state;
         if !wanted {
@@ -508,12 +598,26 @@ impl Instance {
             tracing::warn!(node = %self.settings.name, "postgres exited; restarting it in place");
         }
         if matches!(t, Target::Primary) {
+            // The crash ended the waits of commits that no standby has confirmed, and
+            // crash recovery makes them visible: clients stay out until a synchronous
+            // standby holds them (see `open_gate`).
+            self.set_gated(needs_gate(a));
+            pgconf::write_conf(
+                self.pgdata(),
+                &self.settings,
+                &a.synchronous_standby_names,
+                &Upstream::None,
+            )?;
+            pgconf::write_hba(self.pgdata(), &self.settings, &a.peers, self.access())?;
             self.shared.set_writable(true);
         }
         self.start().await?;
         self.shared
             .postgres_restarts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if matches!(t, Target::Primary) {
+            self.open_gate(a).await?;
+        }
         Ok(true)
     }
 }
@@ -576,6 +680,41 @@ impl Instance {
     fn uses_slot(&self) -> bool {
         self.slot_from_start || self.state.current_state.has_streamed()
     }
+}
+
+/// Whether a primary started from its own data directory must keep clients out until
+/// the synchronous standbys confirm its WAL: not when there is no standby to wait for
+/// (names empty: a lone node, `number_sync_standbys = 0`) nor under `on_quorum_loss =
+/// continue`, where the operator chose availability over that guarantee.
+pub(crate) fn needs_gate(a: &Assignment) -> bool {
+    !a.synchronous_standby_names.is_empty() && a.on_quorum_loss != "continue"
+}
+
+/// Err when the latest assignment replaces `a` for a transition under way: another
+/// goal or another primary to follow, or, for a primary, other synchronous standby
+/// names (a wait for the old ones would be in vain).
+pub(crate) fn goal_check(
+    rx: Option<&tokio::sync::watch::Receiver<Option<Assignment>>>,
+    a: &Assignment,
+) -> Result<()> {
+    let Some(rx) = rx else {
+        return Ok(());
+    };
+    let latest = rx.borrow();
+    match latest.as_ref() {
+        Some(l) if replaces(l, a) => Err(KeeperError::GoalChanged {
+            goal: a.goal_state.to_string(),
+            now: l.goal_state.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn replaces(latest: &Assignment, a: &Assignment) -> bool {
+    latest.goal_state != a.goal_state
+        || latest.primary.as_ref().map(|p| &p.name) != a.primary.as_ref().map(|p| &p.name)
+        || (target(a) == Target::Primary
+            && latest.synchronous_standby_names != a.synchronous_standby_names)
 }
 
 /// How a standby streams from `upstream`, reached at `addr` when known.

@@ -22,6 +22,13 @@ enum Scenario {
 }
 
 impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::NodeLoss => "node-loss",
+            Scenario::PostmasterCrash => "postmaster-crash",
+            Scenario::Switchover => "switchover",
+        }
+    }
     fn label(self) -> &'static str {
         match self {
             Scenario::NodeLoss => "node loss (keeper + postgres SIGKILL)",
@@ -122,6 +129,7 @@ async fn main() {
     // Which security to measure: tls (the default a user gets), insecure, or both side
     // by side (the TLS cost as a ratio measured in one run).
     let mut security = "both".to_string();
+    let mut only: Option<String> = None;
     let mut i = 1;
     while i < args.len() {
         match args[i].as_str() {
@@ -136,6 +144,18 @@ async fn main() {
             "--security" => {
                 security = args[i + 1].clone();
                 i += 1;
+            }
+            // One scenario only (node-loss, postmaster-crash, switchover).
+            "--scenario" => {
+                only = Some(args[i + 1].clone());
+                i += 1;
+            }
+            "--help" | "-h" => {
+                println!(
+                    "failover-bench [--runs N] [--security tls|insecure|both] \
+                     [--scenario node-loss|postmaster-crash|switchover] [--write-doc FILE]"
+                );
+                return;
             }
             other => panic!("unknown argument {other}"),
         }
@@ -156,11 +176,22 @@ async fn main() {
          |---|---|---|---|---|---|---|---|---|\n",
     );
     let mut ratios = String::new();
-    for s in [
+    let scenarios: Vec<Scenario> = [
         Scenario::NodeLoss,
         Scenario::PostmasterCrash,
         Scenario::Switchover,
-    ] {
+    ]
+    .into_iter()
+    .filter(|s| only.as_deref().is_none_or(|o| o == s.name()))
+    .collect();
+    assert!(
+        !scenarios.is_empty(),
+        "--scenario node-loss|postmaster-crash|switchover"
+    );
+    if only.is_some() && doc.is_some() {
+        panic!("--write-doc records every scenario: run without --scenario");
+    }
+    for s in scenarios {
         let mut medians = Vec::new();
         for tls in &modes {
             let f = run(s, runs, *tls).await;

@@ -61,6 +61,10 @@ struct Stats {
     unprotected: usize,
     not_healed: u32,
     heal_ms: Vec<f64>,
+    /// From the fault to the first probe write another node than the old primary
+    /// accepted (faults that moved the primary only): the server side of the
+    /// unavailability, without the client's timeouts.
+    promoted_ms: Vec<f64>,
 }
 
 fn percentile(v: &[f64], p: f64) -> Option<f64> {
@@ -266,6 +270,7 @@ async fn main() {
             .unwrap_or_else(|| KINDS[rng.below(KINDS.len() as u64) as usize].to_string());
         let d = secs.unwrap_or(3 + rng.below(13));
         let replay = format!("fault-bench --kind {kind} --secs {d}");
+        let before = nc.c.primary().await;
         let t0 = Instant::now();
         inject(&nc, &kind, d, &mut rng).await;
         let healed_at = Instant::now();
@@ -292,8 +297,18 @@ async fn main() {
             .iter()
             .filter(|(at, u)| *u && *at >= t0 && *at <= end)
             .count();
+        let promoted = probe
+            .accepted()
+            .iter()
+            .filter(|(node, _)| **node != before)
+            .filter_map(|(_, v)| v.iter().find(|a| a.sent > t0 && a.sent < end))
+            .map(|a| a.acked - t0)
+            .min();
         let s = stats.entry(kind.clone()).or_default();
         s.runs += 1;
+        if let Some(p) = promoted {
+            s.promoted_ms.push(p.as_secs_f64() * 1000.0);
+        }
         s.unavailable_ms.push(unavailable.as_secs_f64() * 1000.0);
         s.overlap_ms = s.overlap_ms.max(overlap.as_millis());
         s.unprotected += unprotected;
@@ -303,8 +318,11 @@ async fn main() {
             s.not_healed += 1;
         }
         let line = format!(
-            "fault {n}: {kind} {d} s: unavailable {} ms, overlap {} ms, {unprotected} unprotected, {}",
+            "fault {n}: {kind} {d} s: unavailable {} ms{}, overlap {} ms, {unprotected} unprotected, {}",
             unavailable.as_millis(),
+            promoted
+                .map(|p| format!(" (another node took writes at {} ms)", p.as_millis()))
+                .unwrap_or_default(),
             overlap.as_millis(),
             if ok {
                 format!("healed in {} ms", heal.as_millis())
@@ -356,15 +374,17 @@ async fn main() {
     }
     let total: u32 = stats.values().map(|s| s.runs).sum();
     let mut table = String::from(
-        "| fault | runs | unavailable p50 ms | p99 ms | longest overlap ms | unprotected acks | heal p50 ms | not healed |\n\
-         |---|---|---|---|---|---|---|---|\n",
+        "| fault | runs | unavailable p50 ms | p99 ms | another node writable p50 ms (runs) | longest overlap ms | unprotected acks | heal p50 ms | not healed |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
     );
     for (k, s) in &stats {
         table.push_str(&format!(
-            "| {k} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {k} | {} | {} | {} | {} ({}) | {} | {} | {} | {} |\n",
             s.runs,
             ms(percentile(&s.unavailable_ms, 50.0)),
             ms(percentile(&s.unavailable_ms, 99.0)),
+            ms(percentile(&s.promoted_ms, 50.0)),
+            s.promoted_ms.len(),
             s.overlap_ms,
             s.unprotected,
             ms(percentile(&s.heal_ms, 50.0)),
@@ -381,14 +401,22 @@ async fn main() {
         println!("FAILED: {f}");
     }
     if let Some(p) = doc {
+        let build = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
         let mut section = format!(
             "## Fault campaign\n\n\
              Each fault lasts 3-15 s (drawn from the seed) and is healed before the next; \
              3 monitor members and 3 nodes, each in its own network namespace on one bridge, \
-             default settings, debug build, {} cores, load {}. Unavailability runs from the \
-             fault to the first commit after the first failed one (0 when no commit failed); \
-             overlap is how long two nodes were both surely taking `synchronous_commit = local` \
-             writes (oracle in tests/src/oracle.rs).\n\n{table}\n{summary}\n",
+             default settings, {build} build, {} cores, load {}. Unavailability runs from the \
+             fault to the first commit after the first failed one (0 when no commit failed), as the \
+             client sees it (multi-host address, connect_timeout 1 s, commit timeout 2 s); \
+             \"another node writable\" is when the probe's first direct write to a node other than \
+             the old primary was acknowledged (faults that moved the primary), without the \
+             client's timeouts; overlap is how long two nodes were both surely taking \
+             `synchronous_commit = local` writes (oracle in tests/src/oracle.rs).\n\n{table}\n{summary}\n",
             cores(),
             load_average()
         );
@@ -396,7 +424,7 @@ async fn main() {
             section.push_str(&format!("\n* failed: {f}"));
         }
         section.push_str(&format!(
-            "\n\nMeasured by `target/debug/fault-bench --campaign {campaign} --seed {seed} --write-doc docs/benchmarks.md`.\n"
+            "\n\nMeasured by `target/{build}/fault-bench --campaign {campaign} --seed {seed} --write-doc docs/benchmarks.md`.\n"
         ));
         pgquorum_tests::bench_doc::write_section(&p, "## Fault campaign", &section)
             .expect("writing the benchmark document");
