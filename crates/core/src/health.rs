@@ -175,10 +175,11 @@ pub(crate) mod tests {
         );
     }
 
-    /// Found by the `apply` fuzz target (fuzz/corpus/apply/crash-sequence-overflow): a
-    /// keeper's sequence is any u64 it sends, and a beat just below u64::MAX after one at
-    /// u64::MAX overflowed the window arithmetic (a panic in debug builds; in release it
-    /// wrapped and took the reordered beat for a restarted keeper).
+    /// Seen while writing the `apply` fuzz target, whose corpus replays it
+    /// (fuzz/corpus/apply/crash-sequence-overflow): a keeper's sequence is any u64 it
+    /// sends, and a beat just below u64::MAX after one at u64::MAX overflowed the window
+    /// arithmetic (a panic in debug builds; in release it wrapped and took the
+    /// reordered beat for a restarted keeper).
     #[test]
     fn a_sequence_near_the_end_of_u64_is_still_ordered() {
         let mut h = HealthTable::new(0);
