@@ -5,7 +5,7 @@
 //!
 //! A new generation: `PGQUORUM_BLESS=<label> cargo test -p pgquorum-keeper --test golden`
 //! writes tests/golden/<label>/ and refuses a label that exists (docs/operations.md,
-//! "Rolling upgrade").
+//! "Rolling upgrades").
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};

@@ -6,7 +6,7 @@
 //! file of every label with the current code. Nothing ever rewrites a file: blessing
 //! (`PGQUORUM_BLESS=<label> cargo test -p CRATE --test golden`) writes a NEW label
 //! directory and refuses one that exists, so the bytes of older versions stay pinned.
-//! See docs/operations.md, "Rolling upgrade".
+//! See docs/operations.md, "Rolling upgrades".
 
 use std::path::{Path, PathBuf};
 
