@@ -8,7 +8,7 @@
 //! A new generation: `PGQUORUM_BLESS=<label> cargo test -p pgquorum-monitor --test golden`
 //! writes tests/golden/<label>/ from the fixtures below, and refuses a label that
 //! exists. Commit it; never edit or delete an older one (docs/operations.md, "Rolling
-//! upgrade").
+//! upgrades").
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
