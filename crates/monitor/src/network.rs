@@ -191,7 +191,9 @@ fn payload<T: Serialize>(rpc: &T, option: &RPCOption) -> Result<Request<pb::Raft
     ))
 }
 
-fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
+/// How a member reads every JSON part of a Raft RPC it receives (public for the fuzz
+/// target that feeds it arbitrary bytes: fuzz/src/raft.rs).
+pub fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, Status> {
     serde_json::from_slice(b).map_err(|e| Status::invalid_argument(format!("decode: {e}")))
 }
 

@@ -6,6 +6,7 @@
 //! tests and benchmarks, never kill a process by name, never sleep as synchronisation.
 
 pub mod certs;
+pub mod golden;
 pub mod netns;
 pub mod postgres;
 pub mod process;
