@@ -32,6 +32,7 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
                 current_state: NodeState::Secondary,
                 system_identifier: Some(7_300_000_000_000_000_001),
                 following: Some("pg-1".into()),
+                reinit_done: 0,
             },
         ),
         (
@@ -42,6 +43,19 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
                 current_state: NodeState::Primary,
                 system_identifier: Some(7_300_000_000_000_000_001),
                 following: None,
+                reinit_done: 0,
+            },
+        ),
+        (
+            // A standby that was rebuilt by `perform reinit` (twice).
+            "run-state-reinit.json",
+            RunState {
+                version: 1,
+                node_id: Some(3),
+                current_state: NodeState::Secondary,
+                system_identifier: Some(7_300_000_000_000_000_001),
+                following: Some("pg-1".into()),
+                reinit_done: 2,
             },
         ),
     ];

@@ -46,6 +46,9 @@ fn variant(c: &Command) -> &'static str {
         Command::SetMaintenance { .. } => "set_maintenance",
         Command::DropNode { .. } => "drop_node",
         Command::RecordSystemIdentifier { .. } => "record_system_identifier",
+        Command::ReinitNode { .. } => "reinit_node",
+        Command::ForgetNode { .. } => "forget_node",
+        Command::RecordEvent { .. } => "record_event",
     }
 }
 
@@ -114,6 +117,20 @@ fn commands() -> Vec<Command> {
         Command::RecordSystemIdentifier {
             node_id: 1,
             system_identifier: 7_300_000_000_000_000_001,
+        },
+        Command::ReinitNode {
+            formation: DEFAULT_FORMATION.into(),
+            node: "pg-3".into(),
+        },
+        Command::ForgetNode {
+            node_id: 3,
+            reason: "its keeper was silent for a lease and its margin".into(),
+        },
+        Command::RecordEvent {
+            formation: DEFAULT_FORMATION.into(),
+            group_id: 0,
+            node_id: Some(1),
+            description: "the keeper of pg-1 restarted PostgreSQL in place".into(),
         },
     ]
 }
@@ -228,6 +245,9 @@ impl Leader {
                             write_lsn: 0x300_0060,
                             flush_lsn: 0x300_0060,
                             replay_lsn: 0x300_0060,
+                            write_lag_ms: Some(1),
+                            flush_lag_ms: Some(2),
+                            replay_lag_ms: Some(3),
                         })
                         .collect()
                 } else {
@@ -245,6 +265,8 @@ impl Leader {
                     system_identifier: 7_300_000_000_000_000_001,
                     replication: streaming,
                     sequence: self.seq,
+                    pg_restarts: 0,
+                    fences: 0,
                 };
                 self.health.observe(report.clone(), self.now);
                 for c in on_heartbeat(&self.state, &self.health, &report, self.now) {
@@ -337,6 +359,10 @@ fn cluster_state() -> ClusterState {
         f.fast_forward_source.get_or_insert(1);
     }
     g.floor_unknown.get_or_insert(1);
+    // `perform reinit` was asked of pg-3 once.
+    if let Some(n) = s.nodes.values_mut().find(|n| n.name == "pg-3") {
+        n.reinit_seq = 1;
+    }
     s
 }
 
