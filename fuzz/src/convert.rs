@@ -23,7 +23,7 @@ use prost::Message;
 use crate::check;
 
 /// Which message the rest of the input is (the selector byte modulo their number).
-pub const MESSAGES: [&str; 14] = [
+pub const MESSAGES: [&str; 15] = [
     "CreateFormationRequest",
     "DropFormationRequest",
     "RegisterNodeRequest",
@@ -38,6 +38,7 @@ pub const MESSAGES: [&str; 14] = [
     "AddMemberRequest",
     "GetStateRequest",
     "GetEventsRequest",
+    "ReinitNodeRequest",
 ];
 
 /// A Raft entry of an accepted command is small: a few hundred bytes.
@@ -104,7 +105,8 @@ fn check_command(cmd: &Command) {
         | Command::SetMaintenance {
             formation, node, ..
         }
-        | Command::DropNode { formation, node } => {
+        | Command::DropNode { formation, node }
+        | Command::ReinitNode { formation, node } => {
             check_formation(formation);
             check_name(node);
         }
@@ -123,7 +125,9 @@ fn check_command(cmd: &Command) {
         // The API never produces these: the leader proposes them itself.
         Command::ReportState { .. }
         | Command::AssignGoal { .. }
-        | Command::RecordSystemIdentifier { .. } => panic!("the API produced {cmd:?}"),
+        | Command::RecordSystemIdentifier { .. }
+        | Command::ForgetNode { .. }
+        | Command::RecordEvent { .. } => panic!("the API produced {cmd:?}"),
     }
     let json = serde_json::to_vec(cmd).expect("commands serialise");
     assert!(json.len() <= MAX_COMMAND_JSON, "{} bytes", json.len());
@@ -245,6 +249,9 @@ pub fn run(data: &[u8]) {
                 }
             }
         }
+        14 => command::<pb::ReinitNodeRequest>(body)
+            .iter()
+            .for_each(check_command),
         _ => {
             if let Ok(m) = pb::GetEventsRequest::decode(body) {
                 if check_formation_filter(&m.formation).is_ok() && !m.formation.is_empty() {

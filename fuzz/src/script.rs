@@ -233,6 +233,9 @@ impl World {
                             write_lsn: l,
                             flush_lsn: l,
                             replay_lsn: l,
+                            write_lag_ms: None,
+                            flush_lag_ms: None,
+                            replay_lag_ms: None,
                         }
                     })
                     .collect();
@@ -248,6 +251,9 @@ impl World {
                     system_identifier: u64::from(flags >> 6),
                     replication: peers,
                     sequence: seq,
+                    // A keeper's counters: growing ones become events.
+                    pg_restarts: u64::from((flags >> 6) & 1),
+                    fences: 0,
                 };
                 self.health.observe(report.clone(), self.now);
                 let cmds = on_heartbeat(&self.state, &self.health, &report, self.now);

@@ -112,6 +112,7 @@ pub fn messages() -> Vec<(&'static str, Vec<u8>)> {
         name: name.into(),
         host: host.into(),
         port: 5432,
+        streamed: true,
     };
     vec![
         (
@@ -210,6 +211,16 @@ pub fn messages() -> Vec<(&'static str, Vec<u8>)> {
             ),
         ),
         (
+            "reinit-node",
+            sel(
+                14,
+                pb::ReinitNodeRequest {
+                    formation: "".into(),
+                    node: "c".into(),
+                },
+            ),
+        ),
+        (
             "node-active",
             sel(
                 9,
@@ -232,10 +243,15 @@ pub fn messages() -> Vec<(&'static str, Vec<u8>)> {
                         write_lsn: 0x300_0060,
                         flush_lsn: 0x300_0060,
                         replay_lsn: 0x300_0000,
+                        write_lag_ms: Some(1),
+                        flush_lag_ms: Some(2),
+                        replay_lag_ms: None,
                     }],
                     sequence: 1_700_000_000_000,
                     keeper_instance: 99,
                     sent_ms: 1_700_000_000_000,
+                    pg_restarts: 1,
+                    fences: 0,
                 },
             ),
         ),
@@ -251,6 +267,7 @@ pub fn messages() -> Vec<(&'static str, Vec<u8>)> {
                     lease_ms: 1500,
                     heartbeat_interval_ms: 200,
                     on_quorum_loss: "block".into(),
+                    reinit: 0,
                 },
             ),
         ),
