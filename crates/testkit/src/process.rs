@@ -10,16 +10,35 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// A free TCP port on 127.0.0.1, as the OS hands it out (port 0). The port is free
-/// when this returns; a child process binds it right after.
+/// Ports handed out by [`free_port`] come from here: below Linux's ephemeral range
+/// (32768-60999 by default), so that no outgoing connection of a test's own processes
+/// can take one as its source port between the test choosing it and a child binding
+/// it (a port the OS hands out for port 0 is from that range, and was seen taken so).
+const PORTS: std::ops::Range<u16> = 12000..32000;
+
+/// A free TCP port on 127.0.0.1, never handed out twice by this process. The port is
+/// free when this returns; a child process binds it right after.
 pub fn free_port() -> u16 {
-    match TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()) {
-        Ok(a) => a.port(),
-        Err(e) => panic!("cannot bind a loopback port: {e}"),
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    // Processes running side by side (test binaries, benches) start at different places.
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(7919)) % span,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..span {
+        let i = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = PORTS.start + i as u16;
+        if port_free(port) {
+            return port;
+        }
     }
+    panic!("no free loopback port in {PORTS:?}");
 }
 
-/// `127.0.0.1:PORT` with a free port.
 /// SIGKILL by PID, ignoring a process that is already gone.
 pub fn kill9(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -30,6 +49,7 @@ pub fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// `127.0.0.1:PORT` with a free port.
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
