@@ -147,8 +147,10 @@ impl MonitorGroup {
         if prefix.is_empty() {
             // On loopback its ports were only reserved by number: until the member binds
             // them, a port handed out for something else (a keeper's --http) may be the
-            // same one. Return once both are bound, or the member exited (tests that
-            // expect a refusal).
+            // same one. Return once both accept connections, or the member exited (tests
+            // that expect a refusal). Checked by connecting, never by binding: a test bind
+            // at the moment the member binds made the member fail with "Address already
+            // in use".
             let m = &self.members[&id];
             let ports: Vec<u16> = [&m.addr, &m.metrics]
                 .iter()
@@ -159,7 +161,7 @@ impl MonitorGroup {
                 && std::time::Instant::now() < deadline
                 && ports
                     .iter()
-                    .any(|port| pgquorum_testkit::postgres::port_free(*port))
+                    .any(|port| !pgquorum_testkit::postgres::port_listening(*port))
             {
                 std::thread::sleep(Duration::from_millis(20));
             }

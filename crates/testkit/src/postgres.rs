@@ -62,7 +62,7 @@ impl Default for PgDir {
     }
 }
 
-pub use crate::process::{free_port, kill9, pgquorum_bin, port_free};
+pub use crate::process::{free_port, kill9, pgquorum_bin, port_free, port_listening};
 
 /// Polls `f` until it returns Some, or panics with `what` at the deadline.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> T

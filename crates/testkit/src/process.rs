@@ -49,6 +49,17 @@ pub fn port_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// Something listens on 127.0.0.1:`port`: a connection is accepted. Unlike
+/// [`port_free`] this never binds the port, so polling it cannot make the process
+/// that is about to bind it fail with "Address already in use".
+pub fn port_listening(port: u16) -> bool {
+    std::net::TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(200),
+    )
+    .is_ok()
+}
+
 /// `127.0.0.1:PORT` with a free port.
 pub fn free_addr() -> String {
     format!("127.0.0.1:{}", free_port())
