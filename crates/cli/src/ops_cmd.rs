@@ -816,11 +816,7 @@ async fn wait_for(
             Err(e) => return Err(e),
         };
         if !nodes.is_empty() {
-            let line: Vec<String> = nodes
-                .iter()
-                .map(|n| format!("{} {}→{}", n.name, n.reported_state, n.goal_state))
-                .collect();
-            let line = line.join(", ");
+            let line = crate::perform::progress_line(&nodes);
             if line != last && !target.json {
                 eprintln!("[{:>5.1}s] {line}", start.elapsed().as_secs_f64());
                 last = line;

@@ -36,6 +36,15 @@ fn taking_writes(s: &str) -> bool {
 }
 
 /// What the operation asked for.
+/// One line of a wait's progress: every node's reported → goal state.
+pub(crate) fn progress_line(nodes: &[pb::NodeStatus]) -> String {
+    nodes
+        .iter()
+        .map(|n| format!("{} {}→{}", n.name, n.reported_state, n.goal_state))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub struct Operation {
     /// "switchover" or "failover".
     pub kind: &'static str,
@@ -122,11 +131,7 @@ pub async fn follow(
             }
         }
         if !nodes.is_empty() {
-            let line: Vec<String> = nodes
-                .iter()
-                .map(|n| format!("{} {}→{}", n.name, n.reported_state, n.goal_state))
-                .collect();
-            let line = line.join(", ");
+            let line = progress_line(&nodes);
             if line != last_line && !target.json {
                 eprintln!("[{:>5.1}s] {line}", at.as_secs_f64());
                 last_line = line;

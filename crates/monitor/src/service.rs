@@ -630,12 +630,7 @@ impl Monitor for MonitorService {
         authorize(&request, Need::Read, "read the events")?;
         let r = request.into_inner();
         check_formation_filter(&r.formation)?;
-        // The history is bounded anyway; a huge limit is no error, just everything.
-        let limit = if r.limit == 0 {
-            50
-        } else {
-            usize::try_from(r.limit).unwrap_or(usize::MAX)
-        };
+        let limit = event_limit(r.limit);
         let applied = self.m.read();
         let mut events: Vec<pb::Event> = applied
             .state
@@ -659,11 +654,7 @@ impl Monitor for MonitorService {
         authorize(&request, Need::Read, "read the events")?;
         let r = request.into_inner();
         check_formation_filter(&r.formation)?;
-        let limit = if r.limit == 0 {
-            50
-        } else {
-            usize::try_from(r.limit).unwrap_or(usize::MAX)
-        };
+        let limit = event_limit(r.limit);
         // Where to start: after the given id, or so that the last `limit` come first.
         let mut after = if r.after_id != 0 {
             r.after_id
@@ -811,5 +802,15 @@ impl Monitor for MonitorService {
         forward!(self, request, reinit_node, caller);
         self.op(Command::try_from(request.into_inner())?, &caller)
             .await
+    }
+}
+
+/// How many events a read asks for: 0 means the default (50). The history is bounded
+/// anyway; a huge limit is no error, just everything.
+fn event_limit(limit: u32) -> usize {
+    if limit == 0 {
+        50
+    } else {
+        usize::try_from(limit).unwrap_or(usize::MAX)
     }
 }
