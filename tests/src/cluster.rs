@@ -440,8 +440,32 @@ pub fn multi_host_config(hosts: &[(String, u16)]) -> tokio_postgres::Config {
         .dbname("postgres")
         .application_name("e2e-writer")
         .target_session_attrs(TargetSessionAttrs::ReadWrite)
-        .connect_timeout(Duration::from_secs(1));
+        // A host that vanished answers nothing: each reconnection through the host list
+        // waits this long on it before trying the next host. A TCP handshake on a LAN
+        // takes well under a millisecond, and the kernel answers it however loaded
+        // postgres is.
+        .connect_timeout(CONNECT_TIMEOUT)
+        // ... and the statement in flight when it vanished gets no answer: without this,
+        // only COMMIT_TIMEOUT would end it. Sent data unacknowledged by the peer's kernel
+        // for this long closes the connection; a slow commit (waiting for a synchronous
+        // standby) is acknowledged at the TCP level at once, so it is not cut short.
+        .tcp_user_timeout(TCP_USER_TIMEOUT);
     cfg
+}
+
+/// The client settings whose values docs/benchmarks.md and docs/operations.md quote.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The writer's settings as the benchmark sections describe them.
+pub fn client_settings() -> String {
+    format!(
+        "target_session_attrs=read-write, connect_timeout {} s, tcp_user_timeout {} s, commit \
+         timeout {} s",
+        CONNECT_TIMEOUT.as_secs_f64(),
+        TCP_USER_TIMEOUT.as_secs_f64(),
+        COMMIT_TIMEOUT.as_secs_f64()
+    )
 }
 
 impl Writer {

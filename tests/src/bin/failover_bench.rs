@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use pgquorum_tests::bench_doc::{cores, summary};
-use pgquorum_tests::cluster::{Cluster, Writer};
+use pgquorum_tests::cluster::{client_settings, Cluster, Writer};
 
 #[derive(Clone, Copy, Debug)]
 enum Scenario {
@@ -221,14 +221,15 @@ async fn main() {
         table.push_str(&format!("\nCost of TLS, as ratios within this run (target: at most 1.10 for node loss and switchover):\n\n{ratios}"));
     }
     let cores = cores();
+    let client = client_settings();
     let section = format!(
         "## Failover (end to end)\n\n\
          Measured by `target/release/failover-bench --runs {runs} --security {security} --write-doc docs/benchmarks.md` \
          (after `cargo build --release -p pgquorum && cargo build --release -p pgquorum-tests --bin failover-bench`): \
          3 monitor members, 3 nodes (keeper + PostgreSQL 15) on loopback, default settings, \
          release build, {cores} cores shared with other work. A client commits numbered rows \
-         one at a time through the multi-host address (target_session_attrs=read-write, \
-         connect_timeout 1 s, commit timeout 2 s, reconnect at once on error). Unavailability \
+         one at a time through the multi-host address ({client}, reconnect at once on \
+         error). Unavailability \
          is from the fault to the first acknowledged commit after the client's first \
          failure. Lost = acknowledged numbers missing on the final primary.\n\n{table}"
     );

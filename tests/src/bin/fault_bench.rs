@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use pgquorum_testkit::netns::{skip_without_netns, Paused};
 use pgquorum_tests::bench_doc::{cores, load_average};
-use pgquorum_tests::cluster::{healthy, primary_of, Writer};
+use pgquorum_tests::cluster::{client_settings, healthy, primary_of, Writer};
 use pgquorum_tests::netcluster::NetCluster;
 use pgquorum_tests::oracle::{longest_overlap, Attempt, Probe};
 
@@ -35,6 +35,26 @@ const KINDS: [&str; 9] = [
     "leader-isolated",
     "primary-link-flap",
 ];
+
+fn usage() -> String {
+    format!(
+        "usage: fault-bench [--campaign N] [--seed S] [--kind KIND --secs N] \
+         [--write-doc docs/benchmarks.md]\n\
+         Runs N faults drawn from seed S (or one fault of KIND lasting N s: the replay line \
+         a failed campaign prints) against 3 monitor members and 3 nodes in network \
+         namespaces, with a client and a probe writing throughout. Needs root.\n\
+         Kinds: {}",
+        KINDS.join(", ")
+    )
+}
+
+/// The value of a flag, or exit 2 with the usage.
+fn parsed<T: std::str::FromStr>(flag: &str, v: &str) -> T {
+    v.parse().unwrap_or_else(|_| {
+        eprintln!("fault-bench: {flag} needs a number, not {v:?}\n{}", usage());
+        std::process::exit(2)
+    })
+}
 
 /// splitmix64: a seeded sequence, so a campaign is repeatable.
 struct Rng(u64);
@@ -234,23 +254,27 @@ async fn main() {
     while i < args.len() {
         let v = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
-            "--campaign" => campaign = v.parse().expect("--campaign N"),
-            "--seed" => seed = v.parse().expect("--seed S"),
+            "--campaign" => campaign = parsed("--campaign", &v),
+            "--seed" => seed = parsed("--seed", &v),
             "--kind" => only = Some(v),
-            "--secs" => secs = Some(v.parse().expect("--secs N")),
+            "--secs" => secs = Some(parsed("--secs", &v)),
             "--write-doc" => doc = Some(v),
-            other => panic!(
-                "unknown argument {other}; usage: fault-bench [--campaign N] [--seed S] \
-                 [--kind KIND --secs N] [--write-doc docs/benchmarks.md]"
-            ),
+            "--help" | "-h" => {
+                println!("{}", usage());
+                return;
+            }
+            other => {
+                eprintln!("fault-bench: unknown argument {other}\n{}", usage());
+                std::process::exit(2);
+            }
         }
         i += 2;
     }
     if let Some(k) = &only {
-        assert!(
-            KINDS.contains(&k.as_str()),
-            "unknown kind {k}; known: {KINDS:?}"
-        );
+        if !KINDS.contains(&k.as_str()) {
+            eprintln!("fault-bench: unknown kind {k}\n{}", usage());
+            std::process::exit(2);
+        }
         campaign = 1;
     }
     if skip_without_netns("fault-bench") {
@@ -331,6 +355,11 @@ async fn main() {
             }
         );
         eprintln!("{line}");
+        if std::env::var_os("FAULT_BENCH_CLIENT_ERRORS").is_some() {
+            for (at, e) in w.errors_after(t0).iter().filter(|(at, _)| *at < end) {
+                eprintln!("  client error at {} ms: {e}", (*at - t0).as_millis());
+            }
+        }
         if !overlap.is_zero() || unprotected > 0 || !ok || !progressed {
             failures.push(format!("{line} ({why}); replay: {replay}"));
         }
@@ -412,13 +441,14 @@ async fn main() {
              3 monitor members and 3 nodes, each in its own network namespace on one bridge, \
              default settings, {build} build, {} cores, load {}. Unavailability runs from the \
              fault to the first commit after the first failed one (0 when no commit failed), as the \
-             client sees it (multi-host address, connect_timeout 1 s, commit timeout 2 s); \
+             client sees it (multi-host address, {}); \
              \"another node writable\" is when the probe's first direct write to a node other than \
              the old primary was acknowledged (faults that moved the primary), without the \
              client's timeouts; overlap is how long two nodes were both surely taking \
              `synchronous_commit = local` writes (oracle in tests/src/oracle.rs).\n\n{table}\n{summary}\n",
             cores(),
-            load_average()
+            load_average(),
+            client_settings()
         );
         for f in &failures {
             section.push_str(&format!("\n* failed: {f}"));

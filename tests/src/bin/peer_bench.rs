@@ -23,7 +23,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use pgquorum_tests::bench_doc::{cores, load_average, summary};
-use pgquorum_tests::cluster::{multi_host_config, Writer};
+use pgquorum_tests::cluster::{client_settings, multi_host_config, Writer};
 use pgquorum_tests::peers::pg_auto_failover::PgAutoFailover;
 use pgquorum_tests::peers::pgquorum::Pgquorum;
 use pgquorum_tests::peers::HaSystem;
@@ -395,8 +395,7 @@ fn render(outcomes: &[Outcome], command: &str, load_start: &str, load_end: &str)
          work shared it). \
          Each system runs 3 PostgreSQL 15 nodes on loopback with synchronous replication. One \
          client for all: it commits numbered rows one at a time through the libpq multi-host \
-         address (target_session_attrs=read-write, connect_timeout 1 s, commit timeout 2 s, \
-         reconnect at once), each commit a transaction that also reads whether it will wait \
+         address ({}, reconnect at once), each commit a transaction that also reads whether it will wait \
          for a synchronous standby (`synchronous_standby_names` not empty, \
          `synchronous_commit` not local/off). Node loss = the agent and postgres SIGKILLed \
          together (restarted after the run); postmaster crash = SIGKILL of the pid in \
@@ -407,7 +406,8 @@ fn render(outcomes: &[Outcome], command: &str, load_start: &str, load_end: &str)
          standby (median / max per run, and the count of such commits). Between runs every \
          system is back to a primary with two streaming standbys, both in its \
          synchronous_standby_names.\n\n",
-        cores()
+        cores(),
+        client_settings()
     );
     s.push_str(
         "| system | settings | scenario | runs | median (s) | min (s) | max (s) | rows lost | no-sync acks: s median / max (commits) |\n\
