@@ -194,6 +194,7 @@ impl Instance {
             &self.settings.pgdata,
             &self.settings.log_file,
             self.settings.start_timeout,
+            || self.check_serving(),
         )
         .await?;
         self.shared.set_postmaster(Some(pm.pid()));

@@ -141,12 +141,18 @@ pub fn check_port_free(listen_addresses: &str, port: u16) -> Result<()> {
 }
 
 impl Postmaster {
-    /// Starts `postgres -D pgdata` and waits until it accepts connections.
+    /// Starts `postgres -D pgdata` and waits until it accepts connections, or until
+    /// `give_up` returns an error (checked every few milliseconds): then postgres is
+    /// stopped (immediate; it took no writes yet) and that error returned. A standby
+    /// accepts connections only once consistent, which needs WAL from its upstream: if
+    /// that upstream is gone, the wait would otherwise last the whole `timeout` while
+    /// the monitor has already assigned something else.
     pub async fn start(
         bin: &PgBin,
         pgdata: &Path,
         log_file: &Path,
         timeout: Duration,
+        give_up: impl Fn() -> Result<()>,
     ) -> Result<Postmaster> {
         // 0600, also when an older keeper created it readable: the server log can
         // quote connection strings and statements.
@@ -193,6 +199,11 @@ impl Postmaster {
                     );
                     return Ok(pm);
                 }
+            }
+            if let Err(e) = give_up() {
+                tracing::info!(pid = pm.child.pid, reason = %e, "start abandoned before postgres was ready");
+                pm.stop(StopMode::Immediate).await;
+                return Err(e);
             }
             if started.elapsed() > timeout {
                 pm.child.signal(Signal::SIGQUIT);
