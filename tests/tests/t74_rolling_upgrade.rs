@@ -43,13 +43,13 @@ const WRITES_WHILE_DOWN: usize = 40;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// The longest the writer may go without an acknowledgement, per kind of step. Measured
-/// (debug build, 2 cores shared with other jobs, 3 runs): a follower member's restart
-/// 0.07-0.14 s (PostgreSQL does not wait for the monitor group); the leader's 0.07-1.4 s
+/// (debug build, 2 cores shared with other jobs, 6 runs): a follower member's restart
+/// 0.07-0.2 s (PostgreSQL does not wait for the monitor group); the leader's 0.07-1.4 s
 /// (until a new leader is elected and found, the primary's keeper cannot renew its
 /// lease, 1.5 s, and the primary stops taking writes when it runs out); a standby
 /// keeper's 0.04-0.1 s (the other standby is enough for `ANY 1`); the primary keeper's
-/// 1.7-2.0 s (its postgres stops with it and starts again as the primary); the
-/// switchover 2.4-2.9 s. The bounds leave a slow CI machine room, no more.
+/// 1.3-2.0 s (its postgres stops with it and starts again as the primary); the
+/// switchover 1.6-2.9 s. The bounds leave a slow CI machine room, no more.
 const MEMBER_PAUSE: Duration = Duration::from_secs(3);
 const LEADER_PAUSE: Duration = Duration::from_secs(5);
 const STANDBY_PAUSE: Duration = Duration::from_secs(3);
