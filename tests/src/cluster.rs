@@ -19,6 +19,7 @@ use tokio_postgres::config::TargetSessionAttrs;
 use tokio_postgres::NoTls;
 
 use crate::monitor_group::MonitorGroup;
+use crate::upgrade::OtherBinary;
 
 /// One cluster at a time per test binary: each is 3 monitors, 3 postgres and 3 keepers
 /// on a machine with few cores.
@@ -30,6 +31,9 @@ pub struct Node {
     pub extra_args: Vec<String>,
     /// Command prefix the keeper is started through (a network namespace), or empty.
     pub prefix: Vec<String>,
+    /// Runs this binary instead of this build's (a rolling-upgrade test), from the
+    /// keeper's next start on.
+    pub bin: Option<OtherBinary>,
 }
 
 pub struct Cluster {
@@ -72,6 +76,7 @@ impl Cluster {
                 keeper: None,
                 extra_args: extra(i),
                 prefix: Vec::new(),
+                bin: None,
             })
             .collect();
         Cluster::start_on(one, monitors, dir, nodes, "host all all 127.0.0.1/32 trust").await
@@ -173,9 +178,16 @@ impl Cluster {
         args.extend(["--monitor".to_string(), monitors, "--pg-hba".into(), hba]);
         args.extend(node.extra_args.iter().cloned());
         edit(&mut args);
+        let bin = match &node.bin {
+            Some(other) => {
+                other.edit("keeper", &mut args);
+                other.path.clone()
+            }
+            None => pgquorum_testkit::pgquorum_bin(),
+        };
         node.keeper = Some(Keeper::spawn_in(
             &node.prefix,
-            &pgquorum_testkit::pgquorum_bin(),
+            &bin,
             "run",
             &args,
             &node.spec.keeper_log(),
@@ -600,6 +612,20 @@ impl Writer {
             .iter()
             .map(|a| a.1)
             .find(|at| *at > t)
+    }
+
+    /// The longest time from `t` until now without an acknowledgement: between two
+    /// consecutive ones, from `t` to the first, or from the last until now.
+    pub fn longest_pause(&self, t: Instant) -> Duration {
+        let now = Instant::now();
+        let log = self.log.lock().unwrap();
+        let mut prev = t;
+        let mut longest = Duration::ZERO;
+        for at in log.acked.iter().map(|a| a.1).filter(|at| *at > t) {
+            longest = longest.max(at - prev);
+            prev = at;
+        }
+        longest.max(now - prev)
     }
 
     /// The failed attempts after `t` so far.

@@ -14,6 +14,8 @@ use pgquorum_testkit::{
 };
 use pgquorum_trust::{Identity, Security};
 
+use crate::upgrade::OtherBinary;
+
 pub struct Member {
     pub id: u64,
     pub addr: String,
@@ -23,6 +25,9 @@ pub struct Member {
     pub proc: Option<Proc>,
     /// Command prefix the member is started through (a network namespace), or empty.
     pub prefix: Vec<String>,
+    /// Runs this binary instead of this build's (a rolling-upgrade test), from its next
+    /// start on.
+    pub bin: Option<OtherBinary>,
 }
 
 pub struct MonitorGroup {
@@ -76,6 +81,7 @@ impl MonitorGroup {
                 data_dir,
                 proc: None,
                 prefix: Vec::new(),
+                bin: None,
             },
         );
     }
@@ -126,12 +132,19 @@ impl MonitorGroup {
             None => args.push("--insecure".into()),
         }
         args.extend(self.extra_args.iter().cloned());
+        let bin = match &self.members[&id].bin {
+            Some(other) => {
+                other.edit("monitor", &mut args);
+                other.path.clone()
+            }
+            None => self.bin.clone(),
+        };
         let log = self.dir.path().join(format!("m{id}.log"));
         let prefix = self.members[&id].prefix.clone();
         let p = match prefix.split_first() {
             Some((program, rest)) => {
                 let mut a: Vec<String> = rest.to_vec();
-                a.push(self.bin.display().to_string());
+                a.push(bin.display().to_string());
                 a.extend(args);
                 Proc::spawn(
                     &format!("monitor-{id}"),
@@ -140,7 +153,7 @@ impl MonitorGroup {
                     &log,
                 )
             }
-            None => Proc::spawn(&format!("monitor-{id}"), &self.bin, &args, &log),
+            None => Proc::spawn(&format!("monitor-{id}"), &bin, &args, &log),
         }
         .expect("spawn pgquorum");
         let mut p = p;
@@ -183,6 +196,14 @@ impl MonitorGroup {
     pub fn kill(&mut self, id: u64) {
         if let Some(mut p) = self.members.get_mut(&id).and_then(|m| m.proc.take()) {
             p.kill();
+        }
+    }
+
+    /// SIGTERM by PID (an orderly stop, as `systemctl restart` sends), SIGKILL if it
+    /// has not exited within 10 s.
+    pub fn stop(&mut self, id: u64) {
+        if let Some(mut p) = self.members.get_mut(&id).and_then(|m| m.proc.take()) {
+            p.stop(Duration::from_secs(10));
         }
     }
 

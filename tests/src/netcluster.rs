@@ -43,6 +43,7 @@ impl NetCluster {
                     keeper: None,
                     extra_args: Vec::new(),
                     prefix: net.prefix_as_postgres(&h),
+                    bin: None,
                 }
             })
             .collect();

@@ -159,6 +159,7 @@ async fn slots_follow_streaming_nodes_and_refused_keepers_leave_nothing() {
         keeper: None,
         extra_args: Vec::new(),
         prefix: Vec::new(),
+        bin: None,
     });
     c.start_keeper("busyhttp");
     refused_keeper_leaves_nothing(&mut c, &primary, "busyhttp", "binding --http").await;
@@ -180,6 +181,7 @@ async fn slots_follow_streaming_nodes_and_refused_keepers_leave_nothing() {
         keeper: None,
         extra_args: Vec::new(),
         prefix: Vec::new(),
+        bin: None,
     });
     c.start_keeper("foreign");
     refused_keeper_leaves_nothing(&mut c, &primary, "foreign", "another cluster").await;
