@@ -210,20 +210,23 @@ pub fn run(pgdata: &Path) -> Result<()> {
     if let Ok(name) = std::ffi::CString::new("pgquorum-guard") {
         let _ = nix::sys::prctl::set_name(&name);
     }
-    let pgdata = std::fs::canonicalize(pgdata)
-        .map_err(|e| KeeperError::io(format!("resolving {}", pgdata.display()), e))?;
+    // The data directory may not exist yet (a standby being cloned, a first initdb):
+    // it is resolved whenever it is needed, not once at the start, which would make
+    // the guard exit (and the keeper start another) until it does.
+    let given = pgdata;
+    let resolve = || std::fs::canonicalize(given).unwrap_or_else(|_| given.to_path_buf());
     let stdin = std::io::stdin();
     let fd = stdin.as_fd();
     let mut guard = Guard::default();
     let mut pending = Vec::<u8>::new();
-    tracing::info!(pgdata = %pgdata.display(), "fence guard running");
+    tracing::info!(pgdata = %given.display(), "fence guard running");
     loop {
         let now = monotonic_ns();
         for a in guard.due(now) {
-            act(&mut guard, a, &pgdata, now);
+            act(&mut guard, a, &resolve(), now);
         }
         if let Some(pid) = guard.stopping_pid() {
-            if !is_postgres_of(pid, &pgdata) {
+            if !is_postgres_of(pid, &resolve()) {
                 tracing::info!(pid, "fenced postgres has stopped");
                 guard.stopped();
             }

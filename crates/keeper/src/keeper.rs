@@ -274,6 +274,9 @@ async fn fence(shared: Arc<Shared>, name: String, pgdata: std::path::PathBuf) {
                 Ok(link) => {
                     tracing::info!(node = %name, pid = link.child.pid, "fence guard started");
                     shared.set_guard(link);
+                    // A guard that exits at once (it cannot run here) is not restarted
+                    // every few milliseconds.
+                    guard_retry = Instant::now() + Duration::from_secs(1);
                 }
                 Err(e) => {
                     tracing::error!(node = %name, error = %e, "cannot start the fence guard");

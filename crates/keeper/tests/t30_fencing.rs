@@ -567,6 +567,13 @@ async fn a_paused_keeper_is_fenced_by_its_guard() {
     let addr = serve(m.clone()).await;
     let mut k = run_keeper(&a, &addr);
     wait_state(&a, &mut k, "single").await;
+    // The data directory did not exist when the keeper started its guard (initdb came
+    // later): one guard all the same, not one per 50 ms until it did.
+    let log = k.log_text();
+    assert!(
+        log.matches("fence guard running").count() == 1 && !log.contains("resolving"),
+        "the guard was restarted during the bootstrap: {log}"
+    );
     write(&a, "before").await.unwrap();
     // A session opened while the lease is held: fencing must end it too, not only
     // refuse new ones.
