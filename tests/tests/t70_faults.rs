@@ -308,3 +308,129 @@ async fn a_commit_no_standby_holds_stays_unreadable_after_a_postmaster_crash() {
     let log = c.node(&p).keeper.as_ref().unwrap().log_text();
     assert!(log.contains("clients let in"), "{log}");
 }
+
+/// The postmaster and every child of it, from /proc (backends and walsenders lead
+/// their own sessions, so a process group does not cover them).
+fn postgres_tree(postmaster: i32) -> Vec<Pid> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut all = vec![Pid::from_raw(postmaster)];
+    all.extend(
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(") ")
+                            .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok())
+                    })
+                    == Some(postmaster)
+            })
+            .map(Pid::from_raw),
+    );
+    all
+}
+
+/// Issue 13 item 2, second half: the primary's postgres freezes (postmaster and every
+/// backend SIGSTOPped) while its keeper runs on. Nothing but SIGKILL reaches a stopped
+/// process: a fence or a demotion that asks for a fast shutdown and waits kept writes
+/// stopped until the freeze ended (15-75 s). Here writes must resume while the old
+/// processes would still be frozen, within a bound set by the lease, not by the freeze:
+/// either the keeper kills the frozen postgres and restarts it in place (its lease ran
+/// out while postgres did not answer; the restart keeps clients out until a standby has
+/// the WAL), or the monitor group demotes it and promotes a standby. Either way every
+/// frozen process is gone (a thawed backend could otherwise commit), no two nodes took
+/// writes at once and no acknowledged row is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_primary_postgres_is_killed_and_writes_resume_within_the_lease() {
+    const FREEZE: Duration = Duration::from_secs(20);
+    let c = Cluster::start(3).await;
+    let old = c.primary().await;
+    let w = c.writer();
+    w.wait_progress(50, "before the freeze").await;
+    let probe = Probe::start(
+        c.nodes
+            .iter()
+            .map(|n| (n.spec.name.clone(), "127.0.0.1".to_string(), n.spec.pg_port))
+            .collect(),
+    );
+    pgquorum_testkit::wait_until_async(
+        Duration::from_secs(20),
+        "a probe write on the primary",
+        || {
+            let ok = probe.last_accepted(&old).is_some();
+            async move { ok }
+        },
+    )
+    .await
+    .unwrap();
+
+    let pm = c.node(&old).spec.postmaster_pid().unwrap();
+    let tree = postgres_tree(pm);
+    let frozen: Vec<Resume> = tree
+        .iter()
+        .filter(|p| kill(**p, Signal::SIGSTOP).is_ok())
+        .map(|p| Resume(*p))
+        .collect();
+    let t0 = Instant::now();
+    // A write sent after the freeze began, on any node, acknowledged: a new postmaster
+    // on the old node or a promoted standby (a frozen one acknowledges nothing).
+    let (node, first) = loop {
+        let found = c.nodes.iter().find_map(|n| {
+            probe
+                .first_accepted_after(&n.spec.name, t0 + Duration::from_millis(100))
+                .map(|a| (n.spec.name.clone(), a))
+        });
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(
+            t0.elapsed() < FREEZE,
+            "no write was acknowledged while the primary's postgres stayed frozen; probe: {}\n{}",
+            describe(&probe.attempts(), t0),
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = first.acked.saturating_duration_since(t0);
+    eprintln!(
+        "{node} took writes {} ms into the freeze ({})",
+        took.as_millis(),
+        if node == old {
+            "restarted in place"
+        } else {
+            "promoted"
+        }
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "writes came back {} ms into the freeze: they waited for the frozen postgres\n{}",
+        took.as_millis(),
+        c.logs()
+    );
+    let alive: Vec<Pid> = tree
+        .iter()
+        .copied()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "frozen postgres processes outlived the failover: {alive:?}"
+    );
+    w.wait_progress(50, "after the freeze was dealt with").await;
+    drop(frozen);
+    let ns = c.wait_healthy(2).await;
+    let primary = primary_of(&ns).unwrap();
+    w.wait_progress(50, "after the heal").await;
+    let acked = w.stop().await;
+    let seen = probe.stop().await;
+    let (overlap, why) = longest_overlap(&seen);
+    assert_eq!(overlap, Duration::ZERO, "{why}; {}", describe(&seen, t0));
+    c.assert_rows_on(&primary, &acked).await;
+}

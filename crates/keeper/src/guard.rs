@@ -280,6 +280,19 @@ pub fn run(pgdata: &Path) -> Result<()> {
 fn act(guard: &mut Guard, a: Action, pgdata: &Path, now: u64) {
     match a {
         Action::Fence => match find_postmaster(pgdata) {
+            Some(pid) if u32::try_from(pid).is_ok_and(crate::pg::postmaster::is_frozen) => {
+                // A frozen postmaster would act on the SIGINT only when continued, with
+                // its backends free to commit until it does: SIGKILL is the only
+                // signal it obeys now.
+                tracing::error!(
+                    pid,
+                    "fence guard: the lease ran out and postgres is frozen: SIGKILL of every postgres process"
+                );
+                if let Ok(p) = u32::try_from(pid) {
+                    crate::pg::postmaster::kill_tree(p);
+                }
+                guard.fenced(pid, now);
+            }
             Some(pid) => {
                 tracing::error!(
                     pid,

@@ -288,7 +288,10 @@ async fn fence(shared: Arc<Shared>, name: String, pgdata: std::path::PathBuf) {
         if left.is_zero() && shared.take_writable() {
             if let Some(pid) = shared.postmaster_pid() {
                 tracing::error!(node = %name, pid, "lease expired: stopping postgres so it takes no writes");
-                if let Ok(p) = i32::try_from(pid) {
+                if crate::pg::postmaster::is_frozen(pid) {
+                    // It would obey the SIGINT only once continued (see the guard).
+                    crate::pg::postmaster::kill_tree(pid);
+                } else if let Ok(p) = i32::try_from(pid) {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(p),
                         nix::sys::signal::Signal::SIGINT,

@@ -64,6 +64,19 @@ fn parent_of(pid: u32) -> Option<u32> {
     after.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// Whether `pid` is stopped by a signal (SIGSTOP, SIGTSTP: state `T`) or a tracer
+/// (`t`). Such a process acts on no signal but SIGKILL until it is continued: a fast or
+/// immediate shutdown asked of it waits, pending, for as long as it stays stopped.
+pub fn is_frozen(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
+    matches!(stat[close + 1..].split_whitespace().next(), Some("T" | "t"))
+}
+
 /// How the postmaster is asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
@@ -244,6 +257,20 @@ impl Postmaster {
         };
         tracing::info!(pid = self.child.pid, ?mode, pgdata = %self.pgdata.display(), "stopping postgres");
         self.child.signal(sig);
+        if is_frozen(self.child.pid) {
+            // Waiting out the patience below would only delay a failover's demotion
+            // (or a heal's rewind) by seconds: nothing but SIGKILL reaches it. A primary
+            // killed this way is a crash, which PostgreSQL recovers from.
+            tracing::warn!(
+                pid = self.child.pid,
+                "postgres is frozen (stopped by a signal): killing every postgres process (SIGKILL)"
+            );
+            kill_tree(self.child.pid);
+            return match tokio::time::timeout(KILL_PATIENCE, self.child.wait()).await {
+                Ok(st) => Some(st),
+                Err(_) => None,
+            };
+        }
         if mode == StopMode::Fast {
             if let Ok(st) = tokio::time::timeout(FAST_STOP_PATIENCE, self.child.wait()).await {
                 return Some(st);
@@ -294,6 +321,37 @@ fn start_failed(reason: String, log_file: &Path) -> KeeperError {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_process_stopped_by_sigstop_is_frozen_and_sigkill_ends_it() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let p = nix::unistd::Pid::from_raw(pid as i32);
+        assert!(!is_frozen(pid));
+        nix::sys::signal::kill(p, Signal::SIGSTOP).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !is_frozen(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(is_frozen(pid), "SIGSTOPped sleep not seen as frozen");
+        // SIGINT stays pending on a stopped process; SIGKILL does not.
+        nix::sys::signal::kill(p, Signal::SIGINT).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a frozen process acted on SIGINT"
+        );
+        kill_tree(pid);
+        let st = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&st),
+            Some(Signal::SIGKILL as i32)
+        );
+        assert!(!is_frozen(pid));
+    }
 
     #[test]
     fn the_parent_and_children_of_a_process_are_found_in_proc() {
