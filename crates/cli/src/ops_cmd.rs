@@ -9,6 +9,7 @@ use crate::trust_args::{TrustArgs, Who};
 use anyhow::{bail, Context, Result};
 use pgquorum_api::client::{ClientError, MonitorClient};
 use pgquorum_api::pb::monitor as pb;
+use pgquorum_core::ErrorClass;
 use serde_json::json;
 
 #[derive(clap::Args, Clone)]
@@ -868,9 +869,10 @@ fn print_result(
     Ok(())
 }
 
-/// Runs `f` again while the monitor refuses only because the primary is between two
-/// states (e.g. applying a new synchronous_standby_names right after a standby joined),
-/// which passes by itself within a heartbeat or two; other refusals are returned at once.
+/// Runs `f` again while the monitor refuses with the class RetryLater (the primary is
+/// between two states, e.g. applying a new synchronous_standby_names right after a
+/// standby joined), which passes by itself within a heartbeat or two; other refusals
+/// are returned at once. The class is read from the status, never from its text.
 async fn while_in_transition<T, F, Fut>(
     target: &Target,
     timeout: u64,
@@ -885,8 +887,7 @@ where
     loop {
         match f().await {
             Err(ClientError::Status(s))
-                if s.code() == tonic::Code::FailedPrecondition
-                    && s.message().contains("is still moving to")
+                if pgquorum_api::refusal_class(&s) == Some(ErrorClass::RetryLater)
                     && start.elapsed() < Duration::from_secs(timeout) =>
             {
                 if !said && !target.json {

@@ -295,10 +295,11 @@ impl ClusterState {
                 };
                 if let Some(e) = expected {
                     if n.goal_state != *e {
-                        return Err(CoreError::NotAllowed(format!(
-                            "stale decision for node {}: its goal changed from {e} to {} since",
-                            n.name, n.goal_state
-                        )));
+                        return Err(CoreError::StaleDecision {
+                            node: n.name.clone(),
+                            expected: *e,
+                            goal: n.goal_state,
+                        });
                     }
                 }
                 if *goal == NodeState::Dropped {
@@ -527,9 +528,11 @@ impl ClusterState {
             });
         if let Some(existing) = other_sysid {
             if system_identifier != 0 && system_identifier != existing {
-                return Err(CoreError::NotAllowed(format!(
-                    "node {name}: its data directory belongs to another cluster (system identifier {system_identifier}, the group's is {existing})"
-                )));
+                return Err(CoreError::OtherCluster {
+                    node: name.to_string(),
+                    system_identifier,
+                    group_system_identifier: existing,
+                });
             }
         }
         if let Some(id) = self.node_by_name(formation, name).map(|n| n.id) {
@@ -572,9 +575,10 @@ impl ClusterState {
         }
         let size = self.group_nodes(formation, group_id).count();
         if size >= MAX_GROUP_NODES {
-            return Err(CoreError::NotAllowed(format!(
-                "node {name}: the group already has {size} nodes, the most it may have (each standby holds a replication slot and a WAL sender on the primary); drop a node first"
-            )));
+            return Err(CoreError::GroupFull {
+                node: name.to_string(),
+                size,
+            });
         }
         let first = size == 0;
         // A keeper whose node was dropped earlier starts afresh: what it last reached
@@ -692,10 +696,11 @@ impl ClusterState {
             .map(|g| g.system_identifier)
             .unwrap_or(0);
         if sysid != 0 && group != 0 && sysid != group {
-            return Err(CoreError::NotAllowed(format!(
-                "node {}: its data directory belongs to another cluster (system identifier {sysid}, the group's is {group}); remove the data directory so that the node is cloned afresh",
-                node.name
-            )));
+            return Err(CoreError::OtherCluster {
+                node: node.name.clone(),
+                system_identifier: sysid,
+                group_system_identifier: group,
+            });
         }
         Ok(())
     }
@@ -863,9 +868,7 @@ impl ClusterState {
             (node.formation.clone(), node.group_id, node.name.clone());
         let was_writable = node.goal_state.is_writable();
         if node.goal_state == NodeState::Dropped {
-            return Err(CoreError::NotAllowed(format!(
-                "node {name} is being dropped"
-            )));
+            return Err(CoreError::BeingDropped { node: name });
         }
         if was_writable && !allowed_from_writable(goal) {
             return Err(CoreError::NotAllowed(format!(
@@ -1289,9 +1292,7 @@ impl ClusterState {
             .and_then(|g| g.failover.as_ref())
             .is_some()
         {
-            return Err(CoreError::NotAllowed(format!(
-                "a failover is already in progress in group {group_id}"
-            )));
+            return Err(CoreError::FailoverInProgress { group: group_id });
         }
         let Some(primary) = self.primary_of(formation, group_id) else {
             return Err(CoreError::NotAllowed(format!(
@@ -1299,10 +1300,11 @@ impl ClusterState {
             )));
         };
         if primary.reported_state != primary.goal_state {
-            return Err(CoreError::NotAllowed(format!(
-                "primary {} is still moving to {} (it reports {})",
-                primary.name, primary.goal_state, primary.reported_state
-            )));
+            return Err(CoreError::StillMoving {
+                node: primary.name.clone(),
+                goal: primary.goal_state,
+                reported: primary.reported_state,
+            });
         }
         let pid = primary.id;
         let pname = primary.name.clone();
@@ -1383,9 +1385,9 @@ impl ClusterState {
             NodeState::Maintenance | NodeState::WaitMaintenance | NodeState::PrepareMaintenance
         );
         if n.is_dropping() {
-            return Err(CoreError::NotAllowed(format!(
-                "node {node} is being dropped"
-            )));
+            return Err(CoreError::BeingDropped {
+                node: node.to_string(),
+            });
         }
         let failover = self
             .group(formation, group_id)
@@ -1423,9 +1425,7 @@ impl ClusterState {
             )));
         }
         if failover.is_some() {
-            return Err(CoreError::NotAllowed(format!(
-                "a failover is in progress in group {group_id}; try again when it is over"
-            )));
+            return Err(CoreError::FailoverInProgress { group: group_id });
         }
         let others = self
             .group_nodes(formation, group_id)
@@ -1452,11 +1452,13 @@ impl ClusterState {
                     && x.goal_state == NodeState::Secondary
             });
             if n.reported_state != n.goal_state {
-                // Same wording as a switchover's: the CLI waits while the primary moves.
-                return Err(CoreError::NotAllowed(format!(
-                    "primary {node} is still moving to {} (it reports {})",
-                    n.goal_state, n.reported_state
-                )));
+                // The same refusal as a switchover's: the CLI waits while the primary
+                // moves.
+                return Err(CoreError::StillMoving {
+                    node: node.to_string(),
+                    goal: n.goal_state,
+                    reported: n.reported_state,
+                });
             }
             if !has_candidate {
                 return Err(CoreError::NotAllowed(format!(
@@ -1609,9 +1611,11 @@ impl ClusterState {
             )));
         };
         if !preported.is_writable() {
-            return Err(CoreError::NotAllowed(format!(
-                "primary {pname} is still moving to {pgoal}: try again once it runs"
-            )));
+            return Err(CoreError::StillMoving {
+                node: pname,
+                goal: pgoal,
+                reported: preported,
+            });
         }
         self.check_capacity(
             formation,
