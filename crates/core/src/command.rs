@@ -164,22 +164,12 @@ pub fn fmt_lsn(lsn: Lsn) -> String {
 
 /// Goals a node holding a writable goal may be given next.
 fn allowed_from_writable(goal: NodeState) -> bool {
-    goal.is_writable()
-        || matches!(
-            goal,
-            NodeState::Draining
-                | NodeState::DemoteTimeout
-                | NodeState::Demoted
-                | NodeState::PrepareMaintenance
-        )
+    goal.is_writable() || goal.is_demoting() || goal == NodeState::Demoted
 }
 
 /// Goals of an old primary that mean "fenced": it accepts no writes and will not.
 fn fenced_goal(goal: NodeState) -> bool {
-    matches!(
-        goal,
-        NodeState::Demoted | NodeState::Maintenance | NodeState::Dropped
-    )
+    goal.is_fenced()
 }
 
 impl ClusterState {
@@ -891,13 +881,8 @@ impl ClusterState {
                     )));
                 }
                 let fenced = fenced_goal(other.goal_state) || other.reported_state.is_stopped();
-                let may_write = other.reported_state.is_writable()
-                    || matches!(
-                        other.goal_state,
-                        NodeState::Draining
-                            | NodeState::DemoteTimeout
-                            | NodeState::PrepareMaintenance
-                    );
+                let may_write =
+                    other.reported_state.is_writable() || other.goal_state.is_demoting();
                 if may_write && !fenced {
                     return Err(CoreError::NotAllowed(format!(
                         "node {} may still accept writes: it has neither confirmed its demotion nor let its lease expire",
@@ -1073,10 +1058,7 @@ impl ClusterState {
                 Some((id, p)) if id == n.id => p,
                 _ => n.candidate_priority,
             };
-            let in_maintenance = matches!(
-                n.goal_state,
-                NodeState::Maintenance | NodeState::WaitMaintenance | NodeState::PrepareMaintenance
-            );
+            let in_maintenance = n.goal_state.is_maintenance();
             let counts = quorum && !in_maintenance;
             let may_be_primary = n.goal_state.is_writable() || (priority > 0 && !in_maintenance);
             members.push((n.id, counts, may_be_primary));
@@ -1380,10 +1362,7 @@ impl ClusterState {
             .cloned()
             .ok_or_else(|| CoreError::UnknownNode(node.to_string()))?;
         let group_id = n.group_id;
-        let in_maint = matches!(
-            n.goal_state,
-            NodeState::Maintenance | NodeState::WaitMaintenance | NodeState::PrepareMaintenance
-        );
+        let in_maint = n.goal_state.is_maintenance();
         if n.is_dropping() {
             return Err(CoreError::BeingDropped {
                 node: node.to_string(),
