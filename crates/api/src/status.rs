@@ -131,7 +131,11 @@ mod tests {
         }
         let seen: std::collections::HashSet<_> =
             ErrorClass::ALL.iter().map(|c| refusal_code(*c)).collect();
-        assert_eq!(seen.len(), ErrorClass::ALL.len(), "two classes share a code");
+        assert_eq!(
+            seen.len(),
+            ErrorClass::ALL.len(),
+            "two classes share a code"
+        );
     }
 
     #[test]
@@ -140,8 +144,10 @@ mod tests {
         assert_eq!(refusal_class(&no_leader("x", None)), None);
         // The class must agree with the code.
         let mut s = Status::failed_precondition("x");
-        s.metadata_mut()
-            .insert(REFUSAL_HEADER, tonic::metadata::MetadataValue::from_static("retry_later"));
+        s.metadata_mut().insert(
+            REFUSAL_HEADER,
+            tonic::metadata::MetadataValue::from_static("retry_later"),
+        );
         assert_eq!(refusal_class(&s), None);
     }
 

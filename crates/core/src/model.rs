@@ -608,7 +608,13 @@ mod tests {
         );
         assert_eq!(
             with(NodeState::is_stopped),
-            [DemoteTimeout, Demoted, Draining, PrepareMaintenance, Maintenance]
+            [
+                DemoteTimeout,
+                Demoted,
+                Draining,
+                PrepareMaintenance,
+                Maintenance
+            ]
         );
         assert_eq!(
             with(NodeState::is_demoting),
@@ -621,7 +627,14 @@ mod tests {
         );
         assert_eq!(
             with(NodeState::has_streamed),
-            [Catchingup, Secondary, PreparePromotion, ReportLsn, FastForward, JoinSecondary]
+            [
+                Catchingup,
+                Secondary,
+                PreparePromotion,
+                ReportLsn,
+                FastForward,
+                JoinSecondary
+            ]
         );
         assert_eq!(
             with(NodeState::reports_lsn),
@@ -629,7 +642,10 @@ mod tests {
         );
         // A writable state is never also a stopped or fenced one.
         for s in NodeState::ALL {
-            assert!(!(s.is_writable() && (s.is_stopped() || s.is_fenced())), "{s}");
+            assert!(
+                !(s.is_writable() && (s.is_stopped() || s.is_fenced())),
+                "{s}"
+            );
         }
     }
 }

@@ -348,9 +348,10 @@ impl Monitor for MonitorService {
                 .map_err(|e| membership_error(e, "cannot remove the learner"))?;
                 return Ok(self.membership_reply(resp.log_id.index).await);
             }
-            return Err(refused(ErrorClass::NotFound, format!(
-                "member {id} is not in the group (members: {voters:?})"
-            )));
+            return Err(refused(
+                ErrorClass::NotFound,
+                format!("member {id} is not in the group (members: {voters:?})"),
+            ));
         }
         if voters.len() == 1 {
             return Err(refused(
@@ -452,9 +453,12 @@ impl Monitor for MonitorService {
         let (cmds, formation, group) = {
             let applied = self.m.read();
             let Some(node) = applied.state.nodes.get(&node_id) else {
-                return Err(refused(ErrorClass::NotFound, format!(
-                    "node {node_id} is not registered (was it dropped?); register it again"
-                )));
+                return Err(refused(
+                    ErrorClass::NotFound,
+                    format!(
+                        "node {node_id} is not registered (was it dropped?); register it again"
+                    ),
+                ));
             };
             // Another cluster's data directory gets no lease and no assignment.
             applied
@@ -720,10 +724,11 @@ impl Monitor for MonitorService {
             formation = DEFAULT_FORMATION.into();
         }
         let applied = self.m.read();
-        let f =
-            applied.state.formations.get(&formation).ok_or_else(|| {
-                status_from_core(&CoreError::UnknownFormation(formation.clone()))
-            })?;
+        let f = applied
+            .state
+            .formations
+            .get(&formation)
+            .ok_or_else(|| status_from_core(&CoreError::UnknownFormation(formation.clone())))?;
         let nodes: Vec<_> = applied
             .state
             .nodes
