@@ -37,7 +37,7 @@ pub enum ConvertError {
 
 impl From<ConvertError> for tonic::Status {
     fn from(e: ConvertError) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
+        crate::status::refused(pgquorum_core::ErrorClass::Invalid, e.to_string())
     }
 }
 

@@ -24,6 +24,6 @@ pub use convert::{
     NodeActive, MAX_REPLICATION_PEERS, MAX_REQUEST_BYTES,
 };
 pub use status::{
-    leader_hint, leader_hint_in, no_leader, status_from_core, HOPS_HEADER, LEADER_HEADER,
-    LOCAL_READ_HEADER, MAX_FORWARD_HOPS,
+    leader_hint, leader_hint_in, no_leader, refusal_class, refusal_code, refused, status_from_core,
+    HOPS_HEADER, LEADER_HEADER, LOCAL_READ_HEADER, MAX_FORWARD_HOPS, REFUSAL_HEADER,
 };

@@ -1,6 +1,6 @@
 //! The one place where errors become `tonic::Status`.
 
-use pgquorum_core::{CoreError, ErrorKind};
+use pgquorum_core::{CoreError, ErrorClass};
 use tonic::{Code, Status};
 
 /// Request metadata: how many times a request has been forwarded between members.
@@ -10,19 +10,52 @@ pub const HOPS_HEADER: &str = "x-pgquorum-hops";
 pub const LOCAL_READ_HEADER: &str = "x-pgquorum-local-read";
 /// Error metadata: the leader's address (`HOST:PORT`), when this member knows it.
 pub const LEADER_HEADER: &str = "x-pgquorum-leader";
+/// Error metadata on a refusal: its [`ErrorClass`] by name (`retry_later`, ...), so a
+/// client tells "retry" from "not allowed now" without reading the message.
+pub const REFUSAL_HEADER: &str = "x-pgquorum-refusal";
 /// A request is forwarded at most this many times; more means members disagree on
 /// who leads, and the client is better served by an error it can retry.
 pub const MAX_FORWARD_HOPS: u32 = 2;
 
-/// A refused command: the code says what kind of refusal, the message says what to do.
+/// The gRPC code of a refusal class. RetryLater is ABORTED ("retry at a higher
+/// level"), not UNAVAILABLE: the member did answer, and the CLI's exit code for it
+/// stays "not allowed" (docs/cli.md).
+pub const fn refusal_code(class: ErrorClass) -> Code {
+    match class {
+        ErrorClass::RetryLater => Code::Aborted,
+        ErrorClass::NotAllowedNow => Code::FailedPrecondition,
+        ErrorClass::Invalid => Code::InvalidArgument,
+        ErrorClass::NotFound => Code::NotFound,
+        ErrorClass::AlreadyExists => Code::AlreadyExists,
+    }
+}
+
+/// A refusal: the code says what kind, the metadata names the class, the message says
+/// what to do. Every refusal the monitor gives goes through here.
+pub fn refused(class: ErrorClass, message: impl Into<String>) -> Status {
+    let mut status = Status::new(refusal_code(class), message.into());
+    if let Ok(v) = class.name().parse() {
+        status.metadata_mut().insert(REFUSAL_HEADER, v);
+    }
+    status
+}
+
+/// A refused command, as [`refused`] with the error's class and its message.
 pub fn status_from_core(e: &CoreError) -> Status {
-    let code = match e.kind() {
-        ErrorKind::InvalidArgument => Code::InvalidArgument,
-        ErrorKind::NotFound => Code::NotFound,
-        ErrorKind::AlreadyExists => Code::AlreadyExists,
-        ErrorKind::FailedPrecondition => Code::FailedPrecondition,
-    };
-    Status::new(code, e.to_string())
+    refused(e.class(), e.to_string())
+}
+
+/// The class of a refusal, from its metadata; `None` when the status is not a
+/// refusal (UNAVAILABLE, a transport error) or came from a member that does not name
+/// classes.
+pub fn refusal_class(status: &Status) -> Option<ErrorClass> {
+    let class = status
+        .metadata()
+        .get(REFUSAL_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(ErrorClass::from_name)?;
+    // A class that disagrees with the code was not put there by `refused`.
+    (refusal_code(class) == status.code()).then_some(class)
 }
 
 /// UNAVAILABLE with the leader's address in both the message and the metadata, so
@@ -67,6 +100,55 @@ mod tests {
         assert!(s.message().contains("already exists"));
         let s = status_from_core(&CoreError::UnknownNode("n".into()));
         assert_eq!(s.code(), Code::NotFound);
+    }
+
+    /// One test per class: its code (which decides the CLI's exit code) and its name in
+    /// the metadata, read back as the same class.
+    #[test]
+    fn each_refusal_class_has_its_code_and_reads_back() {
+        let cases = [
+            (
+                CoreError::StillMoving {
+                    node: "a".into(),
+                    goal: pgquorum_core::NodeState::Primary,
+                    reported: pgquorum_core::NodeState::ApplySettings,
+                },
+                Code::Aborted,
+            ),
+            (
+                CoreError::FailoverInProgress { group: 0 },
+                Code::FailedPrecondition,
+            ),
+            (CoreError::InvalidSetting("x".into()), Code::InvalidArgument),
+            (CoreError::UnknownFormation("f".into()), Code::NotFound),
+            (CoreError::FormationExists("f".into()), Code::AlreadyExists),
+        ];
+        for (e, code) in cases {
+            let s = status_from_core(&e);
+            assert_eq!(s.code(), code, "{e:?}");
+            assert_eq!(s.message(), e.to_string());
+            assert_eq!(refusal_class(&s), Some(e.class()), "{e:?}");
+        }
+        let seen: std::collections::HashSet<_> =
+            ErrorClass::ALL.iter().map(|c| refusal_code(*c)).collect();
+        assert_eq!(
+            seen.len(),
+            ErrorClass::ALL.len(),
+            "two classes share a code"
+        );
+    }
+
+    #[test]
+    fn a_status_without_a_refusal_class_is_not_a_refusal() {
+        assert_eq!(refusal_class(&Status::aborted("stale heartbeat")), None);
+        assert_eq!(refusal_class(&no_leader("x", None)), None);
+        // The class must agree with the code.
+        let mut s = Status::failed_precondition("x");
+        s.metadata_mut().insert(
+            REFUSAL_HEADER,
+            tonic::metadata::MetadataValue::from_static("retry_later"),
+        );
+        assert_eq!(refusal_class(&s), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::trust_args::{TrustArgs, Who};
 use anyhow::{bail, Context, Result};
 use pgquorum_api::client::{ClientError, MonitorClient};
 use pgquorum_api::pb::monitor as pb;
+use pgquorum_core::ErrorClass;
 use serde_json::json;
 
 #[derive(clap::Args, Clone)]
@@ -868,9 +869,15 @@ fn print_result(
     Ok(())
 }
 
-/// Runs `f` again while the monitor refuses only because the primary is between two
-/// states (e.g. applying a new synchronous_standby_names right after a standby joined),
-/// which passes by itself within a heartbeat or two; other refusals are returned at once.
+/// A refusal that passes by itself (class RetryLater, read from the status's metadata).
+fn waits_out(s: &tonic::Status) -> bool {
+    pgquorum_api::refusal_class(s) == Some(ErrorClass::RetryLater)
+}
+
+/// Runs `f` again while the monitor refuses with the class RetryLater (the primary is
+/// between two states, e.g. applying a new synchronous_standby_names right after a
+/// standby joined), which passes by itself within a heartbeat or two; other refusals
+/// are returned at once. The class is read from the status, never from its text.
 async fn while_in_transition<T, F, Fut>(
     target: &Target,
     timeout: u64,
@@ -885,9 +892,7 @@ where
     loop {
         match f().await {
             Err(ClientError::Status(s))
-                if s.code() == tonic::Code::FailedPrecondition
-                    && s.message().contains("is still moving to")
-                    && start.elapsed() < Duration::from_secs(timeout) =>
+                if waits_out(&s) && start.elapsed() < Duration::from_secs(timeout) =>
             {
                 if !said && !target.json {
                     eprintln!("  ({}; waiting)", s.message());
@@ -1095,6 +1100,26 @@ async fn reinit(client: &MonitorClient, target: &Target, node: &str, wait: WaitA
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// The switchover wait decides on the refusal's class, never on its text.
+    #[test]
+    fn only_a_retry_later_refusal_is_waited_out() {
+        use pgquorum_core::{CoreError, NodeState};
+        let moving = pgquorum_api::status_from_core(&CoreError::StillMoving {
+            node: "a".into(),
+            goal: NodeState::Primary,
+            reported: NodeState::ApplySettings,
+        });
+        assert!(waits_out(&moving));
+        // The same words from a member that names no class (or any other refusal): no.
+        assert!(!waits_out(&tonic::Status::failed_precondition(
+            moving.message().to_owned()
+        )));
+        assert!(!waits_out(&pgquorum_api::status_from_core(
+            &CoreError::FailoverInProgress { group: 0 }
+        )));
+        assert!(!waits_out(&tonic::Status::unavailable("no leader")));
+    }
 
     fn ev(
         id: u64,

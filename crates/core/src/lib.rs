@@ -28,7 +28,7 @@ pub use command::{
     fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_EVENT_DESCRIPTION,
     MAX_GROUP_NODES, MAX_SYNC_STANDBYS,
 };
-pub use error::{CoreError, ErrorKind};
+pub use error::{CoreError, ErrorClass};
 pub use health::{keeper_events, Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
 pub use input::{
     check_formation_name, check_node_name, quote_prefix, HostName, InvalidValue,

@@ -13,57 +13,148 @@ pub type Lsn = u64;
 
 pub const DEFAULT_FORMATION: &str = "default";
 
-/// The states of a PostgreSQL node, after pg_auto_failover's state machine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum NodeState {
-    Init,
-    Single,
-    WaitPrimary,
-    Primary,
-    JoinPrimary,
-    ApplySettings,
-    WaitStandby,
-    Catchingup,
-    Secondary,
-    PreparePromotion,
-    StopReplication,
-    DemoteTimeout,
-    Demoted,
-    Draining,
-    ReportLsn,
-    FastForward,
-    JoinSecondary,
-    PrepareMaintenance,
-    WaitMaintenance,
-    Maintenance,
-    Dropped,
+/// Declares [`NodeState`] and derives [`NodeState::ALL`] from the same list, so that a
+/// new state cannot be left out of it.
+macro_rules! node_states {
+    ($(#[$meta:meta])* pub enum NodeState { $($state:ident,)* }) => {
+        $(#[$meta])*
+        pub enum NodeState {
+            $($state,)*
+        }
+
+        impl NodeState {
+            /// Every state, in declaration order.
+            pub const ALL: [NodeState; [$(NodeState::$state),*].len()] =
+                [$(NodeState::$state),*];
+        }
+    };
+}
+
+node_states! {
+    /// The states of a PostgreSQL node, after pg_auto_failover's state machine.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum NodeState {
+        Init,
+        Single,
+        WaitPrimary,
+        Primary,
+        JoinPrimary,
+        ApplySettings,
+        WaitStandby,
+        Catchingup,
+        Secondary,
+        PreparePromotion,
+        StopReplication,
+        DemoteTimeout,
+        Demoted,
+        Draining,
+        ReportLsn,
+        FastForward,
+        JoinSecondary,
+        PrepareMaintenance,
+        WaitMaintenance,
+        Maintenance,
+        Dropped,
+    }
+}
+
+/// What a state means for the rest of the system: a set of [`StateClass`] flags per
+/// state, from the one table [`NodeState::class`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateClass(u16);
+
+impl StateClass {
+    const NONE: StateClass = StateClass(0);
+    /// PostgreSQL runs as a primary that accepts writes (under the keeper's lease).
+    pub const WRITABLE: StateClass = StateClass(1);
+    /// Reaching it means the keeper confirmed a synchronous commit under the
+    /// synchronous_standby_names it was given.
+    pub const CONFIRMS_SYNC: StateClass = StateClass(1 << 1);
+    /// On the way down from writable: the keeper may still take writes until it has
+    /// reached the state (or its lease ran out).
+    pub const DEMOTING: StateClass = StateClass(1 << 2);
+    /// Reported: PostgreSQL is stopped and will not be restarted as a primary unless
+    /// given a writable goal (a confirmed demotion).
+    pub const STOPPED: StateClass = StateClass(1 << 3);
+    /// As a goal of an old primary: it accepts no writes and will not.
+    pub const FENCED: StateClass = StateClass(1 << 4);
+    /// In, or entering, maintenance: the node holds no quorum vote and is no candidate.
+    pub const MAINTENANCE: StateClass = StateClass(1 << 5);
+    /// A standby that has streamed from the primary (so a replication slot for it is
+    /// made, and it holds WAL).
+    pub const STREAMED: StateClass = StateClass(1 << 6);
+    /// Its LSN, reported after the old primary was fenced, can serve as a witness for
+    /// candidate choice.
+    pub const REPORTS_LSN: StateClass = StateClass(1 << 7);
+    /// The node leaves the group: no state follows it.
+    pub const GONE: StateClass = StateClass(1 << 8);
+
+    const fn with(self, other: StateClass) -> StateClass {
+        StateClass(self.0 | other.0)
+    }
+
+    pub const fn contains(self, other: StateClass) -> bool {
+        self.0 & other.0 == other.0
+    }
 }
 
 impl NodeState {
-    pub const ALL: [NodeState; 21] = [
-        NodeState::Init,
-        NodeState::Single,
-        NodeState::WaitPrimary,
-        NodeState::Primary,
-        NodeState::JoinPrimary,
-        NodeState::ApplySettings,
-        NodeState::WaitStandby,
-        NodeState::Catchingup,
-        NodeState::Secondary,
-        NodeState::PreparePromotion,
-        NodeState::StopReplication,
-        NodeState::DemoteTimeout,
-        NodeState::Demoted,
-        NodeState::Draining,
-        NodeState::ReportLsn,
-        NodeState::FastForward,
-        NodeState::JoinSecondary,
-        NodeState::PrepareMaintenance,
-        NodeState::WaitMaintenance,
-        NodeState::Maintenance,
-        NodeState::Dropped,
-    ];
+    /// The one table of what each state means. An exhaustive match: a new state does
+    /// not compile until it is classified here, and every predicate below (and the
+    /// "from anywhere" transitions, the maintenance and fenced sets) follows from it.
+    pub const fn class(self) -> StateClass {
+        use NodeState::*;
+        use StateClass as C;
+        match self {
+            Init => C::NONE,
+            Single | WaitPrimary => C::WRITABLE,
+            Primary | JoinPrimary | ApplySettings => C::WRITABLE.with(C::CONFIRMS_SYNC),
+            WaitStandby => C::NONE,
+            Catchingup | Secondary | JoinSecondary => C::STREAMED,
+            PreparePromotion | ReportLsn | FastForward => C::STREAMED.with(C::REPORTS_LSN),
+            StopReplication => C::NONE,
+            DemoteTimeout | Draining => C::DEMOTING.with(C::STOPPED),
+            Demoted => C::STOPPED.with(C::FENCED),
+            PrepareMaintenance => C::DEMOTING.with(C::STOPPED).with(C::MAINTENANCE),
+            WaitMaintenance => C::MAINTENANCE,
+            Maintenance => C::STOPPED.with(C::FENCED).with(C::MAINTENANCE),
+            Dropped => C::FENCED.with(C::GONE),
+        }
+    }
+
+    pub const fn is(self, class: StateClass) -> bool {
+        self.class().contains(class)
+    }
+
+    /// Number of states of a class.
+    const fn count(class: StateClass) -> usize {
+        let mut n = 0;
+        let mut i = 0;
+        while i < NodeState::ALL.len() {
+            if NodeState::ALL[i].is(class) {
+                n += 1;
+            }
+            i += 1;
+        }
+        n
+    }
+
+    /// Every state but the gone ones (`dropped`), in declaration order: the states a
+    /// keeper can be in and report, and from which it can stop PostgreSQL or be dropped
+    /// ("from anywhere").
+    pub const LIVE: [NodeState; NodeState::ALL.len() - NodeState::count(StateClass::GONE)] = {
+        let mut out = [NodeState::Init; NodeState::ALL.len() - NodeState::count(StateClass::GONE)];
+        let (mut i, mut j) = (0, 0);
+        while i < NodeState::ALL.len() {
+            if !NodeState::ALL[i].is(StateClass::GONE) {
+                out[j] = NodeState::ALL[i];
+                j += 1;
+            }
+            i += 1;
+        }
+        out
+    };
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -361,58 +452,46 @@ impl NodeState {
     /// both sides decide on the same state, so a standby never waits for a slot the
     /// primary will not make, and a node that never streamed holds no WAL.
     pub fn has_streamed(self) -> bool {
-        matches!(
-            self,
-            NodeState::Catchingup
-                | NodeState::Secondary
-                | NodeState::JoinSecondary
-                | NodeState::PreparePromotion
-                | NodeState::ReportLsn
-                | NodeState::FastForward
-        )
+        self.is(StateClass::STREAMED)
     }
 
     /// PostgreSQL runs as a primary that accepts writes (under the keeper's lease).
     pub fn is_writable(self) -> bool {
-        matches!(
-            self,
-            NodeState::Single
-                | NodeState::WaitPrimary
-                | NodeState::Primary
-                | NodeState::JoinPrimary
-                | NodeState::ApplySettings
-        )
+        self.is(StateClass::WRITABLE)
     }
 
     /// Reaching this state means the keeper confirmed a synchronous commit under the
     /// synchronous_standby_names it was given.
     pub fn confirms_sync(self) -> bool {
-        matches!(
-            self,
-            NodeState::Primary | NodeState::JoinPrimary | NodeState::ApplySettings
-        )
+        self.is(StateClass::CONFIRMS_SYNC)
     }
 
     /// Reported by a keeper whose PostgreSQL is stopped and will not be restarted as a
     /// primary unless assigned a writable goal: a confirmed demotion.
     pub fn is_stopped(self) -> bool {
-        matches!(
-            self,
-            NodeState::Demoted
-                | NodeState::DemoteTimeout
-                | NodeState::Draining
-                | NodeState::PrepareMaintenance
-                | NodeState::Maintenance
-        )
+        self.is(StateClass::STOPPED)
     }
 
     /// A state in which the node's LSN, reported after the old primary was fenced, can
     /// serve as a witness for candidate choice.
     pub fn reports_lsn(self) -> bool {
-        matches!(
-            self,
-            NodeState::ReportLsn | NodeState::FastForward | NodeState::PreparePromotion
-        )
+        self.is(StateClass::REPORTS_LSN)
+    }
+
+    /// As a goal: the node is in, or entering, maintenance.
+    pub fn is_maintenance(self) -> bool {
+        self.is(StateClass::MAINTENANCE)
+    }
+
+    /// As the goal of an old primary: it accepts no writes and will not.
+    pub fn is_fenced(self) -> bool {
+        self.is(StateClass::FENCED)
+    }
+
+    /// As a goal: on the way down from writable; the node may still take writes until
+    /// it has reached it (or its lease ran out).
+    pub fn is_demoting(self) -> bool {
+        self.is(StateClass::DEMOTING)
     }
 }
 
@@ -482,5 +561,91 @@ impl ClusterState {
             .get(formation)
             .map(|f| f.settings.clone())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use NodeState::*;
+
+    fn with(p: fn(NodeState) -> bool) -> Vec<NodeState> {
+        NodeState::ALL.into_iter().filter(|s| p(*s)).collect()
+    }
+
+    /// `ALL` is derived from the enum's own list; this pins that it is in declaration
+    /// order (`keeper_path` breaks ties by it) and complete: every state's discriminant
+    /// is its index, and the exhaustive match below has no `_` arm.
+    #[test]
+    fn all_lists_every_state_once_in_order() {
+        for (i, s) in NodeState::ALL.into_iter().enumerate() {
+            assert_eq!(s as usize, i, "{s}");
+            assert_eq!(NodeState::parse(s.as_str()), Some(s));
+            let last = match s {
+                Init | Single | WaitPrimary | Primary | JoinPrimary | ApplySettings
+                | WaitStandby | Catchingup | Secondary | PreparePromotion | StopReplication
+                | DemoteTimeout | Demoted | Draining | ReportLsn | FastForward | JoinSecondary
+                | PrepareMaintenance | WaitMaintenance | Maintenance => false,
+                Dropped => true,
+            };
+            assert_eq!(last, i + 1 == NodeState::ALL.len(), "{s}");
+        }
+        assert_eq!(NodeState::LIVE.len(), NodeState::ALL.len() - 1);
+        assert!(!NodeState::LIVE.contains(&Dropped));
+    }
+
+    /// The sets the table derives are the ones the code relied on when each was written
+    /// by hand (a change here is a change of behaviour, not of layout).
+    #[test]
+    fn the_class_table_gives_the_known_sets() {
+        assert_eq!(
+            with(NodeState::is_writable),
+            [Single, WaitPrimary, Primary, JoinPrimary, ApplySettings]
+        );
+        assert_eq!(
+            with(NodeState::confirms_sync),
+            [Primary, JoinPrimary, ApplySettings]
+        );
+        assert_eq!(
+            with(NodeState::is_stopped),
+            [
+                DemoteTimeout,
+                Demoted,
+                Draining,
+                PrepareMaintenance,
+                Maintenance
+            ]
+        );
+        assert_eq!(
+            with(NodeState::is_demoting),
+            [DemoteTimeout, Draining, PrepareMaintenance]
+        );
+        assert_eq!(with(NodeState::is_fenced), [Demoted, Maintenance, Dropped]);
+        assert_eq!(
+            with(NodeState::is_maintenance),
+            [PrepareMaintenance, WaitMaintenance, Maintenance]
+        );
+        assert_eq!(
+            with(NodeState::has_streamed),
+            [
+                Catchingup,
+                Secondary,
+                PreparePromotion,
+                ReportLsn,
+                FastForward,
+                JoinSecondary
+            ]
+        );
+        assert_eq!(
+            with(NodeState::reports_lsn),
+            [PreparePromotion, ReportLsn, FastForward]
+        );
+        // A writable state is never also a stopped or fenced one.
+        for s in NodeState::ALL {
+            assert!(
+                !(s.is_writable() && (s.is_stopped() || s.is_fenced())),
+                "{s}"
+            );
+        }
     }
 }

@@ -277,8 +277,20 @@ impl<'a> Ctx<'a> {
         by_primary && self.healthy(n)
     }
 
+    /// One decision round for a group with a primary: demote a primary that is gone,
+    /// else move the primary along its own progression, then the standbys.
     fn with_primary(&self, p: &'a Node, out: &mut Vec<Command>) {
-        let others: Vec<&Node> = self.nodes().filter(|n| n.id != p.id).collect();
+        let others: Vec<&'a Node> = self.nodes().filter(|n| n.id != p.id).collect();
+        if self.demote_if_gone(p, &others, out) {
+            return;
+        }
+        self.primary_progression(p, &others, out);
+        self.standbys(p, &others, out);
+    }
+
+    /// Step 1, is the primary gone? Demotes it (lease surely expired, or PostgreSQL down
+    /// too long) when a standby could take over; true when it did.
+    fn demote_if_gone(&self, p: &'a Node, others: &[&'a Node], out: &mut Vec<Command>) -> bool {
         let can_take_over = others.iter().any(|n| {
             n.candidate_priority > 0
                 && matches!(
@@ -292,7 +304,6 @@ impl<'a> Ctx<'a> {
                         | NodeState::WaitMaintenance
                 )
         });
-        // 1. Is the primary gone?
         if can_take_over {
             if lease_surely_expired(self.health, p.id, self.settings, self.now) {
                 let why = match self.health.last_seen_ago(p.id, self.now) {
@@ -305,7 +316,7 @@ impl<'a> Ctx<'a> {
                     NodeState::Demoted,
                     format!("primary {} failed, {why}", p.name),
                 );
-                return;
+                return true;
             }
             if self.pg_down_too_long(p) {
                 assign(
@@ -317,10 +328,15 @@ impl<'a> Ctx<'a> {
                         p.name, self.ua
                     ),
                 );
-                return;
+                return true;
             }
         }
-        // 2. The primary's own progression.
+        false
+    }
+
+    /// Step 2, the primary's own progression (single, wait_primary, primary,
+    /// join_primary, apply_settings), once it has reached its goal.
+    fn primary_progression(&self, p: &'a Node, others: &[&'a Node], out: &mut Vec<Command>) {
         let members = self
             .group
             .sync_history
@@ -408,8 +424,11 @@ impl<'a> Ctx<'a> {
                 _ => {}
             }
         }
-        // 3. The standbys.
-        for n in others {
+    }
+
+    /// Step 3, the standbys, given the primary `p`.
+    fn standbys(&self, p: &'a Node, others: &[&'a Node], out: &mut Vec<Command>) {
+        for &n in others {
             match n.goal_state {
                 NodeState::WaitStandby
                     if n.reported_state == NodeState::WaitStandby

@@ -20,13 +20,8 @@ pub fn is_sync_member(n: &Node, primary: NodeId) -> bool {
 fn may_be_sync_member(n: &Node, primary: NodeId) -> bool {
     n.id != primary
         && n.replication_quorum
-        && !matches!(
-            n.goal_state,
-            NodeState::WaitMaintenance
-                | NodeState::Maintenance
-                | NodeState::PrepareMaintenance
-                | NodeState::Dropped
-        )
+        && !n.goal_state.is_maintenance()
+        && n.goal_state != NodeState::Dropped
 }
 
 /// The configuration the group's primary should run now, or None without a primary.

@@ -80,50 +80,10 @@ fn predecessors(to: NodeState) -> &'static [NodeState] {
             Demoted,
             DemoteTimeout,
         ],
-        // Stop PostgreSQL now: possible from anywhere.
-        DemoteTimeout => &[
-            Init,
-            Single,
-            WaitPrimary,
-            Primary,
-            JoinPrimary,
-            ApplySettings,
-            WaitStandby,
-            Catchingup,
-            Secondary,
-            PreparePromotion,
-            StopReplication,
-            Demoted,
-            Draining,
-            ReportLsn,
-            FastForward,
-            JoinSecondary,
-            PrepareMaintenance,
-            WaitMaintenance,
-            Maintenance,
-        ],
-        // Stop PostgreSQL: possible from anywhere; the universal safe state.
-        Demoted => &[
-            Init,
-            Single,
-            WaitPrimary,
-            Primary,
-            JoinPrimary,
-            ApplySettings,
-            WaitStandby,
-            Catchingup,
-            Secondary,
-            PreparePromotion,
-            StopReplication,
-            DemoteTimeout,
-            Draining,
-            ReportLsn,
-            FastForward,
-            JoinSecondary,
-            PrepareMaintenance,
-            WaitMaintenance,
-            Maintenance,
-        ],
+        // Stop PostgreSQL (now, or as the universal safe state): possible from
+        // anywhere. `LIVE` also holds the state itself, which changes nothing: a
+        // state is always allowed to itself.
+        DemoteTimeout | Demoted => &NodeState::LIVE,
         // A fresh node waits for its primary to accept it.
         WaitStandby => &[Init, Demoted],
         // Base backup (no data), rewind (diverged), or just (re)start streaming from
@@ -169,28 +129,8 @@ fn predecessors(to: NodeState) -> &'static [NodeState] {
             Secondary,
             Catchingup,
         ],
-        Dropped => &[
-            Init,
-            Single,
-            WaitPrimary,
-            Primary,
-            JoinPrimary,
-            ApplySettings,
-            WaitStandby,
-            Catchingup,
-            Secondary,
-            PreparePromotion,
-            StopReplication,
-            DemoteTimeout,
-            Demoted,
-            Draining,
-            ReportLsn,
-            FastForward,
-            JoinSecondary,
-            PrepareMaintenance,
-            WaitMaintenance,
-            Maintenance,
-        ],
+        // Leave the group: possible from anywhere.
+        Dropped => &NodeState::LIVE,
     }
 }
 
@@ -260,7 +200,7 @@ pub fn assignable_goals() -> impl Iterator<Item = NodeState> {
 
 /// States a keeper can report (a dropped node is removed once it reports `dropped`).
 pub fn reportable_states() -> impl Iterator<Item = NodeState> {
-    NodeState::ALL.into_iter().filter(|s| *s != Dropped)
+    NodeState::LIVE.into_iter()
 }
 
 #[cfg(test)]

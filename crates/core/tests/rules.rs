@@ -642,8 +642,8 @@ fn a_stale_orchestrator_decision_does_not_undo_maintenance() {
 }
 
 /// A primary between two states refuses maintenance with the same "still moving"
-/// wording as a switchover, which the CLI waits out (a plain "needs a healthy
-/// secondary" made it fail right after a standby joined).
+/// refusal (class RetryLater) as a switchover, which the CLI waits out (a plain "needs
+/// a healthy secondary" made it fail right after a standby joined).
 #[test]
 fn maintenance_on_a_primary_in_transition_says_it_is_moving() {
     let mut c = Cluster::three();
@@ -663,7 +663,11 @@ fn maintenance_on_a_primary_in_transition_says_it_is_moving() {
             enable: true,
         },
     );
-    assert!(e.to_string().contains("is still moving to"), "{e}");
+    assert!(
+        matches!(&e, CoreError::StillMoving { node, goal: ApplySettings, .. } if node == "a"),
+        "{e:?}"
+    );
+    assert_eq!(e.class(), ErrorClass::RetryLater);
 }
 
 #[test]
@@ -777,7 +781,7 @@ fn switchover_without_a_healthy_standby_is_refused() {
             candidate: None,
         },
     );
-    assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
+    assert_eq!(e.class(), ErrorClass::NotAllowedNow);
     assert!(e.to_string().contains("no secondary"), "{e}");
 }
 
@@ -842,8 +846,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 node: "zz".into()
             }
         )
-        .kind(),
-        ErrorKind::NotFound
+        .class(),
+        ErrorClass::NotFound
     );
     assert_eq!(
         refused(
@@ -854,8 +858,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 enable: true
             }
         )
-        .kind(),
-        ErrorKind::NotFound
+        .class(),
+        ErrorClass::NotFound
     );
     assert_eq!(
         refused(
@@ -866,8 +870,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 setting: NodeSetting::CandidatePriority(101)
             }
         )
-        .kind(),
-        ErrorKind::InvalidArgument
+        .class(),
+        ErrorClass::Invalid
     );
     assert_eq!(
         refused(
@@ -877,8 +881,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 setting: FormationSetting::LeaseMarginMs(1)
             }
         )
-        .kind(),
-        ErrorKind::InvalidArgument
+        .class(),
+        ErrorClass::Invalid
     );
     assert_eq!(
         refused(
@@ -888,8 +892,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 setting: FormationSetting::HeartbeatIntervalMs(5)
             }
         )
-        .kind(),
-        ErrorKind::InvalidArgument
+        .class(),
+        ErrorClass::Invalid
     );
     assert_eq!(
         refused(
@@ -899,8 +903,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 setting: FormationSetting::LeaseMs(100)
             }
         )
-        .kind(),
-        ErrorKind::InvalidArgument
+        .class(),
+        ErrorClass::Invalid
     );
     assert_eq!(
         refused(
@@ -910,8 +914,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 node: "a".into()
             }
         )
-        .kind(),
-        ErrorKind::FailedPrecondition
+        .class(),
+        ErrorClass::NotAllowedNow
     );
     assert_eq!(
         refused(
@@ -924,8 +928,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 pg_running: true
             }
         )
-        .kind(),
-        ErrorKind::NotFound
+        .class(),
+        ErrorClass::NotFound
     );
 }
 
@@ -989,8 +993,8 @@ fn many_formations_are_cheap_to_create_and_drop() {
             3
         )
         .unwrap_err()
-        .kind(),
-        ErrorKind::AlreadyExists
+        .class(),
+        ErrorClass::AlreadyExists
     );
 }
 
@@ -1243,7 +1247,7 @@ fn a_group_has_a_bounded_number_of_nodes() {
             current_state: Init,
         })
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert_eq!(e.class(), ErrorClass::NotAllowedNow, "{e}");
     // A node already registered may register again (a keeper restart).
     c.register("n0", 50);
 }

@@ -391,9 +391,11 @@ impl Member {
             .admit(node, stamp, now, max_delay_ms)
             .map_err(|e| {
                 tracing::info!(node, error = %e, "stale heartbeat refused");
-                Status::aborted(format!(
-                    "stale heartbeat of node {node} refused, nothing changed: {e}"
-                ))
+                // The keeper's next report is judged against this one: retry.
+                pgquorum_api::refused(
+                    pgquorum_core::ErrorClass::RetryLater,
+                    format!("stale heartbeat of node {node} refused, nothing changed: {e}"),
+                )
             })
     }
 

@@ -11,11 +11,12 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::monitor::monitor_server::Monitor;
 use pgquorum_api::{
-    check_formation_filter, node_status_live, settings, status_from_core, NodeActive, HOPS_HEADER,
-    LOCAL_READ_HEADER,
+    check_formation_filter, node_status_live, refused, settings, status_from_core, NodeActive,
+    HOPS_HEADER, LOCAL_READ_HEADER,
 };
 use pgquorum_core::{
-    assignment, keeper_events, on_heartbeat, Command, Health, Outcome, DEFAULT_FORMATION,
+    assignment, keeper_events, on_heartbeat, Command, CoreError, ErrorClass, Health, Outcome,
+    DEFAULT_FORMATION,
 };
 use tonic::{Request, Response, Status};
 
@@ -100,7 +101,7 @@ fn membership_error<E: std::fmt::Display>(
                 .zip(f.leader_node.as_ref().map(|n| n.addr.as_str())),
         ),
         RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
-            Status::failed_precondition(format!("{what}: {c}"))
+            refused(ErrorClass::NotAllowedNow, format!("{what}: {c}"))
         }
         RaftError::Fatal(f) => Status::unavailable(format!("{what}: {f}")),
     }
@@ -171,7 +172,7 @@ impl MonitorService {
                 expect: Some(Identity::Member(id)),
             },
         )
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        .map_err(|e| refused(ErrorClass::Invalid, e.to_string()))?;
         let mut client = pb::monitor_client::MonitorClient::new(ch);
         // The new member may still be starting: give it a few seconds to listen.
         let deadline = tokio::time::Instant::now() + NEW_MEMBER_WAIT;
@@ -179,7 +180,7 @@ impl MonitorService {
             match client.member_status(pb::MemberStatusRequest {}).await {
                 Ok(_) => return Ok(()),
                 Err(s) if tokio::time::Instant::now() >= deadline => {
-                    return Err(Status::failed_precondition(format!(
+                    return Err(refused(ErrorClass::NotAllowedNow, format!(
                         "refusing to add member {id}: {address} did not answer as member {id} with a certificate from this group's CA ({}); start it with `pgquorum monitor run --join --node-id {id} --certs-dir DIR` holding member.{id}.crt",
                         s.message()
                     )))
@@ -252,7 +253,8 @@ impl Monitor for MonitorService {
         forward!(self, request, add_member, caller);
         let r = request.into_inner();
         if r.id == 0 {
-            return Err(Status::invalid_argument(
+            return Err(refused(
+                ErrorClass::Invalid,
                 "add-member needs ID=HOST:PORT with a non-zero id",
             ));
         }
@@ -264,7 +266,7 @@ impl Monitor for MonitorService {
                 if addr == &r.address {
                     return Ok(self.membership_reply(0).await);
                 }
-                return Err(Status::already_exists(format!(
+                return Err(refused(ErrorClass::AlreadyExists, format!(
                     "member {} is already in the group at {addr}; remove it first to change its address",
                     r.id
                 )));
@@ -346,12 +348,14 @@ impl Monitor for MonitorService {
                 .map_err(|e| membership_error(e, "cannot remove the learner"))?;
                 return Ok(self.membership_reply(resp.log_id.index).await);
             }
-            return Err(Status::not_found(format!(
-                "member {id} is not in the group (members: {voters:?})"
-            )));
+            return Err(refused(
+                ErrorClass::NotFound,
+                format!("member {id} is not in the group (members: {voters:?})"),
+            ));
         }
         if voters.len() == 1 {
-            return Err(Status::failed_precondition(
+            return Err(refused(
+                ErrorClass::NotAllowedNow,
                 "cannot remove the last member of the group",
             ));
         }
@@ -449,9 +453,12 @@ impl Monitor for MonitorService {
         let (cmds, formation, group) = {
             let applied = self.m.read();
             let Some(node) = applied.state.nodes.get(&node_id) else {
-                return Err(Status::not_found(format!(
-                    "node {node_id} is not registered (was it dropped?); register it again"
-                )));
+                return Err(refused(
+                    ErrorClass::NotFound,
+                    format!(
+                        "node {node_id} is not registered (was it dropped?); register it again"
+                    ),
+                ));
             };
             // Another cluster's data directory gets no lease and no assignment.
             applied
@@ -577,9 +584,7 @@ impl Monitor for MonitorService {
         let applied = self.m.read();
         let st = &applied.state;
         if !formation.is_empty() && !st.formations.contains_key(&formation) {
-            return Err(Status::not_found(format!(
-                "formation {formation:?} does not exist"
-            )));
+            return Err(status_from_core(&CoreError::UnknownFormation(formation)));
         }
         let wanted = |f: &str| formation.is_empty() || f == formation;
         let formations = st
@@ -719,10 +724,11 @@ impl Monitor for MonitorService {
             formation = DEFAULT_FORMATION.into();
         }
         let applied = self.m.read();
-        let f =
-            applied.state.formations.get(&formation).ok_or_else(|| {
-                Status::not_found(format!("formation {formation:?} does not exist"))
-            })?;
+        let f = applied
+            .state
+            .formations
+            .get(&formation)
+            .ok_or_else(|| status_from_core(&CoreError::UnknownFormation(formation.clone())))?;
         let nodes: Vec<_> = applied
             .state
             .nodes

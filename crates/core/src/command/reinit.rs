@@ -1,0 +1,85 @@
+//! Rebuilding a standby from its primary.
+
+use super::Outcome;
+use crate::error::CoreError;
+use crate::model::{ClusterState, Millis, NodeState};
+
+impl ClusterState {
+    /// `perform reinit`: the standby's keeper rebuilds it from the primary. Refused on
+    /// the primary (nothing to rebuild it from), on a node that is not a standby now, and
+    /// when the node is needed for synchronous commit under `on_quorum_loss = block`
+    /// (commits would wait for the whole rebuild).
+    pub(super) fn reinit_node(
+        &mut self,
+        formation: &str,
+        node: &str,
+        now: Millis,
+    ) -> Result<Outcome, CoreError> {
+        let id = self.lookup(formation, node)?;
+        let n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| CoreError::UnknownNode(node.to_string()))?;
+        if n.goal_state.is_writable() {
+            return Err(CoreError::NotAllowed(format!(
+                "node {node} is the primary: there is nothing to rebuild it from; perform a switchover first"
+            )));
+        }
+        if !matches!(
+            n.goal_state,
+            NodeState::Secondary | NodeState::Catchingup | NodeState::JoinSecondary
+        ) {
+            return Err(CoreError::NotAllowed(format!(
+                "node {node} is {} (goal {}): only a standby (secondary or catching up) is rebuilt",
+                n.reported_state, n.goal_state
+            )));
+        }
+        let Some((pname, preported, pgoal)) = self
+            .primary_of(formation, n.group_id)
+            .map(|p| (p.name.clone(), p.reported_state, p.goal_state))
+        else {
+            return Err(CoreError::NotAllowed(format!(
+                "group {} has no primary to rebuild {node} from",
+                n.group_id
+            )));
+        };
+        if !preported.is_writable() {
+            return Err(CoreError::StillMoving {
+                node: pname,
+                goal: pgoal,
+                reported: preported,
+            });
+        }
+        self.check_capacity(
+            formation,
+            n.group_id,
+            Some(id),
+            None,
+            false,
+            &format!("rebuilding {node}"),
+        )?;
+        let seq = n.reinit_seq + 1;
+        if let Some(x) = self.nodes.get_mut(&id) {
+            x.reinit_seq = seq;
+            if x.goal_state != NodeState::Catchingup {
+                x.goal_since = now;
+            }
+            // Back to catching up: it is secondary again only once it streams and has
+            // caught up after the rebuild.
+            x.goal_state = NodeState::Catchingup;
+        }
+        self.node_event(
+            now,
+            id,
+            format!(
+                "node {node} assigned catchingup: operator asked for a rebuild from primary {pname} (reinit #{seq})"
+            ),
+        );
+        self.tag_last(Some(NodeState::Catchingup), None);
+        self.refresh_sync(formation, n.group_id, now);
+        Ok(Outcome::Done {
+            description: format!("node {node} is being rebuilt from primary {pname}"),
+        })
+    }
+}
