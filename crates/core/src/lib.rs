@@ -13,6 +13,7 @@
 
 mod candidate;
 mod command;
+mod decide;
 mod error;
 mod health;
 mod input;
@@ -21,12 +22,15 @@ mod model;
 mod orchestrate;
 mod order;
 mod sync;
-mod transitions;
 
 pub use candidate::{fast_forward_source, target_lsn, witnesses};
 pub use command::{
     fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_EVENT_DESCRIPTION,
     MAX_GROUP_NODES, MAX_SYNC_STANDBYS,
+};
+pub use decide::{
+    assignable_goals, decide, reportable_states, target, Action, DataDir, Decision, Observed,
+    Target,
 };
 pub use error::{CoreError, ErrorClass};
 pub use health::{keeper_events, Health, HealthTable, NodeReport, ReplicationPeer, REORDER_WINDOW};
@@ -45,6 +49,3 @@ pub use orchestrate::{
 };
 pub use order::{ReportOrder, ReportStamp, StaleReport};
 pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement, NO_STANDBY};
-pub use transitions::{
-    assignable_goals, keeper_path, next_step, reportable_states, transition_allowed,
-};

@@ -8,24 +8,150 @@ fn any_state() -> impl Strategy<Value = NodeState> {
     (0..NodeState::ALL.len()).prop_map(|i| NodeState::ALL[i])
 }
 
-proptest! {
-    /// No dead ends: every goal the orchestrator can assign is reachable by the keeper
-    /// from every state it can report, through allowed transitions, and never through a
-    /// state that takes writes unless the goal itself does.
-    #[test]
-    fn every_assignable_goal_is_reachable_from_every_reportable_state(from in any_state(), to in any_state()) {
-        prop_assume!(from != NodeState::Dropped && to != NodeState::Init);
-        let path = keeper_path(from, to);
-        prop_assert!(path.is_some(), "keeper cannot reach {} from {}", to, from);
-        let path = path.unwrap();
-        let mut cur = from;
-        for s in &path {
-            prop_assert!(transition_allowed(cur, *s), "{} -> {} not allowed", cur, s);
-            prop_assert!(to.is_writable() || !s.is_writable(), "{} -> {} passes through {}", from, to, s);
-            cur = *s;
+fn any_observed() -> impl Strategy<Value = Observed> {
+    (
+        prop_oneof![
+            Just(DataDir::Empty),
+            Just(DataDir::Primary),
+            Just(DataDir::Standby)
+        ],
+        any::<bool>(),
+        proptest::option::of(prop_oneof![Just("a"), Just("b")]),
+        0u64..2,
+    )
+        .prop_map(|(data, running, following, reinit_done)| Observed {
+            data,
+            running: running && data != DataDir::Empty,
+            following: following.map(Into::into),
+            reinit_done,
+        })
+}
+
+fn any_assignment() -> impl Strategy<Value = Assignment> {
+    (
+        any_state(),
+        proptest::option::of(prop_oneof![Just("a"), Just("b")]),
+        any::<bool>(),
+        0u64..2,
+    )
+        .prop_map(|(goal, primary, names, reinit)| Assignment {
+            goal_state: goal,
+            primary: primary.map(|name| PeerNode {
+                node_id: 1,
+                name: name.into(),
+                host: "h".parse().unwrap(),
+                port: 5432,
+                streamed: true,
+            }),
+            synchronous_standby_names: if names {
+                "ANY 1 (\"b\")".into()
+            } else {
+                String::new()
+            },
+            peers: vec![],
+            lease_ms: 1500,
+            heartbeat_interval_ms: 200,
+            on_quorum_loss: "block".into(),
+            reinit,
+        })
+}
+
+/// What PostgreSQL looks like once the keeper has done `d.action` (it succeeded), as the
+/// keeper records it: a model of crates/keeper's execution of each action.
+fn after(o: &Observed, d: &Decision, a: &Assignment) -> Observed {
+    let mut o = o.clone();
+    o.following = d.following_after(o.following.as_deref());
+    match d.action {
+        Action::Nothing => {}
+        Action::InitPrimary | Action::StartPrimary | Action::Promote | Action::ConfigurePrimary => {
+            o.data = DataDir::Primary;
+            o.running = true;
         }
-        prop_assert_eq!(cur, to);
-        prop_assert_eq!(next_step(from, to), path.first().copied());
+        Action::CloneStandby
+        | Action::RewindToStandby
+        | Action::StartStandby
+        | Action::ConfigureStandby => {
+            if d.action == Action::CloneStandby {
+                o.reinit_done = o.reinit_done.max(a.reinit);
+            }
+            o.data = DataDir::Standby;
+            o.running = true;
+        }
+        Action::Stop | Action::Drop => o.running = false,
+    }
+    o
+}
+
+proptest! {
+    /// The keeper's decision, for every (observation, reached state, assignment): it never
+    /// makes PostgreSQL writable when the goal is not writable, and done action after
+    /// action it reaches the goal's shape and stays there within three actions.
+    #[test]
+    fn the_keeper_reaches_every_goal_and_writes_only_in_writable_ones(
+        o in any_observed(),
+        current in any_state(),
+        a in any_assignment(),
+    ) {
+        let goal = a.goal_state;
+        prop_assume!(current != NodeState::Dropped && goal != NodeState::Init);
+        let (mut o, mut cur) = (o, current);
+        let mut settled = false;
+        for step in 0..3 {
+            let d = decide(&o, cur, &a);
+            prop_assert_eq!(d.reached, goal);
+            prop_assert_eq!(&d.target, &target(&a));
+            if !goal.is_writable() {
+                prop_assert!(!d.action.makes_writable(), "{} towards {}: {:?}", cur, goal, d.action);
+            }
+            prop_assert_eq!(d.confirm_sync, goal.confirms_sync() && !a.synchronous_standby_names.is_empty());
+            let next = after(&o, &d, &a);
+            if !goal.is_writable() && goal != NodeState::Maintenance {
+                prop_assert!(
+                    !(next.data == DataDir::Primary && next.running),
+                    "a primary runs after {:?} towards {}", d.action, goal
+                );
+            }
+            if cur == goal && next == o {
+                settled = true;
+                // Settled in the shape the goal asks for.
+                match &d.target {
+                    Target::Primary => prop_assert!(o.data == DataDir::Primary && o.running),
+                    Target::Standby { upstream: Some(p), wait: true } => {
+                        prop_assert!(o.data == DataDir::Standby && o.running);
+                        prop_assert_eq!(o.following.as_deref(), Some(p.name.as_str()));
+                    }
+                    Target::Standby { upstream, .. } => {
+                        prop_assert!(
+                            o.data == DataDir::Empty || (o.data == DataDir::Standby && o.running)
+                        );
+                        if upstream.is_none() {
+                            prop_assert!(o.following.is_none() || o.data == DataDir::Empty);
+                        }
+                    }
+                    Target::Stopped | Target::Dropped => prop_assert!(!o.running),
+                    Target::Keep => prop_assert!(!(o.data == DataDir::Primary && o.running)),
+                    Target::HandsOff => {}
+                }
+                prop_assert!(step <= 2);
+                break;
+            }
+            o = next;
+            cur = d.reached;
+        }
+        prop_assert!(settled, "{} towards {} not settled after 3 actions: {:?}", current, goal, o);
+    }
+
+    /// A keeper in its goal restarts only a server that stopped under it, and only
+    /// where the goal runs one.
+    #[test]
+    fn in_its_goal_the_keeper_restarts_only_what_the_goal_runs(o in any_observed(), a in any_assignment()) {
+        let d = decide(&o, a.goal_state, &a);
+        if let Some(r) = d.restart() {
+            prop_assert!(!o.running);
+            let runs = matches!(d.target, Target::Primary | Target::Standby { .. });
+            prop_assert!(runs);
+            prop_assert_eq!(r.makes_writable(), a.goal_state.is_writable());
+        }
     }
 }
 

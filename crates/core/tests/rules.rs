@@ -1019,7 +1019,15 @@ fn a_first_node_that_never_ran_can_be_dropped_and_the_next_one_initialises() {
     })
     .unwrap();
     assert_eq!(c.orchestrate(), Cluster::assigned(&[("b", Single)]));
-    assert_eq!(next_step(WaitStandby, Single), Some(Single));
+    // The waiting keeper, with no data directory, initialises a primary.
+    let a = assignment(&c.state, c.id("b"), c.now).unwrap();
+    let empty = Observed {
+        data: DataDir::Empty,
+        running: false,
+        following: None,
+        reinit_done: 0,
+    };
+    assert_eq!(decide(&empty, WaitStandby, &a).action, Action::InitPrimary);
 }
 
 #[test]

@@ -1,14 +1,17 @@
-//! Goal states and the postgres-side work that reaches them.
+//! The postgres-side work that reaches a goal state.
 //!
-//! Every goal maps to a [`Target`] shape; [`Instance::reach`] looks at what is on disk
-//! and running and picks the one action that turns that into the target (the table in
-//! [`plan`]). Each action is idempotent and restartable: run twice, or run again after
-//! the keeper was killed in its middle, it ends in the same state. Each ends by checking
-//! the end state (e.g. `pg_is_in_recovery()` after a promotion).
+//! What to do is decided in core ([`pgquorum_core::decide`], the same function the
+//! simulation's keepers run): [`Instance::reach`] observes what is on disk and running,
+//! asks for the one action that turns it into the goal's [`Target`], and executes it.
+//! Each action is idempotent and restartable: run twice, or run again after the keeper
+//! was killed in its middle, it ends in the same state. Each ends by checking the end
+//! state (e.g. `pg_is_in_recovery()` after a promotion).
 
 use std::time::{Duration, Instant};
 
-use pgquorum_core::{Assignment, NodeState, PeerNode};
+use pgquorum_core::{
+    decide, target, Action, Assignment, DataDir, Decision, NodeState, Observed, PeerNode, Target,
+};
 
 use crate::error::{KeeperError, Result};
 use crate::instance::Instance;
@@ -21,159 +24,37 @@ use crate::sql;
 /// its confirmation commit before failing (and being retried on the next beat).
 const SYNC_CONFIRM_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// The shape of postgres a goal state asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Target {
-    /// Leave postgres as it is (init, wait_standby, wait_maintenance).
-    Keep,
-    /// A running, writable primary with the assigned synchronous_standby_names.
-    Primary,
-    /// A running standby in recovery, streaming from `upstream` when given; `wait`
-    /// says the goal counts as reached only once the WAL receiver streams.
-    Standby {
-        upstream: Option<PeerNode>,
-        wait: bool,
-    },
-    /// postgres stopped (draining, demote_timeout, demoted, prepare_maintenance).
-    Stopped,
-    /// Maintenance: the keeper neither starts nor stops postgres.
-    HandsOff,
-    /// Dropped: postgres stopped; the keeper exits.
-    Dropped,
-}
-
-pub fn target(a: &Assignment) -> Target {
-    use NodeState::*;
-    match a.goal_state {
-        Init | WaitStandby | WaitMaintenance => Target::Keep,
-        Single | WaitPrimary | Primary | JoinPrimary | ApplySettings | StopReplication => {
-            Target::Primary
-        }
-        Catchingup | Secondary | JoinSecondary | FastForward => Target::Standby {
-            upstream: a.primary.clone(),
-            wait: true,
-        },
-        // Waiting for the old primary to be fenced: keep replaying what arrives, but a
-        // dead upstream must not stop the node from reporting this state.
-        PreparePromotion => Target::Standby {
-            upstream: a.primary.clone(),
-            wait: false,
-        },
-        ReportLsn => Target::Standby {
-            upstream: None,
-            wait: false,
-        },
-        Draining | DemoteTimeout | Demoted | PrepareMaintenance => Target::Stopped,
-        Maintenance => Target::HandsOff,
-        Dropped => Target::Dropped,
-    }
-}
-
-/// What is there now, as far as the choice of action goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Local {
-    NoData,
-    /// Data directory of a primary (no standby.signal), postgres running or not.
-    PrimaryData {
-        running: bool,
-    },
-    /// Data directory of a standby, postgres running or not.
-    StandbyData {
-        running: bool,
-    },
-}
-
-/// The action for (what is there, what is wanted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Nothing,
-    InitPrimary,
-    StartPrimary,
-    Promote,
-    ConfigurePrimary,
-    CloneStandby,
-    /// Stop, pg_rewind (falling back to a fresh clone), start as standby.
-    RewindToStandby,
-    StartStandby,
-    ConfigureStandby,
-    Stop,
-    Drop,
-}
-
-pub fn plan(local: Local, t: &Target, following_changed: bool) -> Action {
-    use Action::*;
-    use Local::*;
-    match (t, local) {
-        (Target::Keep | Target::HandsOff, _) => Nothing,
-        (Target::Primary, NoData) => InitPrimary,
-        (Target::Primary, PrimaryData { running: false }) => StartPrimary,
-        (Target::Primary, PrimaryData { running: true }) => ConfigurePrimary,
-        (Target::Primary, StandbyData { .. }) => Promote,
-        (
-            Target::Standby {
-                upstream: Some(_), ..
-            },
-            NoData,
-        ) => CloneStandby,
-        (Target::Standby { upstream: None, .. }, NoData) => Nothing,
-        (Target::Standby { .. }, PrimaryData { .. }) => RewindToStandby,
-        (Target::Standby { wait: true, .. }, StandbyData { .. }) if following_changed => {
-            RewindToStandby
-        }
-        (Target::Standby { .. }, StandbyData { running: false }) => StartStandby,
-        (Target::Standby { .. }, StandbyData { running: true }) => ConfigureStandby,
-        (Target::Stopped, NoData) => Nothing,
-        (Target::Stopped, _) => Stop,
-        (Target::Dropped, _) => Drop,
-    }
-}
-
 impl Instance {
-    pub fn local(&self) -> Local {
-        if !self.has_data() {
-            Local::NoData
+    /// What the keeper observes of its postgres, and remembers of its work, for
+    /// [`decide`].
+    pub fn observed(&self) -> Observed {
+        let data = if !self.has_data() {
+            DataDir::Empty
         } else if self.pgdata().join("standby.signal").exists() {
-            Local::StandbyData {
-                running: self.is_running(),
-            }
+            DataDir::Standby
         } else {
-            Local::PrimaryData {
-                running: self.is_running(),
-            }
+            DataDir::Primary
+        };
+        Observed {
+            data,
+            running: data != DataDir::Empty && self.is_running(),
+            following: self.state.following.clone(),
+            reinit_done: self.state.reinit_done,
         }
     }
 
-    /// Drives postgres to `a.goal_state`; on success records it as the current state.
+    /// The decision for `a` from what is there now.
+    pub fn decide(&self, a: &Assignment) -> Decision {
+        decide(&self.observed(), self.state.current_state, a)
+    }
+
+    /// Drives postgres to `a.goal_state` by the action [`decide`] chooses; on success
+    /// records the state it reached (the goal) as the current state.
     pub async fn reach(&mut self, a: &Assignment) -> Result<()> {
-        let t = target(a);
-        let following_changed = match &t {
-            // The fast-forward source is a standby on this node's timeline and ahead of
-            // it: following it never needs a rewind, and stopping postgres for one made
-            // the chosen candidate look unhealthy mid-switchover, so that another node
-            // was promoted instead of the one the operator asked for (found end to end).
-            _ if a.goal_state == NodeState::FastForward => false,
-            Target::Standby {
-                upstream: Some(p), ..
-            } => self.state.following.as_deref() != Some(p.name.as_str()),
-            _ => false,
-        };
-        let mut action = plan(self.local(), &t, following_changed);
-        // An operator asked for this standby to be rebuilt (`perform reinit`): a fresh
-        // base backup replaces the data directory, whatever it holds. Only towards a
-        // standby of a primary: the monitor refuses a rebuild of anything else.
-        let rebuild = a.reinit > self.state.reinit_done
-            && a.goal_state == NodeState::Catchingup
-            && matches!(
-                t,
-                Target::Standby {
-                    upstream: Some(_),
-                    ..
-                }
-            )
-            && self.has_data();
-        if rebuild {
+        let d = self.decide(a);
+        let action = d.action;
+        if action == Action::CloneStandby && self.has_data() {
             tracing::warn!(node = %self.settings.name, reinit = a.reinit, "rebuild asked for: replacing the data directory with a fresh base backup of the primary");
-            action = Action::CloneStandby;
         }
         let from = self.state.current_state;
         let started = Instant::now();
@@ -183,7 +64,7 @@ impl Instance {
             s.in_transition = true;
         });
         self.serving = Some(a.clone());
-        let result = self.act(action, a, &t).await;
+        let result = self.act(&d, a).await;
         self.serving = None;
         self.shared
             .record_transition(a.goal_state, result.is_ok(), started.elapsed());
@@ -194,14 +75,15 @@ impl Instance {
                     // A fresh clone is as good as any rebuild asked for so far.
                     self.state.reinit_done = self.state.reinit_done.max(a.reinit);
                 }
-                self.state.current_state = a.goal_state;
+                self.state.following = d.following_after(self.state.following.as_deref());
+                self.state.current_state = d.reached;
                 self.save_state()?;
                 self.shared
-                    .update_status(|s| s.current_state = Some(a.goal_state));
+                    .update_status(|s| s.current_state = Some(d.reached));
                 tracing::info!(
                     node = %self.settings.name,
                     %from,
-                    state = %a.goal_state,
+                    state = %d.reached,
                     ms = started.elapsed().as_millis() as u64,
                     "transition done"
                 );
@@ -213,7 +95,8 @@ impl Instance {
         result
     }
 
-    async fn act(&mut self, action: Action, a: &Assignment, t: &Target) -> Result<()> {
+    async fn act(&mut self, d: &Decision, a: &Assignment) -> Result<()> {
+        let (action, t) = (d.action, &d.target);
         self.shared.hands_off.store(
             matches!(t, Target::HandsOff),
             std::sync::atomic::Ordering::SeqCst,
@@ -249,10 +132,10 @@ impl Instance {
                     }
                 }
                 self.initdb().await?;
-                self.make_primary(a).await
+                self.make_primary(a, d.confirm_sync).await
             }
             Action::StartPrimary | Action::Promote | Action::ConfigurePrimary => {
-                self.make_primary(a).await
+                self.make_primary(a, d.confirm_sync).await
             }
             Action::CloneStandby => {
                 let p = upstream_of(t)?;
@@ -271,8 +154,9 @@ impl Instance {
         }
     }
 
-    /// A running, writable primary: config, hba, promotion if in recovery, role, slots.
-    async fn make_primary(&mut self, a: &Assignment) -> Result<()> {
+    /// A running, writable primary: config, hba, promotion if in recovery, role, slots;
+    /// with `confirm`, a commit acknowledged under the assigned names.
+    async fn make_primary(&mut self, a: &Assignment, confirm: bool) -> Result<()> {
         if !self.shared.lease_valid(Instant::now()) {
             return Err(KeeperError::Unreachable {
                 goal: a.goal_state.to_string(),
@@ -327,10 +211,7 @@ impl Instance {
             });
         }
         self.open_gate(a).await?;
-        if matches!(
-            a.goal_state,
-            NodeState::Primary | NodeState::JoinPrimary | NodeState::ApplySettings
-        ) {
+        if confirm {
             let rx = self.assignments.clone();
             sql::confirm_synchronous(
                 &self.settings,
@@ -586,9 +467,8 @@ impl Instance {
         if self.is_running() || !self.has_data() {
             return Ok(false);
         }
-        let wanted = matches!(t, Target::Primary | Target::Standby { .. })
-            && self.state.current_state == a.goal_state;
-        if !wanted {
+        // In its goal, the keeper restarts the server the goal runs (core decides which).
+        if self.decide(a).restart().is_none() {
             return Ok(false);
         }
         if matches!(t, Target::Primary) && !self.shared.lease_valid(Instant::now()) {
@@ -744,81 +624,5 @@ fn upstream_of(t: &Target) -> Result<&PeerNode> {
             goal: "standby".into(),
             reason: "no primary assigned to clone from".into(),
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn a(goal: NodeState, primary: bool) -> Assignment {
-        Assignment {
-            goal_state: goal,
-            primary: primary.then(|| PeerNode {
-                node_id: 1,
-                name: "a".into(),
-                host: "h".parse().unwrap(),
-                port: 1,
-                streamed: false,
-            }),
-            synchronous_standby_names: String::new(),
-            peers: vec![],
-            lease_ms: 1500,
-            heartbeat_interval_ms: 200,
-            on_quorum_loss: "block".into(),
-            reinit: 0,
-        }
-    }
-
-    #[test]
-    fn every_goal_has_a_target() {
-        for g in NodeState::ALL {
-            let _ = target(&a(g, true));
-        }
-        assert_eq!(
-            target(&a(NodeState::StopReplication, false)),
-            Target::Primary
-        );
-        assert_eq!(target(&a(NodeState::Draining, true)), Target::Stopped);
-        assert_eq!(
-            target(&a(NodeState::ReportLsn, true)),
-            Target::Standby {
-                upstream: None,
-                wait: false
-            }
-        );
-    }
-
-    #[test]
-    fn plan_table() {
-        use Local::*;
-        let sec = target(&a(NodeState::Secondary, true));
-        assert_eq!(plan(NoData, &Target::Primary, false), Action::InitPrimary);
-        assert_eq!(
-            plan(StandbyData { running: true }, &Target::Primary, false),
-            Action::Promote
-        );
-        assert_eq!(plan(NoData, &sec, true), Action::CloneStandby);
-        assert_eq!(
-            plan(PrimaryData { running: true }, &sec, false),
-            Action::RewindToStandby
-        );
-        assert_eq!(
-            plan(StandbyData { running: true }, &sec, false),
-            Action::ConfigureStandby
-        );
-        assert_eq!(
-            plan(StandbyData { running: true }, &sec, true),
-            Action::RewindToStandby
-        );
-        assert_eq!(
-            plan(PrimaryData { running: true }, &Target::Stopped, false),
-            Action::Stop
-        );
-        assert_eq!(
-            plan(PrimaryData { running: true }, &Target::HandsOff, false),
-            Action::Nothing
-        );
     }
 }

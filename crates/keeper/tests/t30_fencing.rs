@@ -414,6 +414,10 @@ async fn failover_sequence_through_the_run_loop() {
     m.set("a", "demoted", None);
     m.set("b", "stop_replication", None);
     wait_state(&b, &mut kb, "stop_replication").await;
+    assert!(
+        in_recovery(&b).await,
+        "stop_replication is not writable: the promotion waits for wait_primary"
+    );
     m.set("b", "wait_primary", None);
     wait_state(&b, &mut kb, "wait_primary").await;
     assert!(!in_recovery(&b).await);

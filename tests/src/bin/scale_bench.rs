@@ -5,8 +5,8 @@
 //! Every group of (up to) 3 simulated nodes is its own formation: one primary, two
 //! standbys. They register like keepers do, then each sends one `NodeActive` per second
 //! (phases spread evenly over the second) reporting what a real keeper would: the state
-//! it reached (it walks `next_step` towards every goal it is given, one step per beat,
-//! and beats again at once after a step, as the keeper does), whether PostgreSQL runs,
+//! it reached (it reaches every goal it is given in one transition, as the keeper does
+//! with `pgquorum_core::decide`, and beats again at once after it), whether PostgreSQL runs,
 //! LSNs, timeline, and on a primary the `pg_stat_replication` rows of its streaming
 //! standbys. Once every node sits in its steady state (primary / secondary / single)
 //! the benchmark measures, over a window: heartbeat latency p50/p99 as the simulated
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use pgquorum_api::client::{MonitorClient, Raw};
 use pgquorum_api::pb::monitor as pb;
-use pgquorum_core::{next_step, NodeState};
+use pgquorum_core::NodeState;
 use pgquorum_tests::bench_doc::{cores, load_average_1m};
 use pgquorum_tests::monitor_group::{create_formation, MonitorGroup};
 use pgquorum_trust::Security;
@@ -401,10 +401,10 @@ async fn keeper(k: Keeper, sh: Arc<Shared>, start: tokio::time::Instant) {
             if cur == goal {
                 break;
             }
-            match next_step(cur, goal) {
-                Some(step) => k.group.lock().unwrap().reach(k.idx, step),
-                None => break,
+            if goal == NodeState::Init {
+                break;
             }
+            k.group.lock().unwrap().reach(k.idx, goal);
         }
     }
 }

@@ -1,11 +1,13 @@
 //! A deterministic simulation of a pgquorum cluster: a monitor leader running the core
-//! state machine, keepers walking `keeper_path` towards their goals, simulated
-//! PostgreSQL (WAL as a chain of records, streaming replication, synchronous commit),
+//! state machine, keepers running the production decision (`decide`, see keeper.rs) on
+//! simulated PostgreSQL (WAL as a chain of records, streaming replication, synchronous commit),
 //! a simulated clock, and faults: crashes and restarts, lost and delayed heartbeats,
 //! partitions between keepers and the monitor, monitor leader changes and operator
 //! commands. Everything comes from one seed, so a failure replays exactly.
 
 use pgquorum_core::*;
+
+mod keeper;
 
 pub struct Rng(u64);
 
@@ -84,6 +86,11 @@ struct Keeper {
     next_beat: Millis,
     seq: u64,
     assignment: Option<Assignment>,
+    /// The assignment last reached (the real keeper's `applied`): a keeper in its goal
+    /// acts again only when the assignment changes.
+    applied: Option<Assignment>,
+    /// The node this standby last streamed from, as the keeper's state file records it.
+    following: Option<String>,
     confirm_target: Option<usize>,
     partitioned_until: Millis,
     /// Send time of the beat whose answer was applied last: a keeper has one request
@@ -173,6 +180,8 @@ impl Sim {
                 next_beat: rng.below(200),
                 seq: 0,
                 assignment: None,
+                applied: None,
+                following: None,
                 confirm_target: None,
                 partitioned_until: 0,
                 last_answer_beat: 0,
@@ -442,6 +451,7 @@ impl Sim {
         k.pg.pending.clear();
         k.lease_until = 0;
         k.assignment = None;
+        k.applied = None;
         k.confirm_target = None;
         let name = k.name.clone();
         self.note(format!("crash {name} for {down_for} ms"));
@@ -483,234 +493,6 @@ impl Sim {
     /// with no synchronous standby.
     fn alone_allowed(a: &Assignment, by_choice: bool) -> bool {
         by_choice || a.goal_state == NodeState::Single || a.on_quorum_loss != "block"
-    }
-
-    /// Try one keeper action towards `next`; true when the keeper reached it.
-    /// `transition`: moving into `next` (not keeping it), the moment a keeper confirms a
-    /// synchronous commit for the states that require one.
-    fn try_reach(&mut self, i: usize, next: NodeState, transition: bool) -> bool {
-        let now = self.now;
-        let a = self.keepers[i].assignment.clone();
-        let Some(a) = a else { return false };
-        let starts_pg = !matches!(
-            next,
-            NodeState::Draining
-                | NodeState::PrepareMaintenance
-                | NodeState::DemoteTimeout
-                | NodeState::Demoted
-                | NodeState::Maintenance
-                | NodeState::Dropped
-                | NodeState::WaitStandby
-        );
-        if starts_pg
-            && self.keepers[i].pg.running.is_none()
-            && now < self.keepers[i].pg_broken_until
-        {
-            return false;
-        }
-        let primary_idx = a.primary.as_ref().and_then(|p| self.idx_of(p.node_id));
-        let by_choice = self.keepers[i].by_choice;
-        use NodeState::*;
-        match next {
-            Init => false,
-            Single | WaitPrimary | Primary | JoinPrimary | ApplySettings => {
-                let k = &mut self.keepers[i];
-                if k.lease_until <= now {
-                    return false;
-                }
-                if k.pg.wal.is_none() {
-                    if next != Single {
-                        return false;
-                    }
-                    k.pg.wal = Some(Vec::new());
-                }
-                if k.pg.in_recovery {
-                    self.max_timeline += 1;
-                    k.pg.timeline = self.max_timeline;
-                    k.pg.in_recovery = false;
-                }
-                k.pg.running = Some(Role::Primary);
-                k.pg.following = None;
-                let names = Self::parse_names(&a.synchronous_standby_names);
-                if names != k.pg.sync {
-                    // A confirmation counts only for a commit issued after these names
-                    // were applied.
-                    k.confirm_target = None;
-                }
-                k.pg.sync = names;
-                k.pg.async_by_choice = by_choice;
-                k.pg.alone_allowed = Self::alone_allowed(&a, by_choice);
-                if transition && next.confirms_sync() && k.pg.sync.0 > 0 {
-                    if k.confirm_target.is_none() {
-                        // The keeper's own synchronous commit, after applying the names.
-                        let id = self.next_record;
-                        self.next_record += 1;
-                        let k = &mut self.keepers[i];
-                        if let Some(w) = k.pg.wal.as_mut() {
-                            w.push(id);
-                            k.confirm_target = Some(w.len());
-                        }
-                    }
-                    let k = &self.keepers[i];
-                    let target = k.confirm_target.unwrap_or(0);
-                    let id = if target == 0 {
-                        0
-                    } else {
-                        k.pg.wal.as_ref().map_or(0, |w| w[target - 1])
-                    };
-                    let (n, names) = k.pg.sync.clone();
-                    if self.holders(i, &names, target, id) < n {
-                        return false;
-                    }
-                }
-                self.keepers[i].confirm_target = None;
-                true
-            }
-            Draining | PrepareMaintenance => {
-                if self.keepers[i].pg.running == Some(Role::Primary) {
-                    // A clean shutdown sends every WAL record to connected standbys.
-                    let my = self.keepers[i].pg.wal.clone().unwrap_or_default();
-                    for j in 0..self.keepers.len() {
-                        let o = &mut self.keepers[j];
-                        if j != i
-                            && o.alive
-                            && o.pg.running == Some(Role::Standby)
-                            && o.pg.following == Some(i)
-                        {
-                            if let Some(w) = o.pg.wal.as_mut() {
-                                if my.starts_with(w) {
-                                    *w = my.clone();
-                                }
-                            }
-                        }
-                    }
-                }
-                let k = &mut self.keepers[i];
-                k.pg.running = None;
-                k.pg.clean_stop = true;
-                k.pg.pending.clear();
-                true
-            }
-            DemoteTimeout | Demoted | Maintenance | Dropped => {
-                let k = &mut self.keepers[i];
-                if k.pg.running.is_some() {
-                    k.pg.clean_stop = true;
-                }
-                k.pg.running = None;
-                k.pg.pending.clear();
-                k.pg.following = None;
-                true
-            }
-            WaitStandby => true,
-            Catchingup | JoinSecondary | Secondary | WaitMaintenance => {
-                let Some(p) = primary_idx else { return false };
-                if p == i
-                    || !self.keepers[p].alive
-                    || self.keepers[p].pg.running != Some(Role::Primary)
-                {
-                    return false;
-                }
-                let pw = self.keepers[p].pg.wal.clone().unwrap_or_default();
-                let ptl = self.keepers[p].pg.timeline;
-                let k = &mut self.keepers[i];
-                k.pg.timeline = ptl;
-                match k.pg.wal.as_mut() {
-                    None => k.pg.wal = Some(pw),
-                    Some(w) => {
-                        if !pw.starts_with(w) {
-                            // pg_rewind: back to the common prefix.
-                            let common =
-                                w.iter().zip(pw.iter()).take_while(|(a, b)| a == b).count();
-                            w.truncate(common);
-                        }
-                    }
-                }
-                k.pg.running = Some(Role::Standby);
-                k.pg.in_recovery = true;
-                k.pg.following = Some(p);
-                k.pg.pending.clear();
-                true
-            }
-            ReportLsn => {
-                let k = &mut self.keepers[i];
-                if k.pg.wal.is_none() {
-                    return false;
-                }
-                // Stop streaming: the LSN reported from now on is final.
-                k.pg.following = None;
-                if k.pg.running.is_none() {
-                    k.pg.running = Some(Role::Standby);
-                    k.pg.in_recovery = true;
-                }
-                k.pg.running == Some(Role::Standby)
-            }
-            FastForward => {
-                let Some(s) = primary_idx else { return false };
-                if !self.keepers[s].alive || self.keepers[s].pg.running.is_none() {
-                    return false;
-                }
-                let sw = self.keepers[s].pg.wal.clone().unwrap_or_default();
-                let stl = self.keepers[s].pg.timeline;
-                let k = &mut self.keepers[i];
-                let Some(w) = k.pg.wal.as_mut() else {
-                    return false;
-                };
-                if !sw.starts_with(w) {
-                    return false;
-                }
-                *w = sw;
-                k.pg.timeline = stl;
-                k.pg.running = Some(Role::Standby);
-                k.pg.in_recovery = true;
-                k.pg.following = None;
-                true
-            }
-            PreparePromotion | StopReplication => {
-                let k = &mut self.keepers[i];
-                if k.pg.wal.is_none() {
-                    return false;
-                }
-                k.pg.following = None;
-                if k.pg.running.is_none() {
-                    k.pg.running = Some(Role::Standby);
-                    k.pg.in_recovery = true;
-                }
-                true
-            }
-        }
-    }
-
-    fn keeper_tick(&mut self, i: usize) {
-        let Some(goal) = self.keepers[i].assignment.as_ref().map(|a| a.goal_state) else {
-            return;
-        };
-        let cur = self.keepers[i].state;
-        if cur == goal {
-            // Keep the state true (restart PostgreSQL after a crash, follow a new primary).
-            if self.try_reach(i, goal, false) && goal.is_writable() {
-                let names = self.keepers[i]
-                    .assignment
-                    .as_ref()
-                    .map(|a| a.synchronous_standby_names.clone())
-                    .unwrap_or_default();
-                self.keepers[i].pg.sync = Self::parse_names(&names);
-                self.keepers[i].pg.async_by_choice = self.keepers[i].by_choice;
-                let allowed = self.keepers[i]
-                    .assignment
-                    .as_ref()
-                    .is_some_and(|a| Self::alone_allowed(a, self.keepers[i].by_choice));
-                self.keepers[i].pg.alone_allowed = allowed;
-            }
-            return;
-        }
-        let Some(next) = next_step(cur, goal) else {
-            return;
-        };
-        if self.try_reach(i, next, true) {
-            self.keepers[i].state = next;
-            let name = self.keepers[i].name.clone();
-            self.note(format!("{name} reached {next} (goal {goal})"));
-        }
     }
 
     fn operator(&mut self) {
