@@ -20,6 +20,7 @@ mod lease;
 mod model;
 mod orchestrate;
 mod order;
+mod protocol;
 mod sync;
 mod transitions;
 
@@ -44,6 +45,7 @@ pub use orchestrate::{
     PeerNode, CATCHUP_LAG_BYTES,
 };
 pub use order::{ReportOrder, ReportStamp, StaleReport};
+pub use protocol::{Heartbeat, Proposed, Refusal, Rounds, Step, DECIDE_ROUNDS};
 pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement, NO_STANDBY};
 pub use transitions::{
     assignable_goals, keeper_path, next_step, reportable_states, transition_allowed,
