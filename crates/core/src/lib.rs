@@ -21,6 +21,7 @@ mod lease;
 mod model;
 mod orchestrate;
 mod order;
+mod protocol;
 mod sync;
 
 pub use candidate::{fast_forward_source, target_lsn, witnesses};
@@ -48,4 +49,5 @@ pub use orchestrate::{
     PeerNode, CATCHUP_LAG_BYTES,
 };
 pub use order::{ReportOrder, ReportStamp, StaleReport};
+pub use protocol::{Heartbeat, Proposed, Refusal, Rounds, Step, DECIDE_ROUNDS};
 pub use sync::{desired_sync, render as render_sync_names, requirement, Requirement, NO_STANDBY};

@@ -60,7 +60,11 @@ impl Cluster {
         self.state.apply(&cmd, self.now)
     }
 
-    /// A heartbeat: observed by the leader, and the state change it implies applied.
+    /// A heartbeat through the core's heartbeat protocol, as the monitor leader answers
+    /// it: observed, and the state change it implies applied. Its decisions are left to
+    /// [`Cluster::orchestrate`] (proposed and refused here), so that each test sees
+    /// which rule decided what. The answer (the node's assignment), None when refused
+    /// (the last beat of a dropped node, which the monitor answers with NOT_FOUND).
     fn beat_full(
         &mut self,
         name: &str,
@@ -69,7 +73,7 @@ impl Cluster {
         lsn: Lsn,
         timeline: u32,
         streaming: &[(&str, Lsn)],
-    ) {
+    ) -> Option<Assignment> {
         self.seq += 1;
         let report = NodeReport {
             node_id: self.id(name),
@@ -99,9 +103,21 @@ impl Cluster {
             pg_restarts: 0,
             fences: 0,
         };
-        self.health.observe(report.clone(), self.now);
-        for c in on_heartbeat(&self.state, &self.health, &report, self.now) {
-            self.state.apply(&c, self.now).unwrap();
+        let mut hb = Heartbeat::new(report);
+        loop {
+            match hb.next(&self.state, &mut self.health, self.now) {
+                Step::ProveLeadership => hb.proved(true),
+                Step::Admit { .. } => hb.admitted(Ok(())),
+                Step::Record(cmds) => {
+                    for c in cmds {
+                        self.state.apply(&c, self.now).unwrap();
+                    }
+                    hb.proposed(Proposed::Applied);
+                }
+                Step::Decide(_) => hb.proposed(Proposed::NoneApplied),
+                Step::Answer(a) => return Some(a),
+                Step::Refuse(_) => return None,
+            }
         }
     }
 
@@ -109,21 +125,19 @@ impl Cluster {
         self.beat_full(name, st, true, lsn, 1, &[]);
     }
 
-    /// Run the orchestrator until it has nothing more to decide at this instant (as the
-    /// monitor does: it runs again after applying); return the assignments in order.
+    /// The leader's periodic decisions, in rounds as the monitor runs them ([`Rounds`]:
+    /// again after applying, up to [`DECIDE_ROUNDS`]); the assignments in order.
     fn orchestrate(&mut self) -> Vec<(String, NodeState)> {
         let mut out = Vec::new();
-        for _ in 0..5 {
-            let cmds = orchestrate(&self.state, &self.health, self.now);
-            if cmds.is_empty() {
-                break;
-            }
+        let mut rounds = Rounds::new(None);
+        while let Some(cmds) = rounds.next(&self.state, &self.health, self.now) {
             for c in cmds {
                 if let Command::AssignGoal { node_id, goal, .. } = &c {
                     out.push((self.state.nodes[node_id].name.clone(), *goal));
                 }
                 self.state.apply(&c, self.now).unwrap();
             }
+            rounds.proposed(Proposed::Applied);
         }
         out
     }

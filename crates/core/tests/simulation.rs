@@ -1,7 +1,8 @@
 //! Seeded simulation of the whole cluster (see tests/sim/mod.rs).
 //!
 //! `PGQUORUM_SIM_SEEDS` (default 10000) seeds run from `PGQUORUM_SIM_FIRST_SEED`
-//! (default 0); `PGQUORUM_SIM_SEED=N` replays one seed with its trace printed.
+//! (default 0); `PGQUORUM_SIM_SEED=N` replays one seed with its trace printed (with
+//! `PGQUORUM_SIM_WITHOUT_PROOF=1`, as the deposed leader without its leadership proof).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod sim;
@@ -17,7 +18,12 @@ fn replay_command(seed: u64) -> String {
 #[test]
 fn simulated_clusters_keep_the_invariants() {
     if let Some(seed) = env_u64("PGQUORUM_SIM_SEED") {
-        match sim::Sim::new(seed, true).run() {
+        let mut s = sim::Sim::new(seed, true);
+        // Replays a seed of `leases_granted_without_leadership_proof_overlap`.
+        if std::env::var_os("PGQUORUM_SIM_WITHOUT_PROOF").is_some() {
+            s = s.without_lease_proof();
+        }
+        match s.run() {
             Ok(s) => println!(
                 "seed {seed}: ok, {} commits acknowledged, {} promotions/demotions",
                 s.acked_count, s.failovers
@@ -33,7 +39,7 @@ fn simulated_clusters_keep_the_invariants() {
     let first = env_u64("PGQUORUM_SIM_FIRST_SEED").unwrap_or(0);
     let mut acked = 0;
     let mut failovers = 0;
-    let mut t = [0u64; 7];
+    let mut t = [0u64; 8];
     for seed in first..first + seeds {
         match sim::Sim::new(seed, false).run() {
             Ok(s) => {
@@ -47,6 +53,7 @@ fn simulated_clusters_keep_the_invariants() {
                     s.operator_refused,
                     s.async_acked,
                     s.pg_crashes,
+                    s.depositions,
                 ]) {
                     *x += v;
                 }
@@ -60,12 +67,36 @@ fn simulated_clusters_keep_the_invariants() {
         }
     }
     println!(
-        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} machine crashes, {} PostgreSQL crashes, {} partitions, {} monitor leader changes, {} operator commands applied, {} refused",
-        t[5], t[0], t[6], t[1], t[2], t[3], t[4]
+        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} machine crashes, {} PostgreSQL crashes, {} partitions, {} monitor leader changes, {} monitor leaders deposed while answering, {} operator commands applied, {} refused",
+        t[5], t[0], t[6], t[1], t[2], t[7], t[3], t[4]
     );
     // The simulation must exercise what it claims to check.
     assert!(acked > seeds * 10, "too few acknowledged commits: {acked}");
     assert!(failovers > seeds / 2, "too few failovers: {failovers}");
+}
+
+/// The lease oracle can fail: a deposed leader that answers without its leadership proof
+/// (the monitor before issue 13) renews its stale primary's lease while the new leader,
+/// which never heard from that primary, promotes another node once the lease it must
+/// assume has run out.
+#[test]
+fn leases_granted_without_leadership_proof_overlap() {
+    let seeds = 300;
+    let mut overlaps = Vec::new();
+    for seed in 0..seeds {
+        if let Err(sim::Failure(msg)) = sim::Sim::new(seed, false).without_lease_proof().run() {
+            assert!(
+                msg.contains("writable leases overlap"),
+                "seed {seed} failed otherwise: {msg}"
+            );
+            overlaps.push(seed);
+        }
+    }
+    println!(
+        "without the proof, {} of {seeds} seeds had overlapping writable leases: {overlaps:?}",
+        overlaps.len()
+    );
+    assert!(!overlaps.is_empty(), "no seed caught the missing proof");
 }
 
 /// The benchmark behind docs/benchmarks.md: seeds per second (median of 3 runs).

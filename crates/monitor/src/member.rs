@@ -11,8 +11,8 @@ use openraft::{BasicNode, ServerState};
 use pgquorum_api::pb::monitor::monitor_client::MonitorClient;
 use pgquorum_api::{no_leader, status_from_core, HOPS_HEADER, MAX_FORWARD_HOPS};
 use pgquorum_core::{
-    joint_quorum_acked_at, may_grant_lease, orchestrate, orchestrate_group, Command, GroupId,
-    HealthTable, Outcome, ReportOrder,
+    joint_quorum_acked_at, may_grant_lease, Command, GroupId, HealthTable, Outcome, Proposed,
+    ReportOrder, Rounds,
 };
 use tonic::transport::Channel;
 use tonic::Status;
@@ -376,27 +376,20 @@ impl Member {
     }
 
     /// Admits a keeper's report unless it is stale (DESIGN.md: a report is never applied
-    /// after a newer one from the same keeper, nor long after it was sent); a stale one is
-    /// refused with ABORTED and changes nothing.
+    /// after a newer one from the same keeper, nor long after it was sent); a stale one
+    /// changes nothing (the heartbeat protocol refuses it).
     pub fn admit_report(
         &self,
         node: pgquorum_core::NodeId,
         stamp: pgquorum_core::ReportStamp,
         max_delay_ms: u64,
-    ) -> Result<(), Status> {
+    ) -> Result<(), pgquorum_core::StaleReport> {
         let now = self.reach.now_ms();
         self.reports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .admit(node, stamp, now, max_delay_ms)
-            .map_err(|e| {
-                tracing::info!(node, error = %e, "stale heartbeat refused");
-                // The keeper's next report is judged against this one: retry.
-                pgquorum_api::refused(
-                    pgquorum_core::ErrorClass::RetryLater,
-                    format!("stale heartbeat of node {node} refused, nothing changed: {e}"),
-                )
-            })
+            .inspect_err(|e| tracing::info!(node, error = %e, "stale heartbeat refused"))
     }
 
     /// The leader's health table for the current term, created empty (all "unknown")
@@ -413,49 +406,48 @@ impl Member {
         }
     }
 
-    /// Lets the core decide (for one group, or for all with `scope` None) and proposes
-    /// what it decided, again while a round's decisions were applied (one decision often
-    /// enables the next, e.g. the last candidate's report_lsn lets the winner be told to
-    /// prepare_promotion), at most `rounds` times. In steady state the core decides
-    /// nothing, so nothing is proposed and no turn is waited for.
+    /// The turn to propose decisions: one decider at a time, so that two do not
+    /// propose the same decision (the second would be refused, or worse, decided on a
+    /// state the first is changing).
+    pub async fn decision_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.orchestrating.lock().await
+    }
+
+    /// Proposes `cmds` in order. A command the state machine refuses changed nothing:
+    /// it is logged (as `what`) and the rest go on. Err (UNAVAILABLE) when the member
+    /// cannot write at all (no quorum, not the leader); the rest are not proposed.
+    pub async fn propose_all(&self, cmds: Vec<Command>, what: &str) -> Result<Proposed, Status> {
+        let mut outcome = Proposed::NoneApplied;
+        for cmd in cmds {
+            match self.propose(cmd).await {
+                Ok(_) => outcome = Proposed::Applied,
+                Err(s) if s.code() == tonic::Code::Unavailable => return Err(s),
+                Err(s) => tracing::warn!(error = %s.message(), "{what}"),
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// The periodic tick's decisions (for one group, or for all with `scope` None),
+    /// proposed in up to [`pgquorum_core::DECIDE_ROUNDS`] rounds ([`Rounds`]). In steady
+    /// state the core decides nothing, so nothing is proposed and no turn is waited for.
     /// Err only when the member cannot write at all (no quorum, not the leader).
-    pub async fn orchestrate_rounds(
-        &self,
-        scope: Option<(&str, GroupId)>,
-        rounds: usize,
-    ) -> Result<(), Status> {
-        let decide = || {
-            let now = now_ms();
+    pub async fn orchestrate_rounds(&self, scope: Option<(String, GroupId)>) -> Result<(), Status> {
+        let mut rounds = Rounds::new(scope);
+        let decide = |r: &Rounds| {
             let a = self.read();
-            self.with_health(|h| match scope {
-                Some((formation, group)) => orchestrate_group(&a.state, h, now, formation, group),
-                None => orchestrate(&a.state, h, now),
-            })
+            self.with_health(|h| r.next(&a.state, h, now_ms()))
         };
-        if decide().is_empty() {
+        if decide(&rounds).is_none() {
             return Ok(());
         }
-        let _turn = self.orchestrating.lock().await;
-        for _ in 0..rounds {
-            // Decided again under the turn: the previous holder may have changed things.
-            let cmds = decide();
-            if cmds.is_empty() {
-                break;
-            }
-            let mut applied_any = false;
-            for cmd in cmds {
-                match self.propose(cmd).await {
-                    Ok(_) => applied_any = true,
-                    Err(s) if s.code() == tonic::Code::Unavailable => return Err(s),
-                    Err(s) => {
-                        tracing::warn!(error = %s.message(), "orchestrator proposal refused")
-                    }
-                }
-            }
-            // Refused decisions would only be decided and refused again.
-            if !applied_any {
-                break;
-            }
+        let _turn = self.decision_turn().await;
+        // Decided again under the turn: the previous holder may have changed things.
+        while let Some(cmds) = decide(&rounds) {
+            let outcome = self
+                .propose_all(cmds, "orchestrator proposal refused")
+                .await?;
+            rounds.proposed(outcome);
         }
         Ok(())
     }

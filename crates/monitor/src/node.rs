@@ -438,9 +438,9 @@ async fn orchestrator_loop(m: Arc<Member>) {
         if m.raft.metrics().borrow().state != ServerState::Leader {
             continue;
         }
-        // Up to 3 rounds: one decision often enables the next (demoting a silent primary
+        // Several rounds: one decision often enables the next (demoting a silent primary
         // fences it, which lets its standbys be asked for their LSN at once).
-        if let Err(s) = m.orchestrate_rounds(None, 3).await {
+        if let Err(s) = m.orchestrate_rounds(None).await {
             tracing::warn!(error = %s.message(), "orchestrator proposal refused");
         }
     }

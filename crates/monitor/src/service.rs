@@ -15,8 +15,8 @@ use pgquorum_api::{
     HOPS_HEADER, LOCAL_READ_HEADER,
 };
 use pgquorum_core::{
-    assignment, keeper_events, on_heartbeat, Command, CoreError, ErrorClass, Health, Outcome,
-    DEFAULT_FORMATION,
+    assignment, Command, CoreError, ErrorClass, Health, Heartbeat, Outcome, Proposed, Refusal,
+    Step, DEFAULT_FORMATION,
 };
 use tonic::{Request, Response, Status};
 
@@ -36,6 +36,28 @@ const WATCH_EVENTS_POLL: Duration = Duration::from_millis(200);
 /// How many events a WatchEvents stream may have queued for a slow reader before the
 /// member stops it (the reader can resume with `after_id`).
 const WATCH_EVENTS_QUEUE: usize = 256;
+
+/// The status for a heartbeat the core's protocol refused.
+fn refusal_status(node: pgquorum_core::NodeId, r: &Refusal) -> Status {
+    match r {
+        Refusal::UnknownNode(_) => refused(
+            ErrorClass::NotFound,
+            format!("node {node} is not registered (was it dropped?); register it again"),
+        ),
+        Refusal::Rejected(e) => status_from_core(e),
+        // The keeper's next report is judged against this one: retry.
+        Refusal::Stale(e) => refused(
+            ErrorClass::RetryLater,
+            format!("stale heartbeat of node {node} refused, nothing changed: {e}"),
+        ),
+        Refusal::NoLeadershipProof => Status::unavailable(
+            "this member cannot prove that it is the monitor leader; no lease granted",
+        ),
+        Refusal::CannotCommit => {
+            Status::unavailable("the heartbeat's changes could not be committed; no lease granted")
+        }
+    }
+}
 
 /// Whether an event belongs in an answer filtered by `formation` ("" = every one).
 /// Monitor-wide events (a new leader, a restart) have no formation and are in every
@@ -444,88 +466,67 @@ impl Monitor for MonitorService {
         check_keeper_is(&caller, &request.get_ref().name)?;
         forward!(self, request, node_active, caller);
         let active = NodeActive::try_from(request.into_inner())?;
-        // The answer grants a lease: refuse early rather than wait for writes that a
-        // member cut off from the others cannot commit.
-        self.m.await_leadership_proof().await?;
-        let report = active.report;
-        let node_id = report.node_id;
-        let now = now_ms();
-        let (cmds, formation, group) = {
-            let applied = self.m.read();
-            let Some(node) = applied.state.nodes.get(&node_id) else {
-                return Err(refused(
-                    ErrorClass::NotFound,
-                    format!(
-                        "node {node_id} is not registered (was it dropped?); register it again"
-                    ),
-                ));
+        let (node_id, stamp) = (active.report.node_id, active.stamp);
+        // The core's heartbeat protocol (pgquorum_core::Heartbeat) says what to do next;
+        // this loop does it with real Raft writes and the real leadership proof.
+        let mut hb = Heartbeat::new(active.report);
+        let mut turn = None;
+        loop {
+            let step = {
+                let applied = self.m.read();
+                self.m.with_health(|h| hb.next(&applied.state, h, now_ms()))
             };
-            // Another cluster's data directory gets no lease and no assignment.
-            applied
-                .state
-                .check_system_identifier(node_id, report.system_identifier)
-                .map_err(|e| status_from_core(&e))?;
-            // The id in the request must be the certificate's node: a keeper cannot keep
-            // another (dead) node "healthy" by beating with its id.
-            check_keeper_is(&caller, &node.name)?;
-            let (formation, group) = (node.formation.clone(), node.group_id);
-            let lease_ms = applied
-                .state
-                .formations
-                .get(&formation)
-                .map(|f| f.settings.lease_ms)
-                .unwrap_or(1500);
-            self.m.admit_report(node_id, active.stamp, lease_ms)?;
-            let name = node.name.clone();
-            let cmds = self.m.with_health(|h| {
-                // A keeper's crash restarts and fences show as counters that grow:
-                // recorded once, as events, when the leader sees one grow.
-                let mut cmds: Vec<Command> = if h.is_reordered(&report) {
-                    Vec::new()
-                } else {
-                    keeper_events(h.report(node_id), &report, &name)
-                        .into_iter()
-                        .map(|description| Command::RecordEvent {
-                            formation: formation.clone(),
-                            group_id: group,
-                            node_id: Some(node_id),
-                            description,
-                        })
-                        .collect()
-                };
-                h.observe(report.clone(), now);
-                cmds.extend(on_heartbeat(&applied.state, h, &report, now));
-                cmds
-            });
-            (cmds, formation, group)
-        };
-        // Only changes cost a Raft write; a steady heartbeat proposes nothing.
-        for cmd in cmds {
-            if let Err(s) = self.m.propose(cmd).await {
-                if s.code() == tonic::Code::Unavailable {
-                    return Err(s);
+            match step {
+                Step::ProveLeadership => {
+                    // Asked first (a member cut off from the others cannot commit: refuse
+                    // rather than wait for writes) and again as the lease is granted.
+                    turn = None;
+                    self.m.await_leadership_proof().await?;
+                    hb.proved(true);
                 }
-                tracing::warn!(node = node_id, error = %s.message(), "heartbeat change refused");
+                Step::Admit {
+                    node,
+                    name,
+                    max_delay_ms,
+                } => {
+                    // The id in the request must be the certificate's node: a keeper
+                    // cannot keep another (dead) node "healthy" by beating with its id.
+                    check_keeper_is(&caller, &name)?;
+                    hb.admitted(self.m.admit_report(node, stamp, max_delay_ms));
+                }
+                Step::Record(cmds) => {
+                    // Only changes cost a Raft write; a steady heartbeat proposes nothing.
+                    let outcome = self.m.propose_all(cmds, "heartbeat change refused").await?;
+                    hb.proposed(outcome);
+                }
+                Step::Decide(cmds) => {
+                    // Deciding at once on what this report changed lets the keeper learn
+                    // its next goal in this reply. One decider at a time; decided again
+                    // once this one has the turn.
+                    if turn.is_none() {
+                        turn = Some(self.m.decision_turn().await);
+                        continue;
+                    }
+                    match self
+                        .m
+                        .propose_all(cmds, "orchestrator proposal refused")
+                        .await
+                    {
+                        Ok(outcome) => hb.proposed(outcome),
+                        Err(s) => {
+                            tracing::debug!(node = node_id, error = %s.message(), "decision after heartbeat not proposed");
+                            hb.proposed(Proposed::CannotCommit);
+                        }
+                    }
+                }
+                Step::Answer(a) => {
+                    return Ok(Response::new(pb::NodeActiveReply {
+                        assignment: Some(a.into()),
+                    }))
+                }
+                Step::Refuse(r) => return Err(refusal_status(node_id, &r)),
             }
         }
-        // Decide at once on what this report changed, so that the keeper learns its next
-        // goal in this reply instead of one orchestrator tick and one heartbeat later.
-        // A failed decision is left to the periodic tick: the heartbeat itself was heard,
-        // and the keeper's current assignment is still the right answer. Only this node's
-        // group: the periodic tick covers the rest.
-        if let Err(s) = self
-            .m
-            .orchestrate_rounds(Some((&formation, group)), 3)
-            .await
-        {
-            tracing::debug!(node = node_id, error = %s.message(), "decision after heartbeat not proposed");
-        }
-        let a = assignment(&self.m.read().state, node_id, now).map_err(|e| status_from_core(&e))?;
-        // Checked again as the lease is granted: the proof must hold at this moment.
-        self.m.await_leadership_proof().await?;
-        Ok(Response::new(pb::NodeActiveReply {
-            assignment: Some(a.into()),
-        }))
     }
 
     async fn get_state(

@@ -1,6 +1,8 @@
 //! A deterministic simulation of a pgquorum cluster: a monitor leader running the core
-//! state machine, keepers running the production decision (`decide`, see keeper.rs) on
-//! simulated PostgreSQL (WAL as a chain of records, streaming replication, synchronous commit),
+//! state machine and its heartbeat protocol (and at times a deposed leader still
+//! answering, see monitor.rs), keepers running the production decision (`decide`, see
+//! keeper.rs) on simulated PostgreSQL (WAL as a chain of records, streaming replication,
+//! synchronous commit),
 //! a simulated clock, and faults: crashes and restarts, lost and delayed heartbeats,
 //! partitions between keepers and the monitor, monitor leader changes and operator
 //! commands. Everything comes from one seed, so a failure replays exactly.
@@ -8,6 +10,7 @@
 use pgquorum_core::*;
 
 mod keeper;
+mod monitor;
 
 pub struct Rng(u64);
 
@@ -125,6 +128,13 @@ pub struct Sim {
     state: ClusterState,
     health: HealthTable,
     monitor_down_until: Millis,
+    /// A leader cut off from the other members that still answers some keepers.
+    deposed: Option<monitor::Deposed>,
+    /// Test knob: the deposed leader grants leases without its leadership proof (the
+    /// lease oracle must then fail).
+    grant_without_proof: bool,
+    /// Per keeper, its latest span of holding a lease in a writable state (oracle).
+    lease_spans: Vec<Option<monitor::LeaseSpan>>,
     keepers: Vec<Keeper>,
     msgs: Vec<(Millis, u64, Msg)>,
     msg_seq: u64,
@@ -138,6 +148,7 @@ pub struct Sim {
     pub crashes: u64,
     pub partitions: u64,
     pub leader_changes: u64,
+    pub depositions: u64,
     pub pg_crashes: u64,
     settings: FormationSettings,
     pub failovers: u64,
@@ -207,6 +218,9 @@ impl Sim {
             state: ClusterState::default(),
             health: HealthTable::new(1_000_000),
             monitor_down_until: 0,
+            deposed: None,
+            grant_without_proof: false,
+            lease_spans: vec![None; n],
             keepers,
             msgs: Vec::new(),
             msg_seq: 0,
@@ -219,6 +233,7 @@ impl Sim {
             crashes: 0,
             partitions: 0,
             leader_changes: 0,
+            depositions: 0,
             pg_crashes: 0,
             settings,
             failovers: 0,
@@ -226,6 +241,13 @@ impl Sim {
             log: Vec::new(),
             verbose,
         }
+    }
+
+    /// The deposed leader grants leases without proof of leadership: the broken
+    /// protocol the lease oracle must catch.
+    pub fn without_lease_proof(mut self) -> Self {
+        self.grant_without_proof = true;
+        self
     }
 
     fn note(&mut self, s: String) {
@@ -309,18 +331,6 @@ impl Sim {
             Err(e) => {
                 self.note(format!("refused {cmd:?}: {e}"));
                 false
-            }
-        }
-    }
-
-    fn run_orchestrator(&mut self) {
-        for _ in 0..4 {
-            let cmds = orchestrate(&self.state, &self.health, self.now);
-            if cmds.is_empty() {
-                return;
-            }
-            for c in &cmds {
-                self.apply(c);
             }
         }
     }
@@ -561,6 +571,7 @@ impl Sim {
             }
         }
         self.monitor_down_until = 0;
+        self.deposed = None;
     }
 
     fn heal_commands(&mut self) {
@@ -608,13 +619,7 @@ impl Sim {
                 let name = self.keepers[i].name.clone();
                 self.note(format!("partition {name} from the monitor for {d} ms"));
             }
-            if self.rng.chance(3) {
-                let d = self.rng.range(0, 1500);
-                self.monitor_down_until = now + d;
-                self.health = HealthTable::new(now + d);
-                self.leader_changes += 1;
-                self.note(format!("monitor leader change, {d} ms without leader"));
-            }
+            self.monitor_faults();
             if self.rng.chance(5) {
                 self.operator();
             }
@@ -671,33 +676,10 @@ impl Sim {
                     sent_at,
                     report,
                 } => {
-                    if self.monitor_down_until > now || self.keepers[node].partitioned_until > now {
+                    if self.keepers[node].partitioned_until > now {
                         continue;
                     }
-                    self.health.observe(report.clone(), now);
-                    let cmds = on_heartbeat(&self.state, &self.health, &report, now);
-                    for c in &cmds {
-                        self.apply(c);
-                    }
-                    self.run_orchestrator();
-                    if let Ok(a) = assignment(&self.state, report.node_id, now) {
-                        let d = self.delay();
-                        let by_choice = self
-                            .state
-                            .group(DEFAULT_FORMATION, 0)
-                            .and_then(|g| g.sync_history.last())
-                            .is_some_and(|c| c.async_by_choice);
-                        self.send(
-                            now + d,
-                            Msg::Answer {
-                                node,
-                                incarnation,
-                                beat_sent_at: sent_at,
-                                assignment: a,
-                                by_choice,
-                            },
-                        );
-                    }
+                    self.hear_beat(node, incarnation, sent_at, report);
                 }
                 Msg::Answer {
                     node,
@@ -723,9 +705,7 @@ impl Sim {
             }
         }
         // Periodic orchestration.
-        if self.monitor_down_until <= now && now.is_multiple_of(200) {
-            self.run_orchestrator();
-        }
+        self.monitor_tick();
         // Keepers.
         for i in 0..n {
             if !self.keepers[i].alive {
@@ -781,6 +761,7 @@ impl Sim {
                 }
             }
         }
+        self.check_writable_leases()?;
         // Clients and invariant 1.
         let writers: Vec<usize> = (0..n).filter(|i| self.writable(*i)).collect();
         if writers.len() > 1 {

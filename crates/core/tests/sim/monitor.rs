@@ -1,0 +1,262 @@
+//! The simulation's monitor side: the leader answering heartbeats through the core's
+//! heartbeat protocol ([`Heartbeat`]), its periodic decisions ([`Rounds`]), and a
+//! second, deposed leader.
+//!
+//! A leader can be deposed while it still answers (the partition of issue 13): cut
+//! off from the other members, it can no longer commit, and it goes on hearing the
+//! keepers on its side from its stale copy of the state. Its last quorum
+//! acknowledgement is the moment it was cut off; it grants a lease only while that
+//! proof is younger than the election timeout's minimum ([`may_grant_lease`]), and the
+//! new leader (with a fresh, all-unknown health table) can be elected only after that.
+//!
+//! The oracle here checks the keepers' side: no two nodes hold a lease in a writable
+//! state at overlapping times (the lease as the keeper counts it, from the beat it
+//! sent, lengthened by its slow clock).
+
+use pgquorum_core::*;
+
+use super::{Failure, Msg, Sim};
+
+/// The election timeout's minimum: a voter that acknowledged the leader votes for no
+/// one else for this long, so a new leader is elected only this long after the old
+/// one's last quorum acknowledgement (`pgquorum monitor run`: elections 225-450 ms).
+pub const ELECTION_MIN: Millis = 225;
+
+/// A leader cut off from the other members that still answers some keepers.
+pub struct Deposed {
+    /// The replicated state as it was when it was cut off: it can commit nothing more.
+    state: ClusterState,
+    health: HealthTable,
+    /// When a quorum last acknowledged it: its leadership proof.
+    acked_at: Millis,
+    /// It hears the keepers on its side until then (then it learns of the new term).
+    until: Millis,
+    /// The keepers on its side of the partition: their beats reach it, not the new leader.
+    side: Vec<bool>,
+}
+
+/// One keeper's latest span of holding a lease in a writable state: from when it held
+/// one to when it stopped (or, while `open`, to when its lease runs out).
+#[derive(Clone, Copy, Debug)]
+pub struct LeaseSpan {
+    from: Millis,
+    until: Millis,
+    open: bool,
+}
+
+impl Sim {
+    /// The current leader hears a beat (the deposed one, for the keepers on its side
+    /// while it still answers).
+    pub(super) fn hear_beat(
+        &mut self,
+        node: usize,
+        incarnation: u64,
+        sent_at: Millis,
+        report: NodeReport,
+    ) {
+        let now = self.now;
+        if self
+            .deposed
+            .as_ref()
+            .is_some_and(|d| d.until > now && d.side[node])
+        {
+            return self.deposed_beat(node, incarnation, sent_at, report);
+        }
+        if self.monitor_down_until > now {
+            return;
+        }
+        // The current leader: a quorum acknowledges it (the proof holds) and it commits.
+        let mut hb = Heartbeat::new(report);
+        loop {
+            match hb.next(&self.state, &mut self.health, now) {
+                Step::ProveLeadership => hb.proved(true),
+                Step::Admit { .. } => hb.admitted(Ok(())),
+                Step::Record(cmds) | Step::Decide(cmds) => {
+                    let applied = cmds.iter().filter(|c| self.apply(c)).count();
+                    hb.proposed(if applied > 0 {
+                        Proposed::Applied
+                    } else {
+                        Proposed::NoneApplied
+                    });
+                }
+                Step::Answer(a) => {
+                    let by_choice = Self::by_choice(&self.state);
+                    return self.answer(node, incarnation, sent_at, a, by_choice);
+                }
+                Step::Refuse(_) => return,
+            }
+        }
+    }
+
+    fn deposed_beat(&mut self, node: usize, incarnation: u64, sent_at: Millis, report: NodeReport) {
+        let now = self.now;
+        let proofless = self.grant_without_proof;
+        let name = self.keepers[node].name.clone();
+        let Some(d) = self.deposed.as_mut() else {
+            return;
+        };
+        let mut hb = Heartbeat::new(report);
+        let outcome = loop {
+            match hb.next(&d.state, &mut d.health, now) {
+                Step::ProveLeadership => {
+                    hb.proved(proofless || may_grant_lease(Some(d.acked_at), now, ELECTION_MIN))
+                }
+                Step::Admit { .. } => hb.admitted(Ok(())),
+                // Cut off from the others: nothing it proposes is committed.
+                Step::Record(_) | Step::Decide(_) => hb.proposed(Proposed::CannotCommit),
+                Step::Answer(a) => break Ok((a, Self::by_choice(&d.state))),
+                Step::Refuse(r) => break Err(r),
+            }
+        };
+        match outcome {
+            Ok((a, by_choice)) => {
+                self.note(format!(
+                    "deposed leader answers {name}: {} with a lease",
+                    a.goal_state
+                ));
+                self.answer(node, incarnation, sent_at, a, by_choice);
+            }
+            Err(r) => self.note(format!("deposed leader refuses {name}: {r:?}")),
+        }
+    }
+
+    /// Oracle only: whether empty synchronous names in an answer are the operator's choice.
+    fn by_choice(state: &ClusterState) -> bool {
+        state
+            .group(DEFAULT_FORMATION, 0)
+            .and_then(|g| g.sync_history.last())
+            .is_some_and(|c| c.async_by_choice)
+    }
+
+    fn answer(
+        &mut self,
+        node: usize,
+        incarnation: u64,
+        sent_at: Millis,
+        assignment: Assignment,
+        by_choice: bool,
+    ) {
+        let d = self.delay();
+        self.send(
+            self.now + d,
+            Msg::Answer {
+                node,
+                incarnation,
+                beat_sent_at: sent_at,
+                assignment,
+                by_choice,
+            },
+        );
+    }
+
+    /// The current leader's decisions over the whole state, in rounds.
+    pub(super) fn run_orchestrator(&mut self) {
+        let mut rounds = Rounds::new(None);
+        while let Some(cmds) = rounds.next(&self.state, &self.health, self.now) {
+            let applied = cmds.iter().filter(|c| self.apply(c)).count();
+            rounds.proposed(if applied > 0 {
+                Proposed::Applied
+            } else {
+                Proposed::NoneApplied
+            });
+        }
+    }
+
+    /// Monitor faults: the leader dies (and another is elected after a while), or it is
+    /// deposed while it still answers the keepers on its side.
+    pub(super) fn monitor_faults(&mut self) {
+        let now = self.now;
+        if self.rng.chance(3) {
+            let d = self.rng.range(0, 1500);
+            self.monitor_down_until = now + d;
+            self.health = HealthTable::new(now + d);
+            self.leader_changes += 1;
+            self.note(format!("monitor leader change, {d} ms without leader"));
+        }
+        if self.rng.chance(3) && self.deposed.is_none() && self.monitor_down_until <= now {
+            let n = self.keepers.len();
+            let side: Vec<bool> = (0..n).map(|_| self.rng.chance(500)).collect();
+            let until = now + self.rng.range(300, 6000);
+            // The voters that acknowledged it now refuse other candidates until then.
+            let elected = now + ELECTION_MIN + self.rng.range(0, 1000);
+            let old = std::mem::replace(&mut self.health, HealthTable::new(elected));
+            self.deposed = Some(Deposed {
+                state: self.state.clone(),
+                health: old,
+                acked_at: now,
+                until,
+                side: side.clone(),
+            });
+            self.monitor_down_until = elected;
+            self.depositions += 1;
+            let names: Vec<&str> = (0..n)
+                .filter(|i| side[*i])
+                .map(|i| self.keepers[i].name.as_str())
+                .collect();
+            let s = format!(
+                "monitor leader deposed; it answers {names:?} for {} ms, a new leader is elected after {} ms",
+                until - now,
+                elected - now
+            );
+            self.note(s);
+        }
+    }
+
+    /// The monitor's periodic work: the current leader's orchestrator pass, and the
+    /// deposed leader giving up once it learns of the new term.
+    pub(super) fn monitor_tick(&mut self) {
+        let now = self.now;
+        if self.deposed.as_ref().is_some_and(|d| d.until <= now) {
+            self.deposed = None;
+            self.note("the deposed leader learns of the new term and stops answering".into());
+        }
+        if self.monitor_down_until <= now && now.is_multiple_of(200) {
+            self.run_orchestrator();
+        }
+    }
+
+    /// Oracle: no two nodes hold a lease in a writable state at overlapping times.
+    pub(super) fn check_writable_leases(&mut self) -> Result<(), Failure> {
+        let now = self.now;
+        for i in 0..self.keepers.len() {
+            let k = &self.keepers[i];
+            let holds = k.alive && k.state.is_writable() && k.lease_until > now;
+            let span = &mut self.lease_spans[i];
+            match (holds, span.as_mut()) {
+                (true, Some(s)) if s.open => s.until = s.until.max(k.lease_until),
+                (true, _) => {
+                    *span = Some(LeaseSpan {
+                        from: now,
+                        until: k.lease_until,
+                        open: true,
+                    })
+                }
+                (false, Some(s)) if s.open => {
+                    s.until = s.until.min(now);
+                    s.open = false;
+                }
+                (false, _) => {}
+            }
+        }
+        // Any overlap shows when the later span starts (and stays while it is open).
+        for (i, a) in self.lease_spans.iter().enumerate() {
+            let Some(a) = a.filter(|a| a.open) else {
+                continue;
+            };
+            for (j, b) in self.lease_spans.iter().enumerate() {
+                let Some(b) = b else { continue };
+                if i != j && a.from < b.until && b.from < a.until {
+                    let (x, y) = (self.keepers[i].name.clone(), self.keepers[j].name.clone());
+                    return Err(self.fail(format!(
+                        "writable leases overlap: {x} holds one over [{}, {}], {y} over [{}, {}]",
+                        a.from - 1_000_000,
+                        a.until - 1_000_000,
+                        b.from - 1_000_000,
+                        b.until - 1_000_000
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
