@@ -185,6 +185,30 @@ impl Decision {
     }
 }
 
+impl Decision {
+    /// What the keeper records as the node it follows when this decision's action
+    /// failed because the standby did not come to stream from an upstream that was up.
+    /// A standby goal decided without a rewind (the recorded upstream is the assigned
+    /// one) forgets it, so that the next attempt rewinds: the upstream's history may have
+    /// changed while this node was down or cut off (it was demoted, rewound onto another
+    /// node and promoted again, under the same name), and a standby that no longer holds
+    /// a prefix of its WAL waits for a stream that cannot start (found by the simulation,
+    /// seed 8383 with a deposed monitor leader). pg_rewind onto an upstream that did not
+    /// diverge changes nothing, so a wrong guess costs a restart, never data.
+    pub fn following_after_failure(&self, before: Option<&str>) -> Option<String> {
+        match (&self.target, self.action) {
+            (
+                Target::Standby {
+                    upstream: Some(_),
+                    wait: true,
+                },
+                Action::StartStandby | Action::ConfigureStandby,
+            ) => None,
+            _ => before.map(Into::into),
+        }
+    }
+}
+
 /// The shape of PostgreSQL that `a`'s goal asks for.
 pub fn target(a: &Assignment) -> Target {
     use NodeState::*;

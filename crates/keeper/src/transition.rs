@@ -90,6 +90,17 @@ impl Instance {
             }
             Err(e) => {
                 tracing::warn!(node = %self.settings.name, %from, goal = %a.goal_state, error = %e, "transition failed");
+                if matches!(e, KeeperError::Timeout(_)) {
+                    // The wait for a stream ran out (see Decision::following_after_failure).
+                    let after = d.following_after_failure(self.state.following.as_deref());
+                    if after != self.state.following {
+                        tracing::info!(node = %self.settings.name, "no stream from the recorded upstream: the next attempt rewinds");
+                        self.state.following = after;
+                        if let Err(se) = self.save_state() {
+                            tracing::warn!(error = %se, "cannot record the forgotten upstream; it is forgotten in memory");
+                        }
+                    }
+                }
             }
         }
         result

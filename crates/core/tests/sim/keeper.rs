@@ -47,6 +47,18 @@ impl Sim {
                     self.note(format!("{name} reached {} by {action:?}", d.reached));
                 }
             } else {
+                // The real keeper's wait for a stream timed out with its upstream up
+                // (`KeeperError::Timeout` in crates/keeper/src/transition.rs).
+                let up = match &d.target {
+                    Target::Standby {
+                        upstream: Some(p), ..
+                    } => self.idx_of(p.node_id),
+                    _ => None,
+                };
+                if up.is_some_and(|p| self.serves(p)) {
+                    let k = &mut self.keepers[i];
+                    k.following = d.following_after_failure(k.following.as_deref());
+                }
                 self.keepers[i].applied = None;
             }
             return;
