@@ -574,7 +574,7 @@ mod tests {
     }
 
     /// `ALL` is derived from the enum's own list; this pins that it is in declaration
-    /// order (`keeper_path` breaks ties by it) and complete: every state's discriminant
+    /// order (listings and golden files follow it) and complete: every state's discriminant
     /// is its index, and the exhaustive match below has no `_` arm.
     #[test]
     fn all_lists_every_state_once_in_order() {
