@@ -266,10 +266,9 @@ impl Postmaster {
                 "postgres is frozen (stopped by a signal): killing every postgres process (SIGKILL)"
             );
             kill_tree(self.child.pid);
-            return match tokio::time::timeout(KILL_PATIENCE, self.child.wait()).await {
-                Ok(st) => Some(st),
-                Err(_) => None,
-            };
+            return tokio::time::timeout(KILL_PATIENCE, self.child.wait())
+                .await
+                .ok();
         }
         if mode == StopMode::Fast {
             if let Ok(st) = tokio::time::timeout(FAST_STOP_PATIENCE, self.child.wait()).await {
