@@ -215,12 +215,16 @@ impl Sim {
         }
     }
 
-    /// Oracle: no two nodes hold a lease in a writable state at overlapping times.
+    /// Oracle: no two nodes hold a lease while their PostgreSQL runs as a primary at
+    /// overlapping times. A keeper whose last reached state is writable but whose
+    /// PostgreSQL was stopped (fenced) holds nothing writable: an answer that renews its
+    /// lease while assigning it a standby goal lets it take no write (seed 15251: a
+    /// fenced wait_primary told to rejoin as a standby).
     pub(super) fn check_writable_leases(&mut self) -> Result<(), Failure> {
         let now = self.now;
         for i in 0..self.keepers.len() {
+            let holds = self.writable(i);
             let k = &self.keepers[i];
-            let holds = k.alive && k.state.is_writable() && k.lease_until > now;
             let span = &mut self.lease_spans[i];
             match (holds, span.as_mut()) {
                 (true, Some(s)) if s.open => s.until = s.until.max(k.lease_until),
