@@ -354,9 +354,8 @@ async fn local_up_serves_writes_stops_on_ctrl_c_restarts_and_local_down_cleans_u
     );
     wait_until(Duration::from_secs(60), "every node settled again", || {
         (1..=3).all(|j| {
-            state_of(&format!("node{j}")).is_some_and(|n| {
-                n["health"] == "healthy" && n["reported_state"] == n["goal_state"]
-            })
+            state_of(&format!("node{j}"))
+                .is_some_and(|n| n["health"] == "healthy" && n["reported_state"] == n["goal_state"])
         })
     })
     .unwrap();

@@ -422,7 +422,14 @@ async fn wait_leader_among(g: &MonitorGroup, ids: &[u64]) {
         for id in ids {
             seen.insert(g.status(*id).await.and_then(|s| s.leader_id));
         }
-        if seen.len() == 1 && seen.iter().next().is_some_and(|l| l.is_some()) {
+        // One leader, and one of `ids`: right after the old leader stopped, the others
+        // still name it until their election timeout runs out.
+        if seen.len() == 1
+            && seen
+                .iter()
+                .next()
+                .is_some_and(|l| l.is_some_and(|l| ids.contains(&l)))
+        {
             return;
         }
         assert!(
