@@ -124,6 +124,9 @@ async fn a_member_whose_storage_fails_exits_non_zero_and_rejoins_after_a_restart
         .await
         .expect("the restarted member answers");
     assert!(status.leader_id.is_some(), "{status:?}");
-    drop(g);
+    // The tmpfs first (lazily: member 3 may still hold it), so that the group's temporary
+    // directory is an ordinary directory again when the group removes it: removed the
+    // other way round, the mount point was busy and the directory stayed behind.
     drop(fs);
+    drop(g);
 }
