@@ -457,7 +457,7 @@ impl Instance {
         let crashed = self.reap();
         let t = target(a);
         if self.is_running() && self.state.current_state == a.goal_state {
-            self.follow_upstream_address(a).await?;
+            self.follow_upstream_address(a)?;
             // A slot whose walsender was still up when its node was dropped, or one
             // left by an earlier primary, goes within seconds even when no new
             // assignment comes.
@@ -518,7 +518,7 @@ impl Instance {
     /// in primary_conninfo (its container or pod came back elsewhere) is pointed at the
     /// new one; no lookup here: [`crate::addresses::follow`] does them. A standby that
     /// has just streamed for the first time starts using its replication slot.
-    async fn follow_upstream_address(&mut self, a: &Assignment) -> Result<()> {
+    fn follow_upstream_address(&mut self, a: &Assignment) -> Result<()> {
         let Target::Standby {
             upstream: Some(p), ..
         } = target(a)
@@ -539,16 +539,7 @@ impl Instance {
         let up = standby_upstream(a, Some(&p), addr, slot);
         if pgconf::write_conf(self.pgdata(), &self.settings, "", &up)? {
             tracing::info!(node = %self.settings.name, upstream = %p.name, address = ?addr, slot, "following the upstream at its new address, or through its slot");
-            if moved {
-                self.reload();
-            } else {
-                // Only the slot changed. A reload ends the WAL receiver for the new
-                // primary_slot_name, and the startup process was seen to start the next
-                // one only 15 s later (a vanished host's heal took 18 s instead of 3 s,
-                // docs/benchmarks.md); a standby started afresh streams at once.
-                self.stop(StopMode::Fast).await;
-                self.start().await?;
-            }
+            self.reload();
         }
         self.conf_upstream_addr = addr;
         self.conf_slot = slot;
