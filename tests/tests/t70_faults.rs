@@ -28,6 +28,27 @@ fn is_stopped(pid: Pid) -> bool {
         .unwrap_or(false)
 }
 
+/// A probe writing to every node, once it has seen a write accepted by `primary`.
+async fn probe_every_node(c: &Cluster, primary: &str) -> Probe {
+    let probe = Probe::start(
+        c.nodes
+            .iter()
+            .map(|n| (n.spec.name.clone(), "127.0.0.1".to_string(), n.spec.pg_port))
+            .collect(),
+    );
+    pgquorum_testkit::wait_until_async(
+        Duration::from_secs(20),
+        "a probe write on the primary",
+        || {
+            let ok = probe.last_accepted(primary).is_some();
+            async move { ok }
+        },
+    )
+    .await
+    .unwrap();
+    probe
+}
+
 /// The primary's keeper is SIGSTOPped while its postgres runs on. The monitor promotes
 /// a standby once the lease is surely over; by then the fence guard (a separate
 /// process) has stopped the old postgres, so the old primary takes no write, not even
@@ -39,22 +60,7 @@ async fn paused_primary_keeper_is_fenced_and_a_standby_takes_over() {
     let old = c.primary().await;
     let w = c.writer();
     w.wait_progress(50, "before the pause").await;
-    let probe = Probe::start(
-        c.nodes
-            .iter()
-            .map(|n| (n.spec.name.clone(), "127.0.0.1".to_string(), n.spec.pg_port))
-            .collect(),
-    );
-    pgquorum_testkit::wait_until_async(
-        Duration::from_secs(20),
-        "a probe write on the primary",
-        || {
-            let ok = probe.last_accepted(&old).is_some();
-            async move { ok }
-        },
-    )
-    .await
-    .unwrap();
+    let probe = probe_every_node(&c, &old).await;
 
     let keeper =
         Pid::from_raw(i32::try_from(c.node(&old).keeper.as_ref().unwrap().pid().unwrap()).unwrap());
@@ -349,22 +355,7 @@ async fn frozen_primary_postgres_is_killed_and_writes_resume_within_the_lease() 
     let old = c.primary().await;
     let w = c.writer();
     w.wait_progress(50, "before the freeze").await;
-    let probe = Probe::start(
-        c.nodes
-            .iter()
-            .map(|n| (n.spec.name.clone(), "127.0.0.1".to_string(), n.spec.pg_port))
-            .collect(),
-    );
-    pgquorum_testkit::wait_until_async(
-        Duration::from_secs(20),
-        "a probe write on the primary",
-        || {
-            let ok = probe.last_accepted(&old).is_some();
-            async move { ok }
-        },
-    )
-    .await
-    .unwrap();
+    let probe = probe_every_node(&c, &old).await;
 
     let pm = c.node(&old).spec.postmaster_pid().unwrap();
     let tree = postgres_tree(pm);

@@ -11,12 +11,7 @@ impl ClusterState {
         node: &str,
         now: Millis,
     ) -> Result<Outcome, CoreError> {
-        let id = self.lookup(formation, node)?;
-        let n = self
-            .nodes
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| CoreError::UnknownNode(node.to_string()))?;
+        let (id, n) = self.lookup_node(formation, node)?;
         if n.is_dropping() {
             self.remove_node(
                 id,

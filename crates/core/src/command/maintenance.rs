@@ -12,12 +12,7 @@ impl ClusterState {
         enable: bool,
         now: Millis,
     ) -> Result<Outcome, CoreError> {
-        let id = self.lookup(formation, node)?;
-        let n = self
-            .nodes
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| CoreError::UnknownNode(node.to_string()))?;
+        let (id, n) = self.lookup_node(formation, node)?;
         let group_id = n.group_id;
         let in_maint = n.goal_state.is_maintenance();
         if n.is_dropping() {

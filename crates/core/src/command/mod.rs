@@ -371,6 +371,21 @@ impl ClusterState {
             .ok_or_else(|| CoreError::UnknownNode(name.to_string()))
     }
 
+    /// [`Self::lookup`], and a copy of the node (the handler goes on to mutate `self`).
+    fn lookup_node(
+        &self,
+        formation: &str,
+        name: &str,
+    ) -> Result<(NodeId, crate::model::Node), CoreError> {
+        let id = self.lookup(formation, name)?;
+        let n = self
+            .nodes
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| CoreError::UnknownNode(name.to_string()))?;
+        Ok((id, n))
+    }
+
     fn group_mut(&mut self, formation: &str, group_id: GroupId) -> Option<&mut Group> {
         self.formations
             .get_mut(formation)

@@ -15,12 +15,7 @@ impl ClusterState {
         node: &str,
         now: Millis,
     ) -> Result<Outcome, CoreError> {
-        let id = self.lookup(formation, node)?;
-        let n = self
-            .nodes
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| CoreError::UnknownNode(node.to_string()))?;
+        let (id, n) = self.lookup_node(formation, node)?;
         if n.goal_state.is_writable() {
             return Err(CoreError::NotAllowed(format!(
                 "node {node} is the primary: there is nothing to rebuild it from; perform a switchover first"
