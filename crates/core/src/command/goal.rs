@@ -1,8 +1,9 @@
 //! Changing a node's goal under the structural invariants (one writer, a writable goal
 //! only when every other node is fenced).
 
-use super::{fmt_lsn, Outcome};
+use super::Outcome;
 use crate::error::CoreError;
+use crate::lsn::Lsn;
 use crate::model::{ClusterState, Failover, Millis, Node, NodeId, NodeState};
 
 /// Goals a node holding a writable goal may be given next.
@@ -97,7 +98,7 @@ impl ClusterState {
                     )));
                 }
             }
-            // The old primary restarted in place may not know its position (0: it
+            // The old primary restarted in place may not know its position (it
             // crashed); its data directory held the floor when it was promoted and a
             // primary only appends.
             let restart_in_place = group
@@ -114,11 +115,11 @@ impl ClusterState {
                     "node {holder} restarted as primary without a known position: until it reports one, no other node is known to hold every acknowledged commit"
                 )));
             }
-            if node.reported_lsn < group.lsn_floor && !restart_in_place {
+            if !group.floor_met_by(node.reported_lsn) && !restart_in_place {
                 return Err(CoreError::NotAllowed(format!(
                     "node {name} has lsn {} but acknowledged commits may reach {}",
-                    fmt_lsn(node.reported_lsn),
-                    fmt_lsn(group.lsn_floor)
+                    Lsn::or_unknown(node.reported_lsn),
+                    Lsn::or_unknown(group.lsn_floor)
                 )));
             }
         }
@@ -127,20 +128,21 @@ impl ClusterState {
             (node.reported_lsn, node.timeline, node.position_known());
         // Every acknowledged commit of the ending epoch lies at or below: the most
         // advanced witness when enough of them reported, else the new primary's own
-        // LSN (the old primary restarted in place: nothing else is known).
+        // LSN (the old primary restarted in place: nothing else is known). None: no
+        // position is known, and the floor stays.
         let promoted_lsn = {
             let fo = group.failover.as_ref();
             let wit: Vec<&Node> =
                 crate::candidate::witnesses(self, &formation, group_id, fo).collect();
             let ids: Vec<NodeId> = wit.iter().map(|n| n.id).collect();
-            let target = wit.iter().map(|n| n.reported_lsn).max();
-            let proven = match (crate::sync::requirement(&group.sync_history, &ids), target) {
-                (crate::sync::Requirement::Met, Some(t)) => t,
-                _ => 0,
+            let target = wit.iter().filter_map(|n| n.reported_lsn).max();
+            let proven = match crate::sync::requirement(&group.sync_history, &ids) {
+                crate::sync::Requirement::Met => target,
+                _ => None,
             };
             // Its own WAL counts too: the old primary restarted in place holds commits it
             // acknowledged without a synchronous standby, above any witness.
-            proven.max(node.reported_lsn)
+            Lsn::max_known(proven, node.reported_lsn)
         };
         // Fast-forward source: the most advanced witness (lowest id among equals).
         let ff_source = if goal == NodeState::FastForward {
@@ -201,7 +203,9 @@ impl ClusterState {
             if let Some(g) = self.group_mut(&formation, group_id) {
                 g.failover = None;
                 g.sync_history.clear();
-                g.lsn_floor = g.lsn_floor.max(promoted_lsn);
+                if let Some(l) = promoted_lsn {
+                    g.raise_floor(l);
+                }
                 g.promoted_at_lsn = own_lsn;
                 g.promoted_at_timeline = own_timeline;
                 g.floor_unknown = (!own_known).then_some(node_id);
