@@ -14,7 +14,7 @@
 //! `crate::check::apply` checks the invariants.
 
 use pgquorum_core::{
-    on_heartbeat, orchestrate, ClusterState, Command, FormationSetting, HealthTable, HostName,
+    on_heartbeat, orchestrate, ClusterState, Command, FormationSetting, HealthTable, HostName, Lsn,
     NodeId, NodeReport, NodeSetting, NodeState, QuorumLossPolicy, ReplicationPeer,
     DEFAULT_FORMATION,
 };
@@ -180,7 +180,7 @@ impl World {
                 let cmd = Command::ReportState {
                     node_id,
                     state: r.state(),
-                    lsn: r.lsn(),
+                    lsn: Lsn::new(r.lsn()),
                     timeline: u32::from(r.u8() % 4),
                     pg_running: r.bool(),
                 };
@@ -230,9 +230,9 @@ impl World {
                             application_name: r.pick(&NAMES).to_owned(),
                             state: if r.bool() { "streaming" } else { "catchup" }.into(),
                             sync_state: if r.bool() { "quorum" } else { "async" }.into(),
-                            write_lsn: l,
-                            flush_lsn: l,
-                            replay_lsn: l,
+                            write_lsn: Lsn::new(l),
+                            flush_lsn: Lsn::new(l),
+                            replay_lsn: Lsn::new(l),
                             write_lag_ms: None,
                             flush_lag_ms: None,
                             replay_lag_ms: None,
@@ -244,9 +244,9 @@ impl World {
                     current_state,
                     pg_running: flags & 1 != 0,
                     pg_in_recovery: flags & 2 != 0,
-                    current_lsn: lsn,
-                    received_lsn: lsn,
-                    replayed_lsn: if flags & 4 != 0 { lsn / 2 } else { lsn },
+                    current_lsn: Lsn::new(lsn),
+                    received_lsn: Lsn::new(lsn),
+                    replayed_lsn: Lsn::new(if flags & 4 != 0 { lsn / 2 } else { lsn }),
                     timeline,
                     system_identifier: u64::from(flags >> 6),
                     replication: peers,

@@ -9,7 +9,7 @@ use openraft::{BasicNode, CommittedLeaderId, Entry, EntryPayload, Membership, Vo
 use pgquorum_api::pb::monitor as pb;
 use pgquorum_api::pb::raft as rpb;
 use pgquorum_core::{
-    Command, FormationSetting, HostName, NodeSetting, NodeState, QuorumLossPolicy,
+    Command, FormationSetting, HostName, Lsn, NodeSetting, NodeState, QuorumLossPolicy,
 };
 use pgquorum_monitor::store::{Applied, Header};
 use pgquorum_monitor::types::{LogId, Request, SnapshotMeta, StoredMembership, TypeConfig};
@@ -332,7 +332,7 @@ pub fn commands() -> Vec<Command> {
         Command::ReportState {
             node_id: 2,
             state: Secondary,
-            lsn: 0x300_0060,
+            lsn: Lsn::new(0x300_0060),
             timeline: 1,
             pg_running: true,
         },

@@ -4,7 +4,7 @@
 
 use pgquorum_core::{
     check_formation_name, check_node_name, quote_prefix, Assignment, Command, Event, Formation,
-    FormationSetting, Health, HostName, Node, NodeReport, NodeSetting, NodeState, PeerNode,
+    FormationSetting, Health, HostName, Lsn, Node, NodeReport, NodeSetting, NodeState, PeerNode,
     QuorumLossPolicy, ReplicationPeer, ReportStamp, DEFAULT_FORMATION,
 };
 use thiserror::Error;
@@ -380,9 +380,9 @@ impl TryFrom<pb::NodeActiveRequest> for NodeActive {
                 current_state: node_state("current_state", &r.current_state)?,
                 pg_running: r.pg_running,
                 pg_in_recovery: r.pg_in_recovery,
-                current_lsn: r.current_lsn,
-                received_lsn: r.received_lsn,
-                replayed_lsn: r.replayed_lsn,
+                current_lsn: Lsn::new(r.current_lsn),
+                received_lsn: Lsn::new(r.received_lsn),
+                replayed_lsn: Lsn::new(r.replayed_lsn),
                 timeline: r.timeline,
                 system_identifier: r.system_identifier,
                 replication: r
@@ -397,9 +397,9 @@ impl TryFrom<pb::NodeActiveRequest> for NodeActive {
                             )?,
                             state: bounded("replication.state", p.state, MAX_WORD)?,
                             sync_state: bounded("replication.sync_state", p.sync_state, MAX_WORD)?,
-                            write_lsn: p.write_lsn,
-                            flush_lsn: p.flush_lsn,
-                            replay_lsn: p.replay_lsn,
+                            write_lsn: Lsn::new(p.write_lsn),
+                            flush_lsn: Lsn::new(p.flush_lsn),
+                            replay_lsn: Lsn::new(p.replay_lsn),
                             write_lag_ms: p.write_lag_ms,
                             flush_lag_ms: p.flush_lag_ms,
                             replay_lag_ms: p.replay_lag_ms,
@@ -429,9 +429,9 @@ impl From<NodeActive> for pb::NodeActiveRequest {
             current_state: r.current_state.as_str().to_owned(),
             pg_running: r.pg_running,
             pg_in_recovery: r.pg_in_recovery,
-            current_lsn: r.current_lsn,
-            received_lsn: r.received_lsn,
-            replayed_lsn: r.replayed_lsn,
+            current_lsn: Lsn::raw(r.current_lsn),
+            received_lsn: Lsn::raw(r.received_lsn),
+            replayed_lsn: Lsn::raw(r.replayed_lsn),
             timeline: r.timeline,
             system_identifier: r.system_identifier,
             replication: r
@@ -441,9 +441,9 @@ impl From<NodeActive> for pb::NodeActiveRequest {
                     application_name: p.application_name,
                     state: p.state,
                     sync_state: p.sync_state,
-                    write_lsn: p.write_lsn,
-                    flush_lsn: p.flush_lsn,
-                    replay_lsn: p.replay_lsn,
+                    write_lsn: Lsn::raw(p.write_lsn),
+                    flush_lsn: Lsn::raw(p.flush_lsn),
+                    replay_lsn: Lsn::raw(p.replay_lsn),
                     write_lag_ms: p.write_lag_ms,
                     flush_lag_ms: p.flush_lag_ms,
                     replay_lag_ms: p.replay_lag_ms,
@@ -566,18 +566,15 @@ pub fn node_status_live(
     own: Option<&NodeReport>,
     primary: Option<&NodeReport>,
 ) -> pb::NodeStatus {
-    let nonzero = |v: u64| (v != 0).then_some(v);
     let peer = primary.filter(|p| p.node_id != n.id).and_then(|p| {
         p.replication
             .iter()
             .find(|r| r.application_name == n.name)
             .map(|r| (p, r))
     });
-    let lag = |theirs: u64| {
-        peer.and_then(|(p, _)| {
-            (p.current_lsn != 0 && theirs != 0).then(|| p.current_lsn.saturating_sub(theirs))
-        })
-    };
+    // Only two known positions make a lag.
+    let lag =
+        |theirs: Option<Lsn>| peer.and_then(|(p, _)| Some(p.current_lsn?.bytes_since(theirs?)));
     pb::NodeStatus {
         node_id: n.id,
         formation: n.formation.clone(),
@@ -587,7 +584,7 @@ pub fn node_status_live(
         port: u32::from(n.port),
         reported_state: n.reported_state.as_str().to_owned(),
         goal_state: n.goal_state.as_str().to_owned(),
-        reported_lsn: n.reported_lsn,
+        reported_lsn: Lsn::raw(n.reported_lsn),
         timeline: n.timeline,
         health: match health {
             Health::Healthy => "healthy",
@@ -599,10 +596,11 @@ pub fn node_status_live(
         replication_quorum: n.replication_quorum,
         last_heartbeat_ms_ago,
         pg_running: n.pg_running,
-        current_lsn: own.and_then(|r| nonzero(r.current_lsn)),
+        current_lsn: own.and_then(|r| r.current_lsn).map(Lsn::get),
         replayed_lsn: own
             .filter(|r| r.pg_in_recovery)
-            .and_then(|r| nonzero(r.replayed_lsn)),
+            .and_then(|r| r.replayed_lsn)
+            .map(Lsn::get),
         replication_state: peer.map(|(_, r)| r.state.clone()).unwrap_or_default(),
         sync_state: peer.map(|(_, r)| r.sync_state.clone()).unwrap_or_default(),
         flush_lag_bytes: peer.and_then(|(_, r)| lag(r.flush_lsn)),
@@ -1004,18 +1002,19 @@ mod tests {
                 current_state: NodeState::Secondary,
                 pg_running: true,
                 pg_in_recovery: true,
-                current_lsn: 100,
-                received_lsn: 90,
-                replayed_lsn: 80,
+                current_lsn: Lsn::new(100),
+                // Unknown: 0 on the wire.
+                received_lsn: None,
+                replayed_lsn: Lsn::new(80),
                 timeline: 2,
                 system_identifier: 42,
                 replication: vec![ReplicationPeer {
                     application_name: "b".into(),
                     state: "streaming".into(),
                     sync_state: "sync".into(),
-                    write_lsn: 1,
-                    flush_lsn: 2,
-                    replay_lsn: 3,
+                    write_lsn: None,
+                    flush_lsn: Lsn::new(2),
+                    replay_lsn: Lsn::new(3),
                     write_lag_ms: Some(4),
                     flush_lag_ms: None,
                     replay_lag_ms: Some(6),
@@ -1031,6 +1030,11 @@ mod tests {
             },
         };
         let wire = pb::NodeActiveRequest::from(a.clone());
+        assert_eq!((wire.current_lsn, wire.received_lsn), (100, 0));
+        assert_eq!(
+            (wire.replication[0].write_lsn, wire.replication[0].flush_lsn),
+            (0, 2)
+        );
         assert_eq!(NodeActive::try_from(wire).unwrap(), a);
         let mut bad = pb::NodeActiveRequest::from(a);
         bad.node_id = 0;

@@ -9,7 +9,7 @@ use crate::trust_args::{TrustArgs, Who};
 use anyhow::{bail, Context, Result};
 use pgquorum_api::client::{ClientError, MonitorClient};
 use pgquorum_api::pb::monitor as pb;
-use pgquorum_core::ErrorClass;
+use pgquorum_core::{ErrorClass, Lsn};
 use serde_json::json;
 
 #[derive(clap::Args, Clone)]
@@ -244,8 +244,10 @@ fn role(n: &pb::NodeStatus) -> &'static str {
     }
 }
 
+/// A wire LSN as PostgreSQL writes it; 0 (unknown) as PostgreSQL writes no position,
+/// `0/0`, which scripts reading `--json` have always seen.
 fn lsn(l: u64) -> String {
-    format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)
+    Lsn::new(l).map_or_else(|| "0/0".to_string(), |l| l.to_string())
 }
 
 /// The best LSN known for the node: the live one of its latest heartbeat when the

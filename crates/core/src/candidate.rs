@@ -1,7 +1,8 @@
 //! Candidate choice during a failover: whose reported LSN counts, whether enough of
 //! them are in, and which node to promote.
 
-use crate::model::{ClusterState, Failover, GroupId, Lsn, Node, NodeId};
+use crate::lsn::Lsn;
+use crate::model::{ClusterState, Failover, GroupId, Node, NodeId};
 
 /// Nodes whose reported LSN is final for the old primary's epoch: a keeper in
 /// report_lsn, fast_forward or prepare_promotion has stopped streaming before reporting
@@ -10,7 +11,7 @@ use crate::model::{ClusterState, Failover, GroupId, Lsn, Node, NodeId};
 /// was fenced: an older one may describe a state the keeper has since left without the
 /// monitor hearing of it (a lost heartbeat), streaming again. And the node must be on
 /// the old primary's timeline. And it must know its position: a keeper whose PostgreSQL
-/// is down after a crash reports 0 ("unknown"), which says nothing of what it holds.
+/// is down after a crash reports none, which says nothing of what it holds.
 pub fn witnesses<'a>(
     state: &'a ClusterState,
     formation: &'a str,
@@ -47,8 +48,9 @@ pub fn fast_forward_source(
         .group(formation, group_id)
         .and_then(|g| g.failover.as_ref());
     witnesses(state, formation, group_id, failover)
-        .max_by(|a, b| a.reported_lsn.cmp(&b.reported_lsn).then(b.id.cmp(&a.id)))
-        .map(|n| n.id)
+        .filter_map(|n| Some((n.reported_lsn?, n.id)))
+        .max_by(|(la, a), (lb, b)| la.cmp(lb).then(b.cmp(a)))
+        .map(|(_, id)| id)
 }
 
 /// The highest LSN among witnesses.
@@ -57,11 +59,12 @@ pub fn target_lsn(state: &ClusterState, formation: &str, group_id: GroupId) -> O
         .group(formation, group_id)
         .and_then(|g| g.failover.as_ref());
     witnesses(state, formation, group_id, failover)
-        .map(|n| n.reported_lsn)
+        .filter_map(|n| n.reported_lsn)
         .max()
 }
 
-/// Candidate order: highest candidate priority, then highest LSN, then lowest id.
+/// Candidate order: highest candidate priority, then highest LSN, then lowest id. An
+/// unknown position ranks below every known one (`None` orders first in an `Option`).
 pub fn rank(nodes: &mut [&Node]) {
     nodes.sort_by(|a, b| {
         b.candidate_priority

@@ -2,16 +2,22 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Lsn, Millis, NodeId, NodeState};
+use crate::lsn::{zero_is_none, Lsn};
+use crate::model::{Millis, NodeId, NodeState};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicationPeer {
     pub application_name: String,
     pub state: String,
     pub sync_state: String,
-    pub write_lsn: Lsn,
-    pub flush_lsn: Lsn,
-    pub replay_lsn: Lsn,
+    /// pg_stat_replication's positions of the standby; None: NULL, not reported yet
+    /// (stored and sent as 0).
+    #[serde(with = "zero_is_none")]
+    pub write_lsn: Option<Lsn>,
+    #[serde(with = "zero_is_none")]
+    pub flush_lsn: Option<Lsn>,
+    #[serde(with = "zero_is_none")]
+    pub replay_lsn: Option<Lsn>,
     /// pg_stat_replication's write_lag / flush_lag / replay_lag in milliseconds (None:
     /// NULL, i.e. nothing to measure since the standby caught up, or not reported).
     #[serde(default)]
@@ -29,9 +35,14 @@ pub struct NodeReport {
     pub current_state: NodeState,
     pub pg_running: bool,
     pub pg_in_recovery: bool,
-    pub current_lsn: Lsn,
-    pub received_lsn: Lsn,
-    pub replayed_lsn: Lsn,
+    /// A primary's pg_current_wal_lsn(), a standby's received (flushed) position, a
+    /// stopped server's from pg_control; None: unknown (stored and sent as 0).
+    #[serde(with = "zero_is_none")]
+    pub current_lsn: Option<Lsn>,
+    #[serde(with = "zero_is_none")]
+    pub received_lsn: Option<Lsn>,
+    #[serde(with = "zero_is_none")]
+    pub replayed_lsn: Option<Lsn>,
     pub timeline: u32,
     pub system_identifier: u64,
     pub replication: Vec<ReplicationPeer>,
@@ -181,9 +192,9 @@ pub(crate) mod tests {
             current_state: NodeState::Secondary,
             pg_running: true,
             pg_in_recovery: true,
-            current_lsn: 0,
-            received_lsn: 0,
-            replayed_lsn: 0,
+            current_lsn: None,
+            received_lsn: None,
+            replayed_lsn: None,
             timeline: 1,
             system_identifier: 1,
             replication: Vec::new(),

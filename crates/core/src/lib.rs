@@ -18,6 +18,7 @@ mod error;
 mod health;
 mod input;
 mod lease;
+mod lsn;
 mod model;
 mod orchestrate;
 mod order;
@@ -26,8 +27,8 @@ mod sync;
 
 pub use candidate::{fast_forward_source, target_lsn, witnesses};
 pub use command::{
-    fmt_lsn, Command, FormationSetting, NodeSetting, Outcome, MAX_EVENT_DESCRIPTION,
-    MAX_GROUP_NODES, MAX_SYNC_STANDBYS,
+    Command, FormationSetting, NodeSetting, Outcome, MAX_EVENT_DESCRIPTION, MAX_GROUP_NODES,
+    MAX_SYNC_STANDBYS,
 };
 pub use decide::{
     assignable_goals, decide, reportable_states, target, Action, DataDir, Decision, Observed,
@@ -43,6 +44,7 @@ pub use lease::{
     joint_quorum_acked_at, lease_base, lease_surely_expired, lease_surely_expired_at,
     may_grant_lease, quorum_acked_at,
 };
+pub use lsn::{zero_is_none, Lsn, LsnParseError};
 pub use model::*;
 pub use orchestrate::{
     assignment, on_heartbeat, orchestrate, orchestrate_group, unhealthy_after, Assignment,

@@ -3,13 +3,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::input::HostName;
+use crate::lsn::{zero_is_none, Lsn};
 
 /// Milliseconds since the Unix epoch, as passed in by the caller.
 pub type Millis = u64;
 pub type NodeId = u64;
 pub type GroupId = u32;
-/// A PostgreSQL WAL position (pg_lsn as u64).
-pub type Lsn = u64;
 
 pub const DEFAULT_FORMATION: &str = "default";
 
@@ -244,7 +243,10 @@ pub struct Node {
     pub replication_quorum: bool,
     pub reported_state: NodeState,
     pub goal_state: NodeState,
-    pub reported_lsn: Lsn,
+    /// Where its WAL ended at its last report; None: its keeper could not know
+    /// (PostgreSQL down after a crash, or never started).
+    #[serde(with = "zero_is_none")]
+    pub reported_lsn: Option<Lsn>,
     pub timeline: u32,
     pub pg_running: bool,
     pub system_identifier: u64,
@@ -278,11 +280,11 @@ fn is_zero(v: &u64) -> bool {
 }
 
 impl Node {
-    /// Whether the last report said where this node's WAL ends. A keeper reports LSN 0
-    /// when it cannot know (PostgreSQL down after a crash, or never started): that is
-    /// "unknown", never a position, and proves nothing.
+    /// Whether the last report said where this node's WAL ends. A keeper that cannot
+    /// know (PostgreSQL down after a crash, or never started) reports none: that proves
+    /// nothing.
     pub fn position_known(&self) -> bool {
-        self.reported_lsn != 0
+        self.reported_lsn.is_some()
     }
 
     pub fn is_dropping(&self) -> bool {
@@ -337,13 +339,16 @@ pub struct Group {
     pub sync_history: Vec<SyncConfig>,
     pub next_sync_seq: u64,
     /// Every acknowledged commit of the previous primaries is at or below this LSN on
-    /// the current timeline: the next primary must have at least this much.
-    pub lsn_floor: Lsn,
+    /// the current timeline: the next primary must have at least this much. None: no
+    /// floor (no primary's epoch has ended with a known position yet).
+    #[serde(with = "zero_is_none")]
+    pub lsn_floor: Option<Lsn>,
     pub failover: Option<Failover>,
     /// The current (or last) primary's LSN and timeline when it was given its writable
     /// goal: if it is found stopped on that timeline at that LSN, it never took a write.
-    #[serde(default)]
-    pub promoted_at_lsn: Lsn,
+    /// None: its position was unknown then, which proves nothing.
+    #[serde(default, with = "zero_is_none")]
+    pub promoted_at_lsn: Option<Lsn>,
     #[serde(default)]
     pub promoted_at_timeline: u32,
     /// An old primary restarted in place without knowing its position (it had crashed):
@@ -356,6 +361,22 @@ pub struct Group {
     /// primary (0 until then). A node reporting another one is refused.
     #[serde(default)]
     pub system_identifier: u64,
+}
+
+impl Group {
+    /// Whether a node at `lsn` holds everything up to the floor. An unknown position
+    /// never does, unless there is no floor.
+    pub fn floor_met_by(&self, lsn: Option<Lsn>) -> bool {
+        match self.lsn_floor {
+            None => true,
+            Some(floor) => lsn.is_some_and(|l| l >= floor),
+        }
+    }
+
+    /// Raise the floor to `lsn` (a floor never goes down).
+    pub fn raise_floor(&mut self, lsn: Lsn) {
+        self.lsn_floor = Some(self.lsn_floor.map_or(lsn, |f| f.max(lsn)));
+    }
 }
 
 /// An entry of the bounded event history: what changed and why.

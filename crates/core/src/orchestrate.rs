@@ -4,11 +4,12 @@
 use serde::{Deserialize, Serialize};
 
 use crate::candidate::{fast_forward_source, rank, witnesses};
-use crate::command::{fmt_lsn, Command};
+use crate::command::Command;
 use crate::error::CoreError;
 use crate::health::{HealthTable, NodeReport};
 use crate::input::HostName;
 use crate::lease::lease_surely_expired;
+use crate::lsn::Lsn;
 use crate::model::{
     ClusterState, FormationSettings, Group, GroupId, Millis, Node, NodeId, NodeState,
     QuorumLossPolicy,
@@ -269,10 +270,19 @@ impl<'a> Ctx<'a> {
         let Some(pr) = self.health.report(p.id) else {
             return false;
         };
+        // Bytes the standby's flush is behind the primary's position. A standby that
+        // has not reported a flush position yet is behind all of it; a primary whose
+        // position is unknown while it streams (one that has written no WAL yet, in the
+        // simulation) has nothing to be behind.
+        let lag = |flush: Option<Lsn>| match (pr.current_lsn, flush) {
+            (None, _) => 0,
+            (Some(c), None) => c.get(),
+            (Some(c), Some(f)) => c.bytes_since(f),
+        };
         let by_primary = pr.replication.iter().any(|r| {
             r.application_name == n.name
                 && r.state == "streaming"
-                && pr.current_lsn.saturating_sub(r.flush_lsn) <= CATCHUP_LAG_BYTES
+                && lag(r.flush_lsn) <= CATCHUP_LAG_BYTES
         });
         by_primary && self.healthy(n)
     }
@@ -606,41 +616,45 @@ impl<'a> Ctx<'a> {
         let ids: Vec<NodeId> = wit.iter().map(|n| n.id).collect();
         // An old primary found stopped on the timeline and at the LSN it had when it
         // was made primary never took a write: its epoch holds no acknowledged commit,
-        // and everything older lies at or below the group's floor. Only a known position
-        // proves that: a keeper reports 0 for "unknown" (PostgreSQL crashed, or the
-        // first primary, promoted before it ever ran), and 0 <= anything.
+        // and everything older lies at or below the group's floor. Only two known
+        // positions prove that: a keeper reports none when it cannot know (PostgreSQL
+        // crashed), and the first primary was promoted before it ever ran.
         let epoch_empty = old.is_some_and(|o| {
             o.reported_state.is_stopped()
-                && o.position_known()
                 && o.timeline != 0
                 && self.group.promoted_at_timeline != 0
                 && o.lsn_at >= fenced_at
                 && o.timeline == self.group.promoted_at_timeline
-                && o.reported_lsn <= self.group.promoted_at_lsn
+                && matches!(
+                    (o.reported_lsn, self.group.promoted_at_lsn),
+                    (Some(now_at), Some(promoted_at)) if now_at <= promoted_at
+                )
         });
         let req = if epoch_empty {
             Requirement::Met
         } else {
             requirement(&self.group.sync_history, &ids)
         };
-        let target = wit.iter().map(|n| n.reported_lsn).max().unwrap_or(0);
+        // Witnesses know their position: none known means no witness.
+        let target = wit.iter().filter_map(|n| n.reported_lsn).max();
         let safe = req == Requirement::Met
-            && !wit.is_empty()
-            && target >= self.group.lsn_floor
+            && self.group.floor_met_by(target)
             && self.group.floor_unknown.is_none();
-        if safe && self.choose(f, &wit, target, out) {
-            return;
+        if let Some(target) = target.filter(|_| safe) {
+            if self.choose(f, &wit, target, out) {
+                return;
+            }
         }
         // 4. Last resort: restart the demoted old primary in place. It holds every
         // commit it acknowledged, so this is always safe for data.
         if let Some(o) = old {
             let waited = self.now.saturating_sub(fenced_at) >= self.settings.lease_ms;
             // Its data directory held the floor when it was promoted and a primary only
-            // appends, so an unknown position (0: it crashed) is no reason to wait.
+            // appends, so an unknown position (it crashed) is no reason to wait.
             if waited
                 && o.reported_state == NodeState::Demoted
                 && o.goal_state == NodeState::Demoted
-                && (o.reported_lsn >= self.group.lsn_floor || !o.position_known())
+                && (!o.position_known() || self.group.floor_met_by(o.reported_lsn))
                 && self.alive(o)
                 && !wit
                     .iter()
@@ -666,7 +680,7 @@ impl<'a> Ctx<'a> {
         &self,
         f: Option<&crate::model::Failover>,
         wit: &[&'a Node],
-        target: u64,
+        target: Lsn,
         out: &mut Vec<Command>,
     ) -> bool {
         let mut cands: Vec<&Node> = wit
@@ -710,7 +724,7 @@ impl<'a> Ctx<'a> {
         let ff_source = fast_forward_source(self.state, self.formation, self.group_id)
             .and_then(|id| self.state.nodes.get(&id));
         for c in cands {
-            if c.reported_lsn >= target {
+            if c.reported_lsn.is_some_and(|l| l >= target) {
                 return self.advance(c, target, out);
             }
             if ff_source.is_some_and(|s| self.healthy(s)) {
@@ -720,8 +734,9 @@ impl<'a> Ctx<'a> {
         false
     }
 
-    fn advance(&self, c: &Node, target: u64, out: &mut Vec<Command>) -> bool {
-        if c.reported_lsn < target {
+    fn advance(&self, c: &Node, target: Lsn, out: &mut Vec<Command>) -> bool {
+        // Behind the target, or its position unknown: it must fetch WAL first.
+        if c.reported_lsn.is_none_or(|l| l < target) {
             let source = fast_forward_source(self.state, self.formation, self.group_id);
             let current = self
                 .group
@@ -733,10 +748,7 @@ impl<'a> Ctx<'a> {
                 out.push(Command::AssignGoal {
                     node_id: c.id,
                     goal: NodeState::FastForward,
-                    reason: format!(
-                        "a more advanced standby reported: fetch WAL up to {}",
-                        fmt_lsn(target)
-                    ),
+                    reason: format!("a more advanced standby reported: fetch WAL up to {target}"),
                     expected: Some(c.goal_state),
                 });
             } else if c.goal_state != NodeState::FastForward {
@@ -750,9 +762,7 @@ impl<'a> Ctx<'a> {
                     NodeState::FastForward,
                     format!(
                         "chosen by candidate priority {}; fetch WAL from {} up to {}",
-                        c.candidate_priority,
-                        src,
-                        fmt_lsn(target)
+                        c.candidate_priority, src, target
                     ),
                 );
             }
@@ -766,7 +776,7 @@ impl<'a> Ctx<'a> {
                 format!(
                     "chosen by candidate priority {} with lsn {}, the most advanced reported",
                     c.candidate_priority,
-                    fmt_lsn(c.reported_lsn)
+                    Lsn::or_unknown(c.reported_lsn)
                 ),
             );
         } else if c.reported_state == NodeState::PreparePromotion {
@@ -776,7 +786,7 @@ impl<'a> Ctx<'a> {
                 NodeState::WaitPrimary,
                 format!(
                     "promoted: lsn {} holds every acknowledged commit",
-                    fmt_lsn(c.reported_lsn)
+                    Lsn::or_unknown(c.reported_lsn)
                 ),
             );
         }

@@ -327,7 +327,7 @@ mod tests {
         r.current_state = st;
         r.pg_in_recovery = !st.is_writable();
         r.system_identifier = s.nodes[&id].system_identifier.max(1);
-        r.current_lsn = 10;
+        r.current_lsn = crate::Lsn::new(10);
         r
     }
 
@@ -493,7 +493,7 @@ mod tests {
         let single = Command::ReportState {
             node_id: a,
             state: NodeState::Single,
-            lsn: 10,
+            lsn: crate::Lsn::new(10),
             timeline: 1,
             pg_running: true,
         };

@@ -70,10 +70,12 @@ impl Cluster {
         name: &str,
         st: NodeState,
         pg_running: bool,
-        lsn: Lsn,
+        lsn: u64,
         timeline: u32,
-        streaming: &[(&str, Lsn)],
+        streaming: &[(&str, u64)],
     ) -> Option<Assignment> {
+        // Positions as a keeper sends them: 0 for unknown.
+        let lsn = Lsn::new(lsn);
         self.seq += 1;
         let report = NodeReport {
             node_id: self.id(name),
@@ -91,9 +93,9 @@ impl Cluster {
                     application_name: n.to_string(),
                     state: "streaming".into(),
                     sync_state: "quorum".into(),
-                    write_lsn: *l,
-                    flush_lsn: *l,
-                    replay_lsn: *l,
+                    write_lsn: Lsn::new(*l),
+                    flush_lsn: Lsn::new(*l),
+                    replay_lsn: Lsn::new(*l),
                     write_lag_ms: None,
                     flush_lag_ms: None,
                     replay_lag_ms: None,
@@ -121,7 +123,7 @@ impl Cluster {
         }
     }
 
-    fn beat(&mut self, name: &str, st: NodeState, lsn: Lsn) {
+    fn beat(&mut self, name: &str, st: NodeState, lsn: u64) {
         self.beat_full(name, st, true, lsn, 1, &[]);
     }
 
@@ -151,7 +153,7 @@ impl Cluster {
     }
 
     /// Every node reaches its goal and reports it.
-    fn settle(&mut self, lsn: Lsn) {
+    fn settle(&mut self, lsn: u64) {
         let names: Vec<(String, NodeState)> = self
             .state
             .nodes
@@ -162,14 +164,14 @@ impl Cluster {
             .iter()
             .find(|(_, g)| g.is_writable())
             .map(|(n, _)| n.clone());
-        let standbys: Vec<(String, Lsn)> = names
+        let standbys: Vec<(String, u64)> = names
             .iter()
             .filter(|(n, _)| Some(n) != primary.as_ref())
             .map(|(n, _)| (n.clone(), lsn))
             .collect();
         for (n, g) in &names {
             if Some(n) == primary.as_ref() {
-                let s: Vec<(&str, Lsn)> = standbys.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+                let s: Vec<(&str, u64)> = standbys.iter().map(|(n, l)| (n.as_str(), *l)).collect();
                 self.beat_full(n, *g, true, lsn, 1, &s);
             } else {
                 self.beat(n, *g, lsn);
@@ -178,7 +180,7 @@ impl Cluster {
     }
 
     /// Drive the cluster (all keepers reaching their goals at once) until nothing changes.
-    fn converge(&mut self, lsn: Lsn) {
+    fn converge(&mut self, lsn: u64) {
         for _ in 0..20 {
             self.settle(lsn);
             self.advance(100);
@@ -937,7 +939,7 @@ fn unknown_names_and_invalid_settings_are_refused() {
             Command::ReportState {
                 node_id: 99,
                 state: Secondary,
-                lsn: 0,
+                lsn: None,
                 timeline: 1,
                 pg_running: true
             }
@@ -1208,9 +1210,9 @@ fn the_group_learns_its_system_identifier_and_refuses_another_cluster() {
         current_state: Single,
         pg_running: true,
         pg_in_recovery: false,
-        current_lsn: 100,
-        received_lsn: 100,
-        replayed_lsn: 100,
+        current_lsn: Lsn::new(100),
+        received_lsn: Lsn::new(100),
+        replayed_lsn: Lsn::new(100),
         timeline: 1,
         system_identifier: 7,
         replication: vec![],
@@ -1526,9 +1528,9 @@ fn keeper_counters_that_grow_become_events() {
         current_state: Primary,
         pg_running: true,
         pg_in_recovery: false,
-        current_lsn: 1,
-        received_lsn: 1,
-        replayed_lsn: 1,
+        current_lsn: Lsn::new(1),
+        received_lsn: Lsn::new(1),
+        replayed_lsn: Lsn::new(1),
         timeline: 1,
         system_identifier: 1,
         replication: vec![],

@@ -16,6 +16,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use pgquorum_core::Lsn;
 
 use crate::shared::Shared;
 
@@ -134,8 +135,9 @@ struct Facts {
     lease_ms_left: u64,
 }
 
-fn lsn_text(l: u64) -> String {
-    format!("{:X}/{:X}", l >> 32, l & 0xffff_ffff)
+/// As PostgreSQL writes it; 0/0 (PostgreSQL's own text for no position) when unknown.
+fn lsn_text(l: Option<Lsn>) -> String {
+    l.map_or_else(|| "0/0".to_string(), |l| l.to_string())
 }
 
 fn facts(app: &App) -> Facts {
@@ -173,10 +175,11 @@ fn facts(app: &App) -> Facts {
         pg_up,
         primary,
         streaming: obs.is_some_and(|o| o.in_recovery && o.streaming),
+        // The endpoint's JSON keeps its u64s with 0 for unknown.
         lsn: obs.map(|o| lsn_text(o.current_lsn)),
-        lsn_bytes: obs.map(|o| o.current_lsn),
-        received_lsn: obs.map(|o| o.received_lsn),
-        replayed_lsn: obs.map(|o| o.replayed_lsn),
+        lsn_bytes: obs.map(|o| Lsn::raw(o.current_lsn)),
+        received_lsn: obs.map(|o| Lsn::raw(o.received_lsn)),
+        replayed_lsn: obs.map(|o| Lsn::raw(o.replayed_lsn)),
         timeline: obs.map(|o| o.timeline),
         lag_bytes: obs.filter(|o| o.in_recovery).map(|o| o.lag_bytes),
         lease_ms_left,
@@ -382,6 +385,7 @@ mod tests {
 
     #[test]
     fn lsn_format() {
-        assert_eq!(lsn_text(0x1_0000_00A0), "1/A0");
+        assert_eq!(lsn_text(Lsn::new(0x1_0000_00A0)), "1/A0");
+        assert_eq!(lsn_text(None), "0/0");
     }
 }

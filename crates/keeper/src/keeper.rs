@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgquorum_api::pb::monitor as pb;
-use pgquorum_core::{Assignment, NodeState};
+use pgquorum_core::{Assignment, Lsn, NodeState};
 use tokio::sync::{watch, Notify};
 use tokio_postgres::Client;
 
@@ -331,7 +331,7 @@ struct Heartbeat {
 
 /// pg_control's modification time and what it said: pg_controldata runs again only when
 /// the file changed.
-type ControlCache = Option<(std::time::SystemTime, Option<(u64, u32)>)>;
+type ControlCache = Option<(std::time::SystemTime, Option<(Lsn, u32)>)>;
 
 impl Heartbeat {
     async fn run(self, source: Source) {
@@ -413,9 +413,10 @@ impl Heartbeat {
                             let mut o = obs.clone().unwrap_or_default();
                             if obs.is_none() {
                                 // PostgreSQL is down: after a clean shutdown pg_control
-                                // says where its WAL ends; otherwise 0 means "unknown".
+                                // says where its WAL ends; otherwise it is unknown (0 on
+                                // the wire).
                                 if let Some((lsn, tl)) = self.stopped_position(&mut control).await {
-                                    o.current_lsn = lsn;
+                                    o.current_lsn = Some(lsn);
                                     o.timeline = tl;
                                 }
                             }
@@ -426,9 +427,9 @@ impl Heartbeat {
                                 current_state: current.to_string(),
                                 pg_running: obs.is_some(),
                                 pg_in_recovery: o.in_recovery,
-                                current_lsn: o.current_lsn,
-                                received_lsn: o.received_lsn,
-                                replayed_lsn: o.replayed_lsn,
+                                current_lsn: Lsn::raw(o.current_lsn),
+                                received_lsn: Lsn::raw(o.received_lsn),
+                                replayed_lsn: Lsn::raw(o.replayed_lsn),
                                 timeline: o.timeline,
                                 system_identifier: o.system_identifier,
                                 replication: o
@@ -438,9 +439,9 @@ impl Heartbeat {
                                         application_name: r.application_name.clone(),
                                         state: r.state.clone(),
                                         sync_state: r.sync_state.clone(),
-                                        write_lsn: r.write_lsn,
-                                        flush_lsn: r.flush_lsn,
-                                        replay_lsn: r.replay_lsn,
+                                        write_lsn: Lsn::raw(r.write_lsn),
+                                        flush_lsn: Lsn::raw(r.flush_lsn),
+                                        replay_lsn: Lsn::raw(r.replay_lsn),
                                         write_lag_ms: r.write_lag_ms,
                                         flush_lag_ms: r.flush_lag_ms,
                                         replay_lag_ms: r.replay_lag_ms,
@@ -519,7 +520,7 @@ impl Heartbeat {
     /// Asks the local postgres about itself; None when it does not answer.
     /// The position a stopped data directory is known to end at (see
     /// [`crate::pg::ControlData::final_position`]), or None.
-    async fn stopped_position(&self, cache: &mut ControlCache) -> Option<(u64, u32)> {
+    async fn stopped_position(&self, cache: &mut ControlCache) -> Option<(Lsn, u32)> {
         let pgdata = &self.settings.pgdata;
         let mtime = std::fs::metadata(pgdata.join("global").join("pg_control"))
             .and_then(|m| m.modified())

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use pgquorum_core::{zero_is_none, Lsn};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Config, NoTls};
 
@@ -15,9 +16,13 @@ pub struct ReplicationPeer {
     pub application_name: String,
     pub state: String,
     pub sync_state: String,
-    pub write_lsn: u64,
-    pub flush_lsn: u64,
-    pub replay_lsn: u64,
+    /// None: NULL (the standby has not reported it yet).
+    #[serde(serialize_with = "zero_is_none::serialize")]
+    pub write_lsn: Option<Lsn>,
+    #[serde(serialize_with = "zero_is_none::serialize")]
+    pub flush_lsn: Option<Lsn>,
+    #[serde(serialize_with = "zero_is_none::serialize")]
+    pub replay_lsn: Option<Lsn>,
     /// write_lag / flush_lag / replay_lag in ms (NULL once the standby is idle and
     /// caught up).
     pub write_lag_ms: Option<u64>,
@@ -29,10 +34,14 @@ pub struct ReplicationPeer {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Observation {
     pub in_recovery: bool,
-    /// Primary: pg_current_wal_lsn(); standby: the received (flushed) position.
-    pub current_lsn: u64,
-    pub received_lsn: u64,
-    pub replayed_lsn: u64,
+    /// Primary: pg_current_wal_lsn(); standby: the received (flushed) position. None:
+    /// unknown (a standby that has neither received nor replayed anything yet).
+    #[serde(serialize_with = "zero_is_none::serialize")]
+    pub current_lsn: Option<Lsn>,
+    #[serde(serialize_with = "zero_is_none::serialize")]
+    pub received_lsn: Option<Lsn>,
+    #[serde(serialize_with = "zero_is_none::serialize")]
+    pub replayed_lsn: Option<Lsn>,
     pub timeline: u32,
     pub system_identifier: u64,
     /// Standby: the WAL receiver is streaming.
@@ -142,8 +151,9 @@ async fn connect(c: Config, timeout: Duration, what: &str) -> Result<Client> {
     Ok(client)
 }
 
-fn lsn(v: Option<PgLsn>) -> u64 {
-    v.map(u64::from).unwrap_or(0)
+/// A pg_lsn column: NULL and 0/0 are no position.
+fn lsn(v: Option<PgLsn>) -> Option<Lsn> {
+    v.and_then(|l| Lsn::new(u64::from(l)))
 }
 
 pub async fn observe(c: &Client) -> Result<Observation> {
@@ -178,11 +188,16 @@ pub async fn observe(c: &Client) -> Result<Observation> {
             .map_err(e)?;
         o.received_lsn = lsn(row.get(0));
         o.replayed_lsn = lsn(row.get(1));
-        o.current_lsn = o.received_lsn.max(o.replayed_lsn);
+        o.current_lsn = Lsn::max_known(o.received_lsn, o.replayed_lsn);
         let status: Option<String> = row.get(2);
         o.streaming = status.as_deref() == Some("streaming");
-        let end = lsn(row.get(3));
-        o.lag_bytes = end.saturating_sub(o.replayed_lsn);
+        // Nothing reported by the primary: no lag known, 0; nothing replayed yet: all
+        // of it.
+        o.lag_bytes = match (lsn(row.get(3)), o.replayed_lsn) {
+            (None, _) => 0,
+            (Some(end), None) => end.get(),
+            (Some(end), Some(replayed)) => end.bytes_since(replayed),
+        };
         if let Some(tli) = row.get::<_, Option<i32>>(4) {
             o.timeline = tli as u32;
         } else {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership, Vote};
 use pgquorum_core::{
-    on_heartbeat, orchestrate, ClusterState, Command, FormationSetting, HealthTable, HostName,
+    on_heartbeat, orchestrate, ClusterState, Command, FormationSetting, HealthTable, HostName, Lsn,
     NodeReport, NodeSetting, NodeState, QuorumLossPolicy, ReplicationPeer, DEFAULT_FORMATION,
 };
 use pgquorum_monitor::store::{Applied, Header, FORMAT_VERSION};
@@ -77,7 +77,7 @@ fn commands() -> Vec<Command> {
         Command::ReportState {
             node_id: 2,
             state: Secondary,
-            lsn: 0x3_0000_0060,
+            lsn: Lsn::new(0x3_0000_0060),
             timeline: 2,
             pg_running: true,
         },
@@ -242,9 +242,9 @@ impl Leader {
                             application_name: name.clone(),
                             state: "streaming".into(),
                             sync_state: "quorum".into(),
-                            write_lsn: 0x300_0060,
-                            flush_lsn: 0x300_0060,
-                            replay_lsn: 0x300_0060,
+                            write_lsn: Lsn::new(0x300_0060),
+                            flush_lsn: Lsn::new(0x300_0060),
+                            replay_lsn: Lsn::new(0x300_0060),
                             write_lag_ms: Some(1),
                             flush_lag_ms: Some(2),
                             replay_lag_ms: Some(3),
@@ -258,9 +258,9 @@ impl Leader {
                     current_state: *goal,
                     pg_running: *goal != Maintenance,
                     pg_in_recovery: !goal.is_writable(),
-                    current_lsn: 0x300_0060,
-                    received_lsn: 0x300_0060,
-                    replayed_lsn: 0x300_0060,
+                    current_lsn: Lsn::new(0x300_0060),
+                    received_lsn: Lsn::new(0x300_0060),
+                    replayed_lsn: Lsn::new(0x300_0060),
                     timeline: 1,
                     system_identifier: 7_300_000_000_000_000_001,
                     replication: streaming,
@@ -401,7 +401,7 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
         let cmd = Command::ReportState {
             node_id: 1,
             state: st,
-            lsn: 0x300_0060,
+            lsn: Lsn::new(0x300_0060),
             timeline: 1,
             pg_running: true,
         };

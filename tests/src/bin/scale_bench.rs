@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use pgquorum_api::client::{MonitorClient, Raw};
 use pgquorum_api::pb::monitor as pb;
-use pgquorum_core::NodeState;
+use pgquorum_core::{Lsn, NodeState};
 use pgquorum_tests::bench_doc::{cores, load_average_1m};
 use pgquorum_tests::monitor_group::{create_formation, MonitorGroup};
 use pgquorum_trust::Security;
@@ -920,9 +920,9 @@ fn core_costs(n: usize) -> CoreCosts {
         },
         pg_running: true,
         pg_in_recovery: i != 0,
-        current_lsn: 1,
-        received_lsn: 1,
-        replayed_lsn: 1,
+        current_lsn: Lsn::new(1),
+        received_lsn: Lsn::new(1),
+        replayed_lsn: Lsn::new(1),
         timeline: 1,
         system_identifier: 1,
         replication: Vec::new(),
@@ -961,7 +961,7 @@ fn core_costs(n: usize) -> CoreCosts {
             &Command::ReportState {
                 node_id: *id,
                 state: s,
-                lsn: 2,
+                lsn: Lsn::new(2),
                 timeline: 1,
                 pg_running: true,
             },

@@ -9,8 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
 use crate::input::HostName;
+use crate::lsn::Lsn;
 use crate::model::{
-    ClusterState, Event, Group, GroupId, Lsn, Millis, NodeId, NodeState, QuorumLossPolicy,
+    ClusterState, Event, Group, GroupId, Millis, NodeId, NodeState, QuorumLossPolicy,
     DEFAULT_FORMATION, MAX_EVENTS,
 };
 use crate::sync::{desired_sync, render};
@@ -53,7 +54,9 @@ pub enum Command {
     ReportState {
         node_id: NodeId,
         state: NodeState,
-        lsn: Lsn,
+        /// None: the keeper cannot know where its WAL ends (stored as 0).
+        #[serde(with = "crate::lsn::zero_is_none")]
+        lsn: Option<Lsn>,
         timeline: u32,
         pg_running: bool,
     },
@@ -172,11 +175,6 @@ fn formation_name(name: &str) -> &str {
     } else {
         name
     }
-}
-
-/// Writes an LSN the way PostgreSQL does (`0/3000060`).
-pub fn fmt_lsn(lsn: Lsn) -> String {
-    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
 
 impl ClusterState {

@@ -130,7 +130,7 @@ impl ClusterState {
                 replication_quorum,
                 reported_state: current_state,
                 goal_state: goal,
-                reported_lsn: 0,
+                reported_lsn: None,
                 timeline: 0,
                 pg_running: false,
                 system_identifier,

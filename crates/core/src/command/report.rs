@@ -1,15 +1,16 @@
 //! A keeper's report of the state its node reached.
 
-use super::{fmt_lsn, Outcome};
+use super::Outcome;
 use crate::error::CoreError;
-use crate::model::{ClusterState, Lsn, Millis, NodeId, NodeState};
+use crate::lsn::Lsn;
+use crate::model::{ClusterState, Millis, NodeId, NodeState};
 
 impl ClusterState {
     pub(super) fn report_state(
         &mut self,
         node_id: NodeId,
         state: NodeState,
-        lsn: Lsn,
+        lsn: Option<Lsn>,
         timeline: u32,
         pg_running: bool,
         now: Millis,
@@ -21,10 +22,10 @@ impl ClusterState {
         let pg_flipped = node.pg_running != pg_running;
         node.reported_state = state;
         node.reported_lsn = lsn;
-        // 0 is "unknown" (PostgreSQL down after a crash, or never started): the last
-        // known timeline stays, so that a crashed old primary still tells which standbys
-        // share its history. An LSN of 0 stays 0: a stale position could pass for a
-        // final one.
+        // A timeline of 0 is "unknown" (PostgreSQL down after a crash, or never
+        // started): the last known timeline stays, so that a crashed old primary still
+        // tells which standbys share its history. An unknown LSN stays unknown: a stale
+        // position could pass for a final one.
         if timeline != 0 {
             node.timeline = timeline;
         }
@@ -37,10 +38,10 @@ impl ClusterState {
 
         // A primary restarted in place without a known position reports its first
         // (running, or from a clean shutdown): everything it acknowledged lies below it.
-        if lsn != 0 {
+        if let Some(lsn) = lsn {
             if let Some(g) = self.group_mut(&formation, group_id) {
                 if g.floor_unknown == Some(node_id) {
-                    g.lsn_floor = g.lsn_floor.max(lsn);
+                    g.raise_floor(lsn);
                     g.floor_unknown = None;
                 }
             }
@@ -57,7 +58,7 @@ impl ClusterState {
                 &formation,
                 group_id,
                 Some((node_id, &name)),
-                format!("node {name} reached {state} (lsn {})", fmt_lsn(lsn)),
+                format!("node {name} reached {state} (lsn {})", Lsn::or_unknown(lsn)),
             );
             self.tag_last(None, Some(state));
         } else if pg_flipped {

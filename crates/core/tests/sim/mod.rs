@@ -275,7 +275,7 @@ impl Sim {
                     n.name.clone(),
                     n.reported_state,
                     n.goal_state,
-                    n.reported_lsn
+                    Lsn::raw(n.reported_lsn)
                 ))
                 .collect::<Vec<_>>()
         ));
@@ -324,7 +324,10 @@ impl Sim {
                         .get(node_id)
                         .map(|n| n.name.clone())
                         .unwrap_or_default();
-                    self.note(format!("monitor records {name} in {state} at lsn {lsn}"));
+                    self.note(format!(
+                        "monitor records {name} in {state} at lsn {}",
+                        Lsn::raw(*lsn)
+                    ));
                 }
                 true
             }
@@ -406,9 +409,9 @@ impl Sim {
                             application_name: o.name.clone(),
                             state: "streaming".into(),
                             sync_state: "quorum".into(),
-                            write_lsn: ow.len() as u64,
-                            flush_lsn: ow.len() as u64,
-                            replay_lsn: ow.len() as u64,
+                            write_lsn: Lsn::new(ow.len() as u64),
+                            flush_lsn: Lsn::new(ow.len() as u64),
+                            replay_lsn: Lsn::new(ow.len() as u64),
                             write_lag_ms: None,
                             flush_lag_ms: None,
                             replay_lag_ms: None,
@@ -423,8 +426,8 @@ impl Sim {
         // one's from pg_control, nothing (zeros) otherwise or before initdb.
         let known = k.pg.running.is_some() || k.pg.clean_stop;
         let (lsn, timeline) = match &k.pg.wal {
-            Some(w) if known => (w.len() as u64, k.pg.timeline),
-            _ => (0, 0),
+            Some(w) if known => (Lsn::new(w.len() as u64), k.pg.timeline),
+            _ => (None, 0),
         };
         NodeReport {
             node_id: k.id,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use nix::sys::signal::Signal;
+use pgquorum_core::{Lsn, LsnParseError};
 
 use crate::error::{KeeperError, Result};
 
@@ -213,24 +214,20 @@ pub struct ControlData {
     pub cluster_state: String,
     /// Where the latest checkpoint record starts. After a clean shutdown of a primary
     /// ("shut down") that record is the last one written: every commit lies below it.
-    pub checkpoint_lsn: u64,
+    /// None: 0/0, no position.
+    pub checkpoint_lsn: Option<Lsn>,
 }
 
 impl ControlData {
     /// The WAL position and timeline a stopped data directory is known to end at, or
     /// None when pg_control cannot tell: after a crash the WAL goes on past the last
     /// checkpoint, and a standby's restartpoint lags what it received.
-    pub fn final_position(&self) -> Option<(u64, u32)> {
-        (self.cluster_state == "shut down").then_some((self.checkpoint_lsn, self.timeline))
+    pub fn final_position(&self) -> Option<(Lsn, u32)> {
+        if self.cluster_state != "shut down" {
+            return None;
+        }
+        Some((self.checkpoint_lsn?, self.timeline))
     }
-}
-
-/// "16/B374D848" -> 0x16_B374_D848
-pub fn parse_lsn(text: &str) -> Option<u64> {
-    let (hi, lo) = text.trim().split_once('/')?;
-    let hi = u64::from_str_radix(hi, 16).ok()?;
-    let lo = u64::from_str_radix(lo, 16).ok()?;
-    (hi <= u64::from(u32::MAX) && lo <= u64::from(u32::MAX)).then_some((hi << 32) | lo)
 }
 
 impl ControlData {
@@ -244,7 +241,11 @@ impl ControlData {
             system_identifier: field("Database system identifier")?.parse().ok()?,
             timeline: field("Latest checkpoint's TimeLineID")?.parse().ok()?,
             cluster_state: field("Database cluster state")?,
-            checkpoint_lsn: parse_lsn(&field("Latest checkpoint location")?)?,
+            checkpoint_lsn: match field("Latest checkpoint location")?.parse::<Lsn>() {
+                Ok(l) => Some(l),
+                Err(LsnParseError::Zero) => None,
+                Err(LsnParseError::Malformed(_)) => return None,
+            },
         })
     }
 }
@@ -279,7 +280,7 @@ mod tests {
         assert_eq!(cd.system_identifier, 7311234567890123456);
         assert_eq!(cd.timeline, 3);
         assert_eq!(cd.cluster_state, "shut down in recovery");
-        assert_eq!(cd.checkpoint_lsn, 0x300_0060);
+        assert_eq!(cd.checkpoint_lsn, Lsn::new(0x300_0060));
         assert_eq!(
             cd.final_position(),
             None,
@@ -289,14 +290,21 @@ mod tests {
             cluster_state: "shut down".into(),
             ..cd.clone()
         };
-        assert_eq!(primary.final_position(), Some((0x300_0060, 3)));
+        assert_eq!(
+            primary.final_position(),
+            Some((Lsn::new(0x300_0060).unwrap(), 3))
+        );
         let crashed = ControlData {
             cluster_state: "in production".into(),
             ..cd
         };
         assert_eq!(crashed.final_position(), None);
-        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
-        assert_eq!(parse_lsn("x/1"), None);
-        assert_eq!(parse_lsn("1/100000000"), None);
+        let odd = |lsn: &str| {
+            ControlData::parse(&out.replace("0/3000060", lsn)).map(|cd| cd.checkpoint_lsn)
+        };
+        assert_eq!(odd("16/B374D848"), Some(Lsn::new(0x16_B374_D848)));
+        assert_eq!(odd("0/0"), Some(None));
+        assert_eq!(odd("x/1"), None);
+        assert_eq!(odd("1/100000000"), None);
     }
 }
