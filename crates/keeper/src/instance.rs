@@ -188,6 +188,13 @@ impl Instance {
             self.check_serving()?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        for pid in postmaster::clear_stale_locks(
+            self.pgdata(),
+            &self.settings.socket_dir,
+            self.settings.pg_port,
+        ) {
+            tracing::warn!(node = %self.settings.name, pid, "removed a stale lock file naming a process that is no postgres (a postmaster killed earlier)");
+        }
         postmaster::check_port_free(&self.settings.listen_addresses, self.settings.pg_port)?;
         let pm = Postmaster::start(
             &self.bin,
@@ -389,7 +396,20 @@ impl Instance {
             "--progress".into(),
         ];
         let env = self.password_env();
-        let out = self.bin.run("pg_rewind", &args, &env).await?;
+        // A target that was not shut down cleanly (a crashed primary, a standby killed
+        // mid-start) is first recovered by pg_rewind in single-user mode, which refuses
+        // to run with standby.signal present ("standby mode is not supported by
+        // single-user servers"); the rewind then failed and the node was cloned afresh
+        // (seen in the compose test). The signal is back before anything can start it.
+        let standby = self.pgdata().join("standby.signal").exists();
+        if standby {
+            crate::pgconf::set_standby_signal(self.pgdata(), false)?;
+        }
+        let out = self.bin.run("pg_rewind", &args, &env).await;
+        if standby {
+            crate::pgconf::set_standby_signal(self.pgdata(), true)?;
+        }
+        let out = out?;
         tracing::info!(step = "rewind", "pg_rewind done: {}", out.trim());
         Ok(())
     }

@@ -116,12 +116,55 @@ impl PidFile {
 /// Whether a postgres process named in postmaster.pid is alive (not a stale file).
 pub fn running_pid(pgdata: &Path) -> Option<i32> {
     let pf = PidFile::read(pgdata)?;
-    let pid = nix::unistd::Pid::from_raw(pf.pid);
-    if nix::sys::signal::kill(pid, None).is_err() {
-        return None;
+    is_postgres(pf.pid).then_some(pf.pid)
+}
+
+/// Whether `pid` is a live postgres process. A lock file's PID alone proves nothing:
+/// after a container restart (or a reboot with a persistent socket directory) the
+/// number can belong to any process, or to a thread of the keeper itself.
+fn is_postgres(pid: i32) -> bool {
+    if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
     }
-    let comm = std::fs::read_to_string(format!("/proc/{}/comm", pf.pid)).unwrap_or_default();
-    (comm.trim() == "postgres" || comm.trim() == "postmaster").then_some(pf.pid)
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    comm.trim() == "postgres" || comm.trim() == "postmaster"
+}
+
+/// Removes the lock files a killed postmaster left behind (postmaster.pid in the data
+/// directory; `.s.PGSQL.<port>.lock` and its socket in `socket_dir`) when the PID they
+/// name is no live postgres, and returns that PID. PostgreSQL takes over such a lock
+/// only when its PID is dead. Seen in the compose test: a container killed and started
+/// again kept /var/run/postgresql, the old lock named PID 30, and in the new container
+/// PID 30 was another process; PostgreSQL refused to start ("lock file ... already
+/// exists") and the node stayed out of the cluster for minutes. A lock held by a live
+/// postgres is left alone: PostgreSQL reports that conflict itself.
+pub fn clear_stale_locks(pgdata: &Path, socket_dir: &Path, port: u16) -> Vec<i32> {
+    let socket = socket_dir.join(format!(".s.PGSQL.{port}"));
+    let mut removed = Vec::new();
+    for (lock, with) in [
+        (pgdata.join("postmaster.pid"), None),
+        (
+            socket_dir.join(format!(".s.PGSQL.{port}.lock")),
+            Some(&socket),
+        ),
+    ] {
+        let Some(pid) = std::fs::read_to_string(&lock)
+            .ok()
+            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if is_postgres(pid) {
+            continue;
+        }
+        if let Some(socket) = with {
+            let _ = std::fs::remove_file(socket);
+        }
+        if std::fs::remove_file(&lock).is_ok() {
+            removed.push(pid);
+        }
+    }
+    removed
 }
 
 /// Refuses to start when the port is already taken, with an error that says so.
@@ -350,6 +393,49 @@ mod tests {
             Some(Signal::SIGKILL as i32)
         );
         assert!(!is_frozen(pid));
+    }
+
+    #[test]
+    fn lock_files_naming_a_live_process_that_is_no_postgres_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pgdata = dir.path().join("data");
+        std::fs::create_dir(&pgdata).unwrap();
+        let lock = dir.path().join(".s.PGSQL.5999.lock");
+        let socket = dir.path().join(".s.PGSQL.5999");
+        let pid_file = pgdata.join("postmaster.pid");
+        // This test process: alive, and not postgres (what a reused PID looks like).
+        let me = std::process::id();
+        let text = format!("{me}\n{}\n1700000000\n5999\n", pgdata.display());
+        std::fs::write(&lock, &text).unwrap();
+        std::fs::write(&socket, b"").unwrap();
+        std::fs::write(&pid_file, &text).unwrap();
+        let other = dir.path().join(".s.PGSQL.6000.lock");
+        std::fs::write(&other, &text).unwrap();
+        let removed = clear_stale_locks(&pgdata, dir.path(), 5999);
+        assert_eq!(removed, vec![me as i32, me as i32]);
+        assert!(!lock.exists() && !socket.exists() && !pid_file.exists());
+        assert!(other.exists(), "another port's lock was touched");
+        // Nothing left: nothing to do.
+        assert!(clear_stale_locks(&pgdata, dir.path(), 5999).is_empty());
+    }
+
+    #[test]
+    fn a_lock_file_of_a_live_postgres_is_kept() {
+        // A process named postgres: a copy of sleep under that name.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("postgres");
+        std::fs::copy("/bin/sleep", &fake).unwrap();
+        let mut child = std::process::Command::new(&fake).arg("30").spawn().unwrap();
+        let pgdata = dir.path().join("data");
+        std::fs::create_dir(&pgdata).unwrap();
+        let lock = dir.path().join(".s.PGSQL.5998.lock");
+        std::fs::write(&lock, format!("{}\n", child.id())).unwrap();
+        std::fs::write(pgdata.join("postmaster.pid"), format!("{}\n", child.id())).unwrap();
+        let removed = clear_stale_locks(&pgdata, dir.path(), 5998);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(removed.is_empty(), "{removed:?}");
+        assert!(lock.exists() && pgdata.join("postmaster.pid").exists());
     }
 
     #[test]
