@@ -188,13 +188,7 @@ impl Instance {
             self.check_serving()?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for pid in postmaster::clear_stale_locks(
-            self.pgdata(),
-            &self.settings.socket_dir,
-            self.settings.pg_port,
-        ) {
-            tracing::warn!(node = %self.settings.name, pid, "removed a stale lock file naming a process that is no postgres (a postmaster killed earlier)");
-        }
+        self.clear_stale_locks();
         postmaster::check_port_free(&self.settings.listen_addresses, self.settings.pg_port)?;
         let pm = Postmaster::start(
             &self.bin,
@@ -207,6 +201,18 @@ impl Instance {
         self.shared.set_postmaster(Some(pm.pid()));
         self.postmaster = Some(pm);
         Ok(())
+    }
+
+    /// See [`postmaster::clear_stale_locks`]: before anything runs postgres on this
+    /// data directory (the postmaster, pg_rewind's single-user recovery).
+    fn clear_stale_locks(&self) {
+        for pid in postmaster::clear_stale_locks(
+            self.pgdata(),
+            &self.settings.socket_dir,
+            self.settings.pg_port,
+        ) {
+            tracing::warn!(node = %self.settings.name, pid, "removed a stale lock file naming a process that is no postgres (a postmaster killed earlier)");
+        }
     }
 
     pub async fn stop(&mut self, mode: StopMode) {
@@ -401,6 +407,7 @@ impl Instance {
         // to run with standby.signal present ("standby mode is not supported by
         // single-user servers"); the rewind then failed and the node was cloned afresh
         // (seen in the compose test). The signal is back before anything can start it.
+        self.clear_stale_locks();
         let standby = self.pgdata().join("standby.signal").exists();
         if standby {
             crate::pgconf::set_standby_signal(self.pgdata(), false)?;
