@@ -87,7 +87,25 @@ async fn primary_and_monitor_leader_cut_off_together() {
     let majority: Vec<&str> = majority.iter().map(String::as_str).collect();
     nc.net.partition(&minority, &majority).unwrap();
     let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // Fenced, the old primary's postmaster must be gone while the cut lasts, not
+    // linger in a fast shutdown whose WAL senders wait for standbys it cannot reach
+    // (it did, until the partition healed, and the heal began by waiting for it).
+    let spec = nc.c.node(&old).spec.clone();
+    pgquorum_testkit::wait_until_async(
+        Duration::from_secs(15),
+        "the fenced old primary's postmaster to exit while cut off",
+        || {
+            let gone = spec.postmaster_pid().is_none();
+            async move { gone }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", nc.c.logs()));
+    eprintln!(
+        "old primary's postmaster gone {} ms after the cut",
+        t0.elapsed().as_millis()
+    );
+    tokio::time::sleep(Duration::from_secs(20).saturating_sub(t0.elapsed())).await;
     nc.net.heal_all().unwrap();
     heal_and_check(&nc, w, probe, t0, "primary + leader cut off 20 s").await;
 }

@@ -77,6 +77,17 @@ pub fn is_frozen(pid: u32) -> bool {
     matches!(stat[close + 1..].split_whitespace().next(), Some("T" | "t"))
 }
 
+/// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
+pub fn is_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(close) = stat.rfind(')') else {
+        return false;
+    };
+    !matches!(stat[close + 1..].split_whitespace().next(), Some("Z" | "X"))
+}
+
 /// How the postmaster is asked to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
