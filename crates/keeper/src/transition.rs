@@ -531,6 +531,11 @@ impl Instance {
         if !moved && slot == self.conf_slot {
             return Ok(());
         }
+        // A slot switch alone waits for a moment the standby streams (see
+        // `restart_standby`); until then it streams, or retries, without the slot.
+        if !moved && !self.streams_now().await {
+            return Ok(());
+        }
         let addr = if moved {
             resolved
         } else {
@@ -541,7 +546,7 @@ impl Instance {
             tracing::info!(node = %self.settings.name, upstream = %p.name, address = ?addr, slot, "following the upstream at its new address, or through its slot");
             self.conf_upstream_addr = addr;
             self.conf_slot = slot;
-            if moved || !self.streams_now().await {
+            if moved {
                 self.reload();
             } else {
                 self.restart_standby(a).await?;
