@@ -128,13 +128,14 @@ async fn stale_reports_are_refused_and_change_nothing() {
         .unwrap();
     wait_pg_running(&g, &c, false).await;
 
-    // The keeper restarts: a new process is heard from its second report, whatever its
-    // sequence and clock; the old process's late reports no longer.
+    // The keeper restarts: a new process, its clock afresh and its sequence counted from
+    // the wall clock (above its previous life's), is heard from its second report; the
+    // old process's late reports no longer.
     assert_eq!(
-        report(&k, node_id, (0xB, 1, 5), true).await,
+        report(&k, node_id, (0xB, 1_000, 5), true).await,
         Err(tonic::Code::Aborted)
     );
-    report(&k, node_id, (0xB, 2, 10), true).await.unwrap();
+    report(&k, node_id, (0xB, 1_001, 10), true).await.unwrap();
     wait_pg_running(&g, &c, true).await;
     assert_eq!(
         report(&k, node_id, (0xA, 13, clock(21_000)), false).await,

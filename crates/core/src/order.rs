@@ -13,7 +13,12 @@
 //! A report is refused when it is
 //! * not newer (by sequence) than the newest admitted from that process: reordered, or a
 //!   retry of a request that already arrived;
-//! * from a process instance that has been replaced by a newer one;
+//! * from a process instance that has been replaced by a newer one, or from another
+//!   instance whose sequence is not above the newest admitted: an older process, whose
+//!   report was stuck in flight until after its successor was heard (the keeper counts
+//!   its sequence from the wall clock at start, so that a restarted keeper starts above
+//!   its previous life). Taking such a report for a new process would retire the live
+//!   one and refuse every report it sends from then on (found by the simulation);
 //! * later than `max_delay_ms` (the formation's lease: a keeper counts its lease from
 //!   when it sent the report, so an answer to an older report grants nothing) plus that
 //!   allowance.
@@ -135,6 +140,11 @@ impl ReportOrder {
             Some(m) => m.stamp.instance != stamp.instance,
         };
         if let Some(m) = self.newest.get(&node) {
+            if m.stamp.instance != stamp.instance && stamp.sequence <= m.stamp.sequence {
+                return Err(StaleReport::OldProcess {
+                    instance: stamp.instance,
+                });
+            }
             if m.stamp.instance == stamp.instance {
                 if stamp.sequence <= m.stamp.sequence {
                     return Err(StaleReport::Superseded {
@@ -265,16 +275,34 @@ mod tests {
     fn a_restarted_keeper_is_heard_and_its_old_process_is_not() {
         let mut o = ReportOrder::default();
         assert_eq!(o.admit(1, st(7, 500, 90_000), 50_000, 1_500), first(7));
-        // A new process starts its sequence and clock afresh; its first report retires
-        // the old process and is judged by its second.
-        assert_eq!(o.admit(1, st(8, 1, 10), 51_000, 1_500), first(8));
+        // A new process starts its clock afresh and its sequence from the wall clock,
+        // above its previous life's; its first report retires the old process and is
+        // judged by its second.
+        assert_eq!(o.admit(1, st(8, 5_000, 10), 51_000, 1_500), first(8));
         assert_eq!(
             o.admit(1, st(7, 501, 90_200), 51_100, 1_500),
             Err(StaleReport::OldProcess { instance: 7 })
         );
-        assert_eq!(o.admit(1, st(8, 2, 210), 51_200, 1_500), Ok(()));
+        assert_eq!(o.admit(1, st(8, 5_001, 210), 51_200, 1_500), Ok(()));
         o.forget(1);
         assert_eq!(o.admit(1, st(7, 1, 0), 52_000, 1_500), first(7));
+    }
+
+    /// Found by the simulation (seed 9 once heartbeats could be held back): a report of
+    /// a keeper's previous process, stuck in flight, reached a member that had only
+    /// heard the new process. Taken for a newer process, it retired the live one, whose
+    /// every report was then refused: its lease ran out and the node stayed out.
+    #[test]
+    fn a_stuck_report_of_an_older_process_does_not_retire_the_live_one() {
+        let mut o = ReportOrder::default();
+        assert_eq!(o.admit(1, st(8, 5_000, 10), 51_000, 1_500), first(8));
+        assert_eq!(o.admit(1, st(8, 5_001, 210), 51_200, 1_500), Ok(()));
+        // Process 7 ran before 8 (its sequence is below): refused, nothing changes.
+        assert_eq!(
+            o.admit(1, st(7, 4_000, 90_000), 51_300, 1_500),
+            Err(StaleReport::OldProcess { instance: 7 })
+        );
+        assert_eq!(o.admit(1, st(8, 5_002, 410), 51_400, 1_500), Ok(()));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! `PGQUORUM_SIM_SEEDS` (default 10000) seeds run from `PGQUORUM_SIM_FIRST_SEED`
 //! (default 0); `PGQUORUM_SIM_SEED=N` replays one seed with its trace printed (with
-//! `PGQUORUM_SIM_WITHOUT_PROOF=1`, as the deposed leader without its leadership proof).
+//! `PGQUORUM_SIM_WITHOUT_PROOF=1`, as the deposed leader without its leadership proof;
+//! with `PGQUORUM_SIM_WITHOUT_REPORT_ORDER=1`, with every report admitted unjudged).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod sim;
@@ -23,6 +24,10 @@ fn simulated_clusters_keep_the_invariants() {
         if std::env::var_os("PGQUORUM_SIM_WITHOUT_PROOF").is_some() {
             s = s.without_lease_proof();
         }
+        // Replays a seed of `reports_applied_unjudged_are_caught`.
+        if std::env::var_os("PGQUORUM_SIM_WITHOUT_REPORT_ORDER").is_some() {
+            s = s.without_report_order();
+        }
         match s.run() {
             Ok(s) => println!(
                 "seed {seed}: ok, {} commits acknowledged, {} promotions/demotions",
@@ -39,7 +44,8 @@ fn simulated_clusters_keep_the_invariants() {
     let first = env_u64("PGQUORUM_SIM_FIRST_SEED").unwrap_or(0);
     let mut acked = 0;
     let mut failovers = 0;
-    let mut t = [0u64; 8];
+    let mut t = [0u64; 11];
+    let mut stale = [0u64; 4];
     for seed in first..first + seeds {
         match sim::Sim::new(seed, false).run() {
             Ok(s) => {
@@ -54,7 +60,13 @@ fn simulated_clusters_keep_the_invariants() {
                     s.async_acked,
                     s.pg_crashes,
                     s.depositions,
+                    s.held_back,
+                    s.retries,
+                    s.applied_out_of_order,
                 ]) {
+                    *x += v;
+                }
+                for (x, v) in stale.iter_mut().zip(s.stale) {
                     *x += v;
                 }
             }
@@ -67,12 +79,41 @@ fn simulated_clusters_keep_the_invariants() {
         }
     }
     println!(
-        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} machine crashes, {} PostgreSQL crashes, {} partitions, {} monitor leader changes, {} monitor leaders deposed while answering, {} operator commands applied, {} refused",
-        t[5], t[0], t[6], t[1], t[2], t[7], t[3], t[4]
+        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} machine crashes, {} PostgreSQL crashes, {} partitions, {} monitor leader changes, {} monitor leaders deposed while answering, {} operator commands applied, {} refused; {} heartbeats held back in flight, stale reports refused: {} first of a keeper process at a member, {} superseded, {} from a replaced process, {} delayed; {} retries; {} reports applied by a leader after a newer one of the same keeper process was applied by an earlier leader",
+        t[5], t[0], t[6], t[1], t[2], t[7], t[3], t[4], t[8], stale[0], stale[1], stale[2], stale[3], t[9], t[10]
     );
     // The simulation must exercise what it claims to check.
     assert!(acked > seeds * 10, "too few acknowledged commits: {acked}");
     assert!(failovers > seeds / 2, "too few failovers: {failovers}");
+    let late = stale[1] + stale[2] + stale[3];
+    assert!(late > seeds, "too few stale reports refused: {stale:?}");
+}
+
+/// The report-order oracle can fail: with every report admitted unjudged (the monitor
+/// before `ReportOrder`), a heartbeat held back in flight is applied after newer ones.
+#[test]
+fn reports_applied_unjudged_are_caught() {
+    let seeds = 100;
+    let mut caught = Vec::new();
+    for seed in 0..seeds {
+        if let Err(sim::Failure(msg)) = sim::Sim::new(seed, false).without_report_order().run() {
+            caught.push(seed);
+            if caught.len() == 1 {
+                println!(
+                    "seed {seed} without the report order: {}",
+                    msg.lines().next().unwrap_or("")
+                );
+            }
+        }
+    }
+    println!(
+        "without the report order, {} of {seeds} seeds failed: {caught:?}",
+        caught.len()
+    );
+    assert!(
+        !caught.is_empty(),
+        "no seed caught reports applied out of order"
+    );
 }
 
 /// The lease oracle can fail: a deposed leader that answers without its leadership proof

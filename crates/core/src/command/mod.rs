@@ -478,6 +478,43 @@ pub(super) mod fixture {
         }
         c
     }
+
+    /// The id of node `name` of the default formation.
+    pub fn id(c: &ClusterState, name: &str) -> NodeId {
+        c.node_by_name(DEFAULT_FORMATION, name).unwrap().id
+    }
+
+    /// A healthy group: the first node a primary, the others secondaries, each in its
+    /// goal (the default settings: one synchronous standby, `on_quorum_loss = block`).
+    pub fn steady(names: &[&str]) -> ClusterState {
+        let mut c = group(names);
+        for (i, n) in names.iter().enumerate() {
+            let st = if i == 0 {
+                NodeState::Primary
+            } else {
+                NodeState::Secondary
+            };
+            let id = id(&c, n);
+            let node = c.nodes.get_mut(&id).unwrap();
+            node.goal_state = st;
+            node.reported_state = st;
+        }
+        c
+    }
+
+    /// Applies `cmd`, which must be refused with `class`, and checks that the refusal
+    /// changed nothing; returns the error.
+    pub fn refused(
+        c: &mut ClusterState,
+        cmd: &Command,
+        class: crate::ErrorClass,
+    ) -> crate::CoreError {
+        let before = c.clone();
+        let e = c.apply(cmd, T0).unwrap_err();
+        assert_eq!(e.class(), class, "{e:?}");
+        assert!(*c == before, "the refusal of {cmd:?} changed the state");
+        e
+    }
 }
 
 #[cfg(test)]

@@ -78,3 +78,73 @@ impl ClusterState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::super::fixture::{id, refused, steady, T0};
+    use super::super::Command;
+    use crate::{CoreError, ErrorClass, FormationSetting, NodeState, DEFAULT_FORMATION};
+
+    fn reinit(node: &str) -> Command {
+        Command::ReinitNode {
+            formation: DEFAULT_FORMATION.into(),
+            node: node.into(),
+        }
+    }
+
+    #[test]
+    fn a_secondary_is_rebuilt_catching_up() {
+        let mut c = steady(&["a", "b", "c"]);
+        let b = id(&c, "b");
+        let seq = c.nodes[&b].reinit_seq;
+        c.apply(&reinit("b"), T0 + 5).unwrap();
+        assert_eq!(c.nodes[&b].goal_state, NodeState::Catchingup);
+        assert_eq!(c.nodes[&b].reinit_seq, seq + 1);
+        assert_eq!(c.nodes[&b].goal_since, T0 + 5);
+        // Asked again while catching up: another rebuild.
+        c.apply(&reinit("b"), T0 + 9).unwrap();
+        assert_eq!(c.nodes[&b].reinit_seq, seq + 2);
+        assert_eq!(c.nodes[&b].goal_since, T0 + 5);
+    }
+
+    #[test]
+    fn refusals_change_nothing() {
+        let mut c = steady(&["a", "b", "c"]);
+        let e = refused(&mut c, &reinit("zz"), ErrorClass::NotFound);
+        assert!(matches!(e, CoreError::UnknownNode(_)), "{e:?}");
+        let e = refused(&mut c, &reinit("a"), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("is the primary"), "{e}");
+        let b = id(&c, "b");
+        c.nodes.get_mut(&b).unwrap().goal_state = NodeState::Maintenance;
+        let e = refused(&mut c, &reinit("b"), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("only a standby"), "{e}");
+
+        // The primary between two states: retried later.
+        let mut c = steady(&["a", "b", "c"]);
+        let a = id(&c, "a");
+        c.nodes.get_mut(&a).unwrap().reported_state = NodeState::Secondary;
+        let e = refused(&mut c, &reinit("b"), ErrorClass::RetryLater);
+        assert!(matches!(e, CoreError::StillMoving { .. }), "{e:?}");
+
+        // No primary to rebuild from.
+        let mut c = steady(&["a", "b", "c"]);
+        c.nodes.get_mut(&a).unwrap().goal_state = NodeState::Demoted;
+        let e = refused(&mut c, &reinit("b"), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("no primary"), "{e}");
+
+        // The only synchronous standby under `block`: commits would wait.
+        let mut c = steady(&["a", "b"]);
+        let e = refused(&mut c, &reinit("b"), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("number_sync_standbys"), "{e}");
+        c.apply(
+            &Command::SetFormationSetting {
+                formation: DEFAULT_FORMATION.into(),
+                setting: FormationSetting::NumberSyncStandbys(0),
+            },
+            T0,
+        )
+        .unwrap();
+        c.apply(&reinit("b"), T0).unwrap();
+    }
+}

@@ -111,3 +111,110 @@ impl ClusterState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::super::fixture::{id, refused, steady, T0};
+    use super::super::Command;
+    use crate::{CoreError, ErrorClass, Lsn, NodeId, NodeState, DEFAULT_FORMATION};
+
+    fn report(node_id: NodeId, state: NodeState, lsn: u64, timeline: u32) -> Command {
+        Command::ReportState {
+            node_id,
+            state,
+            lsn: Lsn::new(lsn),
+            timeline,
+            pg_running: true,
+        }
+    }
+
+    #[test]
+    fn a_report_records_what_the_keeper_reached() {
+        let mut c = steady(&["a", "b", "c"]);
+        let b = id(&c, "b");
+        c.nodes.get_mut(&b).unwrap().goal_state = NodeState::Catchingup;
+        c.nodes.get_mut(&b).unwrap().reported_state = NodeState::WaitStandby;
+        let events = c.events.len();
+        c.apply(&report(b, NodeState::Catchingup, 40, 3), T0 + 7)
+            .unwrap();
+        let n = &c.nodes[&b];
+        assert_eq!(n.reported_state, NodeState::Catchingup);
+        assert_eq!(n.reported_lsn, Lsn::new(40));
+        assert_eq!(n.timeline, 3);
+        assert_eq!(n.lsn_at, T0 + 7);
+        assert!(!n.in_sync_set, "not a secondary yet");
+        assert!(c.events.len() > events, "a change of state is an event");
+        // Unknown timeline (0) and position: the timeline stays, the position is unknown.
+        c.apply(&report(b, NodeState::Catchingup, 0, 0), T0 + 8)
+            .unwrap();
+        assert_eq!(c.nodes[&b].timeline, 3);
+        assert_eq!(c.nodes[&b].reported_lsn, None);
+    }
+
+    #[test]
+    fn a_secondary_in_its_goal_joins_the_synchronous_set() {
+        let mut c = steady(&["a", "b", "c"]);
+        let b = id(&c, "b");
+        c.nodes.get_mut(&b).unwrap().in_sync_set = false;
+        c.apply(&report(b, NodeState::Secondary, 40, 1), T0)
+            .unwrap();
+        assert!(c.nodes[&b].in_sync_set);
+    }
+
+    #[test]
+    fn an_old_primary_reporting_postgresql_stopped_is_fenced() {
+        let mut c = steady(&["a", "b", "c"]);
+        let a = id(&c, "a");
+        c.apply(
+            &Command::PerformSwitchover {
+                formation: DEFAULT_FORMATION.into(),
+                group_id: 0,
+                candidate: None,
+            },
+            T0,
+        )
+        .unwrap();
+        let fenced = |c: &crate::ClusterState| {
+            c.group(DEFAULT_FORMATION, 0)
+                .and_then(|g| g.failover.as_ref())
+                .and_then(|f| f.fenced_at)
+        };
+        // Still reporting primary: not fenced.
+        c.apply(&report(a, NodeState::Primary, 50, 1), T0 + 1)
+            .unwrap();
+        assert_eq!(fenced(&c), None);
+        c.nodes.get_mut(&a).unwrap().goal_state = NodeState::Demoted;
+        c.apply(&report(a, NodeState::Demoted, 50, 1), T0 + 2)
+            .unwrap();
+        assert_eq!(fenced(&c), Some(T0 + 2));
+    }
+
+    #[test]
+    fn a_dropped_node_confirming_is_removed() {
+        let mut c = steady(&["a", "b", "c"]);
+        let c3 = id(&c, "c");
+        c.apply(
+            &Command::DropNode {
+                formation: DEFAULT_FORMATION.into(),
+                node: "c".into(),
+            },
+            T0,
+        )
+        .unwrap();
+        assert!(c.nodes.contains_key(&c3));
+        c.apply(&report(c3, NodeState::Dropped, 0, 0), T0).unwrap();
+        assert!(!c.nodes.contains_key(&c3));
+    }
+
+    #[test]
+    fn a_report_of_an_unknown_node_is_refused_and_changes_nothing() {
+        let mut c = steady(&["a", "b"]);
+        let e = refused(
+            &mut c,
+            &report(99, NodeState::Secondary, 1, 1),
+            ErrorClass::NotFound,
+        );
+        assert_eq!(e, CoreError::UnknownNode("99".into()));
+    }
+}

@@ -244,3 +244,144 @@ impl ClusterState {
         Ok(Outcome::Done { description: text })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::super::fixture::{id, refused, steady, T0};
+    use super::super::{Command, FormationSetting, NodeSetting, MAX_SYNC_STANDBYS};
+    use crate::{CoreError, ErrorClass, QuorumLossPolicy, DEFAULT_FORMATION};
+
+    fn node_setting(node: &str, setting: NodeSetting) -> Command {
+        Command::SetNodeSetting {
+            formation: DEFAULT_FORMATION.into(),
+            node: node.into(),
+            setting,
+        }
+    }
+
+    fn formation_setting(setting: FormationSetting) -> Command {
+        Command::SetFormationSetting {
+            formation: DEFAULT_FORMATION.into(),
+            setting,
+        }
+    }
+
+    #[test]
+    fn settings_are_recorded() {
+        let mut c = steady(&["a", "b", "c"]);
+        let b = id(&c, "b");
+        c.apply(&node_setting("b", NodeSetting::CandidatePriority(0)), T0)
+            .unwrap();
+        assert_eq!(c.nodes[&b].candidate_priority, 0);
+        c.apply(
+            &node_setting("b", NodeSetting::ReplicationQuorum(false)),
+            T0,
+        )
+        .unwrap();
+        assert!(!c.nodes[&b].replication_quorum);
+        for s in [
+            FormationSetting::LeaseMs(3000),
+            FormationSetting::LeaseMarginMs(600),
+            FormationSetting::HeartbeatIntervalMs(500),
+            FormationSetting::OnQuorumLoss(QuorumLossPolicy::Continue),
+            FormationSetting::NumberSyncStandbys(0),
+        ] {
+            c.apply(&formation_setting(s), T0).unwrap();
+        }
+        let s = c.settings(DEFAULT_FORMATION);
+        assert_eq!(
+            (s.lease_ms, s.lease_margin_ms, s.heartbeat_interval_ms),
+            (3000, 600, 500)
+        );
+        assert_eq!(s.on_quorum_loss, QuorumLossPolicy::Continue);
+        assert_eq!(s.number_sync_standbys, 0);
+    }
+
+    #[test]
+    fn invalid_values_are_refused_and_change_nothing() {
+        let mut c = steady(&["a", "b", "c"]);
+        let bad = [
+            node_setting("b", NodeSetting::CandidatePriority(101)),
+            formation_setting(FormationSetting::NumberSyncStandbys(MAX_SYNC_STANDBYS + 1)),
+            // Below 10 ms, and more than half the lease (1500 ms).
+            formation_setting(FormationSetting::HeartbeatIntervalMs(5)),
+            formation_setting(FormationSetting::HeartbeatIntervalMs(800)),
+            // Under two heartbeats, and over 20 margins (300 ms).
+            formation_setting(FormationSetting::LeaseMs(300)),
+            formation_setting(FormationSetting::LeaseMs(6_001)),
+            // Under a twentieth of the lease, and over the lease.
+            formation_setting(FormationSetting::LeaseMarginMs(70)),
+            formation_setting(FormationSetting::LeaseMarginMs(1_501)),
+        ];
+        for cmd in &bad {
+            let e = refused(&mut c, cmd, ErrorClass::Invalid);
+            assert!(matches!(e, CoreError::InvalidSetting(_)), "{cmd:?}: {e:?}");
+        }
+        let e = refused(
+            &mut c,
+            &node_setting("zz", NodeSetting::CandidatePriority(1)),
+            ErrorClass::NotFound,
+        );
+        assert!(matches!(e, CoreError::UnknownNode(_)), "{e:?}");
+        let e = refused(
+            &mut c,
+            &Command::SetFormationSetting {
+                formation: "nope".into(),
+                setting: FormationSetting::LeaseMs(2000),
+            },
+            ErrorClass::NotFound,
+        );
+        assert!(matches!(e, CoreError::UnknownFormation(_)), "{e:?}");
+    }
+
+    #[test]
+    fn settings_that_would_leave_too_few_quorum_standbys_are_refused() {
+        // Three nodes: whichever is primary, two standbys count; three cannot be required.
+        let mut c = steady(&["a", "b", "c"]);
+        c.apply(
+            &formation_setting(FormationSetting::NumberSyncStandbys(2)),
+            T0,
+        )
+        .unwrap();
+        let e = refused(
+            &mut c,
+            &formation_setting(FormationSetting::NumberSyncStandbys(3)),
+            ErrorClass::NotAllowedNow,
+        );
+        assert!(e.to_string().contains("more than the"), "{e}");
+        // Out of the quorum, b leaves c as the only standby that counts, and after a
+        // failover to c none: refused under `block`, allowed under `continue`.
+        let mut c = steady(&["a", "b"]);
+        let e = refused(
+            &mut c,
+            &node_setting("b", NodeSetting::ReplicationQuorum(false)),
+            ErrorClass::NotAllowedNow,
+        );
+        assert!(e.to_string().contains("replication quorum"), "{e}");
+        let continue_ =
+            formation_setting(FormationSetting::OnQuorumLoss(QuorumLossPolicy::Continue));
+        c.apply(&continue_, T0).unwrap();
+        c.apply(
+            &node_setting("b", NodeSetting::ReplicationQuorum(false)),
+            T0,
+        )
+        .unwrap();
+        // Back under `block`, with b out of the quorum no standby counts for any
+        // primary: a candidate priority above 0 is checked against that and refused.
+        c.apply(
+            &formation_setting(FormationSetting::OnQuorumLoss(QuorumLossPolicy::Block)),
+            T0,
+        )
+        .unwrap();
+        let e = refused(
+            &mut c,
+            &node_setting("b", NodeSetting::CandidatePriority(10)),
+            ErrorClass::NotAllowedNow,
+        );
+        assert!(e.to_string().contains("candidate priority 10"), "{e}");
+        // Priority 0 takes nothing away.
+        c.apply(&node_setting("b", NodeSetting::CandidatePriority(0)), T0)
+            .unwrap();
+    }
+}

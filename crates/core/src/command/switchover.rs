@@ -99,3 +99,101 @@ impl ClusterState {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::super::fixture::{id, refused, steady, T0};
+    use super::super::Command;
+    use crate::{CoreError, ErrorClass, NodeState, DEFAULT_FORMATION};
+
+    fn switchover(candidate: Option<&str>) -> Command {
+        Command::PerformSwitchover {
+            formation: DEFAULT_FORMATION.into(),
+            group_id: 0,
+            candidate: candidate.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_switchover_drains_the_primary_in_a_planned_failover() {
+        let mut c = steady(&["a", "b", "c"]);
+        let (a, c3) = (id(&c, "a"), id(&c, "c"));
+        c.apply(&switchover(Some("c")), T0).unwrap();
+        assert_eq!(c.nodes[&a].goal_state, NodeState::Draining);
+        let f = c
+            .group(DEFAULT_FORMATION, 0)
+            .unwrap()
+            .failover
+            .clone()
+            .unwrap();
+        assert_eq!(f.old_primary, a);
+        assert!(f.planned);
+        assert_eq!(f.requested, Some(c3));
+        // One at a time.
+        let e = refused(&mut c, &switchover(None), ErrorClass::NotAllowedNow);
+        assert!(
+            matches!(e, CoreError::FailoverInProgress { group: 0 }),
+            "{e:?}"
+        );
+        // A failover is the same, with no candidate named.
+        let mut c = steady(&["a", "b"]);
+        c.apply(
+            &Command::PerformFailover {
+                formation: DEFAULT_FORMATION.into(),
+                group_id: 0,
+            },
+            T0,
+        )
+        .unwrap();
+        let f = c
+            .group(DEFAULT_FORMATION, 0)
+            .unwrap()
+            .failover
+            .clone()
+            .unwrap();
+        assert!(f.planned);
+        assert_eq!(f.requested, None);
+    }
+
+    #[test]
+    fn refusals_change_nothing() {
+        let mut c = steady(&["a", "b", "c"]);
+        let e = refused(
+            &mut c,
+            &Command::PerformSwitchover {
+                formation: "nope".into(),
+                group_id: 0,
+                candidate: None,
+            },
+            ErrorClass::NotFound,
+        );
+        assert!(matches!(e, CoreError::UnknownFormation(_)), "{e:?}");
+        let e = refused(&mut c, &switchover(Some("zz")), ErrorClass::NotFound);
+        assert!(matches!(e, CoreError::UnknownNode(_)), "{e:?}");
+        let e = refused(&mut c, &switchover(Some("a")), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("already the primary"), "{e}");
+        let b = id(&c, "b");
+        c.nodes.get_mut(&b).unwrap().candidate_priority = 0;
+        let e = refused(&mut c, &switchover(Some("b")), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("candidate priority 0"), "{e}");
+        let c3 = id(&c, "c");
+        c.nodes.get_mut(&c3).unwrap().reported_state = NodeState::Catchingup;
+        let e = refused(&mut c, &switchover(Some("c")), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("not a healthy secondary"), "{e}");
+        // Neither b (priority 0) nor c (catching up) can take over.
+        let e = refused(&mut c, &switchover(None), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("can take over"), "{e}");
+
+        // The primary between two states: retried later.
+        let mut c = steady(&["a", "b"]);
+        let a = id(&c, "a");
+        c.nodes.get_mut(&a).unwrap().reported_state = NodeState::ApplySettings;
+        let e = refused(&mut c, &switchover(None), ErrorClass::RetryLater);
+        assert!(matches!(e, CoreError::StillMoving { .. }), "{e:?}");
+        // No primary at all.
+        c.nodes.get_mut(&a).unwrap().goal_state = NodeState::Demoted;
+        let e = refused(&mut c, &switchover(None), ErrorClass::NotAllowedNow);
+        assert!(e.to_string().contains("has no primary"), "{e}");
+    }
+}

@@ -3,9 +3,11 @@
 //! answering, see monitor.rs), keepers running the production decision (`decide`, see
 //! keeper.rs) on simulated PostgreSQL (WAL as a chain of records, streaming replication,
 //! synchronous commit),
-//! a simulated clock, and faults: crashes and restarts, lost and delayed heartbeats,
-//! partitions between keepers and the monitor, monitor leader changes and operator
-//! commands. Everything comes from one seed, so a failure replays exactly.
+//! a simulated clock, and faults: crashes and restarts, lost and delayed heartbeats
+//! (some held back for seconds, past newer ones and past the end of a partition, and
+//! judged by each monitor member's own `ReportOrder`, see order.rs), partitions between
+//! keepers and the monitor, monitor leader changes and operator commands. Everything
+//! comes from one seed, so a failure replays exactly.
 
 use pgquorum_core::*;
 
@@ -86,6 +88,17 @@ struct Keeper {
     /// The keeper's clock runs slow by this many parts per thousand: its lease lasts
     /// longer in real time than it thinks.
     drift_pm: u64,
+    /// The host's monotonic clock, which stamps the reports (`sent_ms`): an offset of
+    /// its own and a rate `1000 + clock_skew_pm` per thousand of the simulated clock's,
+    /// within what `ReportOrder` allows (an eighth of the interval: up to 11 % slow).
+    clock_offset: u64,
+    clock_skew_pm: i64,
+    /// This keeper process's stamp: a random instance per start, the host clock's
+    /// reading at its start (`sent_ms` counts from it), and `seq`, the sequence of its
+    /// last request (counted from the host clock at start, as the real keeper counts
+    /// from the wall clock, so that a restarted keeper does not start below its past).
+    instance: u64,
+    started_clock: u64,
     next_beat: Millis,
     seq: u64,
     assignment: Option<Assignment>,
@@ -109,8 +122,23 @@ enum Msg {
     Beat {
         node: usize,
         incarnation: u64,
+        /// When the keeper's heartbeat began (its lease counts from then; a retry keeps
+        /// its beat's time, as the real keeper's loop does).
         sent_at: Millis,
+        /// 0 for the beat, then each retry of a refused request.
+        attempt: u32,
+        /// Stuck in TCP retransmission: delivered once a partition heals, not dropped.
+        held: bool,
         report: NodeReport,
+        stamp: ReportStamp,
+    },
+    /// A stale report was refused (gRPC ABORTED): the keeper retries its newest request.
+    Refused {
+        node: usize,
+        incarnation: u64,
+        sent_at: Millis,
+        attempt: u32,
+        sequence: u64,
     },
     Answer {
         node: usize,
@@ -150,6 +178,27 @@ pub struct Sim {
     pub leader_changes: u64,
     pub depositions: u64,
     pub pg_crashes: u64,
+    /// Heartbeats held back in flight for seconds (or until a partition heals).
+    pub held_back: u64,
+    /// Stale reports refused, by `StaleReport` kind: first of a process, superseded,
+    /// from a replaced process, delayed.
+    pub stale: [u64; 4],
+    /// Retries of refused reports sent by keepers.
+    pub retries: u64,
+    /// Reports a leader applied after an earlier leader had applied a newer one of the
+    /// same keeper process (see monitor.rs, `check_report_order`).
+    pub applied_out_of_order: u64,
+    /// The monitor members (see monitor.rs): each keeps its own `ReportOrder`.
+    members: Vec<monitor::MemberSim>,
+    /// The member that leads now (the one `state` and `health` belong to).
+    leader: usize,
+    /// Test knob: every report is admitted unjudged (`ReportOrder` not consulted): the
+    /// report-order oracle must then fail.
+    admit_unjudged: bool,
+    /// Oracle: the newest report of each keeper process applied, per member and over
+    /// the leaders that commit (see monitor.rs, `check_report_order`).
+    applied_by_member: Vec<std::collections::BTreeMap<NodeId, (u64, u64)>>,
+    applied_committed: std::collections::BTreeMap<(NodeId, u64), u64>,
     settings: FormationSettings,
     pub failovers: u64,
     max_timeline: u32,
@@ -160,6 +209,17 @@ pub struct Sim {
 pub struct Failure(pub String);
 
 const DT: Millis = 50;
+
+/// Per thousand heartbeats, how many the network holds back for 1-20 s (a request stuck
+/// in TCP retransmission: 6-26 s were seen in the partition tests).
+const HELD_PM: u64 = 15;
+/// Per thousand heartbeats sent during a partition, how many are held back until it
+/// heals instead of being lost.
+const HELD_IN_PARTITION_PM: u64 = 300;
+/// The real keeper's heartbeat: up to 3 attempts (one per member; a refused first report
+/// of a process is retried at once) of 500 ms each; an answer after that is read by no one.
+const KEEPER_ATTEMPTS: u32 = 3;
+const KEEPER_WAIT: Millis = 1500;
 
 impl Sim {
     pub fn new(seed: u64, verbose: bool) -> Self {
@@ -188,6 +248,10 @@ impl Sim {
                 state: NodeState::Init,
                 lease_until: 0,
                 drift_pm: rng.below(140),
+                clock_offset: rng.below(1 << 40),
+                clock_skew_pm: rng.range(0, 200) as i64 - 100,
+                instance: rng.next().max(1),
+                started_clock: 0,
                 next_beat: rng.below(200),
                 seq: 0,
                 assignment: None,
@@ -212,7 +276,10 @@ impl Sim {
                 },
             })
             .collect();
-        Sim {
+        let members = (0..3)
+            .map(|_| monitor::MemberSim::new(rng.below(1 << 40)))
+            .collect();
+        let mut sim = Sim {
             rng,
             now: 1_000_000,
             state: ClusterState::default(),
@@ -235,12 +302,49 @@ impl Sim {
             leader_changes: 0,
             depositions: 0,
             pg_crashes: 0,
+            held_back: 0,
+            stale: [0; 4],
+            retries: 0,
+            applied_out_of_order: 0,
+            members,
+            leader: 0,
+            admit_unjudged: false,
+            applied_by_member: vec![Default::default(); 3],
+            applied_committed: Default::default(),
             settings,
             failovers: 0,
             max_timeline: 1,
             log: Vec::new(),
             verbose,
+        };
+        for i in 0..n {
+            sim.start_process(i);
         }
+        sim
+    }
+
+    /// Reports are admitted unjudged (the monitor without `ReportOrder`): the
+    /// report-order oracle must catch it.
+    pub fn without_report_order(mut self) -> Self {
+        self.admit_unjudged = true;
+        self
+    }
+
+    /// Keeper `i`'s host clock now.
+    fn host_clock(&self, i: usize) -> u64 {
+        let k = &self.keepers[i];
+        let rate = (1000 + k.clock_skew_pm) as u64;
+        k.clock_offset + self.now * rate / 1000
+    }
+
+    /// A new keeper process on node `i`: a new random instance, its clock and sequence.
+    fn start_process(&mut self, i: usize) {
+        let clock = self.host_clock(i);
+        let instance = self.rng.next().max(1);
+        let k = &mut self.keepers[i];
+        k.instance = instance;
+        k.started_clock = clock;
+        k.seq = clock;
     }
 
     /// The deposed leader grants leases without proof of leadership: the broken
@@ -446,6 +550,56 @@ impl Sim {
         }
     }
 
+    /// The stamp of keeper `i`'s current request (the one [`Sim::report`] just counted).
+    fn stamp(&self, i: usize) -> ReportStamp {
+        let k = &self.keepers[i];
+        ReportStamp {
+            instance: k.instance,
+            sequence: k.seq,
+            sent_ms: self.host_clock(i) - k.started_clock,
+        }
+    }
+
+    /// Keeper `i` sends a report now: its heartbeat begun at `sent_at`, or a retry.
+    /// The network loses some, delays most a little, and holds some back for seconds
+    /// (a request stuck in TCP retransmission reaches the monitor long after the keeper
+    /// gave up on it); during a partition a request is lost or held back until after it.
+    fn send_beat(&mut self, i: usize, sent_at: Millis, attempt: u32) {
+        let now = self.now;
+        let report = self.report(i);
+        let stamp = self.stamp(i);
+        if self.rng.chance(20) {
+            return;
+        }
+        let partitioned_until = self.keepers[i].partitioned_until;
+        let (at, held) = if partitioned_until > now {
+            if !self.rng.chance(HELD_IN_PARTITION_PM) {
+                return;
+            }
+            (partitioned_until + self.rng.range(0, 3000), true)
+        } else if self.rng.chance(HELD_PM) {
+            (now + self.rng.range(1000, 20_000), true)
+        } else {
+            (now + self.delay(), false)
+        };
+        if held {
+            self.held_back += 1;
+        }
+        let incarnation = self.keepers[i].incarnation;
+        self.send(
+            at,
+            Msg::Beat {
+                node: i,
+                incarnation,
+                sent_at,
+                attempt,
+                held,
+                report,
+                stamp,
+            },
+        );
+    }
+
     fn crash(&mut self, i: usize, down_for: Millis) {
         let now = self.now;
         let k = &mut self.keepers[i];
@@ -454,8 +608,6 @@ impl Sim {
         }
         k.alive = false;
         k.incarnation += 1;
-        // A new keeper process counts its heartbeats from zero again.
-        k.seq = 0;
         self.crashes += 1;
         k.restart_at = now + down_for;
         k.pg.running = None;
@@ -656,6 +808,7 @@ impl Sim {
                 k.next_beat = now;
                 let name = k.name.clone();
                 let st = k.state;
+                self.start_process(i);
                 self.note(format!("restart {name} in {st}"));
             }
         }
@@ -677,12 +830,54 @@ impl Sim {
                     node,
                     incarnation,
                     sent_at,
+                    attempt,
+                    held,
                     report,
+                    stamp,
                 } => {
-                    if self.keepers[node].partitioned_until > now {
+                    let until = self.keepers[node].partitioned_until;
+                    if until > now {
+                        if held {
+                            // Still retransmitted: it arrives after the partition.
+                            let at = until + self.rng.range(0, 1000);
+                            self.send(
+                                at,
+                                Msg::Beat {
+                                    node,
+                                    incarnation,
+                                    sent_at,
+                                    attempt,
+                                    held,
+                                    report,
+                                    stamp,
+                                },
+                            );
+                        }
                         continue;
                     }
-                    self.hear_beat(node, incarnation, sent_at, report);
+                    self.hear_beat(node, incarnation, sent_at, attempt, report, stamp)?;
+                }
+                Msg::Refused {
+                    node,
+                    incarnation,
+                    sent_at,
+                    attempt,
+                    sequence,
+                } => {
+                    let k = &self.keepers[node];
+                    // The real keeper retries a refused request at once, while its
+                    // heartbeat lasts, trying each member (3 attempts); a refusal of a
+                    // request it already gave up on reaches nobody.
+                    if k.alive
+                        && k.incarnation == incarnation
+                        && k.partitioned_until <= now
+                        && k.seq == sequence
+                        && attempt + 1 < KEEPER_ATTEMPTS
+                        && now - sent_at <= KEEPER_WAIT
+                    {
+                        self.retries += 1;
+                        self.send_beat(node, sent_at, attempt + 1);
+                    }
                 }
                 Msg::Answer {
                     node,
@@ -696,6 +891,8 @@ impl Sim {
                         || k.incarnation != incarnation
                         || k.partitioned_until > now
                         || beat_sent_at < k.last_answer_beat
+                        // The keeper gave up on that heartbeat: nobody reads the answer.
+                        || now - beat_sent_at > KEEPER_WAIT
                     {
                         continue;
                     }
@@ -727,21 +924,7 @@ impl Sim {
             self.keeper_tick(i);
             if self.keepers[i].next_beat <= now {
                 self.keepers[i].next_beat = now + 200;
-                let report = self.report(i);
-                let lost = self.rng.chance(20);
-                if !lost && self.keepers[i].partitioned_until <= now {
-                    let d = self.delay();
-                    let inc = self.keepers[i].incarnation;
-                    self.send(
-                        now + d,
-                        Msg::Beat {
-                            node: i,
-                            incarnation: inc,
-                            sent_at: now,
-                            report,
-                        },
-                    );
-                }
+                self.send_beat(i, now, 0);
             }
         }
         // Streaming replication.
