@@ -183,6 +183,8 @@ impl World {
                     lsn: Lsn::new(r.lsn()),
                     timeline: u32::from(r.u8() % 4),
                     pg_running: r.bool(),
+                    // Few values, so that stale (not above the newest) ones are common.
+                    sequence: u64::from(r.u8() % 8),
                 };
                 self.apply(&cmd, None);
             }

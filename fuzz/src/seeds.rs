@@ -335,6 +335,7 @@ pub fn commands() -> Vec<Command> {
             lsn: Lsn::new(0x300_0060),
             timeline: 1,
             pg_running: true,
+            sequence: 1_764_000_000_123,
         },
         Command::AssignGoal {
             node_id: 3,

@@ -81,6 +81,14 @@ pub enum CoreError {
         expected: NodeState,
         goal: NodeState,
     },
+    /// A keeper report older than one already applied for the node (reordered in
+    /// flight, or admitted by a leader that never saw the newer one).
+    #[error("stale report for node {node}: sequence {sequence}, the newest applied is {newest}")]
+    StaleReport {
+        node: String,
+        sequence: u64,
+        newest: u64,
+    },
     #[error("node {node}: its data directory belongs to another cluster (system identifier {system_identifier}, the group's is {group_system_identifier}); remove the data directory so that the node is cloned afresh")]
     OtherCluster {
         node: String,
@@ -109,6 +117,7 @@ impl CoreError {
             | CoreError::FailoverInProgress { .. }
             | CoreError::BeingDropped { .. }
             | CoreError::StaleDecision { .. }
+            | CoreError::StaleReport { .. }
             | CoreError::OtherCluster { .. }
             | CoreError::GroupFull { .. }
             | CoreError::NotAllowed(_) => ErrorClass::NotAllowedNow,

@@ -271,11 +271,19 @@ pub struct Node {
     /// last one it completed.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reinit_seq: u64,
+    /// The sequence of the newest keeper report applied to this node (0: none stamped
+    /// yet). Reports reach the leader out of order (stuck in TCP retransmission, or
+    /// judged by a new leader that never saw the newer one): a ReportState whose
+    /// sequence is not above it is not applied, on every member alike, whichever
+    /// leader proposed it. Keeper sequences count from the wall clock at the keeper's
+    /// start, so a restarted keeper's reports are above its previous life's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub report_sequence: u64,
 }
 
 /// Fields added later are left out while they hold their default, so that a state
 /// that never used them is stored byte for byte as before.
-fn is_zero(v: &u64) -> bool {
+pub(crate) fn is_zero(v: &u64) -> bool {
     *v == 0
 }
 

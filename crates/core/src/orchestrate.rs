@@ -112,6 +112,7 @@ pub fn on_heartbeat(
         lsn: report.current_lsn,
         timeline: report.timeline,
         pg_running: report.pg_running,
+        sequence: report.sequence,
     });
     out
 }

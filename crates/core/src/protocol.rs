@@ -496,6 +496,7 @@ mod tests {
             lsn: crate::Lsn::new(10),
             timeline: 1,
             pg_running: true,
+            sequence: 0,
         };
         assert!(s.apply(&single, 5).is_ok());
         let b = register(&mut s, "b");

@@ -212,6 +212,7 @@ fn to_command(state: &ClusterState, op: &Op) -> Command {
             lsn: Lsn::new(*l as u64),
             timeline: 1,
             pg_running: true,
+            sequence: 0,
         },
         Op::Assign(n, s) => Command::AssignGoal {
             node_id: id(*n),

@@ -941,7 +941,8 @@ fn unknown_names_and_invalid_settings_are_refused() {
                 state: Secondary,
                 lsn: None,
                 timeline: 1,
-                pg_running: true
+                pg_running: true,
+                sequence: 0,
             }
         )
         .class(),

@@ -80,6 +80,8 @@ fn commands() -> Vec<Command> {
             lsn: Lsn::new(0x3_0000_0060),
             timeline: 2,
             pg_running: true,
+            // A keeper's sequence counts from the wall clock (ms) at its start.
+            sequence: 1_764_000_000_123,
         },
         Command::AssignGoal {
             node_id: 3,
@@ -404,6 +406,7 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
             lsn: Lsn::new(0x300_0060),
             timeline: 1,
             pg_running: true,
+            sequence: 0,
         };
         out.push((
             format!("entry-report_state-{st}.json"),

@@ -964,6 +964,7 @@ fn core_costs(n: usize) -> CoreCosts {
                 lsn: Lsn::new(2),
                 timeline: 1,
                 pg_running: true,
+                sequence: 0,
             },
             now,
         ))

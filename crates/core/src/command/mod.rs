@@ -59,6 +59,10 @@ pub enum Command {
         lsn: Option<Lsn>,
         timeline: u32,
         pg_running: bool,
+        /// The keeper's sequence of the report this comes from (0: unstamped, applied
+        /// unjudged; entries written before it existed read as 0).
+        #[serde(default, skip_serializing_if = "crate::model::is_zero")]
+        sequence: u64,
     },
     /// The orchestrator's decision, with the reason that goes into the event history.
     AssignGoal {
@@ -236,7 +240,18 @@ impl ClusterState {
                 lsn,
                 timeline,
                 pg_running,
-            } => self.report_state(*node_id, *state, *lsn, *timeline, *pg_running, now),
+                sequence,
+            } => self.report_state(
+                *node_id,
+                report::Report {
+                    state: *state,
+                    lsn: *lsn,
+                    timeline: *timeline,
+                    pg_running: *pg_running,
+                    sequence: *sequence,
+                },
+                now,
+            ),
             Command::RecordSystemIdentifier {
                 node_id,
                 system_identifier,

@@ -140,6 +140,7 @@ impl ClusterState {
                 in_sync_set: false,
                 goal_sync_seq: 0,
                 reinit_seq: 0,
+                report_sequence: 0,
             },
         );
         self.index_node(formation, group_id, id);

@@ -5,19 +5,44 @@ use crate::error::CoreError;
 use crate::lsn::Lsn;
 use crate::model::{ClusterState, Millis, NodeId, NodeState};
 
+/// What one `Command::ReportState` says of its node.
+pub(super) struct Report {
+    pub state: NodeState,
+    pub lsn: Option<Lsn>,
+    pub timeline: u32,
+    pub pg_running: bool,
+    pub sequence: u64,
+}
+
 impl ClusterState {
     pub(super) fn report_state(
         &mut self,
         node_id: NodeId,
-        state: NodeState,
-        lsn: Option<Lsn>,
-        timeline: u32,
-        pg_running: bool,
+        report: Report,
         now: Millis,
     ) -> Result<Outcome, CoreError> {
+        let Report {
+            state,
+            lsn,
+            timeline,
+            pg_running,
+            sequence,
+        } = report;
         let Some(node) = self.nodes.get_mut(&node_id) else {
             return Err(CoreError::UnknownNode(node_id.to_string()));
         };
+        // Issue 13 item 4: never applied after a newer report of the same keeper,
+        // whichever leader admitted either (see `Node::report_sequence`).
+        if sequence != 0 {
+            if sequence <= node.report_sequence {
+                return Err(CoreError::StaleReport {
+                    node: node.name.clone(),
+                    sequence,
+                    newest: node.report_sequence,
+                });
+            }
+            node.report_sequence = sequence;
+        }
         let changed = node.reported_state != state;
         let pg_flipped = node.pg_running != pg_running;
         node.reported_state = state;
@@ -126,7 +151,44 @@ mod tests {
             lsn: Lsn::new(lsn),
             timeline,
             pg_running: true,
+            sequence: 0,
         }
+    }
+
+    /// Issue 13 item 4, on the state every member applies: a report older than one
+    /// already applied (by this leader or an earlier one) changes nothing.
+    #[test]
+    fn a_report_not_newer_than_the_last_applied_is_refused_and_changes_nothing() {
+        let mut s = steady(&["a", "b"]);
+        let b = id(&s, "b");
+        let stamped = |seq: u64, state: NodeState, lsn: u64| Command::ReportState {
+            node_id: b,
+            state,
+            lsn: Lsn::new(lsn),
+            timeline: 1,
+            pg_running: true,
+            sequence: seq,
+        };
+        s.apply(&stamped(1_000, NodeState::Secondary, 500), T0 + 1)
+            .unwrap();
+        for seq in [999, 1_000] {
+            // `refused` also checks that the state is unchanged.
+            let e = refused(
+                &mut s,
+                &stamped(seq, NodeState::Catchingup, 100),
+                ErrorClass::NotAllowedNow,
+            );
+            assert!(matches!(e, CoreError::StaleReport { .. }), "{e:?}");
+        }
+        // Newer: applied. Unstamped (an old keeper): applied unjudged.
+        s.apply(&stamped(1_001, NodeState::Secondary, 600), T0 + 2)
+            .unwrap();
+        assert_eq!(s.nodes[&b].reported_lsn, Lsn::new(600));
+        assert_eq!(s.nodes[&b].report_sequence, 1_001);
+        s.apply(&report(b, NodeState::Secondary, 700, 1), T0 + 3)
+            .unwrap();
+        assert_eq!(s.nodes[&b].reported_lsn, Lsn::new(700));
+        assert_eq!(s.nodes[&b].report_sequence, 1_001);
     }
 
     #[test]
