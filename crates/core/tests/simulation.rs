@@ -44,7 +44,7 @@ fn simulated_clusters_keep_the_invariants() {
     let first = env_u64("PGQUORUM_SIM_FIRST_SEED").unwrap_or(0);
     let mut acked = 0;
     let mut failovers = 0;
-    let mut t = [0u64; 11];
+    let mut t = [0u64; 12];
     let mut stale = [0u64; 4];
     for seed in first..first + seeds {
         match sim::Sim::new(seed, false).run() {
@@ -63,6 +63,7 @@ fn simulated_clusters_keep_the_invariants() {
                     s.held_back,
                     s.retries,
                     s.applied_out_of_order,
+                    s.stale_report_states,
                 ]) {
                     *x += v;
                 }
@@ -79,8 +80,8 @@ fn simulated_clusters_keep_the_invariants() {
         }
     }
     println!(
-        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} machine crashes, {} PostgreSQL crashes, {} partitions, {} monitor leader changes, {} monitor leaders deposed while answering, {} operator commands applied, {} refused; {} heartbeats held back in flight, stale reports refused: {} first of a keeper process at a member, {} superseded, {} from a replaced process, {} delayed; {} retries; {} reports applied by a leader after a newer one of the same keeper process was applied by an earlier leader",
-        t[5], t[0], t[6], t[1], t[2], t[7], t[3], t[4], t[8], stale[0], stale[1], stale[2], stale[3], t[9], t[10]
+        "{seeds} seeds: {acked} synchronously acknowledged commits, {} acknowledged with synchronous replication off by choice, {failovers} demotions/promotions, {} machine crashes, {} PostgreSQL crashes, {} partitions, {} monitor leader changes, {} monitor leaders deposed while answering, {} operator commands applied, {} refused; {} heartbeats held back in flight, stale reports refused: {} first of a keeper process at a member, {} superseded, {} from a replaced process, {} delayed; {} retries; {} reports admitted by a leader after a newer one of the same keeper process was applied by an earlier leader, {} of their state reports refused by the state machine as not newer than the last applied",
+        t[5], t[0], t[6], t[1], t[2], t[7], t[3], t[4], t[8], stale[0], stale[1], stale[2], stale[3], t[9], t[10], t[11]
     );
     // The simulation must exercise what it claims to check.
     assert!(acked > seeds * 10, "too few acknowledged commits: {acked}");

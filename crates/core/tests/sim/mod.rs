@@ -188,6 +188,9 @@ pub struct Sim {
     /// Reports a leader applied after an earlier leader had applied a newer one of the
     /// same keeper process (see monitor.rs, `check_report_order`).
     pub applied_out_of_order: u64,
+    /// ReportStates the state machine refused: not above the newest applied report of
+    /// the node (what `applied_out_of_order` reports would otherwise have changed).
+    pub stale_report_states: u64,
     /// The monitor members (see monitor.rs): each keeps its own `ReportOrder`.
     members: Vec<monitor::MemberSim>,
     /// The member that leads now (the one `state` and `health` belong to).
@@ -306,6 +309,7 @@ impl Sim {
             stale: [0; 4],
             retries: 0,
             applied_out_of_order: 0,
+            stale_report_states: 0,
             members,
             leader: 0,
             admit_unjudged: false,
@@ -436,6 +440,9 @@ impl Sim {
                 true
             }
             Err(e) => {
+                if matches!(e, pgquorum_core::CoreError::StaleReport { .. }) {
+                    self.stale_report_states += 1;
+                }
                 self.note(format!("refused {cmd:?}: {e}"));
                 false
             }
