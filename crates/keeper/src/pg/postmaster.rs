@@ -437,6 +437,14 @@ mod tests {
         let fake = dir.path().join("postgres");
         std::fs::copy("/bin/sleep", &fake).unwrap();
         let mut child = std::process::Command::new(&fake).arg("30").spawn().unwrap();
+        // Until its exec, the child is a copy of this test (another name).
+        let comm = format!("/proc/{}/comm", child.id());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&comm).unwrap_or_default().trim() != "postgres"
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let pgdata = dir.path().join("data");
         std::fs::create_dir(&pgdata).unwrap();
         let lock = dir.path().join(".s.PGSQL.5998.lock");
