@@ -268,13 +268,14 @@ async fn postmaster_exit(w: Option<watch::Receiver<Option<std::process::ExitStat
 /// also restarts a guard that exited.
 async fn fence(shared: Arc<Shared>, name: String, pgdata: std::path::PathBuf) {
     let mut guard_retry = Instant::now();
-    // The postmaster this task asked to stop, and when. A fast shutdown refuses writes
-    // at once, but the postmaster then waits for its WAL senders to hand the shutdown
-    // checkpoint to standbys that may be cut off with it: it lingered until the
-    // partition healed (8-10 s), and the heal then began by waiting for that stop. The
-    // guard is disarmed by the fence (postgres takes no writes any more), so this task
-    // escalates as the guard would: immediate after QUIT_AFTER, SIGKILL after KILL_AFTER.
-    let mut stopping: Option<(u32, Instant, bool)> = None;
+    // The escalation of the stop this task began, decided as the guard decides it
+    // (`guard::Guard`: immediate after QUIT_AFTER, SIGKILL after KILL_AFTER). A fast
+    // shutdown refuses writes at once, but the postmaster then waits for its WAL senders
+    // to hand the shutdown checkpoint to standbys that may be cut off with it: it
+    // lingered until the partition healed (8-10 s), and the heal then began by waiting
+    // for that stop. The fence disarms the guard process (postgres takes no writes any
+    // more), so this task escalates itself.
+    let mut escalation = crate::guard::Guard::default();
     loop {
         if !shared.guard_running() && Instant::now() >= guard_retry {
             match crate::guard::Link::spawn(&crate::guard::own_exe(), &pgdata).await {
@@ -303,31 +304,37 @@ async fn fence(shared: Arc<Shared>, name: String, pgdata: std::path::PathBuf) {
                         nix::unistd::Pid::from_raw(p),
                         nix::sys::signal::Signal::SIGINT,
                     );
-                    stopping = Some((pid, Instant::now(), false));
+                    escalation.fenced(p, crate::guard::monotonic_ns());
                 }
                 shared
                     .fences
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        if let Some((pid, since, quit)) = stopping {
+        if let Some(p) = escalation.stopping_pid() {
             // The keeper may have stopped it meanwhile, or started another postmaster
             // (whose pid this one is not).
+            let pid = p.unsigned_abs();
             if shared.postmaster_pid() != Some(pid) || !crate::pg::postmaster::is_alive(pid) {
-                stopping = None;
-            } else if since.elapsed() >= crate::guard::KILL_AFTER {
-                tracing::warn!(node = %name, pid, "fenced postgres still running: SIGKILL");
-                crate::pg::postmaster::kill_tree(pid);
-                stopping = None;
-            } else if since.elapsed() >= crate::guard::QUIT_AFTER && !quit {
-                tracing::warn!(node = %name, pid, "fenced postgres still running after a fast shutdown request: immediate shutdown");
-                if let Ok(p) = i32::try_from(pid) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(p),
-                        nix::sys::signal::Signal::SIGQUIT,
-                    );
+                escalation.stopped();
+            }
+            for a in escalation.due(crate::guard::monotonic_ns()) {
+                match a {
+                    crate::guard::Action::Quit(_) => {
+                        tracing::warn!(node = %name, pid, "fenced postgres still running after a fast shutdown request: immediate shutdown");
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(p),
+                            nix::sys::signal::Signal::SIGQUIT,
+                        );
+                    }
+                    crate::guard::Action::KillGroup(_) => {
+                        tracing::warn!(node = %name, pid, "fenced postgres still running: SIGKILL");
+                        crate::pg::postmaster::kill_tree(pid);
+                        escalation.stopped();
+                    }
+                    // No deadline is armed here: the lease is this task's own.
+                    crate::guard::Action::Fence => {}
                 }
-                stopping = Some((pid, since, true));
             }
         }
         // Wake exactly at the lease's end, and at least every 50 ms in case postgres

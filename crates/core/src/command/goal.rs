@@ -333,7 +333,7 @@ struct Promotion {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::fixture::{group, T0};
+    use super::super::fixture::{failover, group, T0};
     use super::super::Command;
     use super::*;
     use crate::{ClusterState, CoreError, ErrorClass, Lsn, NodeState, DEFAULT_FORMATION};
@@ -547,23 +547,13 @@ mod tests {
         let mut c = group(&["a", "b"]);
         let (a, b) = (id(&c, "a"), id(&c, "b"));
         c.set_goal(a, NodeState::Draining, T0 + 1, "test").unwrap();
-        let f = c
-            .group(DEFAULT_FORMATION, 0)
-            .unwrap()
-            .failover
-            .clone()
-            .unwrap();
+        let f = failover(&c);
         assert_eq!(
             (f.old_primary, f.started_at, f.fenced_at),
             (a, T0 + 1, None)
         );
         c.set_goal(a, NodeState::Demoted, T0 + 2, "test").unwrap();
-        let f = c
-            .group(DEFAULT_FORMATION, 0)
-            .unwrap()
-            .failover
-            .clone()
-            .unwrap();
+        let f = failover(&c);
         assert_eq!((f.started_at, f.fenced_at), (T0 + 1, Some(T0 + 2)));
         assert_eq!(c.nodes[&a].goal_since, T0 + 2);
 

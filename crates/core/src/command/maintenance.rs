@@ -128,7 +128,7 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::fixture::{group, id, refused, steady, T0};
+    use super::super::fixture::{failover, group, id, refused, steady, switchover, T0};
     use super::super::Command;
     use crate::{CoreError, ErrorClass, NodeState, DEFAULT_FORMATION};
 
@@ -178,12 +178,7 @@ mod tests {
         let a = id(&c, "a");
         c.apply(&maint("a", true), T0).unwrap();
         assert_eq!(c.nodes[&a].goal_state, NodeState::PrepareMaintenance);
-        let f = c
-            .group(DEFAULT_FORMATION, 0)
-            .unwrap()
-            .failover
-            .clone()
-            .unwrap();
+        let f = failover(&c);
         assert_eq!(f.old_primary, a);
         assert!(f.planned);
         // Until the old primary is fenced it cannot leave maintenance (`demoted` would
@@ -215,15 +210,7 @@ mod tests {
 
         // A failover in progress (here a switchover).
         let mut c = steady(&["a", "b", "c"]);
-        c.apply(
-            &Command::PerformSwitchover {
-                formation: DEFAULT_FORMATION.into(),
-                group_id: 0,
-                candidate: None,
-            },
-            T0,
-        )
-        .unwrap();
+        c.apply(&switchover(None), T0).unwrap();
         let e = refused(&mut c, &maint("c", true), ErrorClass::NotAllowedNow);
         assert!(
             matches!(e, CoreError::FailoverInProgress { group: 0 }),

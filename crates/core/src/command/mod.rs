@@ -517,6 +517,24 @@ pub(super) mod fixture {
         c
     }
 
+    /// A switchover of the default formation's group 0, to `candidate` or any.
+    pub fn switchover(candidate: Option<&str>) -> Command {
+        Command::PerformSwitchover {
+            formation: DEFAULT_FORMATION.into(),
+            group_id: 0,
+            candidate: candidate.map(Into::into),
+        }
+    }
+
+    /// The failover record of the default formation's group 0, which must be open.
+    pub fn failover(c: &ClusterState) -> crate::model::Failover {
+        c.group(DEFAULT_FORMATION, 0)
+            .unwrap()
+            .failover
+            .clone()
+            .unwrap()
+    }
+
     /// Applies `cmd`, which must be refused with `class`, and checks that the refusal
     /// changed nothing; returns the error.
     pub fn refused(

@@ -140,7 +140,7 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::fixture::{id, refused, steady, T0};
+    use super::super::fixture::{id, refused, steady, switchover, T0};
     use super::super::Command;
     use crate::{CoreError, ErrorClass, Lsn, NodeId, NodeState, DEFAULT_FORMATION};
 
@@ -228,15 +228,7 @@ mod tests {
     fn an_old_primary_reporting_postgresql_stopped_is_fenced() {
         let mut c = steady(&["a", "b", "c"]);
         let a = id(&c, "a");
-        c.apply(
-            &Command::PerformSwitchover {
-                formation: DEFAULT_FORMATION.into(),
-                group_id: 0,
-                candidate: None,
-            },
-            T0,
-        )
-        .unwrap();
+        c.apply(&switchover(None), T0).unwrap();
         let fenced = |c: &crate::ClusterState| {
             c.group(DEFAULT_FORMATION, 0)
                 .and_then(|g| g.failover.as_ref())

@@ -103,17 +103,9 @@ impl ClusterState {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::super::fixture::{id, refused, steady, T0};
+    use super::super::fixture::{failover, id, refused, steady, switchover, T0};
     use super::super::Command;
     use crate::{CoreError, ErrorClass, NodeState, DEFAULT_FORMATION};
-
-    fn switchover(candidate: Option<&str>) -> Command {
-        Command::PerformSwitchover {
-            formation: DEFAULT_FORMATION.into(),
-            group_id: 0,
-            candidate: candidate.map(Into::into),
-        }
-    }
 
     #[test]
     fn a_switchover_drains_the_primary_in_a_planned_failover() {
@@ -121,12 +113,7 @@ mod tests {
         let (a, c3) = (id(&c, "a"), id(&c, "c"));
         c.apply(&switchover(Some("c")), T0).unwrap();
         assert_eq!(c.nodes[&a].goal_state, NodeState::Draining);
-        let f = c
-            .group(DEFAULT_FORMATION, 0)
-            .unwrap()
-            .failover
-            .clone()
-            .unwrap();
+        let f = failover(&c);
         assert_eq!(f.old_primary, a);
         assert!(f.planned);
         assert_eq!(f.requested, Some(c3));
@@ -146,12 +133,7 @@ mod tests {
             T0,
         )
         .unwrap();
-        let f = c
-            .group(DEFAULT_FORMATION, 0)
-            .unwrap()
-            .failover
-            .clone()
-            .unwrap();
+        let f = failover(&c);
         assert!(f.planned);
         assert_eq!(f.requested, None);
     }

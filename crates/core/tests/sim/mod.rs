@@ -833,35 +833,22 @@ impl Sim {
         due.sort_by_key(|m| (m.0, m.1));
         for (_, _, m) in due {
             match m {
+                Msg::Beat { node, held, .. } if self.keepers[node].partitioned_until > now => {
+                    if held {
+                        // Still retransmitted: it arrives after the partition.
+                        let at = self.keepers[node].partitioned_until + self.rng.range(0, 1000);
+                        self.send(at, m);
+                    }
+                }
                 Msg::Beat {
                     node,
                     incarnation,
                     sent_at,
                     attempt,
-                    held,
                     report,
                     stamp,
+                    ..
                 } => {
-                    let until = self.keepers[node].partitioned_until;
-                    if until > now {
-                        if held {
-                            // Still retransmitted: it arrives after the partition.
-                            let at = until + self.rng.range(0, 1000);
-                            self.send(
-                                at,
-                                Msg::Beat {
-                                    node,
-                                    incarnation,
-                                    sent_at,
-                                    attempt,
-                                    held,
-                                    report,
-                                    stamp,
-                                },
-                            );
-                        }
-                        continue;
-                    }
                     self.hear_beat(node, incarnation, sent_at, attempt, report, stamp)?;
                 }
                 Msg::Refused {

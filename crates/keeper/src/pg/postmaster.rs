@@ -68,24 +68,20 @@ fn parent_of(pid: u32) -> Option<u32> {
 /// (`t`). Such a process acts on no signal but SIGKILL until it is continued: a fast or
 /// immediate shutdown asked of it waits, pending, for as long as it stays stopped.
 pub fn is_frozen(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some(close) = stat.rfind(')') else {
-        return false;
-    };
-    matches!(stat[close + 1..].split_whitespace().next(), Some("T" | "t"))
+    matches!(process_state(pid).as_deref(), Some("T" | "t"))
+}
+
+/// The state letter in /proc/PID/stat (after the parenthesised command name); None
+/// when there is no such process.
+fn process_state(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = stat.rfind(')')?;
+    Some(stat[close + 1..].split_whitespace().next()?.to_string())
 }
 
 /// Whether `pid` is a live process (not gone, not a zombie waiting to be reaped).
 pub fn is_alive(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some(close) = stat.rfind(')') else {
-        return false;
-    };
-    !matches!(stat[close + 1..].split_whitespace().next(), Some("Z" | "X"))
+    process_state(pid).is_some_and(|s| s != "Z" && s != "X")
 }
 
 /// How the postmaster is asked to stop.
@@ -112,7 +108,12 @@ pub struct PidFile {
 
 impl PidFile {
     pub fn read(pgdata: &Path) -> Option<PidFile> {
-        let text = std::fs::read_to_string(pgdata.join("postmaster.pid")).ok()?;
+        Self::read_file(&pgdata.join("postmaster.pid"))
+    }
+
+    /// A lock file of that format: postmaster.pid, or a socket's `.s.PGSQL.<port>.lock`.
+    pub fn read_file(path: &Path) -> Option<PidFile> {
+        let text = std::fs::read_to_string(path).ok()?;
         let lines: Vec<&str> = text.lines().collect();
         let pid = lines.first()?.trim().parse().ok()?;
         // Line 8 (PM_STATUS) appears only once the postmaster has reached a status.
@@ -159,10 +160,7 @@ pub fn clear_stale_locks(pgdata: &Path, socket_dir: &Path, port: u16) -> Vec<i32
             Some(&socket),
         ),
     ] {
-        let Some(pid) = std::fs::read_to_string(&lock)
-            .ok()
-            .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
-        else {
+        let Some(PidFile { pid, .. }) = PidFile::read_file(&lock) else {
             continue;
         };
         if is_postgres(pid) {
