@@ -430,10 +430,13 @@ mod tests {
 
     #[test]
     fn a_lock_file_of_a_live_postgres_is_kept() {
-        // A process named postgres: a copy of sleep under that name.
+        // A process named postgres: sleep run through a symlink of that name (the
+        // kernel names a process after the path it was started by). Not a copy: a
+        // parallel test's fork can inherit the copy's open write descriptor, and
+        // executing it then fails with "Text file busy" (seen once in CI).
         let dir = tempfile::tempdir().unwrap();
         let fake = dir.path().join("postgres");
-        std::fs::copy("/bin/sleep", &fake).unwrap();
+        std::os::unix::fs::symlink("/bin/sleep", &fake).unwrap();
         let mut child = std::process::Command::new(&fake).arg("30").spawn().unwrap();
         // Until its exec, the child is a copy of this test (another name).
         let comm = format!("/proc/{}/comm", child.id());
