@@ -7,6 +7,7 @@
 //!   cargo build -p pgquorum && cargo build -p pgquorum-tests --bin fault-bench
 //!   target/debug/fault-bench --campaign 12 --seed 1 [--write-doc docs/benchmarks.md]
 //!   target/debug/fault-bench --kind primary-and-leader-cut --secs 20   (replay one)
+//!   target/debug/fault-bench --kind standby-isolated --campaign 12   (one kind, 12 times)
 //!
 //! Per fault kind it reports: faults run, write unavailability p50/p99 (from the fault to
 //! the first commit after the first failed one), the longest two-writer overlap, commits
@@ -36,12 +37,16 @@ const KINDS: [&str; 9] = [
     "primary-link-flap",
 ];
 
+/// A heal slower than this prints the cluster's logs (issue 13 asks for a heal within a
+/// few seconds of the fault's end in every scenario).
+const SLOW_HEAL: Duration = Duration::from_secs(10);
+
 fn usage() -> String {
     format!(
-        "usage: fault-bench [--campaign N] [--seed S] [--kind KIND --secs N] \
+        "usage: fault-bench [--campaign N] [--seed S] [--kind KIND [--secs N]] \
          [--write-doc docs/benchmarks.md]\n\
          Runs N faults drawn from seed S (or one fault of KIND lasting N s: the replay line \
-         a failed campaign prints) against 3 monitor members and 3 nodes in network \
+         a failed campaign prints; with --campaign, N faults of KIND) against 3 monitor members and 3 nodes in network \
          namespaces, with a client and a probe writing throughout. Needs root.\n\
          Kinds: {}",
         KINDS.join(", ")
@@ -245,7 +250,7 @@ async fn wait_healthy(nc: &NetCluster, within: Duration) -> bool {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let mut campaign = 10u32;
+    let mut campaign: Option<u32> = None;
     let mut seed = 1u64;
     let mut only: Option<String> = None;
     let mut secs: Option<u64> = None;
@@ -254,7 +259,7 @@ async fn main() {
     while i < args.len() {
         let v = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
-            "--campaign" => campaign = parsed("--campaign", &v),
+            "--campaign" => campaign = Some(parsed("--campaign", &v)),
             "--seed" => seed = parsed("--seed", &v),
             "--kind" => only = Some(v),
             "--secs" => secs = Some(parsed("--secs", &v)),
@@ -275,8 +280,10 @@ async fn main() {
             eprintln!("fault-bench: unknown kind {k}\n{}", usage());
             std::process::exit(2);
         }
-        campaign = 1;
     }
+    // One fault of a kind is the replay line; `--kind K --campaign N` repeats it N times
+    // (to catch a rare outcome of one fault with its logs kept).
+    let campaign = campaign.unwrap_or(if only.is_some() { 1 } else { 10 });
     if skip_without_netns("fault-bench") {
         std::process::exit(2);
     }
@@ -359,6 +366,15 @@ async fn main() {
             for (at, e) in w.errors_after(t0).iter().filter(|(at, _)| *at < end) {
                 eprintln!("  client error at {} ms: {e}", (*at - t0).as_millis());
             }
+        }
+        if ok && heal > SLOW_HEAL {
+            // Rare and load-dependent (once in CI, not in a replay): the logs of the
+            // moment are the only way to learn why, so print them where CI keeps them.
+            eprintln!(
+                "slow heal ({} ms): the last log lines\n{}",
+                heal.as_millis(),
+                nc.c.logs()
+            );
         }
         if !overlap.is_zero() || unprotected > 0 || !ok || !progressed {
             failures.push(format!("{line} ({why}); replay: {replay}"));
