@@ -168,3 +168,61 @@ async fn monitor_leader_alone() {
     );
     heal_and_check(&nc, w, probe, t0, "monitor leader alone 15 s").await;
 }
+
+/// A standby alone, cut from every other host, then, once the cluster says it is healthy
+/// again, the other standby alone. Under `ANY 1 (a, b)` the primary needs one of them:
+/// the first must really stream again when the monitor calls it a secondary. Seen in
+/// `fault-bench --kind standby-isolated --campaign 14 --seed 5`: the primary's WAL
+/// sender to the first standby sat in TCP retransmission backoff after the heal (its
+/// pg_stat_replication row still said streaming, a few MB behind, so the monitor moved
+/// the standby back to secondary at once), and with the second one cut off no commit
+/// was acknowledged for the whole fault, up to 15 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standbys_isolated_one_after_the_other() {
+    if skip_without_netns("standbys_isolated_one_after_the_other") {
+        return;
+    }
+    let nc = NetCluster::start(3).await;
+    let (w, probe, old) = start_load(&nc).await;
+    let standbys: Vec<String> =
+        nc.c.nodes
+            .iter()
+            .map(|n| n.spec.name.clone())
+            .filter(|n| *n != old)
+            .collect();
+    let t0 = Instant::now();
+    // 30 s: the primary's retransmissions to the cut-off standby back off to 25.6 s
+    // apart, so without a timeout of its own its WAL stream resumes long after the heal
+    // (PostgreSQL's default wal_sender_timeout and wal_receiver_timeout are 60 s).
+    let first = Duration::from_secs(30);
+    nc.net.isolate(&standbys[0]).unwrap();
+    tokio::time::sleep(first).await;
+    nc.net.heal_all().unwrap();
+    nc.c.wait_healthy(nc.c.nodes.len() - 1).await;
+    let healthy_after = t0.elapsed() - first;
+    nc.net.isolate(&standbys[1]).unwrap();
+    // The primary keeps its sync names (the isolated standby stays in the set); its
+    // commits need the first standby's flushes now.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = w.acked_count();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let during = w.acked_count() - before;
+    nc.net.heal_all().unwrap();
+    eprintln!(
+        "{} back (healthy) {} ms after its heal; {during} commits acknowledged while {} \
+         was cut off",
+        standbys[0],
+        healthy_after.as_millis(),
+        standbys[1]
+    );
+    assert!(
+        during >= 20,
+        "only {during} commits acknowledged in the 7 s after {} was cut off although {} \
+         was reported healthy again: its replication connection was not live\n{}",
+        standbys[1],
+        standbys[0],
+        nc.c.logs()
+    );
+    heal_and_check(&nc, w, probe, t0, "standbys isolated one after the other").await;
+    assert_eq!(nc.c.primary().await, old, "a failover for a standby's loss");
+}

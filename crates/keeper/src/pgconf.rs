@@ -159,7 +159,16 @@ pub fn primary_conninfo(s: &Settings, primary: &PeerNode, hostaddr: Option<IpAdd
         hostaddr,
         primary.port,
         2,
-        &format!("application_name={}", conninfo_quote(&s.name)),
+        // The WAL receiver ignores connect_timeout: it polls its connection attempt
+        // without a deadline (PostgreSQL 15's libpqwalreceiver), so an attempt begun
+        // during a network cut lasts as long as the kernel's SYN retries (a minute and
+        // more), and the standby was seen to stream again 10 s after the cut healed.
+        // TCP_USER_TIMEOUT also bounds the SYN retries: the attempt fails after 3 s and
+        // the next one starts wal_retrieve_retry_interval later.
+        &format!(
+            "application_name={} tcp_user_timeout=3000",
+            conninfo_quote(&s.name)
+        ),
     )
 }
 
@@ -224,6 +233,16 @@ pub fn render(s: &Settings, sync_names: &str, upstream: &Upstream) -> String {
     // PostgreSQL's default 5 s makes a standby wait that long to reconnect after a
     // primary restart, and commits on a synchronous primary wait with it.
     set("wal_retrieve_retry_interval", "'200ms'".into());
+    // A replication connection across a network cut that has healed can stay dead for
+    // tens of seconds: the primary's retransmissions back off (25.6 s apart after 30 s),
+    // and both ends wait PostgreSQL's default 60 s before giving it up. Meanwhile its
+    // pg_stat_replication row says streaming, the monitor counts the standby as a
+    // secondary again, and a primary that needs this standby's flushes (the other one
+    // cut off next) acknowledges nothing (t71 `standbys_isolated_one_after_the_other`).
+    // With 5 s both ends drop a silent connection during the cut, the standby reconnects
+    // every wal_retrieve_retry_interval, and streams within a moment of the heal.
+    set("wal_sender_timeout", "'5s'".into());
+    set("wal_receiver_timeout", "'5s'".into());
     set("hot_standby_feedback", "on".into());
     // Before crash recovery postgres fsyncs the data directory; file by file that took
     // 2+ s on a busy disk, one syncfs() call takes a fraction (Linux >= 5.8 reports its
@@ -595,12 +614,15 @@ mod tests {
     fn operator_tunables_replace_the_defaults() {
         let mut s = Settings::new("n1", "/d", 5433);
         s.pg_params.push(("max_wal_senders".into(), "32".into()));
+        s.pg_params.push(("wal_sender_timeout".into(), "30s".into()));
         let t = render(&s, "", &Upstream::None);
-        let lines: Vec<&str> = t
-            .lines()
-            .filter(|l| l.starts_with("max_wal_senders"))
-            .collect();
-        assert_eq!(lines, vec!["max_wal_senders = '32'"]);
+        for (name, line) in [
+            ("max_wal_senders", "max_wal_senders = '32'"),
+            ("wal_sender_timeout", "wal_sender_timeout = '30s'"),
+        ] {
+            let lines: Vec<&str> = t.lines().filter(|l| l.starts_with(name)).collect();
+            assert_eq!(lines, vec![line]);
+        }
     }
 
     #[test]
@@ -663,6 +685,9 @@ mod tests {
             "synchronous_standby_names = ''",
             "primary_slot_name = 'pgquorum_n1'",
             "work_mem = '7MB'",
+            // A cut that healed must not leave a silent replication connection behind.
+            "wal_sender_timeout = '5s'",
+            "wal_receiver_timeout = '5s'",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in\n{t}");
         }
@@ -670,6 +695,8 @@ mod tests {
             t.contains("primary_conninfo = 'host=''10.0.0.1'' port=5433"),
             "{t}"
         );
+        // The WAL receiver's connection attempt is bounded by the kernel, not libpq.
+        assert!(t.contains(" tcp_user_timeout=3000"), "{t}");
         let p = render(&s, "ANY 1 (b)", &Upstream::None);
         assert!(p.lines().any(|l| l == "primary_conninfo = ''"));
         assert!(p

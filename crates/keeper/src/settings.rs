@@ -255,10 +255,12 @@ pub const MANAGED_PARAMS: [&str; 25] = [
 ];
 
 /// Defaults pgquorum writes that --pg-param may replace.
-pub const TUNABLE_DEFAULTS: [&str; 6] = [
+pub const TUNABLE_DEFAULTS: [&str; 8] = [
     "max_wal_senders",
     "max_replication_slots",
     "wal_retrieve_retry_interval",
+    "wal_sender_timeout",
+    "wal_receiver_timeout",
     "hot_standby_feedback",
     "recovery_init_sync_method",
     "wal_keep_size",
