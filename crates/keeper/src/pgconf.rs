@@ -614,7 +614,8 @@ mod tests {
     fn operator_tunables_replace_the_defaults() {
         let mut s = Settings::new("n1", "/d", 5433);
         s.pg_params.push(("max_wal_senders".into(), "32".into()));
-        s.pg_params.push(("wal_sender_timeout".into(), "30s".into()));
+        s.pg_params
+            .push(("wal_sender_timeout".into(), "30s".into()));
         let t = render(&s, "", &Upstream::None);
         for (name, line) in [
             ("max_wal_senders", "max_wal_senders = '32'"),
