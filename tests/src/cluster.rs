@@ -137,6 +137,15 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no node {name}"))
     }
 
+    /// The names of the nodes other than `name` (the standbys, given the primary).
+    pub fn others(&self, name: &str) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| n.spec.name.clone())
+            .filter(|n| n != name)
+            .collect()
+    }
+
     fn node_mut(&mut self, name: &str) -> &mut Node {
         self.nodes
             .iter_mut()

@@ -184,12 +184,7 @@ async fn standbys_isolated_one_after_the_other() {
     }
     let nc = NetCluster::start(3).await;
     let (w, probe, old) = start_load(&nc).await;
-    let standbys: Vec<String> =
-        nc.c.nodes
-            .iter()
-            .map(|n| n.spec.name.clone())
-            .filter(|n| *n != old)
-            .collect();
+    let standbys = nc.c.others(&old);
     let t0 = Instant::now();
     // 30 s: the primary's retransmissions to the cut-off standby back off to 25.6 s
     // apart, so without a timeout of its own its WAL stream resumes long after the heal

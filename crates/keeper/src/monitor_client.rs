@@ -146,7 +146,7 @@ impl Monitors {
     /// Why: right after the leader is cut off, it gives no answer, the followers still
     /// forward to it or name it until they elect another (openraft 0.9 grants no vote
     /// while a follower heard a leader within election_timeout_max, so an election
-    /// takes 0.6-1.2 s), and a newly elected leader only records the first report of
+    /// took 0.6-1.6 s), and a newly elected leader only records the first report of
     /// this process. Tried one member after the other, each with a 500 ms timeout, the
     /// 1.5 s lease ran out in half the `fault-bench --kind leader-isolated` runs and the
     /// primary was fenced for about 2 s, where losing a minority of members, the leader

@@ -112,12 +112,7 @@ async fn inject(nc: &NetCluster, kind: &str, secs: u64, rng: &mut Rng) {
     let primary = nc.c.primary().await;
     let leader = nc.c.monitors.wait_leader(Duration::from_secs(30)).await;
     let leader_host = NetCluster::member_host(leader);
-    let standbys: Vec<String> =
-        nc.c.nodes
-            .iter()
-            .map(|n| n.spec.name.clone())
-            .filter(|n| *n != primary)
-            .collect();
+    let standbys = nc.c.others(&primary);
     let all: Vec<String> = nc.net.hosts.iter().map(|h| h.name.clone()).collect();
     let rest = |minority: &[&str]| -> Vec<String> {
         all.iter()

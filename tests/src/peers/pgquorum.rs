@@ -84,13 +84,7 @@ impl HaSystem for Pgquorum {
         loop {
             self.cluster.wait_healthy(2).await;
             let p = self.cluster.primary().await;
-            let others: Vec<String> = self
-                .cluster
-                .nodes
-                .iter()
-                .map(|n| n.spec.name.clone())
-                .filter(|n| *n != p)
-                .collect();
+            let others = self.cluster.others(&p);
             if let Ok(c) = self.cluster.node(&p).spec.connect().await {
                 if let Ok(r) = c
                     .query_one(
